@@ -1,0 +1,60 @@
+# Taskbox. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## create .venv and install Taskbox with its dev tools
+
+.PHONY: migrate
+migrate: $(STAMP) ## create the database if missing and apply migrations (DATABASE_URL)
+	$(BIN)/python -m db migrate
+
+.PHONY: dev
+dev: migrate ## run api, relay and consumer locally until Ctrl-C
+	$(BIN)/python -m runtime.dev
+
+.PHONY: run
+run: ## build and start the container stack (needs a Docker engine)
+	docker compose up --build
+
+.PHONY: stop
+stop: ## stop the container stack
+	docker compose down
+
+.PHONY: logs
+logs: ## follow the container stack's logs
+	docker compose logs -f
+
+.PHONY: test
+test: $(STAMP) ## run every test against the local Postgres and RabbitMQ
+	$(BIN)/pytest
+
+.PHONY: lint
+lint: $(STAMP) ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+.PHONY: format
+format: $(STAMP) ## apply ruff's formatting and fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+.PHONY: clean
+clean: ## remove the virtual environment and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,26 @@
+"""``python -m api``: serve the REST API with uvicorn."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from api.settings import ApiSettings
+from runtime.logs import configure
+
+
+def main() -> None:
+    settings = ApiSettings()
+    configure(settings.log_level, settings.log_format)
+    uvicorn.run(
+        "api.asgi:app",
+        host=settings.api_host,
+        port=settings.api_port,
+        workers=settings.api_workers,
+        log_config=None,  # keep the logging configured above
+        proxy_headers=True,
+        server_header=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

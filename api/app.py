@@ -1,0 +1,57 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api import errors
+from api.middleware import JsonBodies
+from api.notifier import OutboxNotifier
+from api.routes import health, tasks
+from api.service import PostgresTaskStore, TaskService
+from api.settings import ApiSettings
+from db.pool import create_pool
+from tasktypes import load_registry
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Create tasks over REST; Taskbox runs them through a transactional outbox, RabbitMQ and
+its consumers. Every error is an RFC 9457 problem document.
+"""
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or ApiSettings()
+    registry = load_registry(settings.task_modules)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # min_size=0: the API starts (and answers 503) even while Postgres is down.
+        pool = await create_pool(settings, min_size=0)
+        notifier = OutboxNotifier(pool, settings.outbox_channel)
+        app.state.pool = pool
+        app.state.service = TaskService(
+            PostgresTaskStore(pool),
+            registry,
+            default_max_attempts=settings.default_max_attempts,
+            max_max_attempts=settings.max_max_attempts,
+            wake_relay=notifier.wake,
+        )
+        log.info("api ready; task types: %s", ", ".join(registry.names()))
+        try:
+            yield
+        finally:
+            await notifier.close()
+            await pool.close()
+
+    app = FastAPI(title="Taskbox", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    errors.install(app)
+    app.add_middleware(JsonBodies)
+    app.include_router(tasks.router)
+    app.include_router(health.router)
+    return app

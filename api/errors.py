@@ -1,0 +1,113 @@
+"""One error shape for every 4xx/5xx: RFC 9457 problem details.
+
+Nothing internal leaves the server: unexpected errors are logged with their traceback
+and answered with a generic 500; a database that cannot be reached is a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.service import InvalidRequest, TaskFinished, TaskNotFound
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def problem(
+    request: Request,
+    status: int,
+    detail: str,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+    }
+    if errors is not None:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    # Drop pydantic's echo of the input and its docs URL: the location and message say it.
+    return [
+        {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
+        for err in exc.errors()
+    ]
+
+
+def _summary(errors: list[dict[str, Any]]) -> str:
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"])
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+# Errors that mean "the database is not there right now", not "the code is wrong".
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(InvalidRequest)
+    async def _invalid(request: Request, exc: InvalidRequest) -> JSONResponse:
+        return problem(request, 422, str(exc), exc.errors)
+
+    @app.exception_handler(TaskNotFound)
+    async def _not_found(request: Request, exc: TaskNotFound) -> JSONResponse:
+        return problem(request, 404, str(exc.args[0]))
+
+    @app.exception_handler(TaskFinished)
+    async def _finished(request: Request, exc: TaskFinished) -> JSONResponse:
+        return problem(request, 409, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _field_errors(exc)
+        return problem(request, 422, _summary(errors), errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return problem(
+            request, exc.status_code, detail, headers=dict(exc.headers) if exc.headers else None
+        )
+
+    for error in DATABASE_UNAVAILABLE:
+
+        @app.exception_handler(error)
+        async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+            log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
+            return problem(
+                request,
+                503,
+                "the task store is unavailable; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return problem(request, 500, "internal error; it has been logged")

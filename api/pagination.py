@@ -1,0 +1,31 @@
+"""Opaque keyset cursors: the (created_at, id) of the last task on the previous page."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from datetime import datetime
+
+import orjson
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+def encode(created_at: datetime, task_id: uuid.UUID) -> str:
+    raw = orjson.dumps([created_at.isoformat(), str(task_id)])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, task_id = orjson.loads(raw)
+        position = datetime.fromisoformat(created_at), uuid.UUID(task_id)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise InvalidCursor("cursor is not one this API issued; use next_cursor as given") from exc
+    if position[0].tzinfo is None:
+        raise InvalidCursor("cursor is not one this API issued; use next_cursor as given")
+    return position

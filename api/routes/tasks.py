@@ -1,0 +1,118 @@
+"""/api/v1/tasks: create, list, get, status, cancel. Routes parse, call the service, shape."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response, status
+
+from api.deps import Service
+from api.schemas import Problem, Task, TaskCreate, TaskPage, TaskStatusView
+from db.states import TaskStatus
+
+router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"])
+
+Responses = dict[int | str, dict[str, Any]]
+
+_NOT_FOUND: Responses = {404: {"model": Problem, "description": "No task has this id"}}
+_INVALID: Responses = {
+    422: {"model": Problem, "description": "The request is invalid; `errors` says where"}
+}
+_UNAVAILABLE: Responses = {503: {"model": Problem, "description": "The database is unreachable"}}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Task,
+    summary="Create a task",
+    description=(
+        "Stores the task (status NEW) and the event that will run it in one transaction. "
+        "The `Location` header points at the new task."
+    ),
+    responses={**_INVALID, **_UNAVAILABLE},
+)
+async def create_task(body: TaskCreate, response: Response, service: Service) -> Task:
+    row = await service.create(body)
+    response.headers["Location"] = f"{router.prefix}/{row['id']}"
+    return Task.model_validate(dict(row))
+
+
+@router.get(
+    "",
+    response_model=TaskPage,
+    summary="List tasks, newest first",
+    description="Keyset-paginated: pass `next_cursor` back as `cursor` for the next page.",
+    responses={**_INVALID, **_UNAVAILABLE},
+)
+async def list_tasks(
+    service: Service,
+    status_: Annotated[
+        list[TaskStatus] | None, Query(alias="status", description="Repeat to match several.")
+    ] = None,
+    type_: Annotated[str | None, Query(alias="type", max_length=200)] = None,
+    created_after: Annotated[datetime | None, Query(description="ISO 8601, exclusive.")] = None,
+    created_before: Annotated[datetime | None, Query(description="ISO 8601, exclusive.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
+    ] = None,
+) -> TaskPage:
+    listing = await service.list(
+        statuses=status_,
+        type=type_,
+        created_after=created_after,
+        created_before=created_before,
+        limit=limit,
+        cursor=cursor,
+    )
+    return TaskPage(
+        items=[Task.model_validate(dict(row)) for row in listing.rows],
+        next_cursor=listing.next_cursor,
+    )
+
+
+@router.get(
+    "/{task_id}",
+    response_model=Task,
+    summary="Get a task",
+    responses={**_NOT_FOUND, **_INVALID, **_UNAVAILABLE},
+)
+async def get_task(task_id: uuid.UUID, service: Service) -> Task:
+    return Task.model_validate(dict(await service.get(task_id)))
+
+
+@router.get(
+    "/{task_id}/status",
+    response_model=TaskStatusView,
+    summary="Get just a task's status",
+    responses={**_NOT_FOUND, **_INVALID, **_UNAVAILABLE},
+)
+async def get_task_status(task_id: uuid.UUID, service: Service) -> TaskStatusView:
+    return TaskStatusView.model_validate(dict(await service.status(task_id)))
+
+
+@router.delete(
+    "/{task_id}",
+    response_model=Task,
+    summary="Cancel a task",
+    description=(
+        "NEW or PENDING tasks become CANCELLED at once (200). A PROCESSING task is flagged "
+        "`cancel_requested` (202) and its consumer cancels it within a heartbeat. "
+        "DONE, FAILED and CANCELLED tasks answer 409."
+    ),
+    responses={
+        202: {"model": Task, "description": "Running: cancellation requested"},
+        409: {"model": Problem, "description": "The task already finished"},
+        **_NOT_FOUND,
+        **_INVALID,
+        **_UNAVAILABLE,
+    },
+)
+async def cancel_task(task_id: uuid.UUID, response: Response, service: Service) -> Task:
+    cancellation = await service.cancel(task_id)
+    if not cancellation.immediate:
+        response.status_code = status.HTTP_202_ACCEPTED
+    return Task.model_validate(dict(cancellation.task))

@@ -1,0 +1,119 @@
+"""Request and response bodies of the REST API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from db.states import TaskStatus
+
+
+class TaskCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"type": "echo", "payload": {"x": 1}},
+                {"type": "sha256", "payload": {"text": "hello"}, "priority": 5},
+                {"type": "sleep", "payload": {"seconds": 2}, "max_attempts": 5},
+            ]
+        },
+    )
+
+    type: str = Field(min_length=1, max_length=200, description="A registered task type.")
+    payload: dict[str, Any] = Field(
+        default_factory=dict, description="JSON object checked against the type's payload model."
+    )
+    priority: int = Field(0, ge=0, le=9, description="0 (lowest) to 9.")
+    max_attempts: int | None = Field(
+        None, ge=1, description="Attempts before the task fails; the server default when absent."
+    )
+
+
+class TaskError(BaseModel):
+    type: str
+    message: str
+
+
+class Task(BaseModel):
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "0b6f5a8e-3c1d-4a51-9d7e-2f1c9b0e7a11",
+                    "type": "echo",
+                    "status": "DONE",
+                    "priority": 0,
+                    "payload": {"x": 1},
+                    "result": {"x": 1},
+                    "error": None,
+                    "attempts": 1,
+                    "max_attempts": 3,
+                    "cancel_requested": False,
+                    "created_at": "2026-11-26T12:00:00.000001Z",
+                    "updated_at": "2026-11-26T12:00:00.004000Z",
+                    "started_at": "2026-11-26T12:00:00.002000Z",
+                    "finished_at": "2026-11-26T12:00:00.004000Z",
+                }
+            ]
+        },
+    )
+
+    id: uuid.UUID
+    type: str
+    status: TaskStatus
+    priority: int
+    payload: dict[str, Any]
+    result: Any = Field(None, description="The handler's return value once DONE.")
+    error: TaskError | None = Field(None, description="The last attempt's error.")
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class TaskStatusView(BaseModel):
+    id: uuid.UUID
+    status: TaskStatus
+    updated_at: datetime
+
+
+class TaskPage(BaseModel):
+    items: list[Task]
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next page; null on the last page."
+    )
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details: the one shape of every error response."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "about:blank",
+                    "title": "Not Found",
+                    "status": 404,
+                    "detail": "task 0b6f5a8e-3c1d-4a51-9d7e-2f1c9b0e7a11 does not exist",
+                    "instance": "/api/v1/tasks/0b6f5a8e-3c1d-4a51-9d7e-2f1c9b0e7a11",
+                }
+            ]
+        }
+    )
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="Per-field problems of a 422: location, message, kind."
+    )

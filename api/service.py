@@ -1,0 +1,217 @@
+"""The task service: what the routes ask for, independent of HTTP and of Postgres.
+
+It checks a request against the task registry and the settings, calls the store, and
+raises domain errors that ``api.errors`` turns into problem responses. The store is a
+protocol so that the rules here can be unit-tested without a database.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import asyncpg
+from pydantic import ValidationError
+
+from api import pagination
+from api.schemas import TaskCreate
+from db import tasks as task_store
+from db.states import TERMINAL, TaskStatus
+from tasktypes import TaskRegistry
+
+TaskRow = Mapping[str, Any]
+
+
+class TaskNotFound(LookupError):
+    def __init__(self, task_id: uuid.UUID) -> None:
+        super().__init__(f"task {task_id} does not exist")
+
+
+class TaskFinished(Exception):
+    """The task is terminal; it cannot be cancelled."""
+
+    def __init__(self, task_id: uuid.UUID, status: TaskStatus) -> None:
+        super().__init__(f"task {task_id} is already {status}; it cannot be cancelled")
+
+
+class InvalidRequest(ValueError):
+    """A request that parsed but breaks a rule; ``errors`` say where, like a 422's."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        super().__init__(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}{more}")
+
+
+class TaskStore(Protocol):
+    async def create(self, task: task_store.NewTask) -> TaskRow: ...
+    async def get(self, task_id: uuid.UUID) -> TaskRow | None: ...
+    async def status(self, task_id: uuid.UUID) -> TaskRow | None: ...
+    async def list(
+        self,
+        filters: task_store.TaskFilter,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None,
+    ) -> task_store.Page: ...
+    async def cancel(self, task_id: uuid.UUID) -> task_store.CancelOutcome: ...
+
+
+class PostgresTaskStore:
+    """The store the service uses in production: ``db.tasks`` over the pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def create(self, task: task_store.NewTask) -> TaskRow:
+        row: TaskRow = await task_store.create_task(self._pool, task)
+        return row
+
+    async def get(self, task_id: uuid.UUID) -> TaskRow | None:
+        return await task_store.get_task(self._pool, task_id)
+
+    async def status(self, task_id: uuid.UUID) -> TaskRow | None:
+        return await task_store.get_status(self._pool, task_id)
+
+    async def list(
+        self,
+        filters: task_store.TaskFilter,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None,
+    ) -> task_store.Page:
+        return await task_store.list_tasks(self._pool, filters, limit, after)
+
+    async def cancel(self, task_id: uuid.UUID) -> task_store.CancelOutcome:
+        return await task_store.cancel_task(self._pool, task_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    rows: list[TaskRow]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancellation:
+    task: TaskRow
+    immediate: bool  # False: the task runs and was only flagged cancel_requested
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    # A timestamp without an offset is read as UTC rather than rejected.
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+class TaskService:
+    def __init__(
+        self,
+        store: TaskStore,
+        registry: TaskRegistry,
+        *,
+        default_max_attempts: int,
+        max_max_attempts: int,
+        wake_relay: Callable[[], None],
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._default_max_attempts = default_max_attempts
+        self._max_max_attempts = max_max_attempts
+        self._wake_relay = wake_relay
+
+    def validate(self, request: TaskCreate) -> task_store.NewTask:
+        task_type = self._registry.get(request.type)
+        if task_type is None:
+            known = ", ".join(self._registry.names())
+            raise InvalidRequest(
+                [
+                    {
+                        "loc": ["body", "type"],
+                        "msg": f"unknown task type {request.type!r}; registered: {known}",
+                        "type": "unknown_task_type",
+                    }
+                ]
+            )
+        try:
+            payload = task_type.parse_payload(request.payload).model_dump(mode="json")
+        except ValidationError as exc:
+            raise InvalidRequest(
+                [
+                    {"loc": ["body", "payload", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+                    for e in exc.errors(include_url=False, include_input=False)
+                ]
+            ) from None
+        max_attempts = request.max_attempts or self._default_max_attempts
+        if max_attempts > self._max_max_attempts:
+            raise InvalidRequest(
+                [
+                    {
+                        "loc": ["body", "max_attempts"],
+                        "msg": f"at most {self._max_max_attempts} attempts are allowed",
+                        "type": "less_than_equal",
+                    }
+                ]
+            )
+        return task_store.NewTask(request.type, payload, request.priority, max_attempts)
+
+    async def create(self, request: TaskCreate) -> TaskRow:
+        row = await self._store.create(self.validate(request))
+        self._wake_relay()
+        return row
+
+    async def get(self, task_id: uuid.UUID) -> TaskRow:
+        row = await self._store.get(task_id)
+        if row is None:
+            raise TaskNotFound(task_id)
+        return row
+
+    async def status(self, task_id: uuid.UUID) -> TaskRow:
+        row = await self._store.status(task_id)
+        if row is None:
+            raise TaskNotFound(task_id)
+        return row
+
+    async def list(
+        self,
+        *,
+        statuses: list[TaskStatus] | None = None,
+        type: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Listing:
+        after = None
+        if cursor is not None:
+            try:
+                after = pagination.decode(cursor)
+            except pagination.InvalidCursor as exc:
+                raise InvalidRequest(
+                    [{"loc": ["query", "cursor"], "msg": str(exc), "type": "value_error"}]
+                ) from None
+        filters = task_store.TaskFilter(
+            statuses=statuses or (),
+            type=type,
+            created_after=_aware(created_after),
+            created_before=_aware(created_before),
+        )
+        page = await self._store.list(filters, limit, after)
+        next_cursor = None
+        if page.has_more:
+            last = page.rows[-1]
+            next_cursor = pagination.encode(last["created_at"], last["id"])
+        return Listing(list(page.rows), next_cursor)
+
+    async def cancel(self, task_id: uuid.UUID) -> Cancellation:
+        outcome = await self._store.cancel(task_id)
+        if outcome.task is None:
+            raise TaskNotFound(task_id)
+        status = TaskStatus(outcome.task["status"])
+        if not outcome.changed:
+            assert status in TERMINAL
+            raise TaskFinished(task_id, status)
+        return Cancellation(outcome.task, immediate=status is not TaskStatus.PROCESSING)

@@ -1,0 +1,1 @@
+"""The AMQP side shared by relay and consumer: settings, topology and message format."""

@@ -1,0 +1,60 @@
+"""The task message: what the relay publishes and the consumer parses.
+
+The body names the task; everything else (payload, attempts) is read from Postgres at
+claim time, so a message can never carry a stale copy of the task.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import orjson
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+CONTENT_TYPE = "application/json"
+
+
+class TaskMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    task_id: uuid.UUID
+    type: str
+    outbox_id: int
+    kind: str = "task.created"
+
+
+class MalformedMessage(ValueError):
+    """The message cannot be turned into a TaskMessage; it belongs in the dead letters."""
+
+
+def build(
+    *, outbox_id: int, kind: str, body: dict[str, Any], headers: dict[str, Any]
+) -> aio_pika.Message:
+    document = {
+        "task_id": body["task_id"],
+        "type": body["type"],
+        "outbox_id": outbox_id,
+        "kind": kind,
+    }
+    return aio_pika.Message(
+        orjson.dumps(document),
+        content_type=CONTENT_TYPE,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=str(outbox_id),
+        type=kind,
+        priority=int(body.get("priority", 0)),
+        timestamp=datetime.now(UTC),
+        headers=headers or None,
+    )
+
+
+def parse(body: bytes) -> TaskMessage:
+    try:
+        return TaskMessage.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise MalformedMessage(f"{where}: {first['msg']}") from None

@@ -1,0 +1,1 @@
+"""The consumer: claims delivered tasks, runs their handlers, commits outcomes, then acks."""

@@ -1,0 +1,85 @@
+"""``python -m consumer``: run tasks from RabbitMQ until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+import uuid
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractQueue, AbstractRobustConnection
+
+from broker import topology
+from consumer.settings import ConsumerSettings
+from consumer.worker import TaskConsumer
+from db.pool import create_pool
+from runtime.lifecycle import EXIT_LOOP_DIED, LoopDied, Shutdown, connect_with_retry, supervise
+from runtime.logs import configure
+from tasktypes import load_registry
+
+log = logging.getLogger("consumer")
+
+
+async def open_queue(settings: ConsumerSettings) -> tuple[AbstractRobustConnection, AbstractQueue]:
+    connection = await aio_pika.connect_robust(
+        settings.amqp_url, client_properties={"connection_name": "taskbox-consumer"}
+    )
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=settings.consumer_prefetch)
+    declared = await topology.declare(channel, settings)
+    return connection, declared.queue
+
+
+async def serve(settings: ConsumerSettings) -> None:
+    registry = load_registry(settings.task_modules)
+    shutdown = Shutdown()
+    shutdown.install()
+    pool = await connect_with_retry(
+        "Postgres", lambda: create_pool(settings), (OSError, asyncpg.PostgresError)
+    )
+    connection, queue = await connect_with_retry(
+        "RabbitMQ", lambda: open_queue(settings), (OSError, aio_pika.exceptions.AMQPError)
+    )
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    consumer = TaskConsumer(pool, registry, settings, worker_id)
+    log.info(
+        "consumer running: concurrency %d, prefetch %d; task types: %s",
+        settings.consumer_concurrency,
+        settings.consumer_prefetch,
+        ", ".join(registry.names()),
+    )
+    try:
+        await supervise(
+            consumer.run(queue, shutdown.requested),
+            {
+                "completer": consumer.complete_loop(),
+                "heartbeat": consumer.heartbeat_loop(),
+                "rescue": consumer.rescue_loop(),
+            },
+        )
+    finally:
+        await connection.close()
+        await pool.close()
+    log.info("consumer stopped; %d attempts completed", consumer.completed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m consumer", description=__doc__)
+    parser.add_argument("command", nargs="?", default="run", choices=["run"])
+    parser.parse_args(argv)
+    settings = ConsumerSettings()
+    configure(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except LoopDied:
+        return EXIT_LOOP_DIED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Settings of the consumer process."""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import Field, model_validator
+
+from broker.settings import BrokerSettings
+from db.settings import DatabaseSettings
+from runtime.settings import ProcessSettings
+
+
+class ConsumerSettings(DatabaseSettings, BrokerSettings, ProcessSettings):
+    consumer_prefetch: int = Field(200, ge=1, le=65535, description="Unacked messages held.")
+    consumer_concurrency: int = Field(100, ge=1, description="Handlers running at once.")
+    handler_timeout: float = Field(300.0, gt=0, description="Default seconds per attempt.")
+    heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between heartbeats.")
+    task_stale_after: float = Field(
+        30.0, gt=0, description="Heartbeat age after which a running task counts as abandoned."
+    )
+    rescue_interval: float = Field(10.0, gt=0, description="Seconds between stuck-task sweeps.")
+    retry_base_delay: float = Field(1.0, gt=0, description="Backoff before the second attempt.")
+    retry_max_delay: float = Field(300.0, gt=0, description="Longest backoff between attempts.")
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="Seconds running handlers get to finish on SIGTERM."
+    )
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        if self.task_stale_after <= 2 * self.heartbeat_interval:
+            raise ValueError(
+                "TASK_STALE_AFTER must exceed twice HEARTBEAT_INTERVAL, or live tasks get rescued"
+            )
+        return self

@@ -1,0 +1,316 @@
+"""The consumer's state machine: receive, claim in groups, run, complete in groups, ack.
+
+Messages that arrive close together are claimed with one UPDATE, and outcomes that
+finish close together are committed with one statement; only after that commit are
+their messages acked. A crash anywhere before the ack redelivers the message, and the
+claim then finds the task DONE (or owned by someone live) and drops the duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from broker import messages
+from consumer.attempt import ClaimedTask, StopReason, run_attempt
+from consumer.settings import ConsumerSettings
+from db import execution
+from db.execution import Outcome
+from db.outbox import notify
+from db.states import TaskStatus
+from runtime import failpoints
+from runtime.backoff import backoff_delay
+from runtime.lifecycle import wait_first
+from tasktypes import TaskRegistry
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_DB: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.CannotConnectNowError,
+)
+
+CLAIM_BATCH_MAX = 500
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Running:
+    claimed: ClaimedTask
+    message: AbstractIncomingMessage
+    task: asyncio.Task[None] | None = None
+
+    def stop(self, reason: StopReason) -> None:
+        if self.claimed.stop_reason is None and self.task is not None:
+            self.claimed.stop_reason = reason
+            self.task.cancel()
+
+
+async def _settle(message: AbstractIncomingMessage, how: str) -> None:
+    """Ack, requeue or dead-letter; a closed channel already gave the message back."""
+    try:
+        if how == "ack":
+            await message.ack()
+        elif how == "requeue":
+            await message.nack(requeue=True)
+        else:
+            await message.reject(requeue=False)
+    except (
+        aio_pika.exceptions.AMQPError,
+        aio_pika.exceptions.MessageProcessError,
+        RuntimeError,
+    ) as exc:
+        log.info("could not %s message (channel gone; it will be redelivered): %s", how, exc)
+
+
+class TaskConsumer:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        registry: TaskRegistry,
+        settings: ConsumerSettings,
+        worker_id: str,
+    ) -> None:
+        self._pool = pool
+        self._registry = registry
+        self._settings = settings
+        self.worker_id = worker_id
+        self._retry_delay = functools.partial(
+            backoff_delay, base=settings.retry_base_delay, cap=settings.retry_max_delay
+        )
+        self._inbox: deque[tuple[AbstractIncomingMessage, messages.TaskMessage]] = deque()
+        self._work = asyncio.Event()  # the inbox got a message or a slot came free
+        self._outcomes: list[tuple[Outcome, Running]] = []
+        self._outcome_ready = asyncio.Event()
+        self._completing = False
+        self._settled = asyncio.Event()  # a completion batch was committed and settled
+        self._running: dict[uuid.UUID, Running] = {}
+        self.completed = 0
+
+    # -- receiving ------------------------------------------------------------------
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            parsed = messages.parse(message.body)
+        except messages.MalformedMessage as exc:
+            log.error("dead-lettering a message that is not a task: %s", exc)
+            await _settle(message, "dead-letter")
+            return
+        self._inbox.append((message, parsed))
+        self._work.set()
+
+    # -- claiming -------------------------------------------------------------------
+
+    async def _with_db_retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        failures = 0
+        while True:
+            try:
+                return await call()
+            except TRANSIENT_DB as exc:
+                failures += 1
+                delay = backoff_delay(failures, 0.2, 5.0)
+                log.warning(
+                    "%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay
+                )
+                await asyncio.sleep(delay)
+
+    def _take_batch(
+        self,
+    ) -> tuple[
+        list[tuple[AbstractIncomingMessage, messages.TaskMessage]], list[AbstractIncomingMessage]
+    ]:
+        """Up to the free slots' worth of distinct tasks, and the duplicate deliveries to ack."""
+        duplicates: list[AbstractIncomingMessage] = []
+        room = min(self._settings.consumer_concurrency - len(self._running), CLAIM_BATCH_MAX)
+        batch: dict[uuid.UUID, tuple[AbstractIncomingMessage, messages.TaskMessage]] = {}
+        while self._inbox and len(batch) < room:
+            message, parsed = self._inbox.popleft()
+            running = self._running.get(parsed.task_id)
+            if running is not None:
+                # A second delivery of a task we run: keep the newest message (the old one
+                # may belong to a channel that reconnected) and settle the other.
+                running.message, message = message, running.message
+                duplicates.append(message)
+            elif parsed.task_id in batch:
+                duplicates.append(message)
+            else:
+                batch[parsed.task_id] = (message, parsed)
+        return list(batch.values()), duplicates
+
+    async def _claim(
+        self, batch: list[tuple[AbstractIncomingMessage, messages.TaskMessage]]
+    ) -> None:
+        ids = [parsed.task_id for _, parsed in batch]
+        rows = await self._with_db_retry(
+            "claim",
+            functools.partial(
+                execution.claim_tasks,
+                self._pool,
+                ids,
+                self.worker_id,
+                self._settings.task_stale_after,
+            ),
+        )
+        by_id = {row["id"]: row for row in rows}
+        for message, parsed in batch:
+            row = by_id[parsed.task_id]
+            if row["claimed"]:
+                self._start(row, message)
+            elif row["seen_status"] is None:
+                log.error(
+                    "dead-lettering a message for a task that does not exist",
+                    extra={"task_id": str(parsed.task_id), "outbox_id": parsed.outbox_id},
+                )
+                await _settle(message, "dead-letter")
+            else:
+                log.debug(
+                    "dropping duplicate delivery; task is %s",
+                    row["seen_status"],
+                    extra={"task_id": str(parsed.task_id), "outbox_id": parsed.outbox_id},
+                )
+                await _settle(message, "ack")
+
+    def _start(self, row: asyncpg.Record, message: AbstractIncomingMessage) -> None:
+        claimed = ClaimedTask(
+            row["id"], row["type"], row["payload"], row["attempts"], row["max_attempts"]
+        )
+        running = Running(claimed, message)
+        running.task = asyncio.create_task(self._execute(running))
+        self._running[claimed.task_id] = running
+
+    async def _execute(self, running: Running) -> None:
+        outcome = await run_attempt(
+            running.claimed, self._registry, self._settings.handler_timeout, self._retry_delay
+        )
+        self._outcomes.append((outcome, running))
+        self._outcome_ready.set()
+
+    async def claim_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await wait_first(self._work, stop, within=1.0)
+            self._work.clear()
+            while self._inbox and not stop.is_set():
+                batch, duplicates = self._take_batch()
+                for message in duplicates:
+                    await _settle(message, "ack")
+                if not batch:
+                    if duplicates:
+                        continue
+                    break  # every slot is busy; a finishing task sets _work again
+                await self._claim(batch)
+
+    # -- completing -----------------------------------------------------------------
+
+    async def complete_loop(self) -> None:
+        """Commit finished attempts in groups, then settle their messages."""
+        while True:
+            await self._outcome_ready.wait()
+            self._outcome_ready.clear()
+            batch, self._outcomes = self._outcomes, []
+            if not batch:
+                continue
+            self._completing = True
+            try:
+                await self._with_db_retry(
+                    "completion",
+                    functools.partial(execution.finish_tasks, self._pool, [o for o, _ in batch]),
+                )
+                failpoints.hit("consumer.after_commit")
+                for outcome, running in batch:
+                    # A released task goes back to the queue; everything else is settled
+                    # (an outcome that lost its fence means someone else owns the task now).
+                    how = "requeue" if outcome.status == TaskStatus.PENDING else "ack"
+                    await _settle(running.message, how)
+                    self._running.pop(running.claimed.task_id, None)
+                self.completed += len(batch)
+                self._work.set()
+            finally:
+                self._completing = False
+                self._settled.set()
+
+    # -- keeping tasks alive --------------------------------------------------------
+
+    async def heartbeat_loop(self) -> None:
+        """Keep running tasks' heartbeats fresh and notice cancellation requests."""
+        while True:
+            await asyncio.sleep(self._settings.heartbeat_interval)
+            if not self._running:
+                continue
+            try:
+                owned = await execution.heartbeat(self._pool, list(self._running), self.worker_id)
+            except TRANSIENT_DB as exc:
+                log.warning("heartbeat failed: %s", exc)
+                continue
+            for task_id, cancel_requested in owned.items():
+                running = self._running.get(task_id)
+                if cancel_requested and running is not None:
+                    log.info("cancelling on request", extra={"task_id": str(task_id)})
+                    running.stop("cancel")
+
+    async def rescue_loop(self) -> None:
+        """Requeue (or fail) tasks whose consumer stopped heartbeating."""
+        while True:
+            await asyncio.sleep(self._settings.rescue_interval)
+            try:
+                rescued = await execution.rescue_stale(self._pool, self._settings.task_stale_after)
+                if any(row["status"] == TaskStatus.NEW for row in rescued):
+                    await notify(self._pool, self._settings.outbox_channel)
+            except TRANSIENT_DB as exc:
+                log.warning("stuck-task rescue failed: %s", exc)
+                continue
+            for row in rescued:
+                log.warning(
+                    "rescued a task whose consumer stopped heartbeating -> %s",
+                    row["status"],
+                    extra={"task_id": str(row["id"])},
+                )
+
+    # -- the whole life ---------------------------------------------------------------
+
+    async def run(self, queue: AbstractQueue, stop: asyncio.Event) -> None:
+        tag = await queue.consume(self.on_message)
+        log.info("consuming from %s as %s", queue.name, self.worker_id)
+        try:
+            await self.claim_loop(stop)
+        finally:
+            await self._shut_down(queue, tag)
+
+    async def _shut_down(self, queue: AbstractQueue, tag: str) -> None:
+        try:
+            await queue.cancel(tag)
+        except aio_pika.exceptions.AMQPError as exc:
+            log.info("could not cancel the AMQP consumer: %s", exc)
+        while self._inbox:
+            message, _ = self._inbox.popleft()
+            await _settle(message, "requeue")
+        handlers = [r.task for r in self._running.values() if r.task is not None]
+        if handlers:
+            log.info(
+                "waiting up to %.0fs for %d running tasks",
+                self._settings.shutdown_grace,
+                len(handlers),
+            )
+            _, unfinished = await asyncio.wait(handlers, timeout=self._settings.shutdown_grace)
+            for running in list(self._running.values()):
+                if running.task in unfinished:
+                    running.stop("shutdown")
+            await asyncio.gather(*unfinished, return_exceptions=True)
+        while self._outcomes or self._completing or self._running:
+            self._settled.clear()
+            await self._settled.wait()

@@ -1,0 +1,94 @@
+"""Queries of the outbox: the relay's claim, the publish bookkeeping and the wake-up."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+# Claim a batch and, in the same statement, flip the tasks NEW -> PENDING. The flip
+# takes the task rows' locks for the rest of the relay's transaction: a consumer that
+# receives a message before the relay commits waits on that lock (see the claim in
+# db.execution). If the relay dies before committing, both the flip and the claim roll
+# back and the row is published again later: a duplicate, never a loss.
+_CLAIM_BATCH = """
+WITH batch AS (
+    SELECT id, task_id, kind, body, headers, publish_attempts
+    FROM outbox
+    WHERE published_at IS NULL AND available_at <= now()
+    ORDER BY id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), flipped AS (
+    UPDATE tasks SET status = 'PENDING', updated_at = now()
+    WHERE id IN (SELECT task_id FROM batch) AND status = 'NEW'
+)
+SELECT id, task_id, kind, body, headers, publish_attempts FROM batch ORDER BY id
+"""
+
+# Confirmed rows are marked published. Refused rows keep published_at NULL, record why
+# and wait out a backoff, so they never block the rows behind them; their tasks go
+# back to NEW because nothing of theirs reached the queue.
+_RECORD_PUBLISH_OUTCOME = """
+WITH published AS (
+    UPDATE outbox
+    SET published_at = now(), publish_attempts = publish_attempts + 1, last_error = NULL
+    WHERE id = ANY($1::bigint[])
+), refused AS (
+    UPDATE outbox AS o
+    SET publish_attempts = o.publish_attempts + 1,
+        last_error = f.error,
+        available_at = now() + make_interval(secs => f.delay)
+    FROM unnest($2::bigint[], $3::text[], $4::float8[]) AS f(id, error, delay)
+    WHERE o.id = f.id
+    RETURNING o.task_id
+)
+UPDATE tasks SET status = 'NEW', updated_at = now()
+WHERE id IN (SELECT task_id FROM refused) AND status = 'PENDING'
+"""
+
+_NOTIFY = "SELECT pg_notify($1, $2)"
+
+_BACKLOG = """
+SELECT count(*) AS rows, coalesce(extract(epoch FROM now() - min(created_at)), 0) AS lag
+FROM outbox WHERE published_at IS NULL
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRefusal:
+    outbox_id: int
+    error: str
+    retry_in: float  # seconds
+
+
+async def claim_batch(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+    """Lock up to ``limit`` due, unpublished rows; call inside a transaction."""
+    rows: list[asyncpg.Record] = await conn.fetch(_CLAIM_BATCH, limit)
+    return rows
+
+
+async def record_publish_outcome(
+    conn: asyncpg.Connection,
+    published: Sequence[int],
+    refused: Sequence[PublishRefusal],
+) -> None:
+    await conn.execute(
+        _RECORD_PUBLISH_OUTCOME,
+        list(published),
+        [r.outbox_id for r in refused],
+        [r.error[:1000] for r in refused],
+        [r.retry_in for r in refused],
+    )
+
+
+async def notify(conn: asyncpg.Connection | asyncpg.Pool, channel: str, payload: str = "") -> None:
+    await conn.execute(_NOTIFY, channel, payload)
+
+
+async def backlog(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[int, float]:
+    """Unpublished rows and the age in seconds of the oldest one."""
+    row = await conn.fetchrow(_BACKLOG)
+    assert row is not None
+    return int(row["rows"]), float(row["lag"])

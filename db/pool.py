@@ -1,0 +1,49 @@
+"""The asyncpg connection pool and the JSON codecs every connection uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import orjson
+
+from db.settings import DatabaseSettings
+
+
+def _encode_jsonb(value: Any) -> bytes:
+    # jsonb's binary wire format is a version byte followed by the JSON text.
+    return b"\x01" + orjson.dumps(value)
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return orjson.loads(data[1:])
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=_encode_jsonb,
+        decoder=_decode_jsonb,
+        format="binary",
+    )
+
+
+async def connect(settings: DatabaseSettings) -> asyncpg.Connection:
+    """A single connection outside the pool (the relay's LISTEN connection)."""
+    conn = await asyncpg.connect(settings.database_url, command_timeout=settings.db_command_timeout)
+    await init_connection(conn)
+    return conn
+
+
+async def create_pool(settings: DatabaseSettings, **overrides: Any) -> asyncpg.Pool:
+    options: dict[str, Any] = {
+        "min_size": settings.db_pool_min_size,
+        "max_size": settings.db_pool_max_size,
+        "command_timeout": settings.db_command_timeout,
+        "init": init_connection,
+    }
+    options.update(overrides)
+    pool = await asyncpg.create_pool(settings.database_url, **options)
+    assert pool is not None
+    return pool

@@ -1,0 +1,113 @@
+"""Table definitions: the single source of truth for the schema.
+
+Migrations under ``db/alembic`` create exactly this (a test compares the migrated
+database against this metadata), and the hand-written SQL in ``db.tasks`` and
+``db.outbox`` reads and writes these columns.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    Uuid,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from db.states import TaskStatus
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING)
+
+OUTBOX_KINDS = ("task.created", "task.retry", "task.replay")
+
+_status_list = ", ".join(f"'{s.value}'" for s in TaskStatus)
+_kind_list = ", ".join(f"'{k}'" for k in OUTBOX_KINDS)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", Uuid, primary_key=True, server_default=text("gen_random_uuid()")),
+    Column("type", Text, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("status", Text, nullable=False, server_default=text("'NEW'")),
+    Column("priority", SmallInteger, nullable=False, server_default=text("0")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("max_attempts", Integer, nullable=False, server_default=text("3")),
+    Column("result", JSONB),
+    Column("error", JSONB),
+    Column("idempotency_key", Text, unique=True),
+    Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("heartbeat_at", DateTime(timezone=True)),
+    Column("worker_id", Text),
+    CheckConstraint(f"status IN ({_status_list})", name="status"),
+    CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
+    CheckConstraint("max_attempts >= 1", name="max_attempts"),
+    CheckConstraint("attempts >= 0", name="attempts"),
+)
+
+# Listing is newest first with a (created_at, id) keyset; the status variant serves
+# the common "show me what failed" filter without scanning everything.
+Index("ix_tasks_created_at_id", tasks.c.created_at.desc(), tasks.c.id.desc())
+Index(
+    "ix_tasks_status_created_at_id",
+    tasks.c.status,
+    tasks.c.created_at.desc(),
+    tasks.c.id.desc(),
+)
+# The rescue of stuck tasks only ever looks at running ones.
+Index(
+    "ix_tasks_heartbeat_at_processing",
+    tasks.c.heartbeat_at,
+    postgresql_where=text("status = 'PROCESSING'"),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column(
+        "task_id",
+        Uuid,
+        ForeignKey("tasks.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("kind", Text, nullable=False),
+    Column("body", JSONB, nullable=False),
+    Column("headers", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("available_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("published_at", DateTime(timezone=True)),
+    Column("publish_attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text),
+    CheckConstraint(f"kind IN ({_kind_list})", name="kind"),
+)
+
+# The relay's claim reads only unpublished rows; keeping them in a partial index keeps
+# the claim cheap however large the published history grows.
+Index("ix_outbox_unpublished", outbox.c.id, postgresql_where=text("published_at IS NULL"))
+# Deleting a task (retention) cascades to its outbox rows through this index.
+Index("ix_outbox_task_id", outbox.c.task_id)

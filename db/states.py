@@ -1,0 +1,53 @@
+"""The task state machine: which status may follow which.
+
+The SQL transitions in :mod:`db.tasks` take their ``WHERE status = ...`` guards from
+this table, so the rules live in one place and the unit tests pin them down.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class TaskStatus(StrEnum):
+    NEW = "NEW"
+    PENDING = "PENDING"
+    PROCESSING = "PROCESSING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+S = TaskStatus
+
+# target status -> the statuses it may be reached from
+_SOURCES: dict[TaskStatus, frozenset[TaskStatus]] = {
+    # relay confirmed the publish; operator replay; retry or rescue of a running task
+    S.NEW: frozenset({S.PENDING, S.PROCESSING, S.FAILED, S.DONE, S.CANCELLED}),
+    S.PENDING: frozenset({S.NEW, S.PROCESSING}),  # publish confirmed; graceful release
+    # a consumer claims a published task (NEW while the relay's commit is in flight),
+    # or re-claims one whose heartbeat went stale
+    S.PROCESSING: frozenset({S.NEW, S.PENDING, S.PROCESSING}),
+    S.DONE: frozenset({S.PROCESSING}),
+    S.FAILED: frozenset({S.PROCESSING}),
+    S.CANCELLED: frozenset({S.NEW, S.PENDING, S.PROCESSING}),
+}
+
+TERMINAL: frozenset[TaskStatus] = frozenset({S.DONE, S.FAILED, S.CANCELLED})
+
+# Cancelling a task that has not started is immediate; a running one is only flagged.
+CANCEL_NOW: frozenset[TaskStatus] = frozenset({S.NEW, S.PENDING})
+CANCEL_LATER: frozenset[TaskStatus] = frozenset({S.PROCESSING})
+
+# Operator replay (relay CLI): DONE and CANCELLED only when forced, PROCESSING never.
+REPLAYABLE: frozenset[TaskStatus] = frozenset({S.PENDING, S.FAILED})
+REPLAYABLE_FORCED: frozenset[TaskStatus] = REPLAYABLE | {S.DONE, S.CANCELLED}
+
+
+def sources(target: TaskStatus) -> frozenset[TaskStatus]:
+    """Statuses from which ``target`` may be entered."""
+    return _SOURCES[target]
+
+
+def can_transition(current: TaskStatus, target: TaskStatus) -> bool:
+    return current in _SOURCES[target]

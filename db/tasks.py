@@ -1,0 +1,163 @@
+"""Queries of the task aggregate: create (with its outbox row), read, list, cancel.
+
+Each function takes the caller's connection, so a caller can combine calls in its own
+transaction. Status guards come from :mod:`db.states`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from db.states import CANCEL_LATER, CANCEL_NOW, TaskStatus
+
+TASK_COLUMNS = (
+    "id, type, payload, status, priority, attempts, max_attempts, result, error, "
+    "cancel_requested, worker_id, created_at, updated_at, started_at, finished_at, heartbeat_at"
+)
+
+# One statement, so one implicit transaction and one round trip: the task and the event
+# that will run it are committed together or not at all.
+_INSERT_TASK_WITH_OUTBOX = f"""
+WITH task AS (
+    INSERT INTO tasks (type, payload, priority, max_attempts)
+    VALUES ($1, $2, $3, $4)
+    RETURNING {TASK_COLUMNS}
+), event AS (
+    INSERT INTO outbox (task_id, kind, body, headers)
+    SELECT id, 'task.created',
+           jsonb_build_object('task_id', id, 'type', type, 'priority', priority),
+           $5
+    FROM task
+)
+SELECT {TASK_COLUMNS} FROM task
+"""  # noqa: S608 - TASK_COLUMNS is a constant
+
+_GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"  # noqa: S608
+_GET_STATUS = "SELECT id, status, updated_at FROM tasks WHERE id = $1"
+
+_CANCEL = f"""
+UPDATE tasks
+SET status = CASE WHEN status = ANY($2::text[]) THEN 'CANCELLED' ELSE status END,
+    cancel_requested = cancel_requested OR status = ANY($3::text[]),
+    finished_at = CASE WHEN status = ANY($2::text[]) THEN now() ELSE finished_at END,
+    updated_at = now()
+WHERE id = $1 AND status = ANY($4::text[])
+RETURNING {TASK_COLUMNS}
+"""  # noqa: S608 - TASK_COLUMNS is a constant
+
+_CANCELLABLE = sorted(CANCEL_NOW | CANCEL_LATER)
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    type: str
+    payload: dict[str, Any]
+    priority: int
+    max_attempts: int
+
+
+async def create_task(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    task: NewTask,
+    headers: dict[str, Any] | None = None,
+) -> asyncpg.Record:
+    """Insert a task (status NEW) and its ``task.created`` outbox row atomically."""
+    row = await conn.fetchrow(
+        _INSERT_TASK_WITH_OUTBOX,
+        task.type,
+        task.payload,
+        task.priority,
+        task.max_attempts,
+        headers or {},
+    )
+    assert row is not None
+    return row
+
+
+async def get_task(
+    conn: asyncpg.Connection | asyncpg.Pool, task_id: uuid.UUID
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(_GET_TASK, task_id)
+
+
+async def get_status(
+    conn: asyncpg.Connection | asyncpg.Pool, task_id: uuid.UUID
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(_GET_STATUS, task_id)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelOutcome:
+    """``task`` is None when no such task exists; ``changed`` False when it was terminal."""
+
+    task: asyncpg.Record | None
+    changed: bool
+
+
+async def cancel_task(conn: asyncpg.Connection | asyncpg.Pool, task_id: uuid.UUID) -> CancelOutcome:
+    """NEW/PENDING become CANCELLED at once; PROCESSING is flagged ``cancel_requested``."""
+    row = await conn.fetchrow(
+        _CANCEL, task_id, sorted(CANCEL_NOW), sorted(CANCEL_LATER), _CANCELLABLE
+    )
+    if row is not None:
+        return CancelOutcome(row, True)
+    return CancelOutcome(await get_task(conn, task_id), False)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    rows: list[asyncpg.Record]
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    statuses: Sequence[TaskStatus] = ()
+    type: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+# Each filter maps to a fixed SQL fragment and its values travel as parameters, so
+# nothing a client sends is ever spliced into the statement text.
+async def list_tasks(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    filters: TaskFilter,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None = None,
+) -> Page:
+    """Newest first, keyset-paginated on (created_at, id), which never changes for a row.
+
+    ``after`` is the (created_at, id) of the last row of the previous page.
+    """
+    conditions: list[str] = []
+    args: list[Any] = []
+
+    def param(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if filters.statuses:
+        conditions.append(f"status = ANY({param([s.value for s in filters.statuses])}::text[])")
+    if filters.type is not None:
+        conditions.append(f"type = {param(filters.type)}")
+    if filters.created_after is not None:
+        conditions.append(f"created_at > {param(filters.created_after)}")
+    if filters.created_before is not None:
+        conditions.append(f"created_at < {param(filters.created_before)}")
+    if after is not None:
+        created_at, task_id = after
+        conditions.append(f"(created_at, id) < ({param(created_at)}, {param(task_id)})")
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    query = (
+        f"SELECT {TASK_COLUMNS} FROM tasks {where} "  # noqa: S608 - fragments are constants
+        f"ORDER BY created_at DESC, id DESC LIMIT {param(limit + 1)}"
+    )
+    rows = await conn.fetch(query, *args)
+    return Page(rows=rows[:limit], has_more=len(rows) > limit)

@@ -1,0 +1,115 @@
+"""The drain loop: claim a batch, publish it with confirms, record the outcome, commit.
+
+The claim holds the rows' locks (FOR UPDATE SKIP LOCKED) for the whole transaction, so
+several relays drain one outbox without publishing a row twice. A crash before the
+commit rolls the claim back and the rows are published again later: a duplicate,
+never a loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractRobustConnection
+
+from broker import topology
+from db import outbox
+from relay.publisher import OutboxPublisher, PublishReport
+from relay.settings import RelaySettings
+from runtime.backoff import backoff_delay
+from runtime.lifecycle import wait_first
+
+log = logging.getLogger(__name__)
+
+# Failures that mean "a server is away for now": back off and try again.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    aio_pika.exceptions.AMQPError,
+)
+
+
+async def open_broker(settings: RelaySettings) -> tuple[AbstractRobustConnection, OutboxPublisher]:
+    connection = await aio_pika.connect_robust(
+        settings.amqp_url, client_properties={"connection_name": "taskbox-relay"}
+    )
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    declared = await topology.declare(channel, settings)
+    publisher = OutboxPublisher(
+        declared.exchange,
+        declared.routing_key,
+        timeout=settings.relay_publish_timeout,
+        retry_delay=functools.partial(
+            backoff_delay, base=settings.relay_retry_base_delay, cap=settings.relay_retry_max_delay
+        ),
+    )
+    return connection, publisher
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        publisher: OutboxPublisher,
+        settings: RelaySettings,
+        wake: asyncio.Event,
+    ) -> None:
+        self._pool = pool
+        self._publisher = publisher
+        self._settings = settings
+        self._wake = wake
+        self.published_total = 0
+        self.refused_total = 0
+
+    async def drain_batch(self) -> int:
+        """Claim, publish and record one batch; returns how many rows it claimed."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await outbox.claim_batch(conn, self._settings.relay_batch_size)
+            if not rows:
+                return 0
+            report: PublishReport = await self._publisher.publish_batch(rows)
+            await outbox.record_publish_outcome(conn, report.published, report.refused)
+        self.published_total += len(report.published)
+        self.refused_total += len(report.refused)
+        for refusal in report.refused:
+            log.warning(
+                "publish refused; retrying in %.1fs: %s",
+                refusal.retry_in,
+                refusal.error,
+                extra={"outbox_id": refusal.outbox_id},
+            )
+        if report.published:
+            log.debug("published %d outbox rows", len(report.published))
+        return len(rows)
+
+    async def drain(self, stop: asyncio.Event) -> None:
+        """Drain until a batch comes back short (the backlog is empty for now)."""
+        while not stop.is_set():
+            if await self.drain_batch() < self._settings.relay_batch_size:
+                return
+
+    async def run(self, stop: asyncio.Event) -> None:
+        failures = 0
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                await self.drain(stop)
+                failures = 0
+            except TRANSIENT as exc:
+                failures += 1
+                delay = backoff_delay(failures, 0.2, 10.0)
+                log.warning(
+                    "drain failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay
+                )
+                await wait_first(stop, within=delay)
+                continue
+            # Sleep until a NOTIFY, the poll interval or a stop, whichever comes first.
+            await wait_first(self._wake, stop, within=self._settings.relay_poll_interval)

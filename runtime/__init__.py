@@ -1,0 +1,1 @@
+"""Process plumbing shared by the three processes: logging, signals, supervision."""

@@ -1,0 +1,107 @@
+"""Signals and supervision for the long-running relay and consumer processes.
+
+Signal handlers only set an event: the first SIGTERM/SIGINT asks for a graceful stop,
+a second one exits at once. Background loops (listener, heartbeat, rescue) run under
+``supervise`` beside the main loop: if one of them ends while the main loop still
+runs, the process exits non-zero so that a supervisor restarts it, instead of leaving
+a half-dead worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+EXIT_LOOP_DIED = 3
+
+
+class Shutdown:
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.requested.is_set():
+            log.warning("second %s: exiting now", sig.name)
+            os._exit(128 + sig.value)
+        log.info("%s received: finishing in-flight work, then exiting", sig.name)
+        self.requested.set()
+
+
+class LoopDied(RuntimeError):
+    pass
+
+
+async def supervise(
+    main: Coroutine[Any, Any, None], background: dict[str, Coroutine[Any, Any, None]]
+) -> None:
+    """Run ``main`` to completion with ``background`` loops beside it.
+
+    Raises LoopDied when a background loop ends first; its exception is logged.
+    """
+    main_task = asyncio.create_task(main, name="main")
+    tasks = {asyncio.create_task(coro, name=name): name for name, coro in background.items()}
+    try:
+        while True:
+            done, _ = await asyncio.wait([main_task, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            if main_task in done:
+                main_task.result()
+                return
+            for task in done:
+                exc = None if task.cancelled() else task.exception()
+                log.critical("background loop %r stopped", tasks[task], exc_info=exc)
+                raise LoopDied(tasks[task])
+    finally:
+        for task in [main_task, *tasks]:
+            task.cancel()
+        await asyncio.gather(main_task, *tasks, return_exceptions=True)
+
+
+async def wait_first(*events: asyncio.Event, within: float) -> None:
+    """Return when any event is set or ``within`` seconds have passed."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def connect_with_retry(
+    what: str,
+    factory: Callable[[], Awaitable[T]],
+    errors: tuple[type[BaseException], ...],
+    give_up_after: float = 120.0,
+) -> T:
+    """Call ``factory`` until it succeeds, so a process may start before its servers."""
+    async for attempt in AsyncRetrying(
+        wait=wait_exponential_jitter(initial=0.5, max=10),
+        stop=stop_after_delay(give_up_after),
+        retry=retry_if_exception_type(errors),
+        before_sleep=lambda rs: log.warning(
+            "cannot reach %s yet (%s); retrying", what, rs.outcome and rs.outcome.exception()
+        ),
+        reraise=True,
+    ):
+        with attempt:
+            return await factory()
+    raise AssertionError("unreachable")

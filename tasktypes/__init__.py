@@ -1,0 +1,26 @@
+"""Task types: the registry of handlers and their payload models.
+
+The API reads the registry to reject unknown types and invalid payloads with a 422;
+the consumer reads it to run handlers. A user module adds its own types with the
+``task`` decorator and is loaded through the ``TASK_MODULES`` setting.
+"""
+
+from tasktypes.registry import (
+    PermanentError,
+    TaskContext,
+    TaskRegistry,
+    TaskType,
+    default_registry,
+    load_registry,
+    task,
+)
+
+__all__ = [
+    "PermanentError",
+    "TaskContext",
+    "TaskRegistry",
+    "TaskType",
+    "default_registry",
+    "load_registry",
+    "task",
+]

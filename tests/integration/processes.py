@@ -1,0 +1,100 @@
+"""Real taskbox processes started by tests: ``python -m api|relay|consumer``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+READY = {
+    "api": "Application startup complete",
+    "relay": "relay running",
+    "consumer": "consuming from",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServiceProcess:
+    """One process; its combined output is kept in ``lines`` for assertions."""
+
+    def __init__(self, module: str, env: dict[str, str], **extra_env: str) -> None:
+        self.module = module
+        self.env = {**env, **extra_env}
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._seen = asyncio.Event()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.lines.append(line.decode(errors="replace").rstrip())
+            self._seen.set()
+
+    async def wait_for(self, text: str, timeout: float = 20.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not any(text in line for line in self.lines):
+                if self.proc is not None and self.proc.returncode is not None:
+                    raise AssertionError(f"{self.module} exited:\n{self.output}")
+                self._seen.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await self._seen.wait()
+
+    async def start(self, timeout: float = 20.0) -> ServiceProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            self.module,
+            cwd=ROOT,
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        self._reader = asyncio.create_task(self._read())
+        try:
+            await self.wait_for(READY[self.module], timeout)
+        except TimeoutError:
+            self.kill()
+            raise AssertionError(f"{self.module} did not start:\n{self.output}") from None
+        return self
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send ``sig`` and wait for the exit; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no ack, no commit."""
+        if self.proc is not None and self.proc.returncode is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+        return code
