@@ -31,7 +31,11 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 
 async def connect(settings: DatabaseSettings) -> asyncpg.Connection:
     """A single connection outside the pool (the relay's LISTEN connection)."""
-    conn = await asyncpg.connect(settings.database_url, command_timeout=settings.db_command_timeout)
+    conn = await asyncpg.connect(
+        settings.database_url,
+        command_timeout=settings.db_command_timeout,
+        timeout=settings.db_connect_timeout,
+    )
     await init_connection(conn)
     return conn
 
@@ -41,6 +45,9 @@ async def create_pool(settings: DatabaseSettings, **overrides: Any) -> asyncpg.P
         "min_size": settings.db_pool_min_size,
         "max_size": settings.db_pool_max_size,
         "command_timeout": settings.db_command_timeout,
+        # asyncpg waits 60 s for a connection by default; an unreachable server should
+        # surface (as a 503 in the api) long before a client gives up.
+        "timeout": settings.db_connect_timeout,
         "init": init_connection,
     }
     options.update(overrides)

@@ -34,6 +34,7 @@ class DatabaseSettings(BaseSettings):
     db_command_timeout: float = Field(
         30.0, gt=0, description="Seconds before a query is abandoned."
     )
+    db_connect_timeout: float = Field(5.0, gt=0, description="Seconds to open a connection.")
     outbox_channel: str = Field(
         "taskbox_outbox",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",
