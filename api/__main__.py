@@ -17,6 +17,7 @@ def main() -> None:
         port=settings.api_port,
         workers=settings.api_workers,
         log_config=None,  # keep the logging configured above
+        access_log=settings.api_access_log,
         proxy_headers=True,
         server_header=False,
     )
