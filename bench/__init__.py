@@ -1,0 +1,1 @@
+"""Taskbox benchmarks: each figure next to a baseline measured in the same run."""

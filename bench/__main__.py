@@ -1,0 +1,176 @@
+"""``python -m bench`` (``make bench``): run the benchmarks, print a table, save JSON.
+
+python -m bench                  the full suite (several minutes)
+python -m bench --quick          tiny counts, to check the suite still runs
+python -m bench --only relay,consumer
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from bench.harness import machine
+
+RESULTS = Path(__file__).parent / "results"
+
+FULL = {
+    "ingest": {"seconds": 10},
+    "notify": {"seconds": 5},
+    "relay": {"rows": 50_000},
+    "consumer": {"tasks": 20_000},
+    "e2e": {"rate": 200, "seconds": 15, "sustained_seconds": 15},
+    "memory": {"total": 100_000, "checkpoint": 10_000},
+}
+QUICK = {
+    "ingest": {"seconds": 2, "rounds": 1},
+    "notify": {"seconds": 1},
+    "relay": {"rows": 2_000},
+    "consumer": {"tasks": 1_000},
+    "e2e": {"rate": 100, "seconds": 2, "sustained_seconds": 2},
+    "memory": {"total": 10_000, "checkpoint": 5_000},
+}
+RUNNERS = {
+    "ingest": scenarios.ingest,
+    "notify": scenarios.notify_placement,
+    "relay": scenarios.relay_drain,
+    "consumer": scenarios.consumer_drain,
+    "e2e": scenarios.end_to_end,
+    "memory": scenarios.memory,
+}
+
+
+def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(figure, taskbox, baseline or target, verdict) lines of the summary table."""
+    rows = []
+
+    def add(figure: str, ours: str, against: str, ok: bool | None) -> None:
+        rows.append((figure, ours, against, "" if ok is None else ("met" if ok else "MISSED")))
+
+    if r := results.get("ingest"):
+        add("ingest req/s", f"{r['taskbox_req_s']:,.0f}", f"{r['baseline_req_s']:,.0f} bare", None)
+        add("  ratio", f"{r['ratio']:.2f}x", ">= 0.90x", r["ratio"] >= 0.9)
+    if r := results.get("notify"):
+        c = r["commits_s"]
+        add("commits/s, no NOTIFY", f"{c['no_notify']:,.0f}", "", None)
+        add(
+            "  NOTIFY in transaction",
+            f"{c['notify_in_transaction']:,.0f}",
+            f"{r['in_transaction_ratio']:.2f}x",
+            None,
+        )
+        add(
+            "  NOTIFY after commit",
+            f"{c['notify_after_commit_coalesced']:,.0f}",
+            f"{r['after_commit_ratio']:.2f}x (>= 0.90x)",
+            r["after_commit_ratio"] >= 0.9,
+        )
+    if r := results.get("relay"):
+        add(
+            "relay rows/s",
+            f"{r['relay_rows_s']:,.0f}",
+            f"{r['baseline_msg_s']:,.0f} aio-pika",
+            None,
+        )
+        add("  ratio", f"{r['ratio']:.2f}x", ">= 0.80x", r["ratio"] >= 0.8)
+    if r := results.get("consumer"):
+        add(
+            "consumer tasks/s",
+            f"{r['consumer_tasks_s']:,.0f}",
+            f"{r['baseline_msg_s']:,.0f} aio-pika",
+            r["consumer_tasks_s"] >= 3000,
+        )
+    if r := results.get("e2e"):
+        b = r["baseline_aio_pika"]
+        listen, poll = r["listen"], r["poll_only"]
+        add(
+            "201 -> start p50 ms",
+            f"{listen['start_p50_ms']:.1f}",
+            f"{b['p50_ms']:.1f} aio-pika (<= 3)",
+            listen["start_p50_ms"] <= 3,
+        )
+        add(
+            "201 -> start p99 ms",
+            f"{listen['start_p99_ms']:.1f}",
+            f"{b['p99_ms']:.1f} aio-pika (<= 10)",
+            listen["start_p99_ms"] <= 10,
+        )
+        add(
+            "created -> DONE p99 ms",
+            f"{listen['done_p99_ms']:.1f}",
+            "<= 15",
+            listen["done_p99_ms"] <= 15,
+        )
+        add(
+            "poll only: start p99 ms",
+            f"{poll['start_p99_ms']:.0f}",
+            "<= poll interval 1000",
+            poll["start_p99_ms"] <= 1000,
+        )
+        add("sustained API -> DONE tasks/s", f"{r['sustained']['tasks_s']:,.0f}", "", None)
+        for proc, ms in r["sustained"]["cpu_ms_per_task"].items():
+            add(f"  CPU ms/task {proc}", f"{ms:.2f}", "", None)
+    if r := results.get("memory"):
+        add("relay RSS growth", f"{r['relay_growth']:+.1%}", "<= 10%", r["relay_growth"] <= 0.10)
+        add(
+            "consumer RSS growth",
+            f"{r['consumer_growth']:+.1%}",
+            "<= 10%",
+            r["consumer_growth"] <= 0.10,
+        )
+    return rows
+
+
+def _print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+async def run(selected: list[str], quick: bool) -> dict[str, Any]:
+    plan = QUICK if quick else FULL
+    report: dict[str, Any] = {"machine": await machine(), "quick": quick, "results": {}}
+    m = report["machine"]
+    durability = (
+        f"synchronous_commit={m['postgres_synchronous_commit']}, fsync={m['postgres_fsync']}"
+    )
+    print(
+        f"Python {m['python']}, PostgreSQL {m['postgres']} ({durability}), "
+        f"RabbitMQ {m['rabbitmq']}, {m['cores']} cores, wrk {m['wrk']}",
+        flush=True,
+    )
+    for name in selected:
+        print(f"running {name} ...", flush=True)
+        report["results"][name] = await RUNNERS[name](**plan[name])  # type: ignore[operator]
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
+    parser.add_argument(
+        "--only", default=",".join(RUNNERS), help="comma-separated: " + ",".join(RUNNERS)
+    )
+    args = parser.parse_args()
+    selected = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in selected if s not in RUNNERS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(RUNNERS)}")
+    report = asyncio.run(run(selected, args.quick))
+    rows = _rows(report["results"])
+    print()
+    _print_table([("figure", "taskbox", "baseline / target", ""), *rows])
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{scenarios.run_id()}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"\nresults written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

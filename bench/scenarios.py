@@ -1,0 +1,477 @@
+"""The benchmarks. Each returns its figures and the baseline measured beside them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import httpx
+
+from api.notifier import OutboxNotifier
+from bench.harness import ROOT, Process, Stage, percentile, stage, taskbox, wait_until
+from db.pool import create_pool
+from db.settings import DatabaseSettings
+from db.tasks import NewTask, create_task
+
+Result = dict[str, Any]
+
+# Seeding large backlogs straight in SQL: the same rows the API would write.
+SEED_TASKS = """
+WITH task AS (
+    INSERT INTO tasks (type, payload, status)
+    SELECT 'echo', jsonb_build_object('i', g), $2 FROM generate_series(1, $1) AS g
+    RETURNING id, type, priority
+)
+INSERT INTO outbox (task_id, kind, body)
+SELECT id, 'task.created', jsonb_build_object('task_id', id, 'type', type, 'priority', priority)
+FROM task
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _rawamqp(*args: str) -> Result:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.rawamqp", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: Result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+async def _wrk(url: str, seconds: float, connections: int = 32) -> float:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError("wrk is not installed: `make bench` installs it (apt-get install wrk)")
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [
+            wrk,
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "-s",
+            str(ROOT / "bench" / "post.lua"),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out.stdout)
+    if match is None or non2xx is not None:
+        raise RuntimeError(f"wrk run failed:\n{out.stdout}\n{out.stderr}")
+    return float(match.group(1))
+
+
+async def _count(database_url: str, sql: str, *args: Any) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        value: int = await conn.fetchval(sql, *args)
+        return value
+    finally:
+        await conn.close()
+
+
+# -- 1. ingest ------------------------------------------------------------------------
+
+
+async def ingest(seconds: float, rounds: int = 2) -> Result:
+    """POST /api/v1/tasks against a bare FastAPI + asyncpg single-INSERT endpoint."""
+    async with stage("ingest") as st:
+        base_port, api_port = _free_port(), _free_port()
+        baseline = await Process(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.baseline_app:app",
+                "--port",
+                str(base_port),
+                "--workers",
+                "1",
+                "--no-access-log",
+            ],
+            st.env,
+            ready="Application startup complete",
+        ).start()
+        api = await taskbox("api", st.env, API_PORT=str(api_port), API_ACCESS_LOG="false").start()
+        try:
+            base_url = f"http://127.0.0.1:{base_port}/baseline"
+            api_url = f"http://127.0.0.1:{api_port}/api/v1/tasks"
+            await _wrk(base_url, 2)  # warm both up: connections, caches, JIT-free but page-ins
+            await _wrk(api_url, 2)
+            base_runs, api_runs = [], []
+            for _ in range(rounds):  # alternate, so drift on a shared box hits both alike
+                base_runs.append(await _wrk(base_url, seconds))
+                api_runs.append(await _wrk(api_url, seconds))
+            api_cpu = api.cpu_seconds()
+            created = await _count(st.database_url, "SELECT count(*) FROM tasks")
+        finally:
+            await api.stop()
+            await baseline.stop()
+    base, ours = max(base_runs), max(api_runs)
+    return {
+        "baseline_req_s": base,
+        "taskbox_req_s": ours,
+        "ratio": ours / base,
+        "target_ratio": 0.9,
+        "runs": {"baseline": base_runs, "taskbox": api_runs},
+        "api_cpu_ms_per_task": 1000 * api_cpu / created,
+    }
+
+
+# -- 2. NOTIFY placement ----------------------------------------------------------------
+
+
+async def notify_placement(seconds: float, writers: int = 16) -> Result:
+    """Task-creation commits/s: no wake-up, NOTIFY in the transaction, NOTIFY after commit."""
+    async with stage("notify") as st:
+        settings = DatabaseSettings(database_url=st.database_url, outbox_channel=st.channel)
+        pool = await create_pool(settings, min_size=writers + 1, max_size=writers + 1)
+        listener = await asyncpg.connect(st.database_url)
+        await listener.add_listener(st.channel, lambda *_: None)  # a real listener pays delivery
+        task = NewTask("echo", {"x": 1}, 0, 3)
+        notifier = OutboxNotifier(pool, st.channel)
+
+        async def none(conn: asyncpg.Connection) -> None:
+            await create_task(conn, task)
+
+        async def in_transaction(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                await create_task(conn, task)
+                await conn.execute("SELECT pg_notify($1, '')", st.channel)
+
+        async def after_commit(conn: asyncpg.Connection) -> None:
+            await create_task(conn, task)
+            notifier.wake()
+
+        async def run(write: Any) -> float:
+            count = 0
+            deadline = time.monotonic() + seconds
+
+            async def writer() -> None:
+                nonlocal count
+                async with pool.acquire() as conn:
+                    while time.monotonic() < deadline:
+                        await write(conn)
+                        count += 1
+
+            await asyncio.gather(*(writer() for _ in range(writers)))
+            return count / seconds
+
+        try:
+            results = {}
+            for name, write in (
+                ("no_notify", none),
+                ("notify_in_transaction", in_transaction),
+                ("notify_after_commit_coalesced", after_commit),
+                ("no_notify_again", none),
+            ):
+                results[name] = await run(write)
+            await notifier.close()
+        finally:
+            await listener.close()
+            await pool.close()
+    baseline = (results["no_notify"] + results["no_notify_again"]) / 2
+    return {
+        "writers": writers,
+        "commits_s": results,
+        "in_transaction_ratio": results["notify_in_transaction"] / baseline,
+        "after_commit_ratio": results["notify_after_commit_coalesced"] / baseline,
+        "target_ratio": 0.9,
+    }
+
+
+# -- 3. relay ---------------------------------------------------------------------------
+
+
+async def relay_drain(rows: int) -> Result:
+    """One relay draining a backlog vs bare aio-pika publishing with confirms."""
+    async with stage("relay") as st:
+        raw = await asyncio.to_thread(
+            _rawamqp, "publish", "--count", str(rows), "--queue", st.broker.queue_name + ".raw"
+        )
+        relay = await taskbox("relay", st.env).start()
+        try:
+            await asyncio.sleep(1.0)  # let it connect and declare
+            conn = await asyncpg.connect(st.database_url)
+            try:
+                await conn.execute(SEED_TASKS, rows, "NEW")
+                start = time.monotonic()
+                await conn.execute("SELECT pg_notify($1, '')", st.channel)
+            finally:
+                await conn.close()
+            end = await wait_until(
+                lambda: _none_unpublished(st.database_url), within=rows / 200 + 60, interval=0.05
+            )
+            cpu = relay.cpu_seconds()
+        finally:
+            await relay.stop()
+    rate = rows / (end - start)
+    return {
+        "rows": rows,
+        "baseline_msg_s": raw["per_second"],
+        "relay_rows_s": rate,
+        "ratio": rate / raw["per_second"],
+        "target_ratio": 0.8,
+        "relay_cpu_ms_per_row": 1000 * cpu / rows,
+    }
+
+
+async def _none_unpublished(database_url: str) -> bool:
+    return await _count(database_url, "SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+
+
+# -- 4. consumer --------------------------------------------------------------------------
+
+
+async def _publish_backlog(st: Stage, tasks: int) -> None:
+    """Seed ``tasks`` echo tasks and let a relay put all their messages on the queue."""
+    conn = await asyncpg.connect(st.database_url)
+    try:
+        await conn.execute(SEED_TASKS, tasks, "NEW")
+    finally:
+        await conn.close()
+    relay = await taskbox("relay", st.env).start()
+    try:
+        await wait_until(lambda: _none_unpublished(st.database_url), within=tasks / 200 + 60)
+    finally:
+        await relay.stop()
+
+
+async def consumer_drain(tasks: int) -> Result:
+    """One consumer draining queued no-op tasks vs bare aio-pika consume + ack."""
+    async with stage("consumer") as st:
+        raw_queue = st.broker.queue_name + ".raw"
+        await asyncio.to_thread(_rawamqp, "publish", "--count", str(tasks), "--queue", raw_queue)
+        raw = await asyncio.to_thread(
+            _rawamqp, "consume", "--count", str(tasks), "--queue", raw_queue
+        )
+        await _publish_backlog(st, tasks)
+        consumer = await taskbox("consumer", st.env).start()
+        try:
+            await wait_until(
+                lambda: _all_done(st.database_url, tasks), within=tasks / 100 + 60, interval=0.1
+            )
+            cpu = consumer.cpu_seconds()
+        finally:
+            await consumer.stop()
+        conn = await asyncpg.connect(st.database_url)
+        try:
+            # From the first claim to the last commit, by the database's clock: excludes
+            # process start-up, like the baseline's first-message-to-last-ack window.
+            span = await conn.fetchval(
+                "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM tasks"
+            )
+            once = await conn.fetchval("SELECT count(*) FROM tasks WHERE attempts = 1")
+        finally:
+            await conn.close()
+    rate = tasks / float(span)
+    return {
+        "tasks": tasks,
+        "baseline_msg_s": raw["per_second"],
+        "consumer_tasks_s": rate,
+        "ratio": rate / raw["per_second"],
+        "target_tasks_s": 3000,
+        "ran_once": once == tasks,
+        "consumer_cpu_ms_per_task": 1000 * cpu / tasks,
+    }
+
+
+async def _all_done(database_url: str, expected: int) -> bool:
+    return (
+        await _count(database_url, "SELECT count(*) FROM tasks WHERE status = 'DONE'") >= expected
+    )
+
+
+# -- 5. end to end ------------------------------------------------------------------------
+
+
+async def _open_loop(url: str, rate: float, seconds: float) -> list[tuple[str, float]]:
+    """POST at a fixed arrival rate whatever the responses do; (task id, time of 201)."""
+    total = int(rate * seconds)
+    answered: list[tuple[str, float]] = []
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+
+        async def post() -> None:
+            response = await client.post(url, json={"type": "echo", "payload": {"x": 1}})
+            received = time.time()
+            if response.status_code == 201:
+                answered.append((response.json()["id"], received))
+
+        start = time.perf_counter()
+        pending = []
+        for i in range(total):
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            pending.append(asyncio.create_task(post()))
+        await asyncio.gather(*pending)
+    if len(answered) != total:
+        raise RuntimeError(f"only {len(answered)} of {total} creates answered 201")
+    return answered
+
+
+async def _latencies(st: Stage, answered: list[tuple[str, float]]) -> Result:
+    await wait_until(lambda: _all_done(st.database_url, len(answered)), within=60, interval=0.1)
+    conn = await asyncpg.connect(st.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT id::text, extract(epoch FROM started_at) AS started,"
+            " extract(epoch FROM started_at - created_at) AS to_start,"
+            " extract(epoch FROM finished_at - created_at) AS to_done FROM tasks"
+        )
+    finally:
+        await conn.close()
+    by_id = {r["id"]: r for r in rows}
+    # Server side, by the database's clock: from the insert (the 201 follows its commit
+    # at once) to the claim that starts the handler, and on to the committed result.
+    to_start = [float(by_id[i]["to_start"]) * 1000 for i, _ in answered]
+    to_done = [float(by_id[i]["to_done"]) * 1000 for i, _ in answered]
+    # Client side: from the moment the load generator read the 201. Its own scheduling
+    # delays on a 2-core box make this one noisier, even negative.
+    client = [(float(by_id[i]["started"]) - t) * 1000 for i, t in answered]
+    return {
+        "tasks": len(answered),
+        "start_p50_ms": percentile(to_start, 50),
+        "start_p99_ms": percentile(to_start, 99),
+        "done_p50_ms": percentile(to_done, 50),
+        "done_p99_ms": percentile(to_done, 99),
+        "client_201_to_start_p50_ms": percentile(client, 50),
+        "client_201_to_start_p99_ms": percentile(client, 99),
+    }
+
+
+async def end_to_end(rate: float, seconds: float, sustained_seconds: float) -> Result:
+    """Latency at a fixed arrival rate, with and without LISTEN, and full-pipeline throughput."""
+    result: Result = {"rate": rate}
+    async with stage("e2e") as st:
+        result["baseline_aio_pika"] = await asyncio.to_thread(
+            _rawamqp,
+            "latency",
+            "--rate",
+            str(rate),
+            "--seconds",
+            str(seconds),
+            "--queue",
+            st.broker.queue_name + ".raw",
+        )
+    for name, extra in (("listen", {}), ("poll_only", {"RELAY_LISTEN": "false"})):
+        async with stage("e2e") as st:
+            port = _free_port()
+            procs = [
+                await taskbox("api", st.env, API_PORT=str(port), API_ACCESS_LOG="false").start(),
+                await taskbox("relay", st.env, **extra).start(),
+                await taskbox("consumer", st.env).start(),
+            ]
+            try:
+                await asyncio.sleep(1.0)
+                url = f"http://127.0.0.1:{port}/api/v1/tasks"
+                duration = seconds if name == "listen" else min(seconds, 5.0)
+                answered = await _open_loop(url, rate, duration)
+                result[name] = await _latencies(st, answered)
+                if name == "listen":
+                    result["sustained"] = await _sustained(st, url, sustained_seconds, procs)
+            finally:
+                for proc in reversed(procs):
+                    await proc.stop()
+    result["targets_ms"] = {
+        "start_p50": 3,
+        "start_p99": 10,
+        "done_p99": 15,
+        "poll_only_bound": 1000,
+    }
+    return result
+
+
+async def _sustained(st: Stage, url: str, seconds: float, procs: list[Process]) -> Result:
+    before = await _count(st.database_url, "SELECT count(*) FROM tasks")
+    cpu_before = [p.cpu_seconds() for p in procs]
+    await _wrk(url, seconds)
+    created = await _count(st.database_url, "SELECT count(*) FROM tasks")
+    await wait_until(lambda: _all_done(st.database_url, created), within=300, interval=0.1)
+    cpu = [p.cpu_seconds() - c for p, c in zip(procs, cpu_before, strict=True)]
+    conn = await asyncpg.connect(st.database_url)
+    try:
+        span = await conn.fetchval(
+            "SELECT extract(epoch FROM max(finished_at) - min(created_at)) FROM tasks"
+            " WHERE created_at > (SELECT max(created_at) FROM tasks) - make_interval(secs => $1)",
+            seconds + 1,
+        )
+    finally:
+        await conn.close()
+    tasks = created - before
+    return {
+        "tasks": tasks,
+        "tasks_s": tasks / float(span),
+        "cpu_ms_per_task": {
+            name: 1000 * c / tasks
+            for name, c in zip(("api", "relay", "consumer"), cpu, strict=True)
+        },
+    }
+
+
+# -- 6. memory ------------------------------------------------------------------------------
+
+
+async def memory(total: int, checkpoint: int, chunk: int = 5000) -> Result:
+    """RSS of relay and consumer after ``checkpoint`` and after ``total`` tasks.
+
+    Both counts must be multiples of ``chunk``.
+    """
+    async with stage("memory") as st:
+        relay = await taskbox("relay", st.env).start()
+        consumer = await taskbox("consumer", st.env).start()
+        samples: dict[str, dict[str, float]] = {}
+        try:
+            conn = await asyncpg.connect(st.database_url)
+            try:
+                fed = 0
+                while fed < total:
+                    await conn.execute(SEED_TASKS, chunk, "NEW")
+                    await conn.execute("SELECT pg_notify($1, '')", st.channel)
+                    fed += chunk
+                    # a steady load with a bounded backlog rather than one flood
+                    await wait_until(lambda fed=fed: _all_done(st.database_url, fed), within=120)
+                    if fed in (checkpoint, total):
+                        samples[str(fed)] = {
+                            "relay_mib": relay.rss_mib(),
+                            "consumer_mib": consumer.rss_mib(),
+                        }
+            finally:
+                await conn.close()
+            cpu = {"relay": relay.cpu_seconds(), "consumer": consumer.cpu_seconds()}
+        finally:
+            await consumer.stop()
+            await relay.stop()
+    first, last = samples[str(checkpoint)], samples[str(total)]
+    return {
+        "rss_mib": samples,
+        "relay_growth": last["relay_mib"] / first["relay_mib"] - 1,
+        "consumer_growth": last["consumer_mib"] / first["consumer_mib"] - 1,
+        "target_growth": 0.10,
+        "cpu_ms_per_task": {k: 1000 * v / total for k, v in cpu.items()},
+    }
+
+
+def run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
