@@ -14,6 +14,9 @@ class InvalidCursor(ValueError):
     pass
 
 
+_NOT_OURS = "cursor is not one this API issued; use next_cursor as given"
+
+
 def encode(created_at: datetime, task_id: uuid.UUID) -> str:
     raw = orjson.dumps([created_at.isoformat(), str(task_id)])
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -23,9 +26,11 @@ def decode(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, task_id = orjson.loads(raw)
+        if not isinstance(created_at, str) or not isinstance(task_id, str):
+            raise TypeError("cursor fields must be strings")
         position = datetime.fromisoformat(created_at), uuid.UUID(task_id)
     except (binascii.Error, ValueError, TypeError) as exc:
-        raise InvalidCursor("cursor is not one this API issued; use next_cursor as given") from exc
+        raise InvalidCursor(_NOT_OURS) from exc
     if position[0].tzinfo is None:
-        raise InvalidCursor("cursor is not one this API issued; use next_cursor as given")
+        raise InvalidCursor(_NOT_OURS)
     return position

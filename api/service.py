@@ -137,7 +137,11 @@ class TaskService:
                 ]
             )
         try:
-            payload = task_type.parse_payload(request.payload).model_dump(mode="json")
+            # by_alias: the stored payload must validate again, in the consumer, against
+            # the same model, so fields keep the names the model accepts as input.
+            payload = task_type.parse_payload(request.payload).model_dump(
+                mode="json", by_alias=True
+            )
         except ValidationError as exc:
             raise InvalidRequest(
                 [

@@ -28,6 +28,10 @@ class UnserializableResult(PermanentError):
     pass
 
 
+class AttemptTimedOut(Exception):
+    """The handler ran past its timeout; retried like any other failure."""
+
+
 @dataclass(slots=True)
 class ClaimedTask:
     task_id: Any
@@ -43,11 +47,11 @@ def error_of(exc: BaseException) -> dict[str, str]:
 
 
 def _json_result(result: Any) -> orjson.Fragment:
-    if isinstance(result, BaseModel):
-        result = result.model_dump(mode="json")
     try:
+        if isinstance(result, BaseModel):
+            result = result.model_dump(mode="json", by_alias=True)
         return orjson.Fragment(orjson.dumps(result))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # pydantic's serialization error is a ValueError
         raise UnserializableResult(f"the handler's result is not JSON: {exc}") from None
 
 
@@ -67,10 +71,17 @@ async def run_attempt(
             payload = task_type.parse_payload(claimed.payload)
         except ValidationError as exc:
             raise PermanentError(f"payload no longer valid: {exc.errors()[0]['msg']}") from None
-        async with asyncio.timeout(task_type.timeout or default_timeout):
-            result = await task_type.handler(
-                payload, TaskContext(task_id, attempt, claimed.max_attempts)
-            )
+        limit = task_type.timeout or default_timeout
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                result = await task_type.handler(
+                    payload, TaskContext(task_id, attempt, claimed.max_attempts)
+                )
+        except TimeoutError:
+            if deadline.expired():
+                raise AttemptTimedOut(f"the attempt exceeded its {limit:g}s timeout") from None
+            raise  # the handler's own TimeoutError: an ordinary failure
         return Outcome(task_id, attempt, TaskStatus.DONE, result=_json_result(result))
     except asyncio.CancelledError:
         if claimed.stop_reason is None:
@@ -90,10 +101,9 @@ async def run_attempt(
     except PermanentError as exc:
         return Outcome(task_id, attempt, TaskStatus.FAILED, error=error_of(exc))
     except Exception as exc:
-        if isinstance(exc, TimeoutError):
-            error = {"type": "HandlerTimeout", "message": "the attempt exceeded its timeout"}
-        else:
-            error = error_of(exc)
+        error = error_of(exc)
+        if isinstance(exc, AttemptTimedOut):
+            error["type"] = "HandlerTimeout"
         if attempt < claimed.max_attempts:
             delay = retry_delay(attempt)
             log.info(

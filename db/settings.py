@@ -15,8 +15,10 @@ def plain_dsn(url: str) -> str:
     for scheme in _ACCEPTED_SCHEMES:
         if url.startswith(scheme):
             return "postgresql://" + url[len(scheme) :]
+    scheme = url.split("://", 1)[0] if "://" in url else "no scheme"
+    # Name only the scheme: the rest of the URL may hold a password.
     raise ValueError(
-        f"DATABASE_URL must start with one of {', '.join(_ACCEPTED_SCHEMES)}; got {url!r}"
+        f"DATABASE_URL must start with one of {', '.join(_ACCEPTED_SCHEMES)}; got {scheme!r}"
     )
 
 

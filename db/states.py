@@ -1,7 +1,8 @@
 """The task state machine: which status may follow which.
 
-The SQL transitions in :mod:`db.tasks` take their ``WHERE status = ...`` guards from
-this table, so the rules live in one place and the unit tests pin them down.
+Every SQL transition in ``db/`` is a conditional UPDATE whose ``WHERE status ...``
+guard must be one of the edges listed here; the unit tests pin the table down, and the
+cancel query takes its guards from it directly.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ S = TaskStatus
 
 # target status -> the statuses it may be reached from
 _SOURCES: dict[TaskStatus, frozenset[TaskStatus]] = {
-    # relay confirmed the publish; operator replay; retry or rescue of a running task
+    # the relay's publish was refused (undoing its flip); operator replay; retry or
+    # rescue of a running task
     S.NEW: frozenset({S.PENDING, S.PROCESSING, S.FAILED, S.DONE, S.CANCELLED}),
     S.PENDING: frozenset({S.NEW, S.PROCESSING}),  # publish confirmed; graceful release
     # a consumer claims a published task (NEW while the relay's commit is in flight),

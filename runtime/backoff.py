@@ -11,5 +11,7 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     Full jitter (a uniform draw below the exponential ceiling) spreads retries of tasks
     that failed together, so they do not come back as a thundering herd.
     """
-    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
+    # The exponent stops growing long before the cap matters; an unbounded one overflows
+    # a float after ~1,000 attempts of a row the broker keeps refusing.
+    ceiling = min(cap, base * 2 ** min(max(attempt - 1, 0), 60))
     return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography

@@ -1,0 +1,249 @@
+"""relay/publisher.py OutboxPublisher against a fake exchange that confirms on cue."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import aio_pika
+import aiormq
+import orjson
+import pytest
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
+
+from db.outbox import PublishRefusal
+from relay.publisher import OutboxPublisher, describe
+
+ROUTING_KEY = "taskbox.tasks"
+PUBLISH_TIMEOUT = 0.05
+
+
+class NeverConfirmed:
+    """Marker outcome: the broker never answers, so the publish timeout must fire."""
+
+
+Outcome = BaseException | NeverConfirmed | None
+
+
+@dataclass
+class Publish:
+    message: aio_pika.abc.AbstractMessage
+    routing_key: str
+    mandatory: bool
+    timeout: float | None
+
+
+@dataclass
+class FakeExchange:
+    """Confirms only once ``confirm_after`` publishes are in flight, like a broker whose
+    confirms arrive after the client has pipelined the whole batch."""
+
+    outcomes: dict[int, Outcome] = field(default_factory=dict)  # outbox id -> outcome
+    confirm_after: int = 0
+    publishes: list[Publish] = field(default_factory=list)
+    in_flight_at_confirm: list[int] = field(default_factory=list)
+    _all_sent: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def publish(
+        self,
+        message: aio_pika.abc.AbstractMessage,
+        routing_key: str,
+        *,
+        mandatory: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109 - aio-pika's signature
+    ) -> Any:
+        self.publishes.append(Publish(message, routing_key, mandatory, timeout))
+        if len(self.publishes) >= self.confirm_after:
+            self._all_sent.set()
+        # aiormq bounds the wait for the confirm with asyncio.timeout, as here.
+        async with asyncio.timeout(timeout):
+            await self._all_sent.wait()
+            self.in_flight_at_confirm.append(len(self.publishes))
+            assert message.message_id is not None
+            outcome = self.outcomes.get(int(message.message_id))
+            if isinstance(outcome, NeverConfirmed):
+                await asyncio.Event().wait()
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return Basic.Ack(delivery_tag=len(self.in_flight_at_confirm))
+
+
+def outbox_row(
+    outbox_id: int,
+    *,
+    publish_attempts: int = 0,
+    priority: int = 0,
+    headers: dict[str, Any] | None = None,
+    kind: str = "task.created",
+) -> dict[str, Any]:
+    task_id = uuid.uuid4()
+    return {
+        "id": outbox_id,
+        "task_id": task_id,
+        "kind": kind,
+        "body": {"task_id": str(task_id), "type": "echo", "priority": priority},
+        "headers": headers if headers is not None else {},
+        "publish_attempts": publish_attempts,
+    }
+
+
+@dataclass
+class RecordingDelay:
+    calls: list[int] = field(default_factory=list)
+
+    def __call__(self, attempt: int) -> float:
+        self.calls.append(attempt)
+        return attempt * 10.0
+
+
+def make_publisher(exchange: FakeExchange, delay: RecordingDelay) -> OutboxPublisher:
+    return OutboxPublisher(exchange, ROUTING_KEY, timeout=PUBLISH_TIMEOUT, retry_delay=delay)
+
+
+def nack() -> aiormq.exceptions.DeliveryError:
+    # What aiormq raises for a Basic.Nack (aiormq/channel.py, _confirm_delivery).
+    return aio_pika.exceptions.DeliveryError(None, Basic.Nack(delivery_tag=2))
+
+
+def returned() -> aiormq.exceptions.PublishError:
+    # What aiormq raises for a Basic.Return on a channel with on_return_raises=True.
+    frame = Basic.Return(
+        reply_code=312, reply_text="NO_ROUTE", exchange="taskbox", routing_key=ROUTING_KEY
+    )
+    message = DeliveredMessage(
+        delivery=frame, header=ContentHeader(), body=b"{}", channel=cast(Any, None)
+    )
+    return aio_pika.exceptions.PublishError(message, frame)
+
+
+async def test_every_row_is_published_when_every_publish_is_confirmed() -> None:
+    exchange, delay = FakeExchange(), RecordingDelay()
+    rows = [outbox_row(i) for i in (3, 1, 2)]
+    report = await make_publisher(exchange, delay).publish_batch(rows)
+    assert report.published == [3, 1, 2]
+    assert report.refused == []
+    assert delay.calls == []
+    assert [p.message.message_id for p in exchange.publishes] == ["3", "1", "2"]
+
+
+async def test_an_empty_batch_publishes_nothing() -> None:
+    exchange = FakeExchange()
+    report = await make_publisher(exchange, RecordingDelay()).publish_batch([])
+    assert (report.published, report.refused, exchange.publishes) == ([], [], [])
+
+
+async def test_publishes_are_pipelined_not_one_round_trip_each() -> None:
+    rows = [outbox_row(i) for i in range(1, 21)]
+    exchange = FakeExchange(confirm_after=len(rows))
+    # Sequential publishing would wait for the first confirm forever: the fake times
+    # the first publish out, so the row is refused and the assertions below fail.
+    report = await make_publisher(exchange, RecordingDelay()).publish_batch(rows)
+    assert report.refused == []
+    assert report.published == list(range(1, 21))
+    # Every confirm resolved with all twenty publishes already sent.
+    assert exchange.in_flight_at_confirm == [20] * 20
+
+
+async def test_publish_arguments() -> None:
+    exchange = FakeExchange()
+    await make_publisher(exchange, RecordingDelay()).publish_batch([outbox_row(1)])
+    [publish] = exchange.publishes
+    assert publish.routing_key == ROUTING_KEY
+    assert publish.mandatory is True
+    assert publish.timeout == PUBLISH_TIMEOUT
+
+
+async def test_the_message_built_from_a_row() -> None:
+    exchange = FakeExchange()
+    row = outbox_row(
+        981,
+        priority=7,
+        kind="task.retry",
+        headers={"traceparent": "00-4bf92f3577b34da6-00f067aa0ba902b7-01", "attempt": 2},
+    )
+    await make_publisher(exchange, RecordingDelay()).publish_batch([row])
+    message = exchange.publishes[0].message
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.message_id == "981"
+    assert message.priority == 7
+    assert message.type == "task.retry"
+    assert message.content_type == "application/json"
+    assert message.headers == {
+        "traceparent": "00-4bf92f3577b34da6-00f067aa0ba902b7-01",
+        "attempt": 2,
+    }
+    assert orjson.loads(message.body) == {
+        "task_id": str(row["task_id"]),
+        "type": "echo",
+        "outbox_id": 981,
+        "kind": "task.retry",
+    }
+
+
+@pytest.mark.parametrize(
+    ("outcome", "error"),
+    [
+        (
+            nack(),
+            "DeliveryError: Message delivery failed: Basic.Nack(delivery_tag=2, multiple=False)",
+        ),
+        (
+            returned(),
+            "PublishError: Message delivery failed: Basic.Return(reply_code=312, "
+            "reply_text='NO_ROUTE', exchange='taskbox', routing_key='taskbox.tasks')",
+        ),
+        (NeverConfirmed(), "TimeoutError"),
+        (
+            aio_pika.exceptions.ChannelInvalidStateError("<Channel: 1> closed"),
+            "ChannelInvalidStateError: <Channel: 1> closed",
+        ),
+        (
+            aiormq.exceptions.ConnectionClosed(320, "CONNECTION_FORCED"),
+            "ConnectionClosed: [Errno 320] CONNECTION_FORCED",
+        ),
+        (ConnectionResetError("Connection lost"), "ConnectionResetError: Connection lost"),
+    ],
+    ids=["nack", "return", "timeout", "channel-closed", "connection-closed", "connection-reset"],
+)
+async def test_a_failed_publish_refuses_only_its_row(outcome: Outcome, error: str) -> None:
+    exchange, delay = FakeExchange(outcomes={12: outcome}), RecordingDelay()
+    rows = [
+        outbox_row(11, publish_attempts=0),
+        outbox_row(12, publish_attempts=4),
+        outbox_row(13, publish_attempts=1),
+    ]
+    report = await make_publisher(exchange, delay).publish_batch(rows)
+    assert report.published == [11, 13]
+    assert report.refused == [PublishRefusal(outbox_id=12, error=error, retry_in=50.0)]
+    assert delay.calls == [5]
+
+
+async def test_several_refusals_each_carry_their_own_error_and_backoff() -> None:
+    exchange = FakeExchange(outcomes={1: nack(), 3: NeverConfirmed(), 4: returned()})
+    delay = RecordingDelay()
+    rows = [outbox_row(i, publish_attempts=i) for i in range(1, 6)]
+    report = await make_publisher(exchange, delay).publish_batch(rows)
+    assert report.published == [2, 5]
+    assert [(r.outbox_id, r.error.split(":")[0], r.retry_in) for r in report.refused] == [
+        (1, "DeliveryError", 20.0),
+        (3, "TimeoutError", 40.0),
+        (4, "PublishError", 50.0),
+    ]
+
+
+async def test_a_cancelled_publish_cancels_the_batch() -> None:
+    exchange = FakeExchange(outcomes={2: asyncio.CancelledError()})
+    with pytest.raises(asyncio.CancelledError):
+        await make_publisher(exchange, RecordingDelay()).publish_batch(
+            [outbox_row(1), outbox_row(2)]
+        )
+
+
+def test_describe() -> None:
+    assert describe(TimeoutError()) == "TimeoutError"
+    assert describe(OSError("  \n")) == "OSError"
+    assert describe(ValueError(" bad \n")) == "ValueError: bad"

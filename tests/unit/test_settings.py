@@ -1,0 +1,301 @@
+"""Settings parsing, pagination cursors and the backoff: the small rules every process uses."""
+
+from __future__ import annotations
+
+import base64
+import random
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from api import pagination
+from consumer.settings import ConsumerSettings
+from db.settings import DatabaseSettings, plain_dsn
+from runtime.backoff import backoff_delay
+from runtime.settings import ProcessSettings
+
+# Variables a developer's shell or CI might export; each test starts without them.
+SETTINGS_ENV = (
+    "DATABASE_URL",
+    "TASK_MODULES",
+    "HEARTBEAT_INTERVAL",
+    "TASK_STALE_AFTER",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in SETTINGS_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+# -- DATABASE_URL -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgresql://u:p@db:5432/taskbox", "postgresql://u:p@db:5432/taskbox"),
+        ("postgres://u:p@db:5432/taskbox", "postgresql://u:p@db:5432/taskbox"),
+        (
+            "postgresql+asyncpg://u:p@db/taskbox?ssl=require",
+            "postgresql://u:p@db/taskbox?ssl=require",
+        ),
+    ],
+    ids=["postgresql", "postgres", "postgresql+asyncpg"],
+)
+def test_database_url_is_normalised_to_plain_postgresql(given: str, expected: str) -> None:
+    assert plain_dsn(given) == expected
+    settings = DatabaseSettings(database_url=given, _env_file=None)
+    assert settings.database_url == expected
+    assert settings.sqlalchemy_url == "postgresql+asyncpg://" + expected[len("postgresql://") :]
+
+
+def test_database_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgres://app@10.0.0.5/tasks")
+    assert DatabaseSettings(_env_file=None).database_url == "postgresql://app@10.0.0.5/tasks"
+
+
+def test_database_url_default_works_against_a_local_postgres() -> None:
+    settings = DatabaseSettings(_env_file=None)
+    assert settings.database_url == "postgresql://postgres@127.0.0.1:5432/taskbox"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("mysql://u:secret@db/taskbox", "mysql"),
+        ("sqlite:///tmp/x.db", "sqlite"),
+        ("postgresql+psycopg://u@db/t", "postgresql+psycopg"),
+        ("db:5432", "no scheme"),
+    ],
+)
+def test_a_foreign_database_url_is_rejected_with_a_clear_message(url: str, shown: str) -> None:
+    message = (
+        "DATABASE_URL must start with one of postgresql://, postgres://, "
+        f"postgresql+asyncpg://; got {shown!r}"
+    )
+    with pytest.raises(ValueError, match=r"^DATABASE_URL must start") as direct:
+        plain_dsn(url)
+    assert str(direct.value) == message
+
+    with pytest.raises(ValidationError) as caught:
+        DatabaseSettings(database_url=url, _env_file=None)
+    [error] = caught.value.errors()
+    assert error["loc"] == ("database_url",)
+    assert error["msg"] == f"Value error, {message}"
+    assert "secret" not in str(direct.value)
+
+
+def test_a_foreign_database_url_in_the_environment_is_rejected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "mysql://root@localhost/tasks")
+    with pytest.raises(ValidationError, match="DATABASE_URL must start with one of"):
+        DatabaseSettings(_env_file=None)
+
+
+# -- TASK_MODULES -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("myapp.tasks", ["myapp.tasks"]),
+        ("myapp.tasks,billing.jobs", ["myapp.tasks", "billing.jobs"]),
+        ("  myapp.tasks , billing.jobs ,, ", ["myapp.tasks", "billing.jobs"]),
+        ("", []),
+        (" , ", []),
+    ],
+    ids=["one", "two", "spaces-and-empties", "empty", "only-separators"],
+)
+def test_task_modules_is_comma_separated(
+    monkeypatch: pytest.MonkeyPatch, raw: str, expected: list[str]
+) -> None:
+    monkeypatch.setenv("TASK_MODULES", raw)
+    assert ProcessSettings(_env_file=None).task_modules == expected
+
+
+def test_task_modules_defaults_to_empty() -> None:
+    assert ProcessSettings(_env_file=None).task_modules == []
+
+
+def test_task_modules_given_as_a_list_is_kept() -> None:
+    settings = ProcessSettings(task_modules=["a.b", "c"], _env_file=None)
+    assert settings.task_modules == ["a.b", "c"]
+
+
+def test_consumer_reads_task_modules_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASK_MODULES", "x.y,z")
+    assert ConsumerSettings(_env_file=None).task_modules == ["x.y", "z"]
+
+
+# -- consumer: heartbeat against staleness ----------------------------------------------
+
+
+def test_consumer_defaults_are_coherent() -> None:
+    settings = ConsumerSettings(_env_file=None)
+    assert (settings.heartbeat_interval, settings.task_stale_after) == (5.0, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("heartbeat", "stale_after"),
+    [("5", "10"), ("5", "9.99"), ("5", "1"), ("0.5", "1")],
+    ids=["exactly-twice", "just-under", "far-under", "sub-second"],
+)
+def test_consumer_rejects_stale_after_not_above_twice_the_heartbeat(
+    monkeypatch: pytest.MonkeyPatch, heartbeat: str, stale_after: str
+) -> None:
+    monkeypatch.setenv("HEARTBEAT_INTERVAL", heartbeat)
+    monkeypatch.setenv("TASK_STALE_AFTER", stale_after)
+    with pytest.raises(ValidationError) as caught:
+        ConsumerSettings(_env_file=None)
+    [error] = caught.value.errors()
+    assert error["msg"] == (
+        "Value error, TASK_STALE_AFTER must exceed twice HEARTBEAT_INTERVAL, "
+        "or live tasks get rescued"
+    )
+
+
+@pytest.mark.parametrize(("heartbeat", "stale_after"), [("5", "10.01"), ("1", "30")])
+def test_consumer_accepts_stale_after_above_twice_the_heartbeat(
+    monkeypatch: pytest.MonkeyPatch, heartbeat: str, stale_after: str
+) -> None:
+    monkeypatch.setenv("HEARTBEAT_INTERVAL", heartbeat)
+    monkeypatch.setenv("TASK_STALE_AFTER", stale_after)
+    settings = ConsumerSettings(_env_file=None)
+    assert settings.heartbeat_interval == float(heartbeat)
+    assert settings.task_stale_after == float(stale_after)
+
+
+# -- pagination cursors -----------------------------------------------------------------
+
+
+def _cursor_of(document: object) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(document)).decode().rstrip("=")
+
+
+TASK_ID = uuid.UUID("9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b")
+
+
+@pytest.mark.parametrize(
+    "created_at",
+    [
+        datetime(2026, 11, 26, 12, 0, 0, 1, tzinfo=UTC),
+        datetime(2026, 11, 26, 17, 30, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+    ],
+    ids=["utc-microsecond", "offset", "old"],
+)
+def test_cursor_round_trip(created_at: datetime) -> None:
+    cursor = pagination.encode(created_at, TASK_ID)
+    # URL-safe and unpadded: it travels as a query parameter untouched.
+    assert set(cursor) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    decoded_at, decoded_id = pagination.decode(cursor)
+    assert decoded_id == TASK_ID
+    assert decoded_at == created_at
+    assert decoded_at.utcoffset() == created_at.utcoffset()
+
+
+def test_cursor_is_the_position_as_json() -> None:
+    cursor = pagination.encode(datetime(2026, 1, 1, tzinfo=UTC), TASK_ID)
+    assert cursor == _cursor_of(["2026-01-01T00:00:00+00:00", str(TASK_ID)])
+
+
+VALID = pagination.encode(datetime(2026, 1, 1, tzinfo=UTC), TASK_ID)
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "",
+        "x",
+        "%%%%",
+        "é",
+        VALID[:-4],
+        VALID[:10] + ("A" if VALID[10] != "A" else "B") + VALID[11:],
+        _cursor_of(["2026-01-01T00:00:00", str(TASK_ID)]),
+        _cursor_of(["2026-01-01T00:00:00+00:00", "not-a-uuid"]),
+        _cursor_of(["yesterday", str(TASK_ID)]),
+        _cursor_of([20260101, str(TASK_ID)]),
+        _cursor_of(["2026-01-01T00:00:00+00:00"]),
+        _cursor_of(["2026-01-01T00:00:00+00:00", str(TASK_ID), 1]),
+        _cursor_of(None),
+        _cursor_of(42),
+    ],
+    ids=[
+        "empty",
+        "one-char",
+        "not-base64",
+        "non-ascii",
+        "truncated",
+        "flipped-char",
+        "naive-timestamp",
+        "bad-uuid",
+        "bad-timestamp",
+        "numeric-timestamp",
+        "one-element",
+        "three-elements",
+        "null",
+        "number",
+    ],
+)
+def test_tampered_cursors_are_rejected(cursor: str) -> None:
+    with pytest.raises(pagination.InvalidCursor) as caught:
+        pagination.decode(cursor)
+    assert str(caught.value) == "cursor is not one this API issued; use next_cursor as given"
+
+
+@pytest.mark.parametrize("task_id", [123, ["x"], {"a": 1}], ids=["int", "list", "object"])
+def test_a_cursor_with_a_non_string_task_id_is_rejected(task_id: object) -> None:
+    with pytest.raises(pagination.InvalidCursor):
+        pagination.decode(_cursor_of(["2026-01-01T00:00:00+00:00", task_id]))
+
+
+# -- backoff ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attempt", "base", "cap", "ceiling"),
+    [
+        (1, 1.0, 300.0, 1.0),
+        (2, 1.0, 300.0, 2.0),
+        (3, 1.0, 300.0, 4.0),
+        (6, 0.5, 300.0, 16.0),
+        (9, 1.0, 300.0, 256.0),
+        (10, 1.0, 300.0, 300.0),
+        (25, 1.0, 300.0, 300.0),
+        (0, 2.0, 60.0, 2.0),
+        (-3, 2.0, 60.0, 2.0),
+        (1, 100.0, 60.0, 60.0),
+    ],
+)
+def test_backoff_draws_between_half_the_ceiling_and_the_ceiling(
+    monkeypatch: pytest.MonkeyPatch, attempt: int, base: float, cap: float, ceiling: float
+) -> None:
+    draws: list[tuple[float, float]] = []
+
+    def uniform(low: float, high: float) -> float:
+        draws.append((low, high))
+        return high
+
+    monkeypatch.setattr(random, "uniform", uniform)
+    assert backoff_delay(attempt, base, cap) == ceiling
+    assert draws == [(ceiling / 2, ceiling)]
+
+
+def test_backoff_stays_within_bounds_and_is_jittered() -> None:
+    for attempt in range(1, 16):
+        ceiling = min(60.0, 0.2 * 2 ** (attempt - 1))
+        delays = [backoff_delay(attempt, 0.2, 60.0) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), attempt
+        assert len(set(delays)) > 150  # full jitter: spread, not a constant
+
+
+def test_backoff_is_capped_for_any_attempt_count() -> None:
+    assert 30.0 <= backoff_delay(1025, 1.0, 60.0) <= 60.0
