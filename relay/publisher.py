@@ -1,8 +1,14 @@
 """Publishing a claimed batch with publisher confirms, all in flight at once.
 
 A row counts as published only when the broker confirmed it. A nack, a return
-(``mandatory``: no queue bound), a timeout or a lost channel make it a refusal, with
-the error and a backoff, so it is retried later and never blocks the rows behind it.
+(``mandatory``: no queue bound) or a confirm that never came (a broker alarm blocks
+publishers) refuses that row alone: it gets the error and a backoff, so it is retried
+later and never blocks the rows behind it.
+
+A lost channel or connection is not the row's fault: the whole batch raises
+BrokerUnavailable, the relay rolls its claim back and retries once the robust
+connection is back. Rows the broker confirmed before the loss go out again then: a
+duplicate, never a loss, and no outage inflates a row's attempts or backoff.
 """
 
 from __future__ import annotations
@@ -13,9 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aio_pika
+import aiormq
 
 from broker import messages
 from db.outbox import PublishRefusal
+
+
+class BrokerUnavailable(ConnectionError):
+    """The channel or connection went away during the batch."""
+
+
+# Failures that condemn one message. Anything else means the broker is unreachable.
+_REFUSALS: tuple[type[BaseException], ...] = (aiormq.exceptions.DeliveryError, TimeoutError)
 
 
 class Exchange(Protocol):
@@ -68,11 +83,14 @@ class OutboxPublisher:
 
     async def publish_batch(self, rows: Sequence[OutboxRow]) -> PublishReport:
         results = await asyncio.gather(*(self._publish(r) for r in rows), return_exceptions=True)
+        for result in results:
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException) and not isinstance(result, _REFUSALS):
+                raise BrokerUnavailable(describe(result)) from result
         report = PublishReport()
         for row, result in zip(rows, results, strict=True):
             if isinstance(result, BaseException):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
                 attempt = row["publish_attempts"] + 1
                 report.refused.append(
                     PublishRefusal(row["id"], describe(result), self._retry_delay(attempt))

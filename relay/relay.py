@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from broker import topology
 from db import outbox
-from relay.publisher import OutboxPublisher, PublishReport
+from relay.publisher import BrokerUnavailable, OutboxPublisher, PublishReport
 from relay.settings import RelaySettings
 from runtime.backoff import backoff_delay
 from runtime.lifecycle import wait_first
@@ -34,6 +34,7 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
     aio_pika.exceptions.AMQPError,
+    BrokerUnavailable,
 )
 
 

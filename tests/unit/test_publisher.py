@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -16,7 +17,7 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from db.outbox import PublishRefusal
-from relay.publisher import OutboxPublisher, describe
+from relay.publisher import BrokerUnavailable, OutboxPublisher, describe
 
 ROUTING_KEY = "taskbox.tasks"
 PUBLISH_TIMEOUT = 0.05
@@ -197,17 +198,8 @@ async def test_the_message_built_from_a_row() -> None:
             "reply_text='NO_ROUTE', exchange='taskbox', routing_key='taskbox.tasks')",
         ),
         (NeverConfirmed(), "TimeoutError"),
-        (
-            aio_pika.exceptions.ChannelInvalidStateError("<Channel: 1> closed"),
-            "ChannelInvalidStateError: <Channel: 1> closed",
-        ),
-        (
-            aiormq.exceptions.ConnectionClosed(320, "CONNECTION_FORCED"),
-            "ConnectionClosed: [Errno 320] CONNECTION_FORCED",
-        ),
-        (ConnectionResetError("Connection lost"), "ConnectionResetError: Connection lost"),
     ],
-    ids=["nack", "return", "timeout", "channel-closed", "connection-closed", "connection-reset"],
+    ids=["nack", "return", "timeout"],
 )
 async def test_a_failed_publish_refuses_only_its_row(outcome: Outcome, error: str) -> None:
     exchange, delay = FakeExchange(outcomes={12: outcome}), RecordingDelay()
@@ -220,6 +212,31 @@ async def test_a_failed_publish_refuses_only_its_row(outcome: Outcome, error: st
     assert report.published == [11, 13]
     assert report.refused == [PublishRefusal(outbox_id=12, error=error, retry_in=50.0)]
     assert delay.calls == [5]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "error"),
+    [
+        (
+            aio_pika.exceptions.ChannelInvalidStateError("<Channel: 1> closed"),
+            "ChannelInvalidStateError: <Channel: 1> closed",
+        ),
+        (
+            aiormq.exceptions.ConnectionClosed(320, "CONNECTION_FORCED"),
+            "ConnectionClosed: [Errno 320] CONNECTION_FORCED",
+        ),
+        (ConnectionResetError("Connection lost"), "ConnectionResetError: Connection lost"),
+    ],
+    ids=["channel-closed", "connection-closed", "connection-reset"],
+)
+async def test_a_lost_connection_fails_the_whole_batch_without_blaming_rows(
+    outcome: Outcome, error: str
+) -> None:
+    exchange, delay = FakeExchange(outcomes={12: outcome, 13: nack()}), RecordingDelay()
+    rows = [outbox_row(11), outbox_row(12), outbox_row(13)]
+    with pytest.raises(BrokerUnavailable, match=f"^{re.escape(error)}$"):
+        await make_publisher(exchange, delay).publish_batch(rows)
+    assert delay.calls == []
 
 
 async def test_several_refusals_each_carry_their_own_error_and_backoff() -> None:
