@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 from api import errors
+from api.errors import PROBLEM_JSON
 from api.middleware import JsonBodies
 from api.notifier import OutboxNotifier
 from api.routes import health, tasks
@@ -54,4 +56,30 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.add_middleware(JsonBodies)
     app.include_router(tasks.router)
     app.include_router(health.router)
+    _document_problems(app)
     return app
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Document error bodies under the media type they are sent with.
+
+    FastAPI files every response model under application/json; ours are problem
+    documents, sent as application/problem+json (api.errors), and generated clients
+    should look for exactly that.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                for response in operation.get("responses", {}).values():
+                    content = response.get("content", {})
+                    ref = content.get("application/json", {}).get("schema", {}).get("$ref", "")
+                    if ref.endswith("/Problem"):
+                        content[PROBLEM_JSON] = content.pop("application/json")
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,4 +1,6 @@
-"""One error shape for every 4xx/5xx: RFC 9457 problem details.
+"""One error shape for every 4xx/5xx of the task API: RFC 9457 problem details.
+
+(The probes answer in their own small shape, which is what probes read.)
 
 Nothing internal leaves the server: unexpected errors are logged with their traceback
 and answered with a generic 500; a database that cannot be reached is a 503.

@@ -12,8 +12,10 @@ from db.states import TaskStatus
 
 
 class TaskCreate(BaseModel):
+    # strict: a priority of true or "5" is a client bug worth a 422, not a guess.
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"type": "echo", "payload": {"x": 1}},

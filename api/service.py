@@ -17,6 +17,7 @@ import asyncpg
 from pydantic import ValidationError
 
 from api import pagination
+from api.payloads import UnstorablePayload, check_storable
 from api.schemas import TaskCreate
 from db import tasks as task_store
 from db.states import TERMINAL, TaskStatus
@@ -136,6 +137,12 @@ class TaskService:
                     }
                 ]
             )
+        try:
+            check_storable(request.payload)
+        except UnstorablePayload as exc:
+            raise InvalidRequest(
+                [{"loc": ["body", "payload", *exc.loc], "msg": exc.msg, "type": "unstorable_value"}]
+            ) from None
         try:
             # by_alias: the stored payload must validate again, in the consumer, against
             # the same model, so fields keep the names the model accepts as input.

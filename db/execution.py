@@ -17,7 +17,9 @@ import asyncpg
 import orjson
 
 # A message whose task is PENDING is claimed. So is one whose task is PROCESSING with a
-# stale heartbeat: its consumer died and the broker redelivered the message to us.
+# stale heartbeat: its consumer died and the broker redelivered the message to us;
+# unless that attempt was its last or it was cancelled meanwhile, which the rescue
+# turns into FAILED or CANCELLED rather than running it once more.
 # NEW is accepted too, and that is what closes the race with the relay: a message can
 # arrive before the relay has committed NEW -> PENDING. In our snapshot the row is
 # still NEW, so it matches, the UPDATE waits for the relay's row lock and re-checks the
@@ -33,7 +35,8 @@ WITH claimed AS (
         started_at = now(), heartbeat_at = now(), updated_at = now()
     WHERE id = ANY($1::uuid[])
       AND (status IN ('NEW', 'PENDING')
-           OR (status = 'PROCESSING' AND heartbeat_at < now() - make_interval(secs => $3)))
+           OR (status = 'PROCESSING' AND heartbeat_at < now() - make_interval(secs => $3)
+               AND attempts < max_attempts AND NOT cancel_requested))
     RETURNING id, type, payload, attempts, max_attempts, created_at
 )
 SELECT r.id, c.type, c.payload, c.attempts, c.max_attempts, c.created_at,
@@ -78,8 +81,9 @@ WHERE id = ANY($1::uuid[]) AND status = 'PROCESSING' AND worker_id = $2
 RETURNING id, cancel_requested
 """
 
-# Tasks whose consumer vanished: back through the outbox while attempts remain, else
-# FAILED. SKIP LOCKED lets several consumers run the rescue at once without waiting.
+# Tasks whose consumer vanished: CANCELLED if a cancel was pending, FAILED when that was
+# their last attempt, else back through the outbox. SKIP LOCKED lets several consumers
+# run the rescue at once without waiting on each other.
 _RESCUE = """
 WITH stale AS (
     SELECT id FROM tasks
@@ -87,17 +91,26 @@ WITH stale AS (
     ORDER BY heartbeat_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
+), decided AS (
+    SELECT t.id,
+           CASE WHEN t.cancel_requested THEN 'CANCELLED'
+                WHEN t.attempts >= t.max_attempts THEN 'FAILED'
+                ELSE 'NEW' END AS status
+    FROM tasks AS t JOIN stale ON stale.id = t.id
 ), rescued AS (
     UPDATE tasks AS t
-    SET status = CASE WHEN t.attempts >= t.max_attempts THEN 'FAILED' ELSE 'NEW' END,
-        error = CASE WHEN t.attempts >= t.max_attempts
-            THEN jsonb_build_object('type', 'WorkerLost',
+    SET status = d.status,
+        error = CASE d.status
+            WHEN 'CANCELLED' THEN jsonb_build_object('type', 'Cancelled',
+                 'message', 'cancelled on request; its consumer stopped before finishing')
+            WHEN 'FAILED' THEN jsonb_build_object('type', 'WorkerLost',
                  'message', 'the consumer running this task stopped heartbeating')
             ELSE t.error END,
-        finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
+        finished_at = CASE WHEN d.status = 'NEW' THEN NULL ELSE now() END,
+        cancel_requested = false,
         heartbeat_at = NULL,
         updated_at = now()
-    FROM stale WHERE t.id = stale.id
+    FROM decided AS d WHERE t.id = d.id
     RETURNING t.id, t.type, t.priority, t.status
 ), requeued AS (
     INSERT INTO outbox (task_id, kind, body)

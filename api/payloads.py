@@ -1,0 +1,55 @@
+"""What a payload must be to be stored: plain JSON that Postgres' jsonb can hold.
+
+Python's JSON parser lets through values that are not JSON (NaN, Infinity) or that
+jsonb and the encoder refuse (NUL characters, lone surrogates, integers past 64 bits).
+Each is caught here with its location, so the client gets a 422 instead of a 500 or,
+worse, a payload silently stored as something else.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+MAX_DEPTH = 32
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what the JSON encoder can write
+_UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+class UnstorablePayload(ValueError):
+    def __init__(self, loc: list[str | int], msg: str) -> None:
+        super().__init__(msg)
+        self.loc = loc
+        self.msg = msg
+
+
+def check_storable(value: Any, loc: list[str | int] | None = None, depth: int = 0) -> None:
+    """Raise UnstorablePayload for the first value that is not storable JSON."""
+    loc = loc if loc is not None else []
+    if isinstance(value, str):
+        if _UNSTORABLE_TEXT.search(value):
+            raise UnstorablePayload(loc, "text may not contain NUL characters or lone surrogates")
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise UnstorablePayload(loc, "integer out of range (64 bits at most)")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise UnstorablePayload(loc, "NaN and Infinity are not JSON numbers")
+    elif isinstance(value, dict | list):
+        if depth >= MAX_DEPTH:
+            raise UnstorablePayload(loc, f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if _UNSTORABLE_TEXT.search(key):
+                    raise UnstorablePayload(
+                        [*loc, key], "keys may not contain NUL characters or lone surrogates"
+                    )
+                check_storable(item, [*loc, key], depth + 1)
+        else:
+            for index, item in enumerate(value):
+                check_storable(item, [*loc, index], depth + 1)
+    else:
+        raise UnstorablePayload(loc, f"{type(value).__name__} is not a JSON value")
