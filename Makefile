@@ -45,10 +45,29 @@ test: $(STAMP) ## run every test against the local Postgres and RabbitMQ
 	$(BIN)/pytest
 
 .PHONY: lint
-lint: $(STAMP) ## ruff and mypy
+lint: $(STAMP) lint-containers ## ruff, mypy, hadolint and the compose file against the Compose spec
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+
+.PHONY: lint-containers
+lint-containers: $(STAMP) ## hadolint the Dockerfile; validate docker-compose.yml (no engine needed)
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/check-jsonschema --schemafile tests/containers/compose-spec.json docker-compose.yml
+	@if docker compose version >/dev/null 2>&1; then \
+		echo "docker compose config --quiet"; docker compose config --quiet; \
+	else \
+		echo "docker compose (v2) not installed: skipped 'docker compose config'"; \
+	fi
+
+.PHONY: lock
+lock: ## re-pin the runtime dependencies the image installs (requirements.lock)
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet .
+	{ echo "# Exact versions of Taskbox's runtime dependencies, installed by the Dockerfile."; \
+	  echo "# Regenerate: make lock"; \
+	  .lock-venv/bin/pip freeze --exclude taskbox; } > requirements.lock
+	rm -rf .lock-venv
 
 .PHONY: format
 format: $(STAMP) ## apply ruff's formatting and fixes

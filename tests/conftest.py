@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
@@ -107,13 +107,9 @@ async def broker_settings() -> AsyncIterator[BrokerSettings]:
 
 
 @pytest.fixture
-def service_env(db_settings: DatabaseSettings, broker_settings: BrokerSettings) -> Iterator[dict[str, str]]:
+def service_env(db_settings: DatabaseSettings, broker_settings: BrokerSettings) -> dict[str, str]:
     """Environment for api/relay/consumer processes started by a test."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"TASKBOX_FAILPOINTS"}
-    }
+    env = {k: v for k, v in os.environ.items() if k != "TASKBOX_FAILPOINTS"}
     env.update(
         {
             "DATABASE_URL": db_settings.database_url,
@@ -126,4 +122,4 @@ def service_env(db_settings: DatabaseSettings, broker_settings: BrokerSettings) 
             "PYTHONUNBUFFERED": "1",
         }
     )
-    yield env
+    return env

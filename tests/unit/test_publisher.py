@@ -55,7 +55,7 @@ class FakeExchange:
         routing_key: str,
         *,
         mandatory: bool = True,
-        timeout: float | None = None,  # noqa: ASYNC109 - aio-pika's signature
+        timeout: float | None = None,
     ) -> Any:
         self.publishes.append(Publish(message, routing_key, mandatory, timeout))
         if len(self.publishes) >= self.confirm_after:

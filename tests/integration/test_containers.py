@@ -1,0 +1,497 @@
+"""The container stack (Dockerfile, docker-compose.yml) against the code it runs.
+
+There is no Docker engine where the tests run, so the static tests read the two files
+and compare them with the settings classes and the packaging, and the smoke test runs
+the exact commands of the containers as local processes, with the `.env.example`
+values a container gets, adapted to the local servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tomllib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import yaml
+from pydantic_settings import BaseSettings
+
+from api.settings import ApiSettings
+from broker.settings import BrokerSettings
+from consumer.settings import ConsumerSettings
+from db.settings import DatabaseSettings
+from relay.settings import RelaySettings
+from tests.conftest import ADMIN_DSN, AMQP_URL, database_dsn
+from tests.integration.processes import ServiceProcess, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+ENV_EXAMPLE = ROOT / ".env.example"
+
+# The application services and the settings class each one's process reads.
+APP_SETTINGS: dict[str, type[BaseSettings]] = {
+    "migrate": DatabaseSettings,
+    "api": ApiSettings,
+    "relay": RelaySettings,
+    "consumer": ConsumerSettings,
+}
+COMMANDS = {
+    "migrate": ["python", "-m", "db", "migrate"],
+    "api": ["python", "-m", "api"],
+    "relay": ["python", "-m", "relay"],
+    "consumer": ["python", "-m", "consumer"],
+}
+# The settings whose default (127.0.0.1) cannot work in a container: compose must set them.
+NEED_CONTAINER_VALUE = {"DATABASE_URL", "AMQP_URL", "API_HOST"}
+DOCKER_SECTION = "# --- docker compose"
+
+
+# --- reading the files ------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
+    return loaded
+
+
+def service(name: str) -> dict[str, Any]:
+    services: dict[str, dict[str, Any]] = compose()["services"]
+    return services[name]
+
+
+def setting_names(settings: type[BaseSettings]) -> set[str]:
+    """The environment variables a settings class reads (pydantic-settings: upper-cased)."""
+    return {name.upper() for name in settings.model_fields}
+
+
+ALL_SETTINGS = set().union(*(setting_names(s) for s in APP_SETTINGS.values()))
+
+
+def service_environment(name: str) -> dict[str, str]:
+    environment = service(name).get("environment", {})
+    if isinstance(environment, list):  # the KEY=VALUE list form
+        return dict(_key_value(item) for item in environment)
+    return {key: str(value) for key, value in environment.items()}
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, _, value = item.partition("=")
+    return key, value
+
+
+def env_example() -> tuple[dict[str, str], dict[str, str]]:
+    """``.env.example`` as (the Taskbox settings, the docker compose section)."""
+    settings: dict[str, str] = {}
+    docker: dict[str, str] = {}
+    target = settings
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.startswith(DOCKER_SECTION):
+            target = docker
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, value = line.split("=", 1)
+        target[key.strip()] = value.strip()
+    return settings, docker
+
+
+_SUBSTITUTION = re.compile(
+    r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<rest>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+)
+
+
+def substitutions(value: object) -> list[tuple[str, str]]:
+    """Every ``${NAME...}`` or ``$NAME`` in the values of a parsed compose file, as (NAME,
+    what follows the name); ``$$`` skipped. Compose interpolates neither comments nor keys."""
+    if isinstance(value, str):
+        return [
+            (m["name"] or m["bare"], m["rest"] or "")
+            for m in _SUBSTITUTION.finditer(value)
+            if m["name"] or m["bare"]
+        ]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [found for item in value for found in substitutions(item)]
+    return []
+
+
+def interpolate(value: str, variables: dict[str, str]) -> str:
+    """Compose's ``$VAR``, ``${VAR}``, ``${VAR:-default}`` and ``$$`` (enough for this file)."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match["bare"] is not None:
+            return variables.get(match["bare"], "")
+        if match["name"] is None:
+            return "$"
+        name, rest = match["name"], match["rest"]
+        if rest.startswith(":-"):
+            return variables.get(name) or rest[2:]
+        assert not rest, f"unsupported substitution ${{{name}{rest}}}"
+        return variables.get(name, "")
+
+    return _SUBSTITUTION.sub(replace, value)
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions, (INSTRUCTION, arguments), grouped by stage."""
+    logical: list[str] = []
+    current = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    stages: list[list[tuple[str, str]]] = [[]]
+    for instruction in logical:
+        keyword, _, arguments = instruction.partition(" ")
+        if keyword.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((keyword.upper(), arguments.strip()))
+    return stages  # stages[0]: the ARGs before the first FROM
+
+
+def dockerfile_env(stage: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for keyword, arguments in stage:
+        if keyword == "ENV":
+            env.update(_key_value(item) for item in shlex.split(arguments))
+    return env
+
+
+def seconds(duration: str) -> float:
+    """A compose duration such as ``45s`` or ``1m30s``."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+# --- docker-compose.yml -------------------------------------------------------------------
+
+
+def test_compose_file_has_the_stack_and_no_version_key() -> None:
+    spec = compose()
+    assert "version" not in spec  # obsolete in the Compose specification
+    assert set(spec["services"]) == {"postgres", "rabbitmq", *APP_SETTINGS}
+    assert service("postgres")["image"] == "postgres:15"
+    assert service("rabbitmq")["image"] == "rabbitmq:3.10-management"
+    assert "15672:15672" in " ".join(service("rabbitmq")["ports"])
+    assert any(str(p).endswith(":${API_PORT:-8000}") for p in service("api")["ports"])
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_service_command_is_the_process_entry_point(name: str) -> None:
+    assert service(name)["command"] == COMMANDS[name]
+
+
+@pytest.mark.parametrize("name", sorted(APP_SETTINGS))
+def test_compose_sets_only_settings_the_process_reads(name: str) -> None:
+    ignored = set(service_environment(name)) - setting_names(APP_SETTINGS[name])
+    assert not ignored, f"{name} gets {sorted(ignored)}, which its process does not read"
+
+
+@pytest.mark.parametrize("name", sorted(APP_SETTINGS))
+def test_settings_without_a_container_default_are_provided(name: str) -> None:
+    environment = service_environment(name)
+    needed = NEED_CONTAINER_VALUE & setting_names(APP_SETTINGS[name])
+    assert needed <= set(environment), f"{name} lacks {sorted(needed - set(environment))}"
+    # Whatever .env holds for the host, the containers reach the compose services.
+    if "DATABASE_URL" in needed:
+        assert re.fullmatch(
+            r"postgresql://\$\{POSTGRES_USER:-\w+\}:\$\{POSTGRES_PASSWORD:-[^}]+\}"
+            r"@postgres:5432/\$\{POSTGRES_DB:-\w+\}",
+            environment["DATABASE_URL"],
+        ), environment["DATABASE_URL"]
+    if "AMQP_URL" in needed:
+        assert re.fullmatch(
+            r"amqp://\$\{RABBITMQ_DEFAULT_USER:-\w+\}:\$\{RABBITMQ_DEFAULT_PASS:-[^}]+\}"
+            r"@rabbitmq:5672/",
+            environment["AMQP_URL"],
+        ), environment["AMQP_URL"]
+    if "API_HOST" in needed:
+        assert environment["API_HOST"] == "0.0.0.0"  # inside the container
+
+
+@pytest.mark.parametrize("name", sorted(APP_SETTINGS))
+def test_app_services_read_an_optional_env_file(name: str) -> None:
+    assert service(name)["env_file"] == [{"path": ".env", "required": False}]
+
+
+def test_compose_file_needs_no_env_file_to_parse() -> None:
+    """Every substitution has a default, and names a variable that .env.example documents."""
+    settings, docker = env_example()
+    found = substitutions(compose())
+    assert found
+    for name, rest in found:
+        assert re.fullmatch(r":-.+", rest), f"${{{name}{rest}}} has no default"
+        assert name in settings or name in docker, f"{name} is not in .env.example"
+
+
+def test_env_example_documents_settings_and_the_compose_variables() -> None:
+    settings, docker = env_example()
+    assert set(settings) == ALL_SETTINGS  # every setting, nothing the code ignores
+    assert set(docker) == {name for name, _ in substitutions(compose())} - {*settings}
+    assert not set(docker) & ALL_SETTINGS
+
+
+def test_own_database_and_broker_users_not_the_defaults() -> None:
+    postgres = service("postgres")["environment"]
+    rabbitmq = service("rabbitmq")["environment"]
+    assert postgres["POSTGRES_USER"].startswith("${POSTGRES_USER:-")
+    assert postgres["POSTGRES_USER"] != "${POSTGRES_USER:-postgres}"
+    assert rabbitmq["RABBITMQ_DEFAULT_USER"].startswith("${RABBITMQ_DEFAULT_USER:-")
+    assert rabbitmq["RABBITMQ_DEFAULT_USER"] != "${RABBITMQ_DEFAULT_USER:-guest}"
+    _, docker = env_example()
+    assert docker["RABBITMQ_DEFAULT_USER"] != "guest"
+    assert docker["POSTGRES_USER"] != "postgres"
+
+
+def test_servers_are_healthchecked_and_keep_their_data_in_named_volumes() -> None:
+    volumes = set(compose()["volumes"])
+    for name, test in (("postgres", "pg_isready"), ("rabbitmq", "rabbitmq-diagnostics")):
+        assert test in " ".join(service(name)["healthcheck"]["test"])
+        (volume,) = service(name)["volumes"]
+        assert volume.split(":", 1)[0] in volumes
+
+
+def test_start_order_migrations_once_before_the_api_and_workers() -> None:
+    def conditions(name: str) -> dict[str, str]:
+        return {dep: spec["condition"] for dep, spec in service(name)["depends_on"].items()}
+
+    assert conditions("migrate") == {"postgres": "service_healthy"}
+    assert conditions("api")["migrate"] == "service_completed_successfully"
+    for name in ("relay", "consumer"):
+        assert conditions(name) == {
+            "migrate": "service_completed_successfully",
+            "rabbitmq": "service_healthy",
+        }
+    assert "deploy" not in service("migrate")  # one container, never one per replica
+    assert service("migrate")["restart"] == "no"
+
+
+def test_api_healthcheck_uses_its_health_endpoint() -> None:
+    assert "/healthz" in " ".join(service("api")["healthcheck"]["test"])
+
+
+@pytest.mark.parametrize("name", ["relay", "consumer"])
+def test_workers_are_replicated_restarted_and_stopped_gracefully(name: str) -> None:
+    spec = service(name)
+    assert int(spec["deploy"]["replicas"]) >= 2
+    assert spec["restart"] in {"always", "unless-stopped", "on-failure"}
+    settings, _ = env_example()
+    default = ConsumerSettings.model_fields["shutdown_grace"].default
+    grace = max(float(default), float(settings["SHUTDOWN_GRACE"]))
+    assert seconds(spec["stop_grace_period"]) > grace
+    # no HTTP health endpoint yet: the image's (api) HEALTHCHECK must not apply
+    assert spec["healthcheck"] == {"disable": True}
+    assert "ports" not in spec
+    assert "container_name" not in spec
+
+
+# --- Dockerfile -----------------------------------------------------------------------------
+
+
+def test_dockerfile_is_multi_stage_on_a_pinned_slim_python() -> None:
+    args, *stages = dockerfile_stages()
+    assert len(stages) >= 2
+    image = dict(_key_value(a) for k, a in args if k == "ARG")["PYTHON_IMAGE"]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", image), image
+    assert all(stage[0][1].split()[0] == "${PYTHON_IMAGE}" for stage in stages)
+
+
+def test_final_stage_runs_the_venv_as_a_non_root_user() -> None:
+    final = dockerfile_stages()[-1]
+    env = dockerfile_env(final)
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert env["API_HOST"] == "0.0.0.0"
+    assert env["PATH"].startswith("/opt/venv/bin:")
+    # the image sets no setting but API_HOST, and no secret at all
+    assert {k for k in env if k in ALL_SETTINGS} == {"API_HOST"}
+    assert set(env) <= {"PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "API_HOST"}
+    (user,) = [a for k, a in final if k == "USER"]
+    assert user.split(":")[0] not in {"root", "0"}
+    copies = [a for k, a in final if k == "COPY"]
+    assert copies == ["--from=builder /opt/venv /opt/venv"]
+    assert not [a for k, a in final if k == "RUN" and ("apt-get" in a or "pip" in a)]
+    (cmd,) = [a for k, a in final if k == "CMD"]
+    assert json.loads(cmd) == COMMANDS["api"]
+    (healthcheck,) = [a for k, a in final if k == "HEALTHCHECK"]
+    assert "/healthz" in healthcheck
+    assert "API_PORT" in healthcheck
+
+
+def test_builder_installs_the_pinned_dependencies_then_the_project() -> None:
+    builder = dockerfile_stages()[1]
+    installs = [a for k, a in builder if k == "RUN" and " install " in a]
+    assert len(installs) == 2
+    pinned, project = installs
+    assert "--no-deps -r requirements.lock" in pinned
+    assert "--no-deps ." in project
+    for install in installs:
+        assert "--no-cache-dir" in install
+        assert "-e " not in install
+        assert "[dev]" not in install
+
+
+def test_the_lock_pins_every_runtime_dependency_exactly() -> None:
+    """requirements.lock names each dependency of pyproject.toml with an exact version."""
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"not pinned: {line}"
+            pins[name.lower().replace("_", "-")] = version
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for requirement in config["project"]["dependencies"]:
+        name = requirement.split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip()
+        assert name.lower().replace("_", "-") in pins, f"{name} missing from requirements.lock"
+
+
+def test_every_first_party_package_the_processes_import_ships() -> None:
+    """In the wheel (packages.find), in the build context (.dockerignore) and COPYed."""
+    probe = (
+        "import sys, api.asgi, api.__main__, relay.__main__, consumer.__main__, db.__main__, "
+        "db.migrations\n"
+        f"root = {str(ROOT)!r}\n"
+        "import json\n"
+        "tops = {n.split('.')[0]: getattr(m, '__file__', None) or '' for n, m in"
+        " list(sys.modules.items())}\n"
+        "print(json.dumps(sorted(t for t, f in tops.items() if f.startswith(f'{root}/{t}/'))))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    packages = set(json.loads(found.stdout))
+    assert {"api", "relay", "consumer", "db", "runtime"} <= packages
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    include = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    allowed = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    copied = {a for k, a in dockerfile_stages()[1] if k == "COPY"}
+    for package in sorted(packages):
+        assert any(fnmatch.fnmatch(package, pattern) for pattern in include), package
+        assert f"!{package}/" in allowed, package
+        assert f"{package}/ {package}/" in copied, package
+
+
+# --- smoke test: the containers' commands as local processes ----------------------------
+
+
+def container_environment(name: str, local: dict[str, str]) -> dict[str, str]:
+    """What the ``name`` container's process sees, with ``local`` for the host-bound values.
+
+    The image's ENV, then ``.env`` (a copy of .env.example) through env_file, then the
+    service's ``environment`` interpolated from that same .env; finally the values that
+    name the compose hosts are replaced by the local servers, databases and queues.
+    """
+    settings, docker = env_example()
+    dotenv = {**settings, **docker}
+    image_env = dockerfile_env(dockerfile_stages()[-1])
+    image_env.pop("PATH")
+    env = {k: v for k, v in os.environ.items() if k not in ALL_SETTINGS}
+    env.pop("TASKBOX_FAILPOINTS", None)
+    env.update(image_env)
+    env.update(dotenv)
+    env.update({k: interpolate(v, dotenv) for k, v in service_environment(name).items()})
+    env.update({k: v for k, v in local.items() if k in env})
+    return env
+
+
+def run_command(command: list[str]) -> list[str]:
+    assert command[0] == "python"
+    return [sys.executable, *command[1:]]
+
+
+@pytest.fixture
+async def fresh_database() -> AsyncIterator[str]:
+    """A database name that does not exist yet: the migrate command creates it."""
+    name = f"taskbox_ctr_{uuid.uuid4().hex[:12]}"
+    yield name
+    conn = await asyncpg.connect(ADMIN_DSN)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def test_container_commands_run_a_task_to_done(
+    fresh_database: str, broker_settings: BrokerSettings
+) -> None:
+    port = free_port()
+    local = {
+        "DATABASE_URL": database_dsn(fresh_database),
+        "AMQP_URL": AMQP_URL,
+        "API_HOST": "127.0.0.1",
+        "API_PORT": str(port),
+        "OUTBOX_CHANNEL": f"outbox_{uuid.uuid4().hex[:10]}",
+        "EXCHANGE_NAME": broker_settings.exchange_name,
+        "QUEUE_NAME": broker_settings.queue_name,
+        "DEAD_LETTER_EXCHANGE": broker_settings.dead_letter_exchange,
+        "DEAD_LETTER_QUEUE": broker_settings.dead_letter_queue,
+    }
+    # the migrate service, run to completion first (depends_on: service_completed_successfully)
+    migrate = await asyncio.create_subprocess_exec(
+        *run_command(service("migrate")["command"]),
+        cwd=ROOT,
+        env=container_environment("migrate", local),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(60):
+        output, _ = await migrate.communicate()
+    assert migrate.returncode == 0, output.decode()
+    assert "database is at the latest migration" in output.decode()
+
+    processes: dict[str, ServiceProcess] = {}
+    try:
+        for name in ("api", "relay", "consumer"):
+            command = service(name)["command"]
+            assert command[:2] == ["python", "-m"]
+            assert len(command) == 3
+            env = container_environment(name, local)
+            assert env["DATABASE_URL"] == local["DATABASE_URL"]
+            processes[name] = await ServiceProcess(command[2], env).start()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            assert (await client.get("/healthz")).json() == {"status": "ok"}
+            created = await client.post(
+                "/api/v1/tasks", json={"type": "echo", "payload": {"from": "containers"}}
+            )
+            assert created.status_code == 201, created.text
+            location = created.headers["location"]
+            for _ in range(200):
+                task = (await client.get(location)).json()
+                if task["status"] == "DONE":
+                    break
+                await asyncio.sleep(0.05)
+            assert task["status"] == "DONE", task
+            assert task["result"] == {"from": "containers"}
+    finally:
+        for name in ("consumer", "relay"):
+            if name in processes:
+                code = await processes[name].stop(signal.SIGTERM)
+                assert code == 0, processes[name].output
+        if "api" in processes:
+            api = processes["api"]
+            # uvicorn re-raises the signal once its graceful shutdown is complete
+            assert await api.stop(signal.SIGTERM) in (0, -signal.SIGTERM), api.output
+            assert "Application shutdown complete" in api.output
