@@ -44,6 +44,16 @@ logs: ## follow the container stack's logs
 test: $(STAMP) ## run every test against the local Postgres and RabbitMQ
 	$(BIN)/pytest
 
+.PHONY: bench
+bench: $(STAMP) ## run the benchmarks against same-run baselines (several minutes; needs wrk)
+	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; apt-get install -y -qq wrk >/dev/null || \
+		{ echo "wrk is missing: install it (apt-get install wrk)"; exit 1; }; }
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+.PHONY: bench-quick
+bench-quick: $(STAMP) ## the benchmarks with tiny counts: a check that the suite still runs
+	$(MAKE) bench BENCH_ARGS=--quick
+
 .PHONY: lint
 lint: $(STAMP) lint-containers ## ruff, mypy, hadolint and the compose file against the Compose spec
 	$(BIN)/ruff check .
