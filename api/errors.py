@@ -8,18 +8,17 @@ and answered with a generic 500; a database that cannot be reached is a 503.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from http import HTTPStatus
 from typing import Any
 
-import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.service import InvalidRequest, TaskFinished, TaskNotFound
+from db.errors import TRANSIENT_DB_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +59,6 @@ def _summary(errors: list[dict[str, Any]]) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
-# Errors that mean "the database is not there right now", not "the code is wrong".
-DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.InterfaceError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-)
-
-
 def install(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequest)
     async def _invalid(request: Request, exc: InvalidRequest) -> JSONResponse:
@@ -97,7 +84,7 @@ def install(app: FastAPI) -> None:
             request, exc.status_code, detail, headers=dict(exc.headers) if exc.headers else None
         )
 
-    for error in DATABASE_UNAVAILABLE:
+    for error in TRANSIENT_DB_ERRORS:
 
         @app.exception_handler(error)
         async def _unavailable(request: Request, exc: Exception) -> JSONResponse:

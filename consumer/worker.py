@@ -25,6 +25,7 @@ from broker import messages
 from consumer.attempt import ClaimedTask, StopReason, run_attempt
 from consumer.settings import ConsumerSettings
 from db import execution
+from db.errors import TRANSIENT_DB_ERRORS
 from db.execution import Outcome
 from db.outbox import notify
 from db.states import TaskStatus
@@ -35,15 +36,6 @@ from tasktypes import TaskRegistry
 
 log = logging.getLogger(__name__)
 
-TRANSIENT_DB: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-    asyncpg.CannotConnectNowError,
-)
 
 CLAIM_BATCH_MAX = 500
 
@@ -122,7 +114,7 @@ class TaskConsumer:
         while True:
             try:
                 return await call()
-            except TRANSIENT_DB as exc:
+            except TRANSIENT_DB_ERRORS as exc:
                 failures += 1
                 delay = backoff_delay(failures, 0.2, 5.0)
                 log.warning(
@@ -254,7 +246,7 @@ class TaskConsumer:
                 continue
             try:
                 owned = await execution.heartbeat(self._pool, list(self._running), self.worker_id)
-            except TRANSIENT_DB as exc:
+            except TRANSIENT_DB_ERRORS as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue
             for task_id, cancel_requested in owned.items():
@@ -271,7 +263,7 @@ class TaskConsumer:
                 rescued = await execution.rescue_stale(self._pool, self._settings.task_stale_after)
                 if any(row["status"] == TaskStatus.NEW for row in rescued):
                     await notify(self._pool, self._settings.outbox_channel)
-            except TRANSIENT_DB as exc:
+            except TRANSIENT_DB_ERRORS as exc:
                 log.warning("stuck-task rescue failed: %s", exc)
                 continue
             for row in rescued:

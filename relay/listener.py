@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential_jitter
 
+from db.errors import TRANSIENT_DB_ERRORS
 from db.pool import connect
 from db.settings import DatabaseSettings
 
@@ -53,7 +54,7 @@ class OutboxListener:
         async for attempt in AsyncRetrying(
             wait=wait_exponential_jitter(initial=0.2, max=10),
             stop=stop_never,
-            retry=retry_if_exception_type((OSError, asyncpg.PostgresError, asyncio.TimeoutError)),
+            retry=retry_if_exception_type((*TRANSIENT_DB_ERRORS, asyncpg.PostgresError)),
             before_sleep=lambda rs: log.warning(
                 "LISTEN connection failed (%s); retrying", rs.outcome and rs.outcome.exception()
             ),
@@ -74,7 +75,7 @@ class OutboxListener:
             async with asyncio.timeout(self._check_interval):
                 while (await self._echo.get()) != token:
                     pass
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
             log.warning("LISTEN self-check failed: %s", type(exc).__name__)
             return False
         return True

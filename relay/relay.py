@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from broker import topology
 from db import outbox
+from db.errors import TRANSIENT_DB_ERRORS
 from relay.publisher import BrokerUnavailable, OutboxPublisher, PublishReport
 from relay.settings import RelaySettings
 from runtime.backoff import backoff_delay
@@ -27,12 +28,7 @@ log = logging.getLogger(__name__)
 
 # Failures that mean "a server is away for now": back off and try again.
 TRANSIENT: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
+    *TRANSIENT_DB_ERRORS,
     aio_pika.exceptions.AMQPError,
     BrokerUnavailable,
 )

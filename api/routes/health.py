@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.deps import Pool
-from api.errors import DATABASE_UNAVAILABLE
+from db.errors import TRANSIENT_DB_ERRORS
 
 router = APIRouter(tags=["health"])
 
@@ -27,7 +27,7 @@ async def readyz(pool: Pool) -> JSONResponse:
     try:
         async with asyncio.timeout(2):
             await pool.fetchval("SELECT 1")
-    except DATABASE_UNAVAILABLE as exc:
+    except TRANSIENT_DB_ERRORS as exc:
         return JSONResponse(
             {"status": "unavailable", "database": type(exc).__name__}, status_code=503
         )
