@@ -4,7 +4,8 @@
     python -m bench.rawamqp consume --count N --queue Q   consume + ack each message
     python -m bench.rawamqp latency --rate R --seconds S --queue Q   publish -> deliver
 
-Each prints one JSON line with its figures.
+Each prints one JSON line with its figures. They run on uvloop, like the relay and the
+consumer, so that a ratio compares the work done, not the event loop.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 
 import aio_pika
 import orjson
+import uvloop
 
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 WINDOW = 500  # publishes in flight, the relay's default batch size
@@ -134,11 +136,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
     if args.mode == "publish":
-        result = asyncio.run(publish(args.count, args.queue))
+        result = uvloop.run(publish(args.count, args.queue))
     elif args.mode == "consume":
-        result = asyncio.run(consume(args.count, args.queue, args.prefetch))
+        result = uvloop.run(consume(args.count, args.queue, args.prefetch))
     else:
-        result = asyncio.run(latency(args.rate, args.seconds, args.queue))
+        result = uvloop.run(latency(args.rate, args.seconds, args.queue))
     print(json.dumps(result))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import socket
@@ -18,7 +17,14 @@ from broker import topology
 from consumer.settings import ConsumerSettings
 from consumer.worker import TaskConsumer
 from db.pool import create_pool
-from runtime.lifecycle import EXIT_LOOP_DIED, LoopDied, Shutdown, connect_with_retry, supervise
+from runtime.lifecycle import (
+    EXIT_LOOP_DIED,
+    LoopDied,
+    Shutdown,
+    connect_with_retry,
+    run_service,
+    supervise,
+)
 from runtime.logs import configure
 from tasktypes import load_registry
 
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = ConsumerSettings()
     configure(settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve(settings))
+        run_service(serve(settings))
     except LoopDied:
         return EXIT_LOOP_DIED
     return 0

@@ -16,7 +16,14 @@ from db.pool import create_pool
 from relay.listener import OutboxListener
 from relay.relay import OutboxRelay, open_broker
 from relay.settings import RelaySettings
-from runtime.lifecycle import EXIT_LOOP_DIED, LoopDied, Shutdown, connect_with_retry, supervise
+from runtime.lifecycle import (
+    EXIT_LOOP_DIED,
+    LoopDied,
+    Shutdown,
+    connect_with_retry,
+    run_service,
+    supervise,
+)
 from runtime.logs import configure
 
 log = logging.getLogger("relay")
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = RelaySettings()
     configure(settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve(settings))
+        run_service(serve(settings))
     except LoopDied:
         return EXIT_LOOP_DIED
     return 0

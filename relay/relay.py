@@ -88,7 +88,19 @@ class OutboxRelay:
         return len(rows)
 
     async def drain(self, stop: asyncio.Event) -> None:
-        """Drain until a batch comes back short (the backlog is empty for now)."""
+        """Drain until a batch comes back short (the backlog is empty for now).
+
+        A full first batch means a backlog: then RELAY_CONCURRENCY batches run at once,
+        each on its own connection (SKIP LOCKED keeps them disjoint), so one batch's
+        claim and commit overlap another's wait for confirms.
+        """
+        if stop.is_set() or await self.drain_batch() < self._settings.relay_batch_size:
+            return
+        await asyncio.gather(
+            *(self._drain_until_short(stop) for _ in range(self._settings.relay_concurrency))
+        )
+
+    async def _drain_until_short(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             if await self.drain_batch() < self._settings.relay_batch_size:
                 return

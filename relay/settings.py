@@ -11,6 +11,9 @@ from runtime.settings import ProcessSettings
 
 class RelaySettings(DatabaseSettings, BrokerSettings, ProcessSettings):
     relay_batch_size: int = Field(500, ge=1, le=10_000, description="Rows claimed per transaction.")
+    relay_concurrency: int = Field(
+        2, ge=1, le=16, description="Batches in flight at once while draining a backlog."
+    )
     relay_poll_interval: float = Field(
         1.0, gt=0, description="Seconds between polls when no NOTIFY arrives."
     )

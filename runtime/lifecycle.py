@@ -16,6 +16,7 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+import uvloop
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -84,6 +85,16 @@ async def wait_first(*events: asyncio.Event, within: float) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+def run_service(main: Coroutine[Any, Any, None]) -> None:
+    """Run a process's main coroutine on uvloop, as uvicorn does for the api.
+
+    The relay and the consumer spend most of their CPU in the event loop itself (socket
+    writes of publishes and acks, callbacks); uvloop does that work in C.
+    """
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 async def connect_with_retry(

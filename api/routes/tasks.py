@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response, status
 
+from api import rendering
 from api.deps import Service
 from api.schemas import Problem, Task, TaskCreate, TaskPage, TaskStatusView
 from db.states import TaskStatus
@@ -34,10 +35,9 @@ _UNAVAILABLE: Responses = {503: {"model": Problem, "description": "The database 
     ),
     responses={**_INVALID, **_UNAVAILABLE},
 )
-async def create_task(body: TaskCreate, response: Response, service: Service) -> Task:
+async def create_task(body: TaskCreate, service: Service) -> Response:
     row = await service.create(body)
-    response.headers["Location"] = f"{router.prefix}/{row['id']}"
-    return Task.model_validate(dict(row))
+    return rendering.task_response(row, 201, {"Location": f"{router.prefix}/{row['id']}"})
 
 
 @router.get(
@@ -59,7 +59,7 @@ async def list_tasks(
     cursor: Annotated[
         str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
     ] = None,
-) -> TaskPage:
+) -> Response:
     listing = await service.list(
         statuses=status_,
         type=type_,
@@ -68,10 +68,7 @@ async def list_tasks(
         limit=limit,
         cursor=cursor,
     )
-    return TaskPage(
-        items=[Task.model_validate(dict(row)) for row in listing.rows],
-        next_cursor=listing.next_cursor,
-    )
+    return rendering.page_response(listing.rows, listing.next_cursor)
 
 
 @router.get(
@@ -80,8 +77,8 @@ async def list_tasks(
     summary="Get a task",
     responses={**_NOT_FOUND, **_INVALID, **_UNAVAILABLE},
 )
-async def get_task(task_id: uuid.UUID, service: Service) -> Task:
-    return Task.model_validate(dict(await service.get(task_id)))
+async def get_task(task_id: uuid.UUID, service: Service) -> Response:
+    return rendering.task_response(await service.get(task_id))
 
 
 @router.get(
@@ -90,8 +87,8 @@ async def get_task(task_id: uuid.UUID, service: Service) -> Task:
     summary="Get just a task's status",
     responses={**_NOT_FOUND, **_INVALID, **_UNAVAILABLE},
 )
-async def get_task_status(task_id: uuid.UUID, service: Service) -> TaskStatusView:
-    return TaskStatusView.model_validate(dict(await service.status(task_id)))
+async def get_task_status(task_id: uuid.UUID, service: Service) -> Response:
+    return rendering.status_response(await service.status(task_id))
 
 
 @router.delete(
@@ -111,8 +108,7 @@ async def get_task_status(task_id: uuid.UUID, service: Service) -> TaskStatusVie
         **_UNAVAILABLE,
     },
 )
-async def cancel_task(task_id: uuid.UUID, response: Response, service: Service) -> Task:
+async def cancel_task(task_id: uuid.UUID, service: Service) -> Response:
     cancellation = await service.cancel(task_id)
-    if not cancellation.immediate:
-        response.status_code = status.HTTP_202_ACCEPTED
-    return Task.model_validate(dict(cancellation.task))
+    code = status.HTTP_200_OK if cancellation.immediate else status.HTTP_202_ACCEPTED
+    return rendering.task_response(cancellation.task, code)
