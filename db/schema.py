@@ -55,7 +55,7 @@ tasks = Table(
     Column("max_attempts", Integer, nullable=False, server_default=text("3")),
     Column("result", JSONB),
     Column("error", JSONB),
-    Column("idempotency_key", Text, unique=True),
+    Column("idempotency_key", Text),
     Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
@@ -77,6 +77,13 @@ Index(
     tasks.c.status,
     tasks.c.created_at.desc(),
     tasks.c.id.desc(),
+)
+# Most tasks carry no key: a partial index costs them nothing at insert.
+Index(
+    "uq_tasks_idempotency_key",
+    tasks.c.idempotency_key,
+    unique=True,
+    postgresql_where=text("idempotency_key IS NOT NULL"),
 )
 # The rescue of stuck tasks only ever looks at running ones.
 Index(

@@ -49,7 +49,6 @@ def upgrade() -> None:
         sa.CheckConstraint("max_attempts >= 1", name=op.f("ck_tasks_max_attempts")),
         sa.CheckConstraint("attempts >= 0", name=op.f("ck_tasks_attempts")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tasks")),
-        sa.UniqueConstraint("idempotency_key", name=op.f("uq_tasks_idempotency_key")),
     )
     op.create_index(
         "ix_tasks_created_at_id",
@@ -60,6 +59,13 @@ def upgrade() -> None:
         "ix_tasks_status_created_at_id",
         "tasks",
         ["status", sa.text("created_at DESC"), sa.text("id DESC")],
+    )
+    op.create_index(
+        "uq_tasks_idempotency_key",
+        "tasks",
+        ["idempotency_key"],
+        unique=True,
+        postgresql_where=sa.text("idempotency_key IS NOT NULL"),
     )
     op.create_index(
         "ix_tasks_heartbeat_at_processing",
