@@ -1,4 +1,8 @@
-"""Request dependencies as ``Annotated`` aliases; the objects live on ``app.state``."""
+"""Request dependencies as ``Annotated`` aliases; the objects live on ``app.state``.
+
+They are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in a worker
+thread, a thread hand-off per request for what is an attribute lookup.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,12 @@ from fastapi import Depends, Request
 from api.service import TaskService
 
 
-def _pool(request: Request) -> asyncpg.Pool:
+async def _pool(request: Request) -> asyncpg.Pool:
     pool: asyncpg.Pool = request.app.state.pool
     return pool
 
 
-def _service(request: Request) -> TaskService:
+async def _service(request: Request) -> TaskService:
     service: TaskService = request.app.state.service
     return service
 
