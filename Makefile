@@ -28,6 +28,19 @@ migrate: $(STAMP) ## create the database if missing and apply migrations (DATABA
 dev: migrate ## run api, relay and consumer locally until Ctrl-C
 	$(BIN)/python -m runtime.dev
 
+# Operator commands (see README, "Operating Taskbox"); ARGS passes their options.
+.PHONY: replay
+replay: $(STAMP) ## re-send tasks through the outbox: make replay ARGS='--stale-for 10m --dry-run'
+	$(BIN)/python -m relay replay $(ARGS)
+
+.PHONY: status
+status: $(STAMP) ## one screen: tasks by status, outbox backlog and lag, queue depths
+	$(BIN)/python -m relay status $(ARGS)
+
+.PHONY: cleanup
+cleanup: $(STAMP) ## one retention sweep now (OUTBOX_RETENTION, TASK_RETENTION)
+	$(BIN)/python -m relay cleanup
+
 .PHONY: run
 run: ## build and start the container stack (needs a Docker engine)
 	docker compose up --build
@@ -41,8 +54,12 @@ logs: ## follow the container stack's logs
 	docker compose logs -f
 
 .PHONY: test
-test: $(STAMP) ## run every test against the local Postgres and RabbitMQ
+test: $(STAMP) ## run every test (the fault suite included) against the local Postgres and RabbitMQ
 	$(BIN)/pytest
+
+.PHONY: test-faults
+test-faults: $(STAMP) ## the fault-injection suite alone: chaos run and crash windows (about 1.5 min)
+	$(BIN)/pytest tests/faults
 
 .PHONY: bench
 bench: $(STAMP) ## run the benchmarks against same-run baselines (several minutes; needs wrk)

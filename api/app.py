@@ -11,9 +11,10 @@ from fastapi import FastAPI
 
 from api import errors
 from api.errors import PROBLEM_JSON
+from api.metrics import ApiMetrics
 from api.middleware import JsonBodies
 from api.notifier import OutboxNotifier
-from api.routes import health, tasks
+from api.routes import health, metrics, tasks
 from api.service import PostgresTaskStore, TaskService
 from api.settings import ApiSettings
 from db.pool import create_pool
@@ -30,6 +31,7 @@ its consumers. Every error is an RFC 9457 problem document.
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
     registry = load_registry(settings.task_modules)
+    api_metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -43,6 +45,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             default_max_attempts=settings.default_max_attempts,
             max_max_attempts=settings.max_max_attempts,
             wake_relay=notifier.wake,
+            metrics=api_metrics,
         )
         log.info("api ready; task types: %s", ", ".join(registry.names()))
         try:
@@ -56,6 +59,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.add_middleware(JsonBodies)
     app.include_router(tasks.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.state.metrics = api_metrics
     _document_problems(app)
     return app
 

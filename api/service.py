@@ -17,10 +17,12 @@ import asyncpg
 from pydantic import ValidationError
 
 from api import pagination
+from api.metrics import ApiMetrics
 from api.payloads import UnstorablePayload, check_storable
 from api.schemas import TaskCreate
 from db import tasks as task_store
 from db.states import TERMINAL, TaskStatus
+from runtime import tracing
 from tasktypes import TaskRegistry
 
 TaskRow = Mapping[str, Any]
@@ -49,7 +51,7 @@ class InvalidRequest(ValueError):
 
 
 class TaskStore(Protocol):
-    async def create(self, task: task_store.NewTask) -> TaskRow: ...
+    async def create(self, task: task_store.NewTask, headers: dict[str, Any]) -> TaskRow: ...
     async def get(self, task_id: uuid.UUID) -> TaskRow | None: ...
     async def status(self, task_id: uuid.UUID) -> TaskRow | None: ...
     async def list(
@@ -67,8 +69,8 @@ class PostgresTaskStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def create(self, task: task_store.NewTask) -> TaskRow:
-        row: TaskRow = await task_store.create_task(self._pool, task)
+    async def create(self, task: task_store.NewTask, headers: dict[str, Any]) -> TaskRow:
+        row: TaskRow = await task_store.create_task(self._pool, task, headers)
         return row
 
     async def get(self, task_id: uuid.UUID) -> TaskRow | None:
@@ -117,12 +119,14 @@ class TaskService:
         default_max_attempts: int,
         max_max_attempts: int,
         wake_relay: Callable[[], None],
+        metrics: ApiMetrics | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
         self._default_max_attempts = default_max_attempts
         self._max_max_attempts = max_max_attempts
         self._wake_relay = wake_relay
+        self._metrics = metrics if metrics is not None else ApiMetrics()
 
     def validate(self, request: TaskCreate) -> task_store.NewTask:
         task_type = self._registry.get(request.type)
@@ -169,9 +173,14 @@ class TaskService:
             )
         return task_store.NewTask(request.type, payload, request.priority, max_attempts)
 
-    async def create(self, request: TaskCreate) -> TaskRow:
-        row = await self._store.create(self.validate(request))
+    async def create(self, request: TaskCreate, traceparent: str | None = None) -> TaskRow:
+        """Store the task and its outbox row; the row's headers carry the trace context
+        (the caller's ``traceparent`` continued, or a new trace) to the consumer."""
+        task = self.validate(request)
+        trace = tracing.continue_or_start(traceparent)
+        row = await self._store.create(task, {tracing.HEADER: str(trace)})
         self._wake_relay()
+        self._metrics.tasks_created.labels(task.type).inc()
         return row
 
     async def get(self, task_id: uuid.UUID) -> TaskRow:

@@ -14,6 +14,8 @@ import asyncpg
 from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 
 from broker import topology
+from consumer.metrics import ConsumerMetrics
+from consumer.monitoring import observe
 from consumer.settings import ConsumerSettings
 from consumer.worker import TaskConsumer
 from db.pool import create_pool
@@ -26,6 +28,7 @@ from runtime.lifecycle import (
     supervise,
 )
 from runtime.logs import configure
+from runtime.probes import PortUnavailable, Probes, ProbeServer
 from tasktypes import load_registry
 
 log = logging.getLogger("consumer")
@@ -45,6 +48,14 @@ async def serve(settings: ConsumerSettings) -> None:
     registry = load_registry(settings.task_modules)
     shutdown = Shutdown()
     shutdown.install()
+    metrics = ConsumerMetrics()
+    probes = Probes()
+    server: ProbeServer | None = None
+    if settings.consumer_metrics_port:
+        server = ProbeServer(
+            metrics.registry, probes, settings.metrics_host, settings.consumer_metrics_port
+        )
+        await server.start()
     pool = await connect_with_retry(
         "Postgres", lambda: create_pool(settings), (OSError, asyncpg.PostgresError)
     )
@@ -52,7 +63,15 @@ async def serve(settings: ConsumerSettings) -> None:
         "RabbitMQ", lambda: open_queue(settings), (OSError, aio_pika.exceptions.AMQPError)
     )
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    consumer = TaskConsumer(pool, registry, settings, worker_id)
+    consumer = TaskConsumer(pool, registry, settings, worker_id, metrics)
+    background = {
+        "completer": consumer.complete_loop(),
+        "heartbeat": consumer.heartbeat_loop(),
+        "rescue": consumer.rescue_loop(),
+    }
+    if server is not None:
+        observe(probes, settings, pool, connection, queue, consumer)
+        background["metrics"] = server.serve()
     log.info(
         "consumer running: concurrency %d, prefetch %d; task types: %s",
         settings.consumer_concurrency,
@@ -60,15 +79,10 @@ async def serve(settings: ConsumerSettings) -> None:
         ", ".join(registry.names()),
     )
     try:
-        await supervise(
-            consumer.run(queue, shutdown.requested),
-            {
-                "completer": consumer.complete_loop(),
-                "heartbeat": consumer.heartbeat_loop(),
-                "rescue": consumer.rescue_loop(),
-            },
-        )
+        await supervise(consumer.run(queue, shutdown.requested), background)
     finally:
+        if server is not None:
+            await server.close()
         await connection.close()
         await pool.close()
     log.info("consumer stopped; %d attempts completed", consumer.completed)
@@ -84,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         run_service(serve(settings))
     except LoopDied:
         return EXIT_LOOP_DIED
+    except PortUnavailable as exc:
+        log.critical("%s; set CONSUMER_METRICS_PORT to a free port, or 0 to turn it off", exc)
+        return 2
     return 0
 
 

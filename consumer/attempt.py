@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import orjson
@@ -13,6 +14,8 @@ from pydantic import BaseModel, ValidationError
 
 from db.execution import Outcome
 from db.states import TaskStatus
+from runtime import tracing
+from runtime.logs import task_fields
 from tasktypes import PermanentError, TaskContext, TaskRegistry
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,22 @@ class ClaimedTask:
     attempt: int
     max_attempts: int
     stop_reason: StopReason | None = field(default=None)
+    outbox_id: int | None = None  # the outbox row whose message brought the task
+    trace: tracing.TraceParent | None = None  # W3C trace context from the message headers
+    created_at: datetime | None = None  # for the end-to-end latency
+
+    @property
+    def traceparent(self) -> str | None:
+        return str(self.trace) if self.trace is not None else None
+
+    def log_fields(self) -> dict[str, Any]:
+        """What every log line about this attempt carries."""
+        return task_fields(
+            task_id=str(self.task_id),
+            outbox_id=self.outbox_id,
+            attempt=self.attempt,
+            trace_id=self.trace.trace_id if self.trace is not None else None,
+        )
 
 
 def error_of(exc: BaseException) -> dict[str, str]:
@@ -110,12 +129,19 @@ async def run_attempt(
                 "attempt failed, retrying in %.1fs: %s",
                 delay,
                 error["message"],
-                extra={"task_id": str(task_id), "attempt": attempt},
+                extra=claimed.log_fields(),
             )
-            return Outcome(task_id, attempt, TaskStatus.NEW, error=error, retry_in=delay)
+            return Outcome(
+                task_id,
+                attempt,
+                TaskStatus.NEW,
+                error=error,
+                retry_in=delay,
+                traceparent=claimed.traceparent,
+            )
         log.warning(
             "attempt failed, no attempts left: %s",
             error["message"],
-            extra={"task_id": str(task_id), "attempt": attempt},
+            extra=claimed.log_fields(),
         )
         return Outcome(task_id, attempt, TaskStatus.FAILED, error=error)

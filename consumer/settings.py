@@ -8,10 +8,10 @@ from pydantic import Field, model_validator
 
 from broker.settings import BrokerSettings
 from db.settings import DatabaseSettings
-from runtime.settings import ProcessSettings
+from runtime.settings import MetricsSettings, ProcessSettings
 
 
-class ConsumerSettings(DatabaseSettings, BrokerSettings, ProcessSettings):
+class ConsumerSettings(DatabaseSettings, BrokerSettings, ProcessSettings, MetricsSettings):
     consumer_prefetch: int = Field(200, ge=1, le=65535, description="Unacked messages held.")
     consumer_concurrency: int = Field(100, ge=1, description="Handlers running at once.")
     handler_timeout: float = Field(300.0, gt=0, description="Default seconds per attempt.")
@@ -24,6 +24,9 @@ class ConsumerSettings(DatabaseSettings, BrokerSettings, ProcessSettings):
     retry_max_delay: float = Field(300.0, gt=0, description="Longest backoff between attempts.")
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds running handlers get to finish on SIGTERM."
+    )
+    consumer_metrics_port: int = Field(
+        9102, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz; 0 turns it off."
     )
 
     @model_validator(mode="after")

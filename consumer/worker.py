@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -23,15 +24,17 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from broker import messages
 from consumer.attempt import ClaimedTask, StopReason, run_attempt
+from consumer.metrics import ConsumerMetrics
 from consumer.settings import ConsumerSettings
 from db import execution
 from db.errors import TRANSIENT_DB_ERRORS
 from db.execution import Outcome
 from db.outbox import notify
-from db.states import TaskStatus
-from runtime import failpoints
+from db.states import TERMINAL, TaskStatus
+from runtime import failpoints, tracing
 from runtime.backoff import backoff_delay
 from runtime.lifecycle import wait_first
+from runtime.logs import bind_task, task_fields
 from tasktypes import TaskRegistry
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,23 @@ async def _settle(message: AbstractIncomingMessage, how: str) -> None:
         log.info("could not %s message (channel gone; it will be redelivered): %s", how, exc)
 
 
+def _trace(message: AbstractIncomingMessage) -> tracing.TraceParent | None:
+    """The message's W3C trace context; None when absent or malformed."""
+    value = (message.headers or {}).get(tracing.HEADER)
+    return tracing.parse(value) if isinstance(value, str | bytes) else None
+
+
+def _message_fields(
+    message: AbstractIncomingMessage, parsed: messages.TaskMessage
+) -> dict[str, object]:
+    trace = _trace(message)
+    return task_fields(
+        task_id=str(parsed.task_id),
+        outbox_id=parsed.outbox_id,
+        trace_id=trace.trace_id if trace is not None else None,
+    )
+
+
 class TaskConsumer:
     def __init__(
         self,
@@ -78,8 +98,12 @@ class TaskConsumer:
         registry: TaskRegistry,
         settings: ConsumerSettings,
         worker_id: str,
+        metrics: ConsumerMetrics | None = None,
     ) -> None:
         self._pool = pool
+        self.metrics = metrics if metrics is not None else ConsumerMetrics()
+        # time.monotonic() of each loop's last sign of life, for /healthz
+        self.alive_at = {"claim": time.monotonic(), "heartbeat": time.monotonic()}
         self._registry = registry
         self._settings = settings
         self.worker_id = worker_id
@@ -95,6 +119,10 @@ class TaskConsumer:
         self._running: dict[uuid.UUID, Running] = {}
         self.completed = 0
 
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
     # -- receiving ------------------------------------------------------------------
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
@@ -102,6 +130,7 @@ class TaskConsumer:
             parsed = messages.parse(message.body)
         except messages.MalformedMessage as exc:
             log.error("dead-lettering a message that is not a task: %s", exc)
+            self.metrics.dead_lettered.labels("malformed").inc()
             await _settle(message, "dead-letter")
             return
         self._inbox.append((message, parsed))
@@ -115,6 +144,7 @@ class TaskConsumer:
             try:
                 return await call()
             except TRANSIENT_DB_ERRORS as exc:
+                self.alive_at[what] = time.monotonic()  # waiting out an outage is not a stall
                 failures += 1
                 delay = backoff_delay(failures, 0.2, 5.0)
                 log.warning(
@@ -163,38 +193,55 @@ class TaskConsumer:
         for message, parsed in batch:
             row = by_id[parsed.task_id]
             if row["claimed"]:
-                self._start(row, message)
+                self._start(row, message, parsed.outbox_id)
             elif row["seen_status"] is None:
                 log.error(
                     "dead-lettering a message for a task that does not exist",
-                    extra={"task_id": str(parsed.task_id), "outbox_id": parsed.outbox_id},
+                    extra=_message_fields(message, parsed),
                 )
+                self.metrics.dead_lettered.labels("no_such_task").inc()
                 await _settle(message, "dead-letter")
             else:
                 log.debug(
                     "dropping duplicate delivery; task is %s",
                     row["seen_status"],
-                    extra={"task_id": str(parsed.task_id), "outbox_id": parsed.outbox_id},
+                    extra=_message_fields(message, parsed),
                 )
+                self.metrics.duplicates.inc()
                 await _settle(message, "ack")
 
-    def _start(self, row: asyncpg.Record, message: AbstractIncomingMessage) -> None:
+    def _start(self, row: asyncpg.Record, message: AbstractIncomingMessage, outbox_id: int) -> None:
         claimed = ClaimedTask(
-            row["id"], row["type"], row["payload"], row["attempts"], row["max_attempts"]
+            row["id"],
+            row["type"],
+            row["payload"],
+            row["attempts"],
+            row["max_attempts"],
+            outbox_id=outbox_id,
+            trace=_trace(message),
+            created_at=row["created_at"],
         )
         running = Running(claimed, message)
         running.task = asyncio.create_task(self._execute(running))
         self._running[claimed.task_id] = running
 
     async def _execute(self, running: Running) -> None:
+        # This coroutine is its own asyncio task: whatever it (and the handler) logs
+        # carries the task id, outbox id, attempt and trace id.
+        bind_task(**running.claimed.log_fields())
+        started = time.perf_counter()
         outcome = await run_attempt(
             running.claimed, self._registry, self._settings.handler_timeout, self._retry_delay
+        )
+        self.metrics.handler_seconds.labels(running.claimed.type).observe(
+            time.perf_counter() - started
         )
         self._outcomes.append((outcome, running))
         self._outcome_ready.set()
 
     async def claim_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self.alive_at["claim"] = time.monotonic()
             await wait_first(self._work, stop, within=1.0)
             self._work.clear()
             while self._inbox and not stop.is_set():
@@ -219,11 +266,12 @@ class TaskConsumer:
                 continue
             self._completing = True
             try:
-                await self._with_db_retry(
+                recorded = await self._with_db_retry(
                     "completion",
                     functools.partial(execution.finish_tasks, self._pool, [o for o, _ in batch]),
                 )
                 failpoints.hit("consumer.after_commit")
+                self._count(batch, recorded)
                 for outcome, running in batch:
                     # A released task goes back to the queue; everything else is settled
                     # (an outcome that lost its fence means someone else owns the task now).
@@ -236,11 +284,32 @@ class TaskConsumer:
                 self._completing = False
                 self._settled.set()
 
+    def _count(self, batch: list[tuple[Outcome, Running]], recorded: set[uuid.UUID]) -> None:
+        """Metrics and a debug line for the outcomes this commit recorded."""
+        now = time.time()
+        for outcome, running in batch:
+            claimed = running.claimed
+            if outcome.task_id not in recorded:
+                log.info(
+                    "outcome %s not recorded: the task changed owner meanwhile",
+                    outcome.status,
+                    extra=claimed.log_fields(),
+                )
+                continue
+            self.metrics.outcome(claimed.type, outcome.status)
+            if outcome.status in TERMINAL and claimed.created_at is not None:
+                self.metrics.end_to_end_seconds.labels(claimed.type).observe(
+                    max(0.0, now - claimed.created_at.timestamp())
+                )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("attempt committed: %s", outcome.status, extra=claimed.log_fields())
+
     # -- keeping tasks alive --------------------------------------------------------
 
     async def heartbeat_loop(self) -> None:
         """Keep running tasks' heartbeats fresh and notice cancellation requests."""
         while True:
+            self.alive_at["heartbeat"] = time.monotonic()
             await asyncio.sleep(self._settings.heartbeat_interval)
             if not self._running:
                 continue
@@ -252,7 +321,7 @@ class TaskConsumer:
             for task_id, cancel_requested in owned.items():
                 running = self._running.get(task_id)
                 if cancel_requested and running is not None:
-                    log.info("cancelling on request", extra={"task_id": str(task_id)})
+                    log.info("cancelling on request", extra=running.claimed.log_fields())
                     running.stop("cancel")
 
     async def rescue_loop(self) -> None:
@@ -267,10 +336,11 @@ class TaskConsumer:
                 log.warning("stuck-task rescue failed: %s", exc)
                 continue
             for row in rescued:
+                self.metrics.rescued.labels(row["status"]).inc()
                 log.warning(
                     "rescued a task whose consumer stopped heartbeating -> %s",
                     row["status"],
-                    extra={"task_id": str(row["id"])},
+                    extra=task_fields(task_id=str(row["id"]), attempt=row["attempts"]),
                 )
 
     # -- the whole life ---------------------------------------------------------------

@@ -26,17 +26,25 @@ import orjson
 # committed row (PENDING): claimed. Had we asked for PENDING only, Postgres would skip
 # the row without waiting and the message would be dropped. If the relay rolled back
 # instead, the task is still NEW and we run it now; its re-publish later is a duplicate.
+# Last, a task already PROCESSING under this very worker id: our previous claim
+# committed but its reply was lost with the connection, so the retry takes it back
+# without counting another attempt. (A task the worker really runs never reaches the
+# claim: its further deliveries are settled as duplicates before.)
 # The outer SELECT reports, for every requested id, whether it exists at all, so the
 # caller can dead-letter messages that name no task.
 _CLAIM = """
 WITH claimed AS (
     UPDATE tasks
-    SET status = 'PROCESSING', attempts = attempts + 1, worker_id = $2,
+    SET status = 'PROCESSING',
+        attempts = CASE WHEN status = 'PROCESSING' AND worker_id = $2
+                        THEN attempts ELSE attempts + 1 END,
+        worker_id = $2,
         started_at = now(), heartbeat_at = now(), updated_at = now()
     WHERE id = ANY($1::uuid[])
       AND (status IN ('NEW', 'PENDING')
            OR (status = 'PROCESSING' AND heartbeat_at < now() - make_interval(secs => $3)
-               AND attempts < max_attempts AND NOT cancel_requested))
+               AND attempts < max_attempts AND NOT cancel_requested)
+           OR (status = 'PROCESSING' AND worker_id = $2 AND NOT cancel_requested))
     RETURNING id, type, payload, attempts, max_attempts, created_at
 )
 SELECT r.id, c.type, c.payload, c.attempts, c.max_attempts, c.created_at,
@@ -48,10 +56,13 @@ LEFT JOIN tasks AS t ON t.id = r.id
 
 # Outcomes of many tasks in one statement and one commit; a retry is a new outbox row
 # with available_at in the future, so it survives any crash and needs no broker plugin.
+# The retry row carries the attempt's trace context, so the next attempt logs the same
+# trace id.
 _FINISH = """
 WITH outcome AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
-        AS o(id uuid, attempt int, status text, result jsonb, error jsonb, retry_in float8)
+        AS o(id uuid, attempt int, status text, result jsonb, error jsonb, retry_in float8,
+             traceparent text)
 ), updated AS (
     UPDATE tasks AS t
     SET status = o.status,
@@ -64,12 +75,13 @@ WITH outcome AS (
         updated_at = now()
     FROM outcome AS o
     WHERE t.id = o.id AND t.status = 'PROCESSING' AND t.attempts = o.attempt
-    RETURNING t.id, t.type, t.priority, o.status, o.retry_in
+    RETURNING t.id, t.type, t.priority, o.status, o.retry_in, o.traceparent
 ), retried AS (
-    INSERT INTO outbox (task_id, kind, body, available_at)
+    INSERT INTO outbox (task_id, kind, body, available_at, headers)
     SELECT id, 'task.retry',
            jsonb_build_object('task_id', id, 'type', type, 'priority', priority),
-           now() + make_interval(secs => retry_in)
+           now() + make_interval(secs => retry_in),
+           jsonb_strip_nulls(jsonb_build_object('traceparent', traceparent))
     FROM updated WHERE status = 'NEW'
 )
 SELECT id FROM updated
@@ -83,7 +95,8 @@ RETURNING id, cancel_requested
 
 # Tasks whose consumer vanished: CANCELLED if a cancel was pending, FAILED when that was
 # their last attempt, else back through the outbox. SKIP LOCKED lets several consumers
-# run the rescue at once without waiting on each other.
+# run the rescue at once without waiting on each other. A requeued task keeps the trace
+# context of its latest outbox row (a rare path, one index lookup per rescued task).
 _RESCUE = """
 WITH stale AS (
     SELECT id FROM tasks
@@ -111,13 +124,18 @@ WITH stale AS (
         heartbeat_at = NULL,
         updated_at = now()
     FROM decided AS d WHERE t.id = d.id
-    RETURNING t.id, t.type, t.priority, t.status
+    RETURNING t.id, t.type, t.priority, t.status, t.attempts
 ), requeued AS (
-    INSERT INTO outbox (task_id, kind, body)
-    SELECT id, 'task.retry', jsonb_build_object('task_id', id, 'type', type, 'priority', priority)
-    FROM rescued WHERE status = 'NEW'
+    INSERT INTO outbox (task_id, kind, body, headers)
+    SELECT r.id, 'task.retry',
+           jsonb_build_object('task_id', r.id, 'type', r.type, 'priority', r.priority),
+           coalesce((SELECT jsonb_strip_nulls(jsonb_build_object('traceparent',
+                                                                 o.headers -> 'traceparent'))
+                     FROM outbox AS o WHERE o.task_id = r.id ORDER BY o.id DESC LIMIT 1),
+                    '{}'::jsonb)
+    FROM rescued AS r WHERE r.status = 'NEW'
 )
-SELECT id, status FROM rescued
+SELECT id, type, status, attempts FROM rescued
 """
 
 
@@ -132,6 +150,7 @@ class Outcome:
     result: Any = None
     error: dict[str, str] | None = None
     retry_in: float = 0.0
+    traceparent: str | None = None  # carried onto the retry's outbox row
 
 
 async def claim_tasks(
@@ -157,6 +176,7 @@ async def finish_tasks(
                 "result": o.result,
                 "error": o.error,
                 "retry_in": o.retry_in,
+                "traceparent": o.traceparent,
             }
             for o in outcomes
         ]

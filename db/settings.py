@@ -39,7 +39,9 @@ class DatabaseSettings(BaseSettings):
     db_connect_timeout: float = Field(5.0, gt=0, description="Seconds to open a connection.")
     outbox_channel: str = Field(
         "taskbox_outbox",
-        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        # 40 characters at most: the relay's self-check channel appends up to 23 to it
+        # and Postgres cuts channel names at 63.
+        pattern=r"^[a-z_][a-z0-9_]{0,39}$",
         description="Postgres NOTIFY channel that wakes the relays.",
     )
 

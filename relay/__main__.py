@@ -1,4 +1,10 @@
-"""``python -m relay``: run the outbox relay until SIGTERM/SIGINT."""
+"""``python -m relay``: run the outbox relay until SIGTERM/SIGINT, or an operator command.
+
+python -m relay [run]        the relay (the default)
+python -m relay replay ...   send tasks through the outbox again (see --help)
+python -m relay cleanup      one retention sweep now
+python -m relay status       one screen on tasks, outbox, queues
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,14 @@ from typing import Any
 
 import aio_pika
 import asyncpg
+from pydantic import ValidationError
 
 from db.pool import create_pool
+from relay import replay, status
+from relay.housekeeping import Housekeeper, cleanup
 from relay.listener import OutboxListener
+from relay.metrics import RelayMetrics
+from relay.monitoring import observe, refresh_backlog
 from relay.relay import OutboxRelay, open_broker
 from relay.settings import RelaySettings
 from runtime.lifecycle import (
@@ -25,13 +36,25 @@ from runtime.lifecycle import (
     supervise,
 )
 from runtime.logs import configure
+from runtime.probes import PortUnavailable, Probes, ProbeServer
+from runtime.settings import describe_invalid
 
 log = logging.getLogger("relay")
+
+EXIT_USAGE = 2
 
 
 async def serve(settings: RelaySettings) -> None:
     shutdown = Shutdown()
     shutdown.install()
+    metrics = RelayMetrics()
+    probes = Probes()
+    server: ProbeServer | None = None
+    if settings.relay_metrics_port:
+        server = ProbeServer(
+            metrics.registry, probes, settings.metrics_host, settings.relay_metrics_port
+        )
+        await server.start()
     pool = await connect_with_retry(
         "Postgres", lambda: create_pool(settings), (OSError, asyncpg.PostgresError)
     )
@@ -39,11 +62,18 @@ async def serve(settings: RelaySettings) -> None:
         "RabbitMQ", lambda: open_broker(settings), (OSError, aio_pika.exceptions.AMQPError)
     )
     wake = asyncio.Event()
-    relay = OutboxRelay(pool, publisher, settings, wake)
+    relay = OutboxRelay(pool, publisher, settings, wake, metrics)
     background: dict[str, Coroutine[Any, Any, None]] = {}
+    listener = None
     if settings.relay_listen:
         listener = OutboxListener(settings, wake, settings.relay_listen_check_interval)
         background["listener"] = listener.run()
+    if settings.retention_interval > 0:
+        background["housekeeping"] = Housekeeper(pool, settings, metrics).run()
+    if server is not None:
+        observe(probes, settings, metrics, pool, connection, relay, listener)
+        background["metrics"] = server.serve()
+        background["backlog"] = refresh_backlog(pool, metrics, settings.relay_backlog_interval)
     log.info(
         "relay running: batch %d, poll every %.1fs, LISTEN %s",
         settings.relay_batch_size,
@@ -53,21 +83,65 @@ async def serve(settings: RelaySettings) -> None:
     try:
         await supervise(relay.run(shutdown.requested), background)
     finally:
+        if server is not None:
+            await server.close()
         await connection.close()
         await pool.close()
     log.info("relay stopped; published %d rows", relay.published_total)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m relay",
+        description="The Taskbox outbox relay, and the operator's commands around the outbox.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("run", help="run the relay (the default)")
+    replay.configure_parser(
+        commands.add_parser(
+            "replay",
+            help="send tasks through the outbox again",
+            description=replay.DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    commands.add_parser(
+        "cleanup",
+        help="delete what OUTBOX_RETENTION / TASK_RETENTION allow, now",
+        description="One retention sweep, as the relays' housekeeping loop runs it.",
+    )
+    status_parser = commands.add_parser(
+        "status", help="one screen: tasks by status, outbox backlog and lag, queue depths"
+    )
+    status_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m relay", description=__doc__)
-    parser.add_argument("command", nargs="?", default="run", choices=["run"])
-    parser.parse_args(argv)
-    settings = RelaySettings()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command or "run"
+    if command == "replay":
+        replay.check_arguments(args.replay_parser, args)
+    try:
+        settings = RelaySettings()
+    except ValidationError as exc:
+        print(describe_invalid(exc), file=sys.stderr)
+        return EXIT_USAGE
     configure(settings.log_level, settings.log_format)
+    if command == "replay":
+        return asyncio.run(replay.replay(args, settings))
+    if command == "cleanup":
+        return asyncio.run(cleanup(settings))
+    if command == "status":
+        return asyncio.run(status.status(settings, as_json=args.json))
     try:
         run_service(serve(settings))
     except LoopDied:
         return EXIT_LOOP_DIED
+    except PortUnavailable as exc:
+        log.critical("%s; set RELAY_METRICS_PORT to a free port, or 0 to turn it off", exc)
+        return EXIT_USAGE
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 
 import aio_pika
 import asyncpg
@@ -19,6 +20,7 @@ from aio_pika.abc import AbstractRobustConnection
 from broker import topology
 from db import outbox
 from db.errors import TRANSIENT_DB_ERRORS
+from relay.metrics import RelayMetrics
 from relay.publisher import BrokerUnavailable, OutboxPublisher, PublishReport
 from relay.settings import RelaySettings
 from runtime.backoff import backoff_delay
@@ -58,13 +60,17 @@ class OutboxRelay:
         publisher: OutboxPublisher,
         settings: RelaySettings,
         wake: asyncio.Event,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         self._pool = pool
         self._publisher = publisher
         self._settings = settings
         self._wake = wake
+        self.metrics = metrics if metrics is not None else RelayMetrics()
         self.published_total = 0
         self.refused_total = 0
+        # time.monotonic() of the drain loop's last sign of life, for /healthz
+        self.alive_at = time.monotonic()
 
     async def drain_batch(self) -> int:
         """Claim, publish and record one batch; returns how many rows it claimed."""
@@ -72,17 +78,22 @@ class OutboxRelay:
             rows = await outbox.claim_batch(conn, self._settings.relay_batch_size)
             if not rows:
                 return 0
+            started = time.perf_counter()
             report: PublishReport = await self._publisher.publish_batch(rows)
+            self.metrics.publish_seconds.observe(time.perf_counter() - started)
             await outbox.record_publish_outcome(conn, report.published, report.refused)
+        self.alive_at = time.monotonic()
         self.published_total += len(report.published)
         self.refused_total += len(report.refused)
-        for refusal in report.refused:
-            log.warning(
-                "publish refused; retrying in %.1fs: %s",
-                refusal.retry_in,
-                refusal.error,
-                extra={"outbox_id": refusal.outbox_id},
-            )
+        if report.refused:
+            task_of = {row["id"]: str(row["task_id"]) for row in rows}
+            for refusal in report.refused:
+                log.warning(
+                    "publish refused; retrying in %.1fs: %s",
+                    refusal.retry_in,
+                    refusal.error,
+                    extra={"task_id": task_of[refusal.outbox_id], "outbox_id": refusal.outbox_id},
+                )
         if report.published:
             log.debug("published %d outbox rows", len(report.published))
         return len(rows)
@@ -108,6 +119,7 @@ class OutboxRelay:
     async def run(self, stop: asyncio.Event) -> None:
         failures = 0
         while not stop.is_set():
+            self.alive_at = time.monotonic()
             self._wake.clear()
             try:
                 await self.drain(stop)

@@ -6,10 +6,13 @@ from pydantic import Field
 
 from broker.settings import BrokerSettings
 from db.settings import DatabaseSettings
-from runtime.settings import ProcessSettings
+from runtime.durations import Duration, OptionalDuration
+from runtime.settings import MetricsSettings, ProcessSettings
+
+_WEEK = 7 * 86400.0
 
 
-class RelaySettings(DatabaseSettings, BrokerSettings, ProcessSettings):
+class RelaySettings(DatabaseSettings, BrokerSettings, ProcessSettings, MetricsSettings):
     relay_batch_size: int = Field(500, ge=1, le=10_000, description="Rows claimed per transaction.")
     relay_concurrency: int = Field(
         2, ge=1, le=16, description="Batches in flight at once while draining a backlog."
@@ -25,4 +28,22 @@ class RelaySettings(DatabaseSettings, BrokerSettings, ProcessSettings):
     relay_retry_base_delay: float = Field(1.0, gt=0, description="First backoff of a refused row.")
     relay_retry_max_delay: float = Field(
         60.0, gt=0, description="Longest backoff of a refused row."
+    )
+    relay_metrics_port: int = Field(
+        9101, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz; 0 turns it off."
+    )
+    relay_backlog_interval: float = Field(
+        5.0, gt=0, description="Seconds between refreshes of the outbox backlog gauges."
+    )
+    outbox_retention: Duration = Field(
+        _WEEK, gt=0, description="Age after which published outbox rows are deleted."
+    )
+    task_retention: OptionalDuration = Field(
+        None, gt=0, description="Age after which finished tasks are deleted; None keeps them."
+    )
+    retention_interval: Duration = Field(
+        60.0, ge=0, description="Seconds between housekeeping sweeps; 0 turns the loop off."
+    )
+    retention_batch: int = Field(
+        1000, ge=1, le=100_000, description="Rows deleted per statement by a sweep."
     )

@@ -1,11 +1,19 @@
-"""Logging setup: readable text by default, one JSON object a line with LOG_FORMAT=json."""
+"""Logging setup: readable text by default, one JSON object a line with LOG_FORMAT=json.
+
+Context fields (``task_id``, ``outbox_id``, ``attempt``, ``trace_id``) reach a line two
+ways: ``extra=`` on the call, or ``bind_task`` for everything logged while one task
+runs, including lines its handler logs itself. Either way they become JSON keys, or
+``key=value`` pairs after a text line.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
+from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 
@@ -14,6 +22,35 @@ LogFormat = Literal["text", "json"]
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is context.
 # uvicorn adds color_message, an ANSI copy of the message.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+
+# The task the current asyncio task works on. Each asyncio task runs in its own copy of
+# the context, so binding inside one never leaks into another.
+_task_context: ContextVar[Mapping[str, Any] | None] = ContextVar("taskbox_task", default=None)
+
+
+def bind_task(**fields: Any) -> None:
+    """Put ``fields`` on every line logged from here on in this asyncio task.
+
+    Call it at the start of a coroutine that runs as its own asyncio task (its context
+    is a copy), never in a long-lived loop, where it would stick to later tasks' lines.
+    """
+    _task_context.set({k: v for k, v in fields.items() if v is not None})
+
+
+def task_fields(**fields: Any) -> dict[str, Any]:
+    """``extra=`` for a line about a task: the given fields without the missing ones."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+class TaskContextFilter(logging.Filter):
+    """Adds the bound task's fields to records that do not carry them already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = _task_context.get()
+        if context:
+            for key, value in context.items():
+                record.__dict__.setdefault(key, value)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -45,6 +82,7 @@ class TextFormatter(logging.Formatter):
 def configure(level: str = "INFO", fmt: LogFormat = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(TaskContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

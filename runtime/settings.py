@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode
 
 from db.settings import ENV_CONFIG
@@ -27,3 +27,23 @@ class ProcessSettings(BaseSettings):
         if isinstance(value, str):
             return [m.strip() for m in value.split(",") if m.strip()]
         return value
+
+
+class MetricsSettings(BaseSettings):
+    """Where the relay and the consumer serve /metrics, /healthz and /readyz."""
+
+    model_config = ENV_CONFIG
+
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the metrics port binds (0.0.0.0 in a container)."
+    )
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """Settings errors as the environment variables an operator sets, one per line."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"invalid setting {name}={error.get('input')!r}: {message}")
+    return "\n".join(lines)

@@ -120,6 +120,10 @@ def service_env(db_settings: DatabaseSettings, broker_settings: BrokerSettings) 
             "DEAD_LETTER_EXCHANGE": broker_settings.dead_letter_exchange,
             "DEAD_LETTER_QUEUE": broker_settings.dead_letter_queue,
             "PYTHONUNBUFFERED": "1",
+            # Tests start several relays and consumers at once: no fixed metrics ports.
+            # A test that wants one passes a free port.
+            "RELAY_METRICS_PORT": "0",
+            "CONSUMER_METRICS_PORT": "0",
         }
     )
     return env

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
 
 from api import rendering
 from api.deps import Service
@@ -31,12 +31,20 @@ _UNAVAILABLE: Responses = {503: {"model": Problem, "description": "The database 
     summary="Create a task",
     description=(
         "Stores the task (status NEW) and the event that will run it in one transaction. "
-        "The `Location` header points at the new task."
+        "The `Location` header points at the new task. A W3C `traceparent` header is "
+        "carried to the consumer, whose log lines for this task show its trace id."
     ),
     responses={**_INVALID, **_UNAVAILABLE},
 )
-async def create_task(body: TaskCreate, service: Service) -> Response:
-    row = await service.create(body)
+async def create_task(
+    body: TaskCreate,
+    service: Service,
+    traceparent: Annotated[
+        str | None,
+        Header(description="W3C trace context; a missing or malformed one starts a new trace."),
+    ] = None,
+) -> Response:
+    row = await service.create(body, traceparent)
     return rendering.task_response(row, 201, {"Location": f"{router.prefix}/{row['id']}"})
 
 

@@ -98,3 +98,33 @@ class ServiceProcess:
         if self._reader is not None:
             await self._reader
         return code
+
+
+class CommandResult:
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        self.code = code
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def __repr__(self) -> str:
+        return f"exit {self.code}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+async def run_command(
+    module: str, args: list[str], env: dict[str, str], timeout: float = 60.0
+) -> CommandResult:
+    """``python -m module args...`` to completion, as an operator runs a command."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(timeout):
+        stdout, stderr = await proc.communicate()
+    assert proc.returncode is not None
+    return CommandResult(proc.returncode, stdout.decode(), stderr.decode())

@@ -56,7 +56,7 @@ COMMANDS = {
     "consumer": ["python", "-m", "consumer"],
 }
 # The settings whose default (127.0.0.1) cannot work in a container: compose must set them.
-NEED_CONTAINER_VALUE = {"DATABASE_URL", "AMQP_URL", "API_HOST"}
+NEED_CONTAINER_VALUE = {"DATABASE_URL", "AMQP_URL", "API_HOST", "METRICS_HOST"}
 DOCKER_SECTION = "# --- docker compose"
 
 
@@ -230,6 +230,8 @@ def test_settings_without_a_container_default_are_provided(name: str) -> None:
         ), environment["AMQP_URL"]
     if "API_HOST" in needed:
         assert environment["API_HOST"] == "0.0.0.0"  # inside the container
+    if "METRICS_HOST" in needed:
+        assert environment["METRICS_HOST"] == "0.0.0.0"  # scraped from other containers
 
 
 @pytest.mark.parametrize("name", sorted(APP_SETTINGS))
@@ -302,8 +304,10 @@ def test_workers_are_replicated_restarted_and_stopped_gracefully(name: str) -> N
     default = ConsumerSettings.model_fields["shutdown_grace"].default
     grace = max(float(default), float(settings["SHUTDOWN_GRACE"]))
     assert seconds(spec["stop_grace_period"]) > grace
-    # no HTTP health endpoint yet: the image's (api) HEALTHCHECK must not apply
-    assert spec["healthcheck"] == {"disable": True}
+    # the image's HEALTHCHECK asks the api; these ask their own metrics port's /healthz
+    check = " ".join(spec["healthcheck"]["test"])
+    assert "/healthz" in check
+    assert f"{name.upper()}_METRICS_PORT" in check
     assert "ports" not in spec
     assert "container_name" not in spec
 
@@ -448,6 +452,9 @@ async def test_container_commands_run_a_task_to_done(
         "QUEUE_NAME": broker_settings.queue_name,
         "DEAD_LETTER_EXCHANGE": broker_settings.dead_letter_exchange,
         "DEAD_LETTER_QUEUE": broker_settings.dead_letter_queue,
+        "METRICS_HOST": "127.0.0.1",
+        "RELAY_METRICS_PORT": str(free_port()),
+        "CONSUMER_METRICS_PORT": str(free_port()),
     }
     # the migrate service, run to completion first (depends_on: service_completed_successfully)
     migrate = await asyncio.create_subprocess_exec(
@@ -485,6 +492,19 @@ async def test_container_commands_run_a_task_to_done(
                 await asyncio.sleep(0.05)
             assert task["status"] == "DONE", task
             assert task["result"] == {"from": "containers"}
+        # the relay's and the consumer's compose health checks, run as compose runs them
+        for name in ("relay", "consumer"):
+            kind, *command = service(name)["healthcheck"]["test"]
+            assert kind == "CMD"
+            probe = await asyncio.create_subprocess_exec(
+                *run_command(command),
+                env=container_environment(name, local),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            async with asyncio.timeout(10):
+                probe_output, _ = await probe.communicate()
+            assert probe.returncode == 0, (name, probe_output.decode())
     finally:
         for name in ("consumer", "relay"):
             if name in processes:

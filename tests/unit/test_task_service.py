@@ -74,6 +74,7 @@ class FakeTaskStore:
         default_factory=list
     )
     fail_create: Exception | None = None
+    headers: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, status: TaskStatus, created_at: datetime = T0) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -95,11 +96,12 @@ class FakeTaskStore:
         self.rows[row["id"]] = row
         return row
 
-    async def create(self, task: NewTask) -> TaskRow:
+    async def create(self, task: NewTask, headers: dict[str, Any]) -> TaskRow:
         self.events.append("store.create")
         if self.fail_create is not None:
             raise self.fail_create
         self.created.append(task)
+        self.headers.append(headers)
         row = self.add(TaskStatus.NEW, created_at=T0 + timedelta(seconds=len(self.rows)))
         row.update(
             type=task.type,

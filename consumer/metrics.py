@@ -1,0 +1,79 @@
+"""The consumer's Prometheus metrics.
+
+Counted where the consumer already touches each task (after the completion commit, on a
+dead-letter, on a rescue): an increment or an observation in memory, never a query.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from runtime.probes import new_registry
+
+# Handlers run from milliseconds to HANDLER_TIMEOUT (300 s by default) and beyond.
+DURATION_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600,
+)  # fmt: skip
+
+# How an attempt ended, as the `status` label: the task's status after it, except that a
+# retry (back to NEW) is RETRY and a task handed back at shutdown is RELEASED.
+STATUS_LABELS = {"NEW": "RETRY", "PENDING": "RELEASED"}
+
+
+class ConsumerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else new_registry()
+        r = self.registry
+        self.outcomes = Counter(
+            "taskbox_consumer_tasks",
+            "Attempts whose outcome was committed, by task type and status "
+            "(DONE, FAILED, CANCELLED, RETRY, RELEASED).",
+            ["type", "status"],
+            registry=r,
+        )
+        self.handler_seconds = Histogram(
+            "taskbox_consumer_handler_seconds",
+            "Seconds one attempt's handler ran, by task type.",
+            ["type"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "taskbox_task_end_to_end_seconds",
+            "Seconds from a task's creation to its final outcome (DONE, FAILED, CANCELLED), "
+            "retries included, by task type.",
+            ["type"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "taskbox_consumer_retries",
+            "Failed attempts sent back through the outbox for another try, by task type.",
+            ["type"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "taskbox_consumer_dead_lettered",
+            "Messages rejected into the dead-letter queue, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("malformed", "no_such_task"):
+            self.dead_lettered.labels(reason)
+        self.rescued = Counter(
+            "taskbox_consumer_rescued",
+            "Tasks whose consumer stopped heartbeating, rescued by this consumer, by the "
+            "status they were moved to (NEW, FAILED, CANCELLED).",
+            ["status"],
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "taskbox_consumer_duplicates",
+            "Deliveries dropped because their task was already finished or running elsewhere.",
+            registry=r,
+        )
+
+    def outcome(self, task_type: str, status: str) -> None:
+        self.outcomes.labels(task_type, STATUS_LABELS.get(status, status)).inc()
+        if status == "NEW":
+            self.retries.labels(task_type).inc()

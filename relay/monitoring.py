@@ -1,0 +1,87 @@
+"""What the relay shows on its metrics port: the registry, the liveness and readiness
+probes, and the loop that keeps the backlog gauges fresh."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+from aio_pika.abc import AbstractConnection
+
+from db import overview
+from db.errors import TRANSIENT_DB_ERRORS
+from relay.listener import OutboxListener
+from relay.metrics import RelayMetrics
+from relay.relay import OutboxRelay
+from relay.settings import RelaySettings
+from runtime.probes import AttributeCollector, Probes, ReadCounter, ReadGauge
+from runtime.readiness import broker_check, database_check
+
+log = logging.getLogger(__name__)
+
+
+async def refresh_backlog(pool: asyncpg.Pool, metrics: RelayMetrics, interval: float) -> None:
+    """Set the backlog gauges every ``interval`` seconds: one cheap query on the
+    unpublished rows' partial index, never anything on the publish path."""
+    while True:
+        try:
+            metrics.record_backlog(await overview.backlog(pool))
+        except TRANSIENT_DB_ERRORS as exc:
+            log.debug("backlog gauges not refreshed: %s", exc)  # /readyz reports the database
+        await asyncio.sleep(interval)
+
+
+def observe(
+    probes: Probes,
+    settings: RelaySettings,
+    metrics: RelayMetrics,
+    pool: asyncpg.Pool,
+    connection: AbstractConnection,
+    relay: OutboxRelay,
+    listener: OutboxListener | None,
+) -> None:
+    """Register the relay's counters and arm its probes (ready to answer from now on)."""
+    values: list[ReadCounter | ReadGauge] = [
+        ReadCounter(
+            "taskbox_relay_published",
+            "Outbox rows published and confirmed by the broker.",
+            lambda: relay.published_total,
+        ),
+        ReadCounter(
+            "taskbox_relay_publish_refused",
+            "Outbox rows the broker refused (nack, return, no confirm); each is retried.",
+            lambda: relay.refused_total,
+        ),
+    ]
+    if listener is not None:
+        values += [
+            ReadCounter(
+                "taskbox_relay_listen_reconnects",
+                "Times the LISTEN connection was re-established.",
+                lambda: listener.reconnects,
+            ),
+            ReadGauge(
+                "taskbox_relay_listen_up",
+                "1 while the LISTEN connection is up and passed its last self-check.",
+                lambda: float(listener.healthy),
+            ),
+        ]
+    metrics.registry.register(AttributeCollector(values))
+
+    # A drain shows life at least once a poll interval and after every batch; a batch may
+    # legitimately take a publish timeout plus a slow statement, twice over on a retry.
+    stall = 2 * (
+        settings.relay_poll_interval + settings.relay_publish_timeout + settings.db_command_timeout
+    )
+    probes.watch("drain", lambda: relay.alive_at, within=max(stall, 30.0))
+    probes.require("database", database_check(pool))
+    probes.require("broker", broker_check(connection))
+    if listener is not None:
+
+        async def listening() -> str | None:
+            # Not fatal (the poll still publishes, only later), but an operator should know.
+            return None if listener.healthy else "LISTEN connection down; polling only"
+
+        probes.require("listen", listening)
+    probes.started()

@@ -1,0 +1,188 @@
+"""``python -m relay status``: one screen on the state of the pipeline.
+
+Task counts by status, the outbox backlog and its lag, the task queue and the
+dead-letter queue (asked with a passive declare, which creates nothing). Exit status 0
+when Postgres and RabbitMQ both answered, 1 otherwise; ``--json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+import aio_pika
+import asyncpg
+import orjson
+
+from db import overview
+from db.errors import TRANSIENT_DB_ERRORS
+from db.pool import connect
+from db.states import TaskStatus
+from relay.settings import RelaySettings
+from runtime.durations import format_duration
+
+_BROKER_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    name: str
+    messages: int | None  # ready messages; None when it could not be asked
+    consumers: int | None
+    problem: str | None = None
+    reachable: bool = True  # False: the broker did not answer
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    at: datetime
+    tasks: dict[str, int] | None
+    oldest_pending: float | None
+    backlog: overview.Backlog | None
+    outbox_table: overview.TableSize | None
+    last_publish_error: str | None
+    database_problem: str | None
+    queue: QueueState
+    dead_letters: QueueState
+
+
+def _where(url: str) -> str:
+    """host:port/path of a URL, without user or password."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.hostname}{port}{parts.path if parts.path not in ('', '/') else ''}"
+
+
+def _problem(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _database(settings: RelaySettings) -> dict[str, Any]:
+    try:
+        conn = await connect(settings)
+    except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+        return {"database_problem": _problem(exc)}
+    try:
+        return {
+            "tasks": await overview.task_counts(conn),
+            "oldest_pending": await overview.oldest_pending_age(conn),
+            "backlog": await overview.backlog(conn),
+            "outbox_table": await overview.outbox_size(conn),
+            "last_publish_error": await overview.last_publish_error(conn),
+        }
+    except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+        return {"database_problem": _problem(exc)}
+    finally:
+        await conn.close()
+
+
+async def _queues(settings: RelaySettings) -> tuple[QueueState, QueueState]:
+    names = (settings.queue_name, settings.dead_letter_queue)
+    try:
+        connection = await aio_pika.connect(settings.amqp_url, timeout=_BROKER_TIMEOUT)
+    except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+        problem = _problem(exc)
+        return (
+            QueueState(names[0], None, None, problem, reachable=False),
+            QueueState(names[1], None, None, problem, reachable=False),
+        )
+    states = []
+    async with connection:
+        for name in names:
+            # A passive declare of a missing queue closes the channel: one channel each.
+            channel = await connection.channel()
+            try:
+                declared = await channel.declare_queue(name, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                states.append(QueueState(name, None, None, "does not exist (yet)"))
+                continue
+            except (TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+                states.append(QueueState(name, None, None, _problem(exc), reachable=False))
+                continue
+            result = declared.declaration_result
+            states.append(QueueState(name, result.message_count, result.consumer_count))
+            await channel.close()
+    return states[0], states[1]
+
+
+async def snapshot(settings: RelaySettings) -> Snapshot:
+    database = await _database(settings)
+    queue, dead = await _queues(settings)
+    return Snapshot(
+        at=datetime.now(UTC),
+        tasks=database.get("tasks"),
+        oldest_pending=database.get("oldest_pending"),
+        backlog=database.get("backlog"),
+        outbox_table=database.get("outbox_table"),
+        last_publish_error=database.get("last_publish_error"),
+        database_problem=database.get("database_problem"),
+        queue=queue,
+        dead_letters=dead,
+    )
+
+
+def _size(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "kB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def render(snap: Snapshot, settings: RelaySettings) -> str:
+    lines = [
+        f"Taskbox  {snap.at:%Y-%m-%d %H:%M:%S} UTC   postgres {_where(settings.database_url)}"
+        f"   rabbitmq {_where(settings.amqp_url)}",
+        "",
+    ]
+    if snap.database_problem is not None:
+        lines.append(f"postgres      UNREACHABLE: {snap.database_problem}")
+    else:
+        assert snap.tasks is not None
+        assert snap.backlog is not None
+        assert snap.outbox_table is not None
+        counts = "  ".join(f"{s.value} {snap.tasks.get(s.value, 0):,}" for s in TaskStatus)
+        lines.append(f"tasks         {counts}   (total {sum(snap.tasks.values()):,})")
+        if snap.oldest_pending is not None:
+            lines.append(
+                f"              oldest PENDING waits {format_duration(snap.oldest_pending)}"
+                "  (lost by the broker? python -m relay replay --stale-for ...)"
+            )
+        b = snap.backlog
+        lines.append(
+            f"outbox        backlog {b.rows:,} rows ({b.due:,} due, {b.rows - b.due:,} waiting "
+            f"out a retry backoff), lag {format_duration(b.lag)}, failing {b.failing:,}"
+        )
+        if snap.last_publish_error:
+            lines.append(f"              last publish error: {snap.last_publish_error}")
+        lines.append(
+            f"              table ~{snap.outbox_table.estimated_rows:,} rows, "
+            f"{_size(snap.outbox_table.bytes)} (published rows kept "
+            f"{format_duration(settings.outbox_retention)}: OUTBOX_RETENTION)"
+        )
+    for label, queue in (("queue", snap.queue), ("dead letters", snap.dead_letters)):
+        if queue.problem is not None:
+            lines.append(f"{label:<13} {queue.name}: {queue.problem}")
+        else:
+            lines.append(
+                f"{label:<13} {queue.name}: {queue.messages:,} ready, {queue.consumers:,} consumers"
+            )
+    return "\n".join(lines)
+
+
+def healthy(snap: Snapshot) -> bool:
+    return snap.database_problem is None and snap.queue.reachable and snap.dead_letters.reachable
+
+
+async def status(settings: RelaySettings, as_json: bool = False, out: TextIO = sys.stdout) -> int:
+    snap = await snapshot(settings)
+    if as_json:
+        out.write(orjson.dumps(asdict(snap), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        out.write(render(snap, settings) + "\n")
+    return 0 if healthy(snap) else 1

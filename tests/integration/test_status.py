@@ -1,0 +1,95 @@
+"""``python -m relay status`` against the real Postgres and RabbitMQ."""
+
+from __future__ import annotations
+
+import aio_pika
+import asyncpg
+import orjson
+
+from broker.settings import BrokerSettings
+from db.tasks import NewTask, create_task
+from tests.integration.helpers_broker import topology
+from tests.integration.processes import free_port, run_command
+
+
+async def test_status_shows_tasks_outbox_and_queues(
+    pool: asyncpg.Pool, broker_settings: BrokerSettings, service_env: dict[str, str]
+) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        ids = [(await create_task(conn, NewTask("echo", {"i": i}, 0, 3)))["id"] for i in range(6)]
+    # Two published (PENDING, for a minute now), one FAILED, three still in the outbox,
+    # one of which the broker refused and waits out a backoff.
+    await pool.execute(
+        "UPDATE tasks SET status = 'PENDING', updated_at = now() - interval '61 seconds' "
+        "WHERE id = ANY($1::uuid[])",
+        ids[:2],
+    )
+    await pool.execute("UPDATE tasks SET status = 'FAILED' WHERE id = $1", ids[2])
+    await pool.execute(
+        "UPDATE outbox SET published_at = now() WHERE task_id = ANY($1::uuid[])", ids[:3]
+    )
+    await pool.execute(
+        "UPDATE outbox SET created_at = now() - interval '90 seconds', "
+        "available_at = now() - interval '90 seconds' WHERE task_id = $1",
+        ids[3],
+    )
+    await pool.execute(
+        "UPDATE outbox SET last_error = 'DeliveryError: NO_ROUTE', "
+        "available_at = now() + interval '1 hour' WHERE task_id = $1",
+        ids[5],
+    )
+    async with topology(broker_settings) as topo:
+        channel = topo.queue.channel
+        for _ in range(2):
+            await topo.exchange.publish(
+                aio_pika.Message(b"{}"), routing_key=broker_settings.queue_name
+            )
+        dlx = await channel.get_exchange(broker_settings.dead_letter_exchange)
+        await dlx.publish(aio_pika.Message(b"dead"), routing_key="")
+
+    result = await run_command("relay", ["status"], service_env)
+    assert result.code == 0, result
+    out = result.stdout
+    assert "tasks         NEW 3  PENDING 2  PROCESSING 0  DONE 0  FAILED 1  CANCELLED 0" in out
+    assert "(total 6)" in out
+    assert "oldest PENDING waits 1m" in out
+    assert "outbox        backlog 3 rows (2 due, 1 waiting out a retry backoff), lag 1m3" in out
+    assert "failing 1" in out
+    assert "last publish error: DeliveryError: NO_ROUTE" in out
+    assert "table ~6 rows" in out
+    assert f"queue         {broker_settings.queue_name}: 2 ready, 0 consumers" in out
+    assert f"dead letters  {broker_settings.dead_letter_queue}: 1 ready, 0 consumers" in out
+    assert "postgres 127.0.0.1:5432/taskbox_test_" in out.splitlines()[0]
+    assert len(out.splitlines()) <= 24, "one screen"
+
+    as_json = await run_command("relay", ["status", "--json"], service_env)
+    assert as_json.code == 0, as_json
+    document = orjson.loads(as_json.stdout)
+    assert document["tasks"] == {"NEW": 3, "PENDING": 2, "FAILED": 1}
+    assert document["backlog"]["rows"] == 3
+    assert document["backlog"]["due"] == 2
+    assert document["queue"]["messages"] == 2
+    assert document["dead_letters"]["messages"] == 1
+
+
+async def test_status_says_what_it_could_not_reach(service_env: dict[str, str]) -> None:
+    env = {
+        **service_env,
+        "DATABASE_URL": f"postgresql://postgres:secret@127.0.0.1:{free_port()}/nothing",
+        "AMQP_URL": f"amqp://guest:secret@127.0.0.1:{free_port()}/",
+        "DB_CONNECT_TIMEOUT": "2",
+    }
+    result = await run_command("relay", ["status"], env)
+    assert result.code == 1, result
+    assert "postgres      UNREACHABLE:" in result.stdout
+    assert "queue         " in result.stdout
+    assert "secret" not in result.stdout  # the URLs are shown without their passwords
+
+
+async def test_status_of_queues_nobody_declared_yet(
+    pool: asyncpg.Pool, service_env: dict[str, str]
+) -> None:
+    result = await run_command("relay", ["status"], service_env)
+    assert result.code == 0, result
+    assert "does not exist (yet)" in result.stdout
+    assert "tasks         NEW 0" in result.stdout
