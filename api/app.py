@@ -37,7 +37,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # min_size=0: the API starts (and answers 503) even while Postgres is down.
         pool = await create_pool(settings, min_size=0)
-        notifier = OutboxNotifier(pool, settings.outbox_channel)
+        notifier = OutboxNotifier(
+            pool, settings.outbox_channel, settings.outbox_notify_min_interval
+        )
         app.state.pool = pool
         app.state.service = TaskService(
             PostgresTaskStore(pool),

@@ -17,7 +17,7 @@ import asyncpg
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from db.pool import create_pool
+from db.pool import init_connection
 from db.settings import DatabaseSettings
 
 CREATE_TABLE = """
@@ -43,7 +43,15 @@ class Created(BaseModel):
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    pool = await create_pool(DatabaseSettings(database_url=os.environ["DATABASE_URL"]))
+    # A plain asyncpg pool, as a user would write it: same size as Taskbox's, same
+    # jsonb codec, asyncpg's defaults otherwise.
+    settings = DatabaseSettings(database_url=os.environ["DATABASE_URL"])
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=settings.db_pool_min_size,
+        max_size=settings.db_pool_max_size,
+        init=init_connection,
+    )
     await pool.execute(CREATE_TABLE)
     app.state.pool = pool
     yield

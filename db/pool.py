@@ -29,6 +29,16 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Reset nothing when a connection goes back to the pool.
+
+    asyncpg's default reset sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL`` on every release: a round trip on every request. Taskbox
+    leaves no session state on a pooled connection (LISTEN and advisory locks live on
+    dedicated connections), and asyncpg still rolls back a transaction left open.
+    """
+
+
 async def connect(settings: DatabaseSettings) -> asyncpg.Connection:
     """A single connection outside the pool (the relay's LISTEN connection)."""
     conn = await asyncpg.connect(
@@ -49,6 +59,7 @@ async def create_pool(settings: DatabaseSettings, **overrides: Any) -> asyncpg.P
         # surface (as a 503 in the api) long before a client gives up.
         "timeout": settings.db_connect_timeout,
         "init": init_connection,
+        "reset": _keep_session,
     }
     options.update(overrides)
     pool = await asyncpg.create_pool(settings.database_url, **options)

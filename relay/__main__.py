@@ -69,7 +69,7 @@ async def serve(settings: RelaySettings) -> None:
         listener = OutboxListener(settings, wake, settings.relay_listen_check_interval)
         background["listener"] = listener.run()
     if settings.retention_interval > 0:
-        background["housekeeping"] = Housekeeper(pool, settings, metrics).run()
+        background["housekeeping"] = Housekeeper(settings, metrics).run()
     if server is not None:
         observe(probes, settings, metrics, pool, connection, relay, listener)
         background["metrics"] = server.serve()

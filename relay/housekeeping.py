@@ -62,8 +62,7 @@ async def sweep(
 class Housekeeper:
     """Sweeps every RETENTION_INTERVAL when no other relay is sweeping."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: RelaySettings, metrics: RelayMetrics) -> None:
-        self._pool = pool
+    def __init__(self, settings: RelaySettings, metrics: RelayMetrics) -> None:
         self._settings = settings
         self._metrics = metrics
         self.alive_at = time.monotonic()  # for /healthz
@@ -71,13 +70,16 @@ class Housekeeper:
 
     async def sweep_if_free(self) -> SweepReport | None:
         """One sweep, unless another process holds the lock (then None)."""
-        async with self._pool.acquire() as conn:
+        # A connection of its own: the advisory lock is held by the session, and pooled
+        # connections are handed back without a reset (db.pool), so a lock left on one
+        # by an interrupted sweep could outlive the sweep.
+        conn = await connect(self._settings)
+        try:
             if not await retention.try_lock(conn):
                 return None
-            try:
-                return await sweep(conn, self._settings, self._metrics)
-            finally:
-                await retention.unlock(conn)
+            return await sweep(conn, self._settings, self._metrics)
+        finally:
+            await conn.close()
 
     async def run(self) -> None:
         await asyncio.sleep(min(_FIRST_SWEEP_AFTER, self._settings.retention_interval))

@@ -157,7 +157,7 @@ async def test_only_one_process_sweeps_at_a_time(
 ) -> None:
     old = await make_tasks(pool, 5)
     await age(pool, old, days=8)
-    keeper = Housekeeper(pool, settings, RelayMetrics())
+    keeper = Housekeeper(settings, RelayMetrics())
     other = await connect(db_settings)  # another relay, mid-sweep
     try:
         assert await retention.try_lock(other)
