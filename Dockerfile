@@ -57,8 +57,8 @@ USER 10001:10001
 
 EXPOSE 8000
 
-# The api's liveness endpoint (urllib: the slim image has no curl). The relay and consumer
-# have no HTTP endpoint yet, so docker-compose.yml disables this check for them.
+# The api's liveness endpoint (urllib: the slim image has no curl). docker-compose.yml
+# replaces it for the relay and the consumer with their own /healthz on the metrics port.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('API_PORT', '8000'), timeout=2)"]
 
