@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from db.sql import Parameters
 from db.states import REPLAYABLE, REPLAYABLE_FORCED, TaskStatus
 
 CANDIDATE_COLUMNS = (
@@ -73,13 +74,8 @@ class Selection:
         )
 
 
-def _where(selection: Selection, args: list[Any]) -> str:
+def _where(selection: Selection, param: Parameters) -> str:
     """The selection as fixed SQL fragments; values travel as parameters."""
-
-    def param(value: Any) -> str:
-        args.append(value)
-        return f"${len(args)}"
-
     conditions: list[str] = []
     if selection.task_ids:
         conditions.append(f"id = ANY({param(list(selection.task_ids))}::uuid[])")
@@ -108,9 +104,12 @@ def _where(selection: Selection, args: list[Any]) -> str:
 
 
 async def count_selected(conn: asyncpg.Connection | asyncpg.Pool, selection: Selection) -> int:
-    args: list[Any] = []
-    where = _where(selection, args)
-    count = await conn.fetchval(f"SELECT count(*) FROM tasks WHERE {where}", *args)  # noqa: S608
+    param = Parameters()
+    where = _where(selection, param)
+    count = await conn.fetchval(
+        f"SELECT count(*) FROM tasks WHERE {where}",  # noqa: S608 - fragments are constants
+        *param.values,
+    )
     return int(count)
 
 
@@ -125,17 +124,16 @@ async def select_page(
     Paging on a key that never changes lets a long replay walk the selection in
     chunks while it moves the tasks it already passed.
     """
-    args: list[Any] = []
-    where = _where(selection, args)
+    param = Parameters()
+    where = _where(selection, param)
     if after is not None:
-        where += f" AND (created_at, id) > (${len(args) + 1}, ${len(args) + 2})"
-        args.extend(after)
-    args.append(limit)
+        created_at, task_id = after
+        where += f" AND (created_at, id) > ({param(created_at)}, {param(task_id)})"
     query = (
         f"SELECT {CANDIDATE_COLUMNS} FROM tasks WHERE {where} "  # noqa: S608 - constants
-        f"ORDER BY created_at, id LIMIT ${len(args)}"
+        f"ORDER BY created_at, id LIMIT {param(limit)}"
     )
-    rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+    rows: list[asyncpg.Record] = await conn.fetch(query, *param.values)
     return rows
 
 

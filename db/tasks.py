@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from db.sql import Parameters
 from db.states import CANCEL_LATER, CANCEL_NOW, TaskStatus
 
 TASK_COLUMNS = (
@@ -137,11 +138,7 @@ async def list_tasks(
     ``after`` is the (created_at, id) of the last row of the previous page.
     """
     conditions: list[str] = []
-    args: list[Any] = []
-
-    def param(value: Any) -> str:
-        args.append(value)
-        return f"${len(args)}"
+    param = Parameters()
 
     if filters.statuses:
         conditions.append(f"status = ANY({param([s.value for s in filters.statuses])}::text[])")
@@ -159,5 +156,5 @@ async def list_tasks(
         f"SELECT {TASK_COLUMNS} FROM tasks {where} "  # noqa: S608 - fragments are constants
         f"ORDER BY created_at DESC, id DESC LIMIT {param(limit + 1)}"
     )
-    rows = await conn.fetch(query, *args)
+    rows = await conn.fetch(query, *param.values)
     return Page(rows=rows[:limit], has_more=len(rows) > limit)
