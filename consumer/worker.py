@@ -50,6 +50,7 @@ class Running:
     claimed: ClaimedTask
     message: AbstractIncomingMessage
     task: asyncio.Task[None] | None = None
+    finished: bool = False  # the handler is done; its outcome awaits the commit
 
     def stop(self, reason: StopReason) -> None:
         if self.claimed.stop_reason is None and self.task is not None:
@@ -117,6 +118,8 @@ class TaskConsumer:
         self._completing = False
         self._settled = asyncio.Event()  # a completion batch was committed and settled
         self._running: dict[uuid.UUID, Running] = {}
+        # Deliveries for tasks whose outcome is not committed yet: claimed once it is.
+        self._held: list[tuple[AbstractIncomingMessage, messages.TaskMessage]] = []
         self.completed = 0
 
     @property
@@ -164,7 +167,11 @@ class TaskConsumer:
         while self._inbox and len(batch) < room:
             message, parsed = self._inbox.popleft()
             running = self._running.get(parsed.task_id)
-            if running is not None:
+            if running is not None and running.finished:
+                # Its outcome is about to be committed, and may be a retry whose message
+                # this is: it must go through the claim, once the commit is done.
+                self._held.append((message, parsed))
+            elif running is not None:
                 # A second delivery of a task we run: keep the newest message (the old one
                 # may belong to a channel that reconnected) and settle the other.
                 running.message, message = message, running.message
@@ -236,6 +243,7 @@ class TaskConsumer:
         self.metrics.handler_seconds.labels(running.claimed.type).observe(
             time.perf_counter() - started
         )
+        running.finished = True
         self._outcomes.append((outcome, running))
         self._outcome_ready.set()
 
@@ -272,12 +280,17 @@ class TaskConsumer:
                 )
                 failpoints.hit("consumer.after_commit")
                 self._count(batch, recorded)
+                # Forget the tasks before the first await: a delivery that arrives from
+                # here on is a new message (a retry's, say) and must be claimed.
+                for _, running in batch:
+                    self._running.pop(running.claimed.task_id, None)
+                self._inbox.extendleft(reversed(self._held))
+                self._held.clear()
                 for outcome, running in batch:
                     # A released task goes back to the queue; everything else is settled
                     # (an outcome that lost its fence means someone else owns the task now).
                     how = "requeue" if outcome.status == TaskStatus.PENDING else "ack"
                     await _settle(running.message, how)
-                    self._running.pop(running.claimed.task_id, None)
                 self.completed += len(batch)
                 self._work.set()
             finally:
@@ -358,6 +371,8 @@ class TaskConsumer:
             await queue.cancel(tag)
         except aio_pika.exceptions.AMQPError as exc:
             log.info("could not cancel the AMQP consumer: %s", exc)
+        self._inbox.extend(self._held)
+        self._held.clear()
         while self._inbox:
             message, _ = self._inbox.popleft()
             await _settle(message, "requeue")
