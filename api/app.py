@@ -10,9 +10,10 @@ from typing import Any
 from fastapi import FastAPI
 
 from api import errors
+from api.auth import key_bytes
 from api.errors import PROBLEM_JSON
 from api.metrics import ApiMetrics
-from api.middleware import JsonBodies
+from api.middleware import ContentLengthLimit, JsonBodies
 from api.notifier import OutboxNotifier
 from api.routes import health, metrics, tasks
 from api.service import PostgresTaskStore, TaskService
@@ -48,7 +49,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             max_max_attempts=settings.max_max_attempts,
             wake_relay=notifier.wake,
             metrics=api_metrics,
+            max_payload_string=settings.max_payload_string,
         )
+        if not app.state.api_keys:
+            log.warning(
+                "API_KEYS is empty: the API is UNAUTHENTICATED; anyone who can reach it "
+                "can create, read and cancel tasks. Set API_KEYS to require a key."
+            )
         log.info("api ready; task types: %s", ", ".join(registry.names()))
         try:
             yield
@@ -56,7 +63,17 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             await notifier.close()
             await pool.close()
 
-    app = FastAPI(title="Taskbox", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="Taskbox",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        # FastAPI counts every body's bytes as they arrive (streamed ones too) and
+        # raises a 413 that api.errors answers as a problem document.
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.api_keys = key_bytes(settings)
+    app.state.metrics_require_auth = settings.metrics_require_auth
     errors.install(app)
     app.add_middleware(JsonBodies)
     app.include_router(tasks.router)
@@ -64,7 +81,22 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.state.metrics = api_metrics
     _document_problems(app)
+    _limit_declared_length(app, settings.max_body_bytes)
     return app
+
+
+def _limit_declared_length(app: FastAPI, max_body_bytes: int) -> None:
+    """Put ContentLengthLimit outside the whole stack, FastAPI's body limit included.
+
+    A user middleware would sit inside FastAPI's limit, which replaces any answer to
+    a request declaring too long a body with its own plain-text 413.
+    """
+    build = app.build_middleware_stack
+
+    def build_middleware_stack() -> Any:
+        return ContentLengthLimit(build(), max_body_bytes)
+
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 
 
 def _document_problems(app: FastAPI) -> None:

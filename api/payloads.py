@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 MAX_DEPTH = 32
+MAX_STRING = 65_536  # characters, the default of MAX_PAYLOAD_STRING
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what the JSON encoder can write
 _UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
 
@@ -24,10 +25,21 @@ class UnstorablePayload(ValueError):
         self.msg = msg
 
 
-def check_storable(value: Any, loc: list[str | int] | None = None, depth: int = 0) -> None:
-    """Raise UnstorablePayload for the first value that is not storable JSON."""
+def check_storable(
+    value: Any,
+    loc: list[str | int] | None = None,
+    depth: int = 0,
+    *,
+    max_string: int = MAX_STRING,
+) -> None:
+    """Raise UnstorablePayload for the first value that is not storable JSON.
+
+    Strings, values and keys alike, may be ``max_string`` characters long at most.
+    """
     loc = loc if loc is not None else []
     if isinstance(value, str):
+        if len(value) > max_string:
+            raise UnstorablePayload(loc, f"string longer than {max_string} characters")
         if _UNSTORABLE_TEXT.search(value):
             raise UnstorablePayload(loc, "text may not contain NUL characters or lone surrogates")
     elif isinstance(value, bool) or value is None:
@@ -43,13 +55,16 @@ def check_storable(value: Any, loc: list[str | int] | None = None, depth: int = 
             raise UnstorablePayload(loc, f"nested deeper than {MAX_DEPTH} levels")
         if isinstance(value, dict):
             for key, item in value.items():
+                if len(key) > max_string:
+                    # The location is the object: a key that long makes a poor path part.
+                    raise UnstorablePayload(loc, f"a key is longer than {max_string} characters")
                 if _UNSTORABLE_TEXT.search(key):
                     raise UnstorablePayload(
                         [*loc, key], "keys may not contain NUL characters or lone surrogates"
                     )
-                check_storable(item, [*loc, key], depth + 1)
+                check_storable(item, [*loc, key], depth + 1, max_string=max_string)
         else:
             for index, item in enumerate(value):
-                check_storable(item, [*loc, index], depth + 1)
+                check_storable(item, [*loc, index], depth + 1, max_string=max_string)
     else:
         raise UnstorablePayload(loc, f"{type(value).__name__} is not a JSON value")

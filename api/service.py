@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from api import pagination
 from api.metrics import ApiMetrics
-from api.payloads import UnstorablePayload, check_storable
+from api.payloads import MAX_STRING, UnstorablePayload, check_storable
 from api.schemas import TaskCreate
 from db import tasks as task_store
 from db.states import TERMINAL, TaskStatus
@@ -120,7 +120,9 @@ class TaskService:
         max_max_attempts: int,
         wake_relay: Callable[[], None],
         metrics: ApiMetrics | None = None,
+        max_payload_string: int = MAX_STRING,
     ) -> None:
+        self._max_payload_string = max_payload_string
         self._store = store
         self._registry = registry
         self._default_max_attempts = default_max_attempts
@@ -142,7 +144,7 @@ class TaskService:
                 ]
             )
         try:
-            check_storable(request.payload)
+            check_storable(request.payload, max_string=self._max_payload_string)
         except UnstorablePayload as exc:
             raise InvalidRequest(
                 [{"loc": ["body", "payload", *exc.loc], "msg": exc.msg, "type": "unstorable_value"}]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
 
 from db.settings import DatabaseSettings
 from runtime.settings import ProcessSettings
@@ -18,3 +21,24 @@ class ApiSettings(DatabaseSettings, ProcessSettings):
     api_access_log: bool = Field(True, description="Log one line per request.")
     default_max_attempts: int = Field(3, ge=1, le=100)
     max_max_attempts: int = Field(25, ge=1, description="Upper bound a client may ask for.")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated API keys, sent as `Authorization: Bearer <key>`; several let "
+            "keys rotate. Empty turns authentication off."
+        ),
+    )
+    metrics_require_auth: bool = Field(False, description="/metrics asks for an API key too.")
+    max_body_bytes: int = Field(
+        1_048_576, ge=0, description="Largest request body in bytes; past it, 413."
+    )
+    max_payload_string: int = Field(
+        65_536, ge=1, description="Longest string (value or key) in a payload, in characters."
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.auth import require_metrics_key
 from api.metrics import ApiMetrics
 
 router = APIRouter()
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get("/metrics", include_in_schema=False, dependencies=[Depends(require_metrics_key)])
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics
     assert isinstance(registry, ApiMetrics)

@@ -6,16 +6,29 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Response, status
 
 from api import rendering
+from api.auth import require_api_key
 from api.deps import Service
 from api.schemas import Problem, Task, TaskCreate, TaskPage, TaskStatusView
 from db.states import TaskStatus
 
-router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"])
-
 Responses = dict[int | str, dict[str, Any]]
+
+_UNAUTHORIZED: Responses = {
+    401: {"model": Problem, "description": "The API key is missing or not valid"}
+}
+_TOO_LARGE: Responses = {
+    413: {"model": Problem, "description": "The request body is larger than MAX_BODY_BYTES"}
+}
+
+router = APIRouter(
+    prefix="/api/v1/tasks",
+    tags=["tasks"],
+    dependencies=[Depends(require_api_key)],
+    responses=_UNAUTHORIZED,
+)
 
 _NOT_FOUND: Responses = {404: {"model": Problem, "description": "No task has this id"}}
 _INVALID: Responses = {
@@ -34,7 +47,7 @@ _UNAVAILABLE: Responses = {503: {"model": Problem, "description": "The database 
         "The `Location` header points at the new task. A W3C `traceparent` header is "
         "carried to the consumer, whose log lines for this task show its trace id."
     ),
-    responses={**_INVALID, **_UNAVAILABLE},
+    responses={**_TOO_LARGE, **_INVALID, **_UNAVAILABLE},
 )
 async def create_task(
     body: TaskCreate,

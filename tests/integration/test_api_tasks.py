@@ -1042,10 +1042,17 @@ async def test_routing_errors_are_problems(
 
 EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
     # (path, method) -> status -> schema name of the body (None: no schema required)
-    (TASKS, "post"): {"201": "Task", "422": "Problem", "503": "Problem"},
-    (TASKS, "get"): {"200": "TaskPage", "422": "Problem", "503": "Problem"},
+    (TASKS, "post"): {
+        "201": "Task",
+        "401": "Problem",
+        "413": "Problem",
+        "422": "Problem",
+        "503": "Problem",
+    },
+    (TASKS, "get"): {"200": "TaskPage", "401": "Problem", "422": "Problem", "503": "Problem"},
     (f"{TASKS}/{{task_id}}", "get"): {
         "200": "Task",
+        "401": "Problem",
         "404": "Problem",
         "422": "Problem",
         "503": "Problem",
@@ -1053,6 +1060,7 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
     (f"{TASKS}/{{task_id}}", "delete"): {
         "200": "Task",
         "202": "Task",
+        "401": "Problem",
         "404": "Problem",
         "409": "Problem",
         "422": "Problem",
@@ -1060,6 +1068,7 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
     },
     (f"{TASKS}/{{task_id}}/status", "get"): {
         "200": "TaskStatusView",
+        "401": "Problem",
         "404": "Problem",
         "422": "Problem",
         "503": "Problem",

@@ -1,0 +1,64 @@
+"""API keys: ``Authorization: Bearer <key>`` on every /api/v1 route.
+
+The keys are read once, at startup, into ``app.state.api_keys`` as bytes; an empty
+tuple turns authentication off. The dependency is ``async def`` (FastAPI runs a plain
+``def`` dependency in a worker thread) and compares the presented key with every
+configured one in constant time, so neither the match nor its position leaks through
+timing.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from typing import Annotated
+
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+
+from api.settings import ApiSettings
+
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key from the `API_KEYS` setting, as `Authorization: Bearer <key>`.",
+)
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
+
+
+def key_bytes(settings: ApiSettings) -> tuple[bytes, ...]:
+    """The configured keys as the bytes a header carries."""
+    return tuple(key.get_secret_value().encode() for key in settings.api_keys)
+
+
+def key_matches(presented: bytes, keys: Sequence[bytes]) -> bool:
+    """Whether ``presented`` is one of ``keys``, compared with every key in constant time."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(presented, key)
+    return found
+
+
+def _check(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
+    keys: tuple[bytes, ...] = request.app.state.api_keys
+    if not keys:
+        return
+    if credentials is None:
+        raise HTTPException(401, "an API key is required: Authorization: Bearer <key>", CHALLENGE)
+    # Header values arrive decoded as latin-1; encoding back gives the bytes sent.
+    if not key_matches(credentials.credentials.encode("latin-1"), keys):
+        raise HTTPException(401, "the API key is not valid", CHALLENGE)
+
+
+async def require_api_key(request: Request, credentials: Credentials) -> None:
+    """Dependency of the task routes: a valid key, when keys are configured."""
+    _check(request, credentials)
+
+
+async def require_metrics_key(request: Request, credentials: Credentials) -> None:
+    """Dependency of /metrics: a valid key only when METRICS_REQUIRE_AUTH is set."""
+    if request.app.state.metrics_require_auth:
+        _check(request, credentials)
