@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.service import InvalidRequest, TaskFinished, TaskNotFound
+from api.service import IdempotencyConflict, InvalidRequest, TaskFinished, TaskNotFound
 from db.errors import TRANSIENT_DB_ERRORS
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(TaskNotFound)
     async def _not_found(request: Request, exc: TaskNotFound) -> JSONResponse:
         return problem(request, 404, str(exc.args[0]))
+
+    @app.exception_handler(IdempotencyConflict)
+    async def _reused_key(request: Request, exc: IdempotencyConflict) -> JSONResponse:
+        return problem(request, 409, str(exc))
 
     @app.exception_handler(TaskFinished)
     async def _finished(request: Request, exc: TaskFinished) -> JSONResponse:

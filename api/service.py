@@ -40,6 +40,16 @@ class TaskFinished(Exception):
         super().__init__(f"task {task_id} is already {status}; it cannot be cancelled")
 
 
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before, for a different request."""
+
+    def __init__(self, task_id: uuid.UUID) -> None:
+        super().__init__(
+            f"this Idempotency-Key already created task {task_id} from a different request; "
+            "use a new key for a new task"
+        )
+
+
 class InvalidRequest(ValueError):
     """A request that parsed but breaks a rule; ``errors`` say where, like a 422's."""
 
@@ -52,6 +62,9 @@ class InvalidRequest(ValueError):
 
 class TaskStore(Protocol):
     async def create(self, task: task_store.NewTask, headers: dict[str, Any]) -> TaskRow: ...
+    async def create_once(
+        self, task: task_store.NewTask, headers: dict[str, Any], idempotency_key: str
+    ) -> tuple[TaskRow, bool]: ...
     async def get(self, task_id: uuid.UUID) -> TaskRow | None: ...
     async def status(self, task_id: uuid.UUID) -> TaskRow | None: ...
     async def list(
@@ -72,6 +85,12 @@ class PostgresTaskStore:
     async def create(self, task: task_store.NewTask, headers: dict[str, Any]) -> TaskRow:
         row: TaskRow = await task_store.create_task(self._pool, task, headers)
         return row
+
+    async def create_once(
+        self, task: task_store.NewTask, headers: dict[str, Any], idempotency_key: str
+    ) -> tuple[TaskRow, bool]:
+        row, created = await task_store.create_task_once(self._pool, task, headers, idempotency_key)
+        return row, created
 
     async def get(self, task_id: uuid.UUID) -> TaskRow | None:
         return await task_store.get_task(self._pool, task_id)
@@ -184,6 +203,30 @@ class TaskService:
         self._wake_relay()
         self._metrics.tasks_created.labels(task.type).inc()
         return row
+
+    async def create_once(
+        self, request: TaskCreate, idempotency_key: str, traceparent: str | None = None
+    ) -> tuple[TaskRow, bool]:
+        """Like ``create``, once per key: the same key with the same request returns the
+        task it created (and False); with a different request it is a conflict."""
+        task = self.validate(request)
+        trace = tracing.continue_or_start(traceparent)
+        row, created = await self._store.create_once(
+            task, {tracing.HEADER: str(trace)}, idempotency_key
+        )
+        if created:
+            self._wake_relay()
+            self._metrics.tasks_created.labels(task.type).inc()
+            return row, True
+        same = (row["type"], row["payload"], row["priority"], row["max_attempts"]) == (
+            task.type,
+            task.payload,
+            task.priority,
+            task.max_attempts,
+        )
+        if not same:
+            raise IdempotencyConflict(row["id"])
+        return row, False
 
     async def get(self, task_id: uuid.UUID) -> TaskRow:
         row = await self._store.get(task_id)

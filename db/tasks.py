@@ -39,6 +39,26 @@ WITH task AS (
 SELECT {TASK_COLUMNS} FROM task
 """  # noqa: S608 - TASK_COLUMNS is a constant
 
+# The same with an idempotency key: a second insert with the key inserts nothing (and so
+# writes no outbox row either). A concurrent one waits on the first's index entry and,
+# once that commits, finds the conflict too.
+_INSERT_KEYED_TASK_WITH_OUTBOX = f"""
+WITH task AS (
+    INSERT INTO tasks (type, payload, priority, max_attempts, idempotency_key)
+    VALUES ($1, $2, $3, $4, $6)
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING {TASK_COLUMNS}
+), event AS (
+    INSERT INTO outbox (task_id, kind, body, headers)
+    SELECT id, 'task.created',
+           jsonb_build_object('task_id', id, 'type', type, 'priority', priority),
+           $5
+    FROM task
+)
+SELECT {TASK_COLUMNS} FROM task
+"""  # noqa: S608 - TASK_COLUMNS is a constant
+
+_GET_BY_KEY = f"SELECT {TASK_COLUMNS} FROM tasks WHERE idempotency_key = $1"  # noqa: S608
 _GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"  # noqa: S608
 _GET_STATUS = "SELECT id, status, updated_at FROM tasks WHERE id = $1"
 
@@ -79,6 +99,34 @@ async def create_task(
     )
     assert row is not None
     return row
+
+
+async def create_task_once(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    task: NewTask,
+    headers: dict[str, Any],
+    idempotency_key: str,
+) -> tuple[asyncpg.Record, bool]:
+    """Create the task unless one with ``idempotency_key`` exists.
+
+    Returns the task and whether this call created it.
+    """
+    for _ in range(3):  # the holder of the key may vanish in between (retention)
+        row = await conn.fetchrow(
+            _INSERT_KEYED_TASK_WITH_OUTBOX,
+            task.type,
+            task.payload,
+            task.priority,
+            task.max_attempts,
+            headers,
+            idempotency_key,
+        )
+        if row is not None:
+            return row, True
+        existing = await conn.fetchrow(_GET_BY_KEY, idempotency_key)
+        if existing is not None:
+            return existing, False
+    raise RuntimeError("idempotency key kept conflicting with a task that does not exist")
 
 
 async def get_task(

@@ -45,9 +45,18 @@ _UNAVAILABLE: Responses = {503: {"model": Problem, "description": "The database 
     description=(
         "Stores the task (status NEW) and the event that will run it in one transaction. "
         "The `Location` header points at the new task. A W3C `traceparent` header is "
-        "carried to the consumer, whose log lines for this task show its trace id."
+        "carried to the consumer, whose log lines for this task show its trace id. "
+        "With an `Idempotency-Key` header, repeating the request returns the task it "
+        "created (200) instead of creating another; the same key with a different "
+        "request is a 409."
     ),
-    responses={**_TOO_LARGE, **_INVALID, **_UNAVAILABLE},
+    responses={
+        200: {"model": Task, "description": "This Idempotency-Key already created this task"},
+        409: {"model": Problem, "description": "The Idempotency-Key was used for another request"},
+        **_TOO_LARGE,
+        **_INVALID,
+        **_UNAVAILABLE,
+    },
 )
 async def create_task(
     body: TaskCreate,
@@ -56,7 +65,21 @@ async def create_task(
         str | None,
         Header(description="W3C trace context; a missing or malformed one starts a new trace."),
     ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=200,
+            pattern=r"^[\x21-\x7e]+$",
+            description="Client-chosen key (printable ASCII, up to 200 characters) that "
+            "makes retrying this request safe.",
+        ),
+    ] = None,
 ) -> Response:
+    if idempotency_key is not None:
+        row, created = await service.create_once(body, idempotency_key, traceparent)
+        location = {"Location": f"{router.prefix}/{row['id']}"}
+        return rendering.task_response(row, 201 if created else 200, location)
     row = await service.create(body, traceparent)
     return rendering.task_response(row, 201, {"Location": f"{router.prefix}/{row['id']}"})
 

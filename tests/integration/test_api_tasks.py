@@ -1043,8 +1043,10 @@ async def test_routing_errors_are_problems(
 EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
     # (path, method) -> status -> schema name of the body (None: no schema required)
     (TASKS, "post"): {
+        "200": "Task",
         "201": "Task",
         "401": "Problem",
+        "409": "Problem",
         "413": "Problem",
         "422": "Problem",
         "503": "Problem",

@@ -14,6 +14,7 @@ from api import pagination
 from api.schemas import TaskCreate
 from api.service import (
     Cancellation,
+    IdempotencyConflict,
     InvalidRequest,
     TaskFinished,
     TaskNotFound,
@@ -75,6 +76,7 @@ class FakeTaskStore:
     )
     fail_create: Exception | None = None
     headers: list[dict[str, Any]] = field(default_factory=list)
+    keys: dict[str, TaskRow] = field(default_factory=dict)
 
     def add(self, status: TaskStatus, created_at: datetime = T0) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -95,6 +97,15 @@ class FakeTaskStore:
         }
         self.rows[row["id"]] = row
         return row
+
+    async def create_once(
+        self, task: NewTask, headers: dict[str, Any], idempotency_key: str
+    ) -> tuple[TaskRow, bool]:
+        if idempotency_key in self.keys:
+            return self.keys[idempotency_key], False
+        row = await self.create(task, headers)
+        self.keys[idempotency_key] = row
+        return row, True
 
     async def create(self, task: NewTask, headers: dict[str, Any]) -> TaskRow:
         self.events.append("store.create")
@@ -507,3 +518,32 @@ async def test_cancel_of_an_unknown_task_raises_task_not_found(h: Harness) -> No
     missing = uuid.uuid4()
     with pytest.raises(TaskNotFound, match=str(missing)):
         await h.service.cancel(missing)
+
+
+# -- idempotency keys --------------------------------------------------------------------
+
+
+async def test_a_new_idempotency_key_creates_and_wakes_once(h: Harness) -> None:
+    row, created = await h.service.create_once(TaskCreate(type="noop"), "key-1")
+    assert created is True
+    assert h.events == ["store.create", "wake"]
+    again, created_again = await h.service.create_once(TaskCreate(type="noop"), "key-1")
+    assert (again["id"], created_again) == (row["id"], False)
+    assert h.events == ["store.create", "wake"]  # nothing stored, no wake-up
+
+
+async def test_a_reused_idempotency_key_with_another_request_is_a_conflict(h: Harness) -> None:
+    row, _ = await h.service.create_once(TaskCreate(type="noop", priority=1), "key-2")
+    with pytest.raises(IdempotencyConflict, match=str(row["id"])):
+        await h.service.create_once(TaskCreate(type="noop", priority=2), "key-2")
+    with pytest.raises(IdempotencyConflict):
+        await h.service.create_once(
+            TaskCreate(type="resize", payload={"url": "u", "width": 10}), "key-2"
+        )
+
+
+async def test_an_invalid_request_with_a_key_is_rejected_before_the_store(h: Harness) -> None:
+    with pytest.raises(InvalidRequest):
+        await h.service.create_once(TaskCreate(type="nope"), "key-3")
+    assert h.events == []
+    assert h.store.keys == {}
