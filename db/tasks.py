@@ -22,31 +22,25 @@ TASK_COLUMNS = (
     "cancel_requested, worker_id, created_at, updated_at, started_at, finished_at, heartbeat_at"
 )
 
-# One statement, so one implicit transaction and one round trip: the task and the event
-# that will run it are committed together or not at all.
-_INSERT_TASK_WITH_OUTBOX = f"""
-WITH task AS (
-    INSERT INTO tasks (type, payload, priority, max_attempts)
-    VALUES ($1, $2, $3, $4)
-    RETURNING {TASK_COLUMNS}
-), event AS (
-    INSERT INTO outbox (task_id, kind, body, headers)
-    SELECT id, 'task.created',
-           jsonb_build_object('task_id', id, 'type', type, 'priority', priority),
-           $5
-    FROM task
-)
-SELECT {TASK_COLUMNS} FROM task
-"""  # noqa: S608 - TASK_COLUMNS is a constant
 
-# The same with an idempotency key: a second insert with the key inserts nothing (and so
-# writes no outbox row either). A concurrent one waits on the first's index entry and,
-# once that commits, finds the conflict too.
-_INSERT_KEYED_TASK_WITH_OUTBOX = f"""
+def _insert_with_outbox(*, keyed: bool) -> str:
+    """The insert of a task and its ``task.created`` outbox row, as one statement.
+
+    One statement, so one implicit transaction and one round trip: the task and the
+    event that will run it are committed together or not at all. The keyed variant
+    inserts nothing (and so writes no outbox row) when the idempotency key is taken; a
+    concurrent insert with the key waits on the first's index entry and, once that
+    commits, finds the conflict too.
+    """
+    columns, values, on_conflict = "", "", ""
+    if keyed:
+        columns, values = ", idempotency_key", ", $6"
+        on_conflict = "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+    return f"""
 WITH task AS (
-    INSERT INTO tasks (type, payload, priority, max_attempts, idempotency_key)
-    VALUES ($1, $2, $3, $4, $6)
-    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    INSERT INTO tasks (type, payload, priority, max_attempts{columns})
+    VALUES ($1, $2, $3, $4{values})
+    {on_conflict}
     RETURNING {TASK_COLUMNS}
 ), event AS (
     INSERT INTO outbox (task_id, kind, body, headers)
@@ -56,7 +50,11 @@ WITH task AS (
     FROM task
 )
 SELECT {TASK_COLUMNS} FROM task
-"""  # noqa: S608 - TASK_COLUMNS is a constant
+"""  # noqa: S608 - every fragment is a constant
+
+
+_INSERT_TASK_WITH_OUTBOX = _insert_with_outbox(keyed=False)
+_INSERT_KEYED_TASK_WITH_OUTBOX = _insert_with_outbox(keyed=True)
 
 _GET_BY_KEY = f"SELECT {TASK_COLUMNS} FROM tasks WHERE idempotency_key = $1"  # noqa: S608
 _GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"  # noqa: S608
