@@ -10,7 +10,6 @@ import sys
 import uuid
 
 import aio_pika
-import asyncpg
 from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 
 from broker import topology
@@ -18,17 +17,17 @@ from consumer.metrics import ConsumerMetrics
 from consumer.monitoring import observe
 from consumer.settings import ConsumerSettings
 from consumer.worker import TaskConsumer
-from db.pool import create_pool
 from runtime.lifecycle import (
     EXIT_LOOP_DIED,
     LoopDied,
     Shutdown,
     connect_with_retry,
+    open_pool,
     run_service,
     supervise,
 )
 from runtime.logs import configure
-from runtime.probes import PortUnavailable, Probes, ProbeServer
+from runtime.probes import PortUnavailable, Probes, start_probe_server
 from tasktypes import load_registry
 
 log = logging.getLogger("consumer")
@@ -50,15 +49,10 @@ async def serve(settings: ConsumerSettings) -> None:
     shutdown.install()
     metrics = ConsumerMetrics()
     probes = Probes()
-    server: ProbeServer | None = None
-    if settings.consumer_metrics_port:
-        server = ProbeServer(
-            metrics.registry, probes, settings.metrics_host, settings.consumer_metrics_port
-        )
-        await server.start()
-    pool = await connect_with_retry(
-        "Postgres", lambda: create_pool(settings), (OSError, asyncpg.PostgresError)
+    server = await start_probe_server(
+        metrics.registry, probes, settings.metrics_host, settings.consumer_metrics_port
     )
+    pool = await open_pool(settings)
     connection, queue = await connect_with_retry(
         "RabbitMQ", lambda: open_queue(settings), (OSError, aio_pika.exceptions.AMQPError)
     )

@@ -16,10 +16,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 import aio_pika
-import asyncpg
 from pydantic import ValidationError
 
-from db.pool import create_pool
 from relay import replay, status
 from relay.housekeeping import Housekeeper, cleanup
 from relay.listener import OutboxListener
@@ -32,11 +30,12 @@ from runtime.lifecycle import (
     LoopDied,
     Shutdown,
     connect_with_retry,
+    open_pool,
     run_service,
     supervise,
 )
 from runtime.logs import configure
-from runtime.probes import PortUnavailable, Probes, ProbeServer
+from runtime.probes import PortUnavailable, Probes, start_probe_server
 from runtime.settings import describe_invalid
 
 log = logging.getLogger("relay")
@@ -49,15 +48,10 @@ async def serve(settings: RelaySettings) -> None:
     shutdown.install()
     metrics = RelayMetrics()
     probes = Probes()
-    server: ProbeServer | None = None
-    if settings.relay_metrics_port:
-        server = ProbeServer(
-            metrics.registry, probes, settings.metrics_host, settings.relay_metrics_port
-        )
-        await server.start()
-    pool = await connect_with_retry(
-        "Postgres", lambda: create_pool(settings), (OSError, asyncpg.PostgresError)
+    server = await start_probe_server(
+        metrics.registry, probes, settings.metrics_host, settings.relay_metrics_port
     )
+    pool = await open_pool(settings)
     connection, publisher = await connect_with_retry(
         "RabbitMQ", lambda: open_broker(settings), (OSError, aio_pika.exceptions.AMQPError)
     )

@@ -236,3 +236,14 @@ class ProbeServer:
         else:
             ok, document = await self._probes.readiness()
         return (200 if ok else 503), _JSON, orjson.dumps(document) + b"\n"
+
+
+async def start_probe_server(
+    registry: CollectorRegistry, probes: Probes, host: str, port: int
+) -> ProbeServer | None:
+    """The process's metrics and probe server, bound now; None when ``port`` is 0."""
+    if not port:
+        return None
+    server = ProbeServer(registry, probes, host, port)
+    await server.start()
+    return server
