@@ -50,6 +50,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             wake_relay=notifier.wake,
             metrics=api_metrics,
             max_payload_string=settings.max_payload_string,
+            max_schedule_delay=settings.max_schedule_delay,
         )
         if not app.state.api_keys:
             log.warning(

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from api.schemas import Task, TaskStatusView
 
@@ -27,6 +28,14 @@ def task_document(row: Mapping[str, Any]) -> dict[str, Any]:
     # asyncpg's own UUID class is not one orjson knows
     document["id"] = str(document["id"])
     return document
+
+
+def component_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema for an OpenAPI document whose components hold the
+    models it refers to (FastAPI puts them there for the routes that use them)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return schema
 
 
 def json_response(
@@ -50,6 +59,10 @@ def status_response(row: Mapping[str, Any]) -> Response:
     document = {field: row[field] for field in STATUS_FIELDS}
     document["id"] = str(document["id"])
     return json_response(document)
+
+
+def batch_response(rows: Iterable[Mapping[str, Any]]) -> Response:
+    return json_response({"items": [task_document(row) for row in rows]}, 201)
 
 
 def page_response(rows: Iterable[Mapping[str, Any]], next_cursor: str | None) -> Response:

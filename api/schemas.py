@@ -4,11 +4,30 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from db.states import TaskStatus
+
+
+def _iso_8601(value: object) -> object:
+    """A moment as ISO 8601 text, read before the strict model sees it.
+
+    FastAPI validates a body as Python objects, where a strict datetime field takes no
+    text at all; a lax one would also take a number as a Unix time. Text goes through
+    ``datetime.fromisoformat`` here, anything else but None is refused.
+    """
+    if value is None or isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("run_at must be an ISO 8601 string, e.g. 2026-12-24T18:00:00Z")
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"{value[:40]!r} is not an ISO 8601 moment, e.g. 2026-12-24T18:00:00Z"
+        ) from None
 
 
 class TaskCreate(BaseModel):
@@ -21,6 +40,8 @@ class TaskCreate(BaseModel):
                 {"type": "echo", "payload": {"x": 1}},
                 {"type": "sha256", "payload": {"text": "hello"}, "priority": 5},
                 {"type": "sleep", "payload": {"seconds": 2}, "max_attempts": 5},
+                {"type": "echo", "payload": {"x": 1}, "delay_seconds": 30},
+                {"type": "echo", "payload": {"x": 1}, "run_at": "2026-12-24T18:00:00Z"},
             ]
         },
     )
@@ -32,6 +53,43 @@ class TaskCreate(BaseModel):
     priority: int = Field(0, ge=0, le=9, description="0 (lowest) to 9.")
     max_attempts: int | None = Field(
         None, ge=1, description="Attempts before the task fails; the server default when absent."
+    )
+    run_at: Annotated[datetime | None, BeforeValidator(_iso_8601)] = Field(
+        None,
+        description="Run no earlier than this moment (ISO 8601 with a UTC offset). The task "
+        "stays NEW until then and can be cancelled meanwhile; a moment in the past runs now.",
+    )
+    delay_seconds: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Run no earlier than this many seconds from now; instead of `run_at`.",
+    )
+
+
+MAX_BATCH = 1000
+
+
+class TaskBatchCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "tasks": [
+                        {"type": "echo", "payload": {"x": 1}},
+                        {"type": "sha256", "payload": {"text": "hello"}, "priority": 5},
+                    ]
+                }
+            ]
+        },
+    )
+
+    tasks: list[TaskCreate] = Field(
+        min_length=1,
+        max_length=MAX_BATCH,
+        description=f"1 to {MAX_BATCH} tasks, each as `POST /api/v1/tasks` takes it.",
     )
 
 
@@ -60,6 +118,7 @@ class Task(BaseModel):
                     "updated_at": "2026-11-26T12:00:00.004000Z",
                     "started_at": "2026-11-26T12:00:00.002000Z",
                     "finished_at": "2026-11-26T12:00:00.004000Z",
+                    "run_at": None,
                 }
             ]
         },
@@ -79,6 +138,13 @@ class Task(BaseModel):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    run_at: datetime | None = Field(
+        None, description="When a scheduled task may run; null when it runs at once."
+    )
+
+
+class TaskBatch(BaseModel):
+    items: list[Task] = Field(description="The created tasks, in the order they were sent.")
 
 
 class TaskStatusView(BaseModel):

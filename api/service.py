@@ -10,19 +10,21 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import asyncpg
 from pydantic import ValidationError
 
 from api import pagination
+from api.batch import read_batch
 from api.metrics import ApiMetrics
 from api.payloads import MAX_STRING, UnstorablePayload, check_storable
 from api.schemas import TaskCreate
 from db import tasks as task_store
 from db.states import TERMINAL, TaskStatus
 from runtime import tracing
+from runtime.durations import format_duration
 from tasktypes import TaskRegistry
 
 TaskRow = Mapping[str, Any]
@@ -65,6 +67,9 @@ class TaskStore(Protocol):
     async def create_once(
         self, task: task_store.NewTask, headers: dict[str, Any], idempotency_key: str
     ) -> tuple[TaskRow, bool]: ...
+    async def create_many(
+        self, tasks: list[task_store.NewTask], headers: list[dict[str, Any]]
+    ) -> list[TaskRow]: ...
     async def get(self, task_id: uuid.UUID) -> TaskRow | None: ...
     async def status(self, task_id: uuid.UUID) -> TaskRow | None: ...
     async def list(
@@ -91,6 +96,12 @@ class PostgresTaskStore:
     ) -> tuple[TaskRow, bool]:
         row, created = await task_store.create_task_once(self._pool, task, headers, idempotency_key)
         return row, created
+
+    async def create_many(
+        self, tasks: list[task_store.NewTask], headers: list[dict[str, Any]]
+    ) -> list[TaskRow]:
+        rows: list[TaskRow] = await task_store.create_tasks(self._pool, tasks, headers)
+        return rows
 
     async def get(self, task_id: uuid.UUID) -> TaskRow | None:
         return await task_store.get_task(self._pool, task_id)
@@ -122,6 +133,12 @@ class Cancellation:
     immediate: bool  # False: the task runs and was only flagged cancel_requested
 
 
+def _position(problem: dict[str, Any]) -> int:
+    """Where a batch problem points: its task's position, -1 for the batch itself."""
+    loc = problem["loc"]
+    return loc[2] if len(loc) > 2 and isinstance(loc[2], int) else -1
+
+
 def _aware(moment: datetime | None) -> datetime | None:
     # A timestamp without an offset is read as UTC rather than rejected.
     if moment is not None and moment.tzinfo is None:
@@ -140,8 +157,10 @@ class TaskService:
         wake_relay: Callable[[], None],
         metrics: ApiMetrics | None = None,
         max_payload_string: int = MAX_STRING,
+        max_schedule_delay: float = 365 * 86400.0,
     ) -> None:
         self._max_payload_string = max_payload_string
+        self._max_schedule_delay = max_schedule_delay
         self._store = store
         self._registry = registry
         self._default_max_attempts = default_max_attempts
@@ -192,7 +211,67 @@ class TaskService:
                     }
                 ]
             )
-        return task_store.NewTask(request.type, payload, request.priority, max_attempts)
+        run_at, delay = self._schedule(request)
+        return task_store.NewTask(
+            request.type, payload, request.priority, max_attempts, run_at=run_at, delay=delay
+        )
+
+    def _schedule(self, request: TaskCreate) -> tuple[datetime | None, float | None]:
+        """``run_at`` or ``delay_seconds``, checked; the delay is left for the database
+        to add to its own clock, the one the relay's claim compares with."""
+        limit = f"at most {format_duration(self._max_schedule_delay)} ahead (MAX_SCHEDULE_DELAY)"
+        if request.run_at is not None:
+            if request.delay_seconds is not None:
+                raise InvalidRequest(
+                    [
+                        {
+                            "loc": ["body", "delay_seconds"],
+                            "msg": "give run_at or delay_seconds, not both",
+                            "type": "value_error",
+                        }
+                    ]
+                )
+            if request.run_at.tzinfo is None:
+                # A moment without an offset means a different time on every server.
+                raise InvalidRequest(
+                    [
+                        {
+                            "loc": ["body", "run_at"],
+                            "msg": "run_at needs a UTC offset, e.g. 2026-12-24T18:00:00Z",
+                            "type": "timezone_aware",
+                        }
+                    ]
+                )
+            try:
+                ahead = request.run_at.astimezone(UTC) - datetime.now(UTC)
+            except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is in year 0 in UTC
+                raise InvalidRequest(
+                    [
+                        {
+                            "loc": ["body", "run_at"],
+                            "msg": "run_at is out of range",
+                            "type": "value_error",
+                        }
+                    ]
+                ) from None
+            if ahead > timedelta(seconds=self._max_schedule_delay):
+                raise InvalidRequest(
+                    [{"loc": ["body", "run_at"], "msg": f"run_at is {limit}", "type": "too_far"}]
+                )
+            return request.run_at, None
+        if request.delay_seconds is not None:
+            if request.delay_seconds > self._max_schedule_delay:
+                raise InvalidRequest(
+                    [
+                        {
+                            "loc": ["body", "delay_seconds"],
+                            "msg": f"delay_seconds is {limit}",
+                            "type": "too_far",
+                        }
+                    ]
+                )
+            return None, request.delay_seconds
+        return None, None
 
     async def create(self, request: TaskCreate, traceparent: str | None = None) -> TaskRow:
         """Store the task and its outbox row; the row's headers carry the trace context
@@ -203,6 +282,33 @@ class TaskService:
         self._wake_relay()
         self._metrics.tasks_created.labels(task.type).inc()
         return row
+
+    async def create_batch(self, raw: bytes, traceparent: str | None = None) -> list[TaskRow]:
+        """Store every task of a batch body in one transaction and wake the relay once,
+        or, if any task breaks a rule, store none and report every problem by position."""
+        requests, problems = read_batch(raw)
+        tasks: list[task_store.NewTask] = []
+        for position, request in requests:
+            try:
+                tasks.append(self.validate(request))
+            except InvalidRequest as exc:
+                # ["body", "payload", ...] of a single create is
+                # ["body", "tasks", position, "payload", ...] here.
+                problems += [
+                    {**error, "loc": ["body", "tasks", position, *error["loc"][1:]]}
+                    for error in exc.errors
+                ]
+        if problems:
+            problems.sort(key=_position)
+            raise InvalidRequest(problems)
+        # One trace for the request; each task continues it with a span of its own.
+        trace = tracing.continue_or_start(traceparent)
+        headers = [{tracing.HEADER: str(trace.child())} for _ in tasks]
+        rows = await self._store.create_many(tasks, headers)
+        self._wake_relay()
+        for task in tasks:
+            self._metrics.tasks_created.labels(task.type).inc()
+        return rows
 
     async def create_once(
         self, request: TaskCreate, idempotency_key: str, traceparent: str | None = None
@@ -224,6 +330,10 @@ class TaskService:
             task.priority,
             task.max_attempts,
         )
+        # A delay counts from each request's arrival, so a retry asks for a later moment
+        # by nature; only an explicit run_at is part of what must match.
+        if task.run_at is not None and row["run_at"] != task.run_at:
+            same = False
         if not same:
             raise IdempotencyConflict(row["id"])
         return row, False

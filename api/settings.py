@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from db.settings import DatabaseSettings
+from runtime.durations import Duration
 from runtime.settings import ProcessSettings
 
 
@@ -34,6 +35,11 @@ class ApiSettings(DatabaseSettings, ProcessSettings):
     )
     max_payload_string: int = Field(
         65_536, ge=1, description="Longest string (value or key) in a payload, in characters."
+    )
+    max_schedule_delay: Duration = Field(
+        365 * 86400.0,
+        gt=0,
+        description="How far ahead `run_at`/`delay_seconds` may schedule a task (e.g. 30d).",
     )
 
     @field_validator("api_keys", mode="before")

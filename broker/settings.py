@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings
 
 from db.settings import ENV_CONFIG
@@ -21,3 +21,33 @@ class BrokerSettings(BaseSettings):
     queue_type: Literal["classic", "quorum"] = Field(
         "classic", description="quorum for a clustered broker."
     )
+    queue_max_priority: int | None = Field(
+        None,
+        ge=0,
+        le=9,
+        description="Priority levels of the task queue (x-max-priority): 9 for a classic "
+        "queue unless set; 0 turns priorities off. RabbitMQ 3.x quorum queues have none.",
+    )
+
+    @field_validator("queue_max_priority", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # QUEUE_MAX_PRIORITY= (as in .env.example) means "the queue type's default".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _priorities_need_a_classic_queue(self) -> BrokerSettings:
+        if self.queue_type == "quorum" and self.queue_max_priority:
+            raise ValueError(
+                "QUEUE_MAX_PRIORITY must be 0 (or unset) with QUEUE_TYPE=quorum: RabbitMQ 3.x "
+                "quorum queues do not support priorities"
+            )
+        return self
+
+    @property
+    def max_priority(self) -> int:
+        """The x-max-priority the task queue is declared with; 0 for none."""
+        if self.queue_max_priority is not None:
+            return self.queue_max_priority
+        # Task priorities run 0-9; a classic queue honours them all by default.
+        return 9 if self.queue_type == "classic" else 0

@@ -3,6 +3,12 @@
 Tasks go to a durable direct exchange, routed to one durable queue. Messages the
 consumer rejects (unparseable, naming no task) are dead-lettered through a fanout
 exchange into the dead-letter queue, where an operator can inspect them.
+
+The task queue is a priority queue (x-max-priority, 9 by default for a classic queue),
+so a message published with a higher priority is delivered before waiting ones of
+lower priority. RabbitMQ fixes a queue's arguments when it is created: a queue that
+exists with other arguments (declared before priorities, or as another type) refuses
+the declaration, and the process stops with a message saying what to do.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.exceptions import ChannelPreconditionFailed
 
 from broker.settings import BrokerSettings
 
@@ -24,27 +31,47 @@ class Topology:
     routing_key: str
 
 
+class TopologyMismatch(RuntimeError):
+    """A queue exists with arguments other than the ones Taskbox declares."""
+
+
 def queue_arguments(settings: BrokerSettings) -> dict[str, Any]:
-    return {
+    arguments: dict[str, Any] = {
         "x-queue-type": settings.queue_type,
         "x-dead-letter-exchange": settings.dead_letter_exchange,
     }
+    if settings.max_priority:
+        arguments["x-max-priority"] = settings.max_priority
+    return arguments
+
+
+async def _declare_queue(
+    channel: AbstractChannel, name: str, arguments: dict[str, Any]
+) -> AbstractQueue:
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+    except ChannelPreconditionFailed as exc:
+        raise TopologyMismatch(
+            f"RabbitMQ refused to declare queue {name!r} with {arguments}: {exc}. The queue "
+            "exists with other arguments (made by an older Taskbox, or with another "
+            "QUEUE_TYPE or QUEUE_MAX_PRIORITY). Either set those settings to match it, or "
+            f"drain it and delete it (rabbitmqctl delete_queue {name}) so that it is "
+            "declared anew, or point QUEUE_NAME at a new queue."
+        ) from None
 
 
 async def declare(channel: AbstractChannel, settings: BrokerSettings) -> Topology:
     dlx = await channel.declare_exchange(
         settings.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
     )
-    dead = await channel.declare_queue(
-        settings.dead_letter_queue, durable=True, arguments={"x-queue-type": settings.queue_type}
+    dead = await _declare_queue(
+        channel, settings.dead_letter_queue, {"x-queue-type": settings.queue_type}
     )
     await dead.bind(dlx)
     exchange = await channel.declare_exchange(
         settings.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
     )
-    queue = await channel.declare_queue(
-        settings.queue_name, durable=True, arguments=queue_arguments(settings)
-    )
+    queue = await _declare_queue(channel, settings.queue_name, queue_arguments(settings))
     # The queue's own name is the routing key: one binding, nothing to configure.
     await queue.bind(exchange, routing_key=settings.queue_name)
     return Topology(exchange, queue, dead, settings.queue_name)

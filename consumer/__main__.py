@@ -11,8 +11,10 @@ import uuid
 
 import aio_pika
 from aio_pika.abc import AbstractQueue, AbstractRobustConnection
+from pydantic import ValidationError
 
 from broker import topology
+from broker.topology import TopologyMismatch
 from consumer.metrics import ConsumerMetrics
 from consumer.monitoring import observe
 from consumer.settings import ConsumerSettings
@@ -28,6 +30,7 @@ from runtime.lifecycle import (
 )
 from runtime.logs import configure
 from runtime.probes import PortUnavailable, Probes, start_probe_server
+from runtime.settings import describe_invalid
 from tasktypes import load_registry
 
 log = logging.getLogger("consumer")
@@ -86,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m consumer", description=__doc__)
     parser.add_argument("command", nargs="?", default="run", choices=["run"])
     parser.parse_args(argv)
-    settings = ConsumerSettings()
+    try:
+        settings = ConsumerSettings()
+    except ValidationError as exc:
+        print(describe_invalid(exc), file=sys.stderr)
+        return 2
     configure(settings.log_level, settings.log_format)
     try:
         run_service(serve(settings))
@@ -94,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_LOOP_DIED
     except PortUnavailable as exc:
         log.critical("%s; set CONSUMER_METRICS_PORT to a free port, or 0 to turn it off", exc)
+        return 2
+    except TopologyMismatch as exc:
+        log.critical("%s", exc)
         return 2
     return 0
 

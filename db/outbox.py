@@ -12,19 +12,30 @@ import asyncpg
 # receives a message before the relay commits waits on that lock (see the claim in
 # db.execution). If the relay dies before committing, both the flip and the claim roll
 # back and the row is published again later: a duplicate, never a loss.
+#
+# Rows go oldest due first (ix_outbox_due). The statement also reports when the next
+# row not yet due falls due, from the same now() as the claim's cutoff, so that a row
+# falling due in between cannot slip through: the relay sleeps until then rather than
+# until its poll. The one-row ``next`` LEFT JOINed to the batch means an empty claim
+# still answers with that moment (and NULL row columns).
 _CLAIM_BATCH = """
 WITH batch AS (
-    SELECT id, task_id, kind, body, headers, publish_attempts
+    SELECT id, task_id, kind, body, headers, publish_attempts, available_at
     FROM outbox
     WHERE published_at IS NULL AND available_at <= now()
-    ORDER BY id
+    ORDER BY available_at, id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), flipped AS (
     UPDATE tasks SET status = 'PENDING', updated_at = now()
     WHERE id IN (SELECT task_id FROM batch) AND status = 'NEW'
+), next AS (
+    SELECT extract(epoch FROM min(available_at) - now())::float8 AS next_due_in
+    FROM outbox WHERE published_at IS NULL AND available_at > now()
 )
-SELECT id, task_id, kind, body, headers, publish_attempts FROM batch ORDER BY id
+SELECT b.id, b.task_id, b.kind, b.body, b.headers, b.publish_attempts, next.next_due_in
+FROM next LEFT JOIN batch AS b ON true
+ORDER BY b.available_at, b.id
 """
 
 # Confirmed rows are marked published. Refused rows keep published_at NULL, record why
@@ -50,11 +61,6 @@ WHERE id IN (SELECT task_id FROM refused) AND status = 'PENDING'
 
 _NOTIFY = "SELECT pg_notify($1, $2)"
 
-_BACKLOG = """
-SELECT count(*) AS rows, coalesce(extract(epoch FROM now() - min(created_at)), 0) AS lag
-FROM outbox WHERE published_at IS NULL
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class PublishRefusal:
@@ -63,10 +69,19 @@ class PublishRefusal:
     retry_in: float  # seconds
 
 
-async def claim_batch(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+@dataclass(frozen=True, slots=True)
+class Claim:
+    rows: list[asyncpg.Record]
+    # Seconds from the claim until the next unpublished row falls due; None when every
+    # unpublished row is due already or there is none.
+    next_due_in: float | None
+
+
+async def claim_batch(conn: asyncpg.Connection, limit: int) -> Claim:
     """Lock up to ``limit`` due, unpublished rows; call inside a transaction."""
-    rows: list[asyncpg.Record] = await conn.fetch(_CLAIM_BATCH, limit)
-    return rows
+    found: list[asyncpg.Record] = await conn.fetch(_CLAIM_BATCH, limit)
+    rows = [row for row in found if row["id"] is not None]
+    return Claim(rows, found[0]["next_due_in"])
 
 
 async def record_publish_outcome(
@@ -85,10 +100,3 @@ async def record_publish_outcome(
 
 async def notify(conn: asyncpg.Connection | asyncpg.Pool, channel: str, payload: str = "") -> None:
     await conn.execute(_NOTIFY, channel, payload)
-
-
-async def backlog(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[int, float]:
-    """Unpublished rows and the age in seconds of the oldest one."""
-    row = await conn.fetchrow(_BACKLOG)
-    assert row is not None
-    return int(row["rows"]), float(row["lag"])

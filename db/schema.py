@@ -63,6 +63,8 @@ tasks = Table(
     Column("finished_at", DateTime(timezone=True)),
     Column("heartbeat_at", DateTime(timezone=True)),
     Column("worker_id", Text),
+    # When a scheduled task may run; NULL for one that runs as soon as it can.
+    Column("run_at", DateTime(timezone=True)),
     CheckConstraint(f"status IN ({_status_list})", name="status"),
     CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
     CheckConstraint("max_attempts >= 1", name="max_attempts"),
@@ -113,8 +115,15 @@ outbox = Table(
     CheckConstraint(f"kind IN ({_kind_list})", name="kind"),
 )
 
-# The relay's claim reads only unpublished rows; keeping them in a partial index keeps
-# the claim cheap however large the published history grows.
-Index("ix_outbox_unpublished", outbox.c.id, postgresql_where=text("published_at IS NULL"))
+# The relay's claim reads only unpublished rows, oldest due first: a partial index keeps
+# the claim cheap however large the published history grows, and ordering it by due
+# time keeps rows scheduled for later out of the claim's way. Its first entry is also
+# the next moment the relay has to wake for.
+Index(
+    "ix_outbox_due",
+    outbox.c.available_at,
+    outbox.c.id,
+    postgresql_where=text("published_at IS NULL"),
+)
 # Deleting a task (retention) cascades to its outbox rows through this index.
 Index("ix_outbox_task_id", outbox.c.task_id)

@@ -19,7 +19,8 @@ from db.states import CANCEL_LATER, CANCEL_NOW, TaskStatus
 
 TASK_COLUMNS = (
     "id, type, payload, status, priority, attempts, max_attempts, result, error, "
-    "cancel_requested, worker_id, created_at, updated_at, started_at, finished_at, heartbeat_at"
+    "cancel_requested, worker_id, created_at, updated_at, started_at, finished_at, heartbeat_at, "
+    "run_at"
 )
 
 
@@ -31,22 +32,27 @@ def _insert_with_outbox(*, keyed: bool) -> str:
     inserts nothing (and so writes no outbox row) when the idempotency key is taken; a
     concurrent insert with the key waits on the first's index entry and, once that
     commits, finds the conflict too.
+
+    A scheduled task (``run_at`` $6, or ``delay`` $7 seconds from the database's clock)
+    gets an outbox row that falls due then; the task stays NEW until the relay
+    publishes it. A moment in the past is due at once but does not jump the queue.
     """
     columns, values, on_conflict = "", "", ""
     if keyed:
-        columns, values = ", idempotency_key", ", $6"
+        columns, values = ", idempotency_key", ", $8"
         on_conflict = "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
     return f"""
 WITH task AS (
-    INSERT INTO tasks (type, payload, priority, max_attempts{columns})
-    VALUES ($1, $2, $3, $4{values})
+    INSERT INTO tasks (type, payload, priority, max_attempts, run_at{columns})
+    VALUES ($1, $2, $3, $4,
+            coalesce($6::timestamptz, now() + make_interval(secs => $7::float8)){values})
     {on_conflict}
     RETURNING {TASK_COLUMNS}
 ), event AS (
-    INSERT INTO outbox (task_id, kind, body, headers)
+    INSERT INTO outbox (task_id, kind, body, headers, available_at)
     SELECT id, 'task.created',
            jsonb_build_object('task_id', id, 'type', type, 'priority', priority),
-           $5
+           $5, greatest(run_at, now())
     FROM task
 )
 SELECT {TASK_COLUMNS} FROM task
@@ -54,20 +60,59 @@ SELECT {TASK_COLUMNS} FROM task
 
 
 _INSERT_TASK_WITH_OUTBOX = _insert_with_outbox(keyed=False)
+
+# Many tasks and their outbox rows in one statement: the columns arrive as arrays and
+# are unnested together. Ids are drawn in ``input`` (a CTE used three times is computed
+# once), so the outbox rows can join their task and every row keeps its request's
+# position: outbox ids rise in that order and the result comes back in it.
+_T_COLUMNS = ", ".join(f"t.{column.strip()}" for column in TASK_COLUMNS.split(","))
+_INSERT_TASKS_WITH_OUTBOX = f"""
+WITH input AS (
+    SELECT gen_random_uuid() AS id, i.*
+    FROM unnest($1::text[], $2::jsonb[], $3::int2[], $4::int4[], $5::timestamptz[],
+                $6::float8[], $7::jsonb[])
+         WITH ORDINALITY AS i(type, payload, priority, max_attempts, run_at, delay, headers, ord)
+), task AS (
+    INSERT INTO tasks (id, type, payload, priority, max_attempts, run_at)
+    SELECT id, type, payload, priority, max_attempts,
+           coalesce(run_at, now() + make_interval(secs => delay))
+    FROM input ORDER BY ord
+    RETURNING {TASK_COLUMNS}
+), event AS (
+    INSERT INTO outbox (task_id, kind, body, headers, available_at)
+    SELECT t.id, 'task.created',
+           jsonb_build_object('task_id', t.id, 'type', t.type, 'priority', t.priority),
+           i.headers, greatest(t.run_at, now())
+    FROM task AS t JOIN input AS i USING (id) ORDER BY i.ord
+)
+SELECT {_T_COLUMNS} FROM task AS t JOIN input AS i USING (id) ORDER BY i.ord
+"""  # noqa: S608 - every fragment is a constant
 _INSERT_KEYED_TASK_WITH_OUTBOX = _insert_with_outbox(keyed=True)
 
 _GET_BY_KEY = f"SELECT {TASK_COLUMNS} FROM tasks WHERE idempotency_key = $1"  # noqa: S608
 _GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"  # noqa: S608
 _GET_STATUS = "SELECT id, status, updated_at FROM tasks WHERE id = $1"
 
+# A task cancelled before it was published (NEW: scheduled, or waiting out a retry's
+# backoff) takes its unpublished outbox rows with it, so no message is ever sent for
+# it. A row the relay is publishing at that moment is locked; the DELETE waits for the
+# relay's commit, finds the row published and leaves it (the consumer then finds the
+# task CANCELLED and drops the message).
 _CANCEL = f"""
-UPDATE tasks
-SET status = CASE WHEN status = ANY($2::text[]) THEN 'CANCELLED' ELSE status END,
-    cancel_requested = cancel_requested OR status = ANY($3::text[]),
-    finished_at = CASE WHEN status = ANY($2::text[]) THEN now() ELSE finished_at END,
-    updated_at = now()
-WHERE id = $1 AND status = ANY($4::text[])
-RETURNING {TASK_COLUMNS}
+WITH cancelled AS (
+    UPDATE tasks
+    SET status = CASE WHEN status = ANY($2::text[]) THEN 'CANCELLED' ELSE status END,
+        cancel_requested = cancel_requested OR status = ANY($3::text[]),
+        finished_at = CASE WHEN status = ANY($2::text[]) THEN now() ELSE finished_at END,
+        updated_at = now()
+    WHERE id = $1 AND status = ANY($4::text[])
+    RETURNING {TASK_COLUMNS}
+), unsent AS (
+    DELETE FROM outbox
+    WHERE task_id IN (SELECT id FROM cancelled WHERE status = 'CANCELLED')
+      AND published_at IS NULL
+)
+SELECT {TASK_COLUMNS} FROM cancelled
 """  # noqa: S608 - TASK_COLUMNS is a constant
 
 _CANCELLABLE = sorted(CANCEL_NOW | CANCEL_LATER)
@@ -79,6 +124,8 @@ class NewTask:
     payload: dict[str, Any]
     priority: int
     max_attempts: int
+    run_at: datetime | None = None  # a moment (timezone-aware) before which it must not run
+    delay: float | None = None  # or seconds from now, by the database's clock
 
 
 async def create_task(
@@ -94,9 +141,31 @@ async def create_task(
         task.priority,
         task.max_attempts,
         headers or {},
+        task.run_at,
+        task.delay,
     )
     assert row is not None
     return row
+
+
+async def create_tasks(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    tasks: Sequence[NewTask],
+    headers: Sequence[dict[str, Any]],
+) -> list[asyncpg.Record]:
+    """Insert all ``tasks`` (each with its outbox row) in one statement, so one
+    transaction: all of them or none. Rows come back in the order given."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        _INSERT_TASKS_WITH_OUTBOX,
+        [task.type for task in tasks],
+        [task.payload for task in tasks],
+        [task.priority for task in tasks],
+        [task.max_attempts for task in tasks],
+        [task.run_at for task in tasks],
+        [task.delay for task in tasks],
+        list(headers),
+    )
+    return rows
 
 
 async def create_task_once(
@@ -117,6 +186,8 @@ async def create_task_once(
             task.priority,
             task.max_attempts,
             headers,
+            task.run_at,
+            task.delay,
             idempotency_key,
         )
         if row is not None:

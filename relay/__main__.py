@@ -18,6 +18,7 @@ from typing import Any
 import aio_pika
 from pydantic import ValidationError
 
+from broker.topology import TopologyMismatch
 from relay import replay, status
 from relay.housekeeping import Housekeeper, cleanup
 from relay.listener import OutboxListener
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_LOOP_DIED
     except PortUnavailable as exc:
         log.critical("%s; set RELAY_METRICS_PORT to a free port, or 0 to turn it off", exc)
+        return EXIT_USAGE
+    except TopologyMismatch as exc:
+        log.critical("%s", exc)
         return EXIT_USAGE
     return 0
 

@@ -69,13 +69,21 @@ class OutboxRelay:
         self.metrics = metrics if metrics is not None else RelayMetrics()
         self.published_total = 0
         self.refused_total = 0
+        # When the next row not yet due falls due: (time.monotonic() of the claim that
+        # saw it, seconds from that claim), or None.
+        self._next_due: tuple[float, float] | None = None
         # time.monotonic() of the drain loop's last sign of life, for /healthz
         self.alive_at = time.monotonic()
 
     async def drain_batch(self) -> int:
         """Claim, publish and record one batch; returns how many rows it claimed."""
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await outbox.claim_batch(conn, self._settings.relay_batch_size)
+            claim = await outbox.claim_batch(conn, self._settings.relay_batch_size)
+            rows = claim.rows
+            if claim.next_due_in is not None:
+                self._next_due = (time.monotonic(), claim.next_due_in)
+            else:
+                self._next_due = None
             if not rows:
                 return 0
             started = time.perf_counter()
@@ -132,5 +140,14 @@ class OutboxRelay:
                 )
                 await wait_first(stop, within=delay)
                 continue
-            # Sleep until a NOTIFY, the poll interval or a stop, whichever comes first.
-            await wait_first(self._wake, stop, within=self._settings.relay_poll_interval)
+            # Sleep until a NOTIFY, the next scheduled row, the poll interval or a stop.
+            await wait_first(self._wake, stop, within=self.idle_wait())
+
+    def idle_wait(self) -> float:
+        """Seconds to sleep when nothing is due: until the next row (a scheduled task
+        or a retry's backoff) falls due, at most the poll interval."""
+        wait = self._settings.relay_poll_interval
+        if self._next_due is not None:
+            claimed_at, due_in = self._next_due
+            wait = min(wait, max(0.0, due_in - (time.monotonic() - claimed_at)))
+        return wait

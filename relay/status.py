@@ -156,7 +156,7 @@ def render(snap: Snapshot, settings: RelaySettings) -> str:
         b = snap.backlog
         lines.append(
             f"outbox        backlog {b.rows:,} rows ({b.due:,} due, {b.rows - b.due:,} waiting "
-            f"out a retry backoff), lag {format_duration(b.lag)}, failing {b.failing:,}"
+            f"for their time), lag {format_duration(b.lag)}, failing {b.failing:,}"
         )
         if snap.last_publish_error:
             lines.append(f"              last publish error: {snap.last_publish_error}")

@@ -43,7 +43,12 @@ def describe_invalid(exc: ValidationError) -> str:
     """Settings errors as the environment variables an operator sets, one per line."""
     lines = []
     for error in exc.errors(include_url=False):
-        name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
         message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:
+            # A rule across settings: its input is every setting (secrets included), so
+            # only the message, which names the settings involved, is shown.
+            lines.append(f"invalid settings: {message}")
+            continue
+        name = ".".join(str(part) for part in error["loc"]).upper()
         lines.append(f"invalid setting {name}={error.get('input')!r}: {message}")
     return "\n".join(lines)

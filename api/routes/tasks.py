@@ -6,12 +6,22 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
 from api import rendering
 from api.auth import require_api_key
 from api.deps import Service
-from api.schemas import Problem, Task, TaskCreate, TaskPage, TaskStatusView
+from api.schemas import (
+    MAX_BATCH,
+    Problem,
+    Task,
+    TaskBatch,
+    TaskBatchCreate,
+    TaskCreate,
+    TaskPage,
+    TaskStatusView,
+)
+from api.service import InvalidRequest
 from db.states import TaskStatus
 
 Responses = dict[int | str, dict[str, Any]]
@@ -82,6 +92,57 @@ async def create_task(
         return rendering.task_response(row, 201 if created else 200, location)
     row = await service.create(body, traceparent)
     return rendering.task_response(row, 201, {"Location": f"{router.prefix}/{row['id']}"})
+
+
+@router.post(
+    "/batch",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TaskBatch,
+    summary="Create many tasks at once",
+    description=(
+        f"Up to {MAX_BATCH} tasks, each as `POST /api/v1/tasks` takes it, stored in one "
+        "transaction with one wake-up of the relay: all of them or, if any is invalid, "
+        "none, with a 422 whose `errors` name every invalid task by its position "
+        '(`loc` like `["body", "tasks", 3, "type"]`). Tasks come back in the order '
+        "sent. `Idempotency-Key` is not supported here."
+    ),
+    responses={**_TOO_LARGE, **_INVALID, **_UNAVAILABLE},
+    # The body is read by api.batch (to report every invalid task at once), so the
+    # schema FastAPI would derive from a body parameter is declared here instead.
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": rendering.component_schema(TaskBatchCreate)}
+            },
+        }
+    },
+)
+async def create_batch(
+    request: Request,
+    service: Service,
+    traceparent: Annotated[
+        str | None,
+        Header(description="W3C trace context, continued by every task of the batch."),
+    ] = None,
+    idempotency_key: Annotated[
+        str | None, Header(include_in_schema=False, description="Refused here.")
+    ] = None,
+) -> Response:
+    if idempotency_key is not None:
+        # Ignoring it would let a client believe its retries are safe.
+        raise InvalidRequest(
+            [
+                {
+                    "loc": ["header", "idempotency-key"],
+                    "msg": "Idempotency-Key is not supported on /api/v1/tasks/batch; "
+                    "send the tasks one by one with keys, or retry the batch without one",
+                    "type": "unsupported",
+                }
+            ]
+        )
+    rows = await service.create_batch(await request.body(), traceparent)
+    return rendering.batch_response(rows)
 
 
 @router.get(

@@ -68,6 +68,7 @@ def assert_unauthorized(response: httpx.Response) -> dict[str, Any]:
 # Every /api/v1 operation, with a path that would otherwise answer (or 404).
 ROUTES = [
     ("POST", TASKS, {"type": "echo", "payload": {}}),
+    ("POST", f"{TASKS}/batch", {"tasks": [{"type": "echo"}]}),
     ("GET", TASKS, None),
     ("GET", f"{TASKS}/{uuid.UUID(int=1)}", None),
     ("GET", f"{TASKS}/{uuid.UUID(int=1)}/status", None),

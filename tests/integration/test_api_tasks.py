@@ -27,6 +27,7 @@ TASKS = "/api/v1/tasks"
 PROBLEM_KEYS = {"type", "title", "status", "detail", "instance"}
 TASK_KEYS = {
     "id",
+    "run_at",
     "type",
     "status",
     "priority",
@@ -1051,6 +1052,13 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
         "422": "Problem",
         "503": "Problem",
     },
+    (f"{TASKS}/batch", "post"): {
+        "201": "TaskBatch",
+        "401": "Problem",
+        "413": "Problem",
+        "422": "Problem",
+        "503": "Problem",
+    },
     (TASKS, "get"): {"200": "TaskPage", "401": "Problem", "422": "Problem", "503": "Problem"},
     (f"{TASKS}/{{task_id}}", "get"): {
         "200": "Task",
@@ -1117,6 +1125,14 @@ async def test_openapi_lists_every_endpoint_with_its_schemas_and_errors(
     create_op = paths[TASKS]["post"]
     assert create_op["requestBody"]["required"] is True
     assert _ref(create_op["requestBody"]["content"]["application/json"]) == "TaskCreate"
+    batch_body = paths[f"{TASKS}/batch"]["post"]["requestBody"]
+    assert batch_body["required"] is True
+    batch_schema = batch_body["content"]["application/json"]["schema"]
+    assert batch_schema["properties"]["tasks"]["items"] == {
+        "$ref": "#/components/schemas/TaskCreate"
+    }
+    assert batch_schema["properties"]["tasks"]["maxItems"] == 1000
+    assert batch_schema["additionalProperties"] is False
 
     params = {p["name"]: p for p in paths[TASKS]["get"]["parameters"]}
     assert set(params) == {"status", "type", "created_after", "created_before", "limit", "cursor"}

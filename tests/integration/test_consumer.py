@@ -335,24 +335,36 @@ async def test_duplicate_deliveries_run_the_handler_once(
     await assert_queues_empty(broker_settings)
 
 
-async def test_a_task_cancelled_while_new_is_never_run_and_its_message_is_dropped(
-    pool: asyncpg.Pool, broker_settings: BrokerSettings, stack: Stack
+async def test_a_task_cancelled_while_new_takes_its_unsent_outbox_row_with_it(
+    pool: asyncpg.Pool,
 ) -> None:
     task_id = await new_task(pool, "echo", {"never": "run"})
     cancelled = await cancel_task(pool, task_id)
     assert cancelled.changed
     assert cancelled.task is not None
     assert cancelled.task["status"] == "CANCELLED"
+    # Nothing is left for the relay to publish.
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE task_id = $1", task_id) == 0
 
+
+async def test_a_task_cancelled_while_pending_is_never_run_and_its_message_is_dropped(
+    pool: asyncpg.Pool, broker_settings: BrokerSettings, stack: Stack
+) -> None:
+    task_id = await new_task(pool, "echo", {"never": "run"})
     relay = await stack.relay()
-    consumer = await stack.consumer(LOG_LEVEL="DEBUG")
-    # The outbox row still goes out; the consumer must drop what it delivers.
+    # Published, confirmed, and waiting in the queue: no consumer runs yet.
     await eventually(
-        lambda: pool.fetchval("SELECT published_at FROM outbox WHERE task_id = $1", task_id),
-        lambda published_at: published_at is not None,
-        "the cancelled task's outbox row to be published",
+        lambda: pool.fetchval("SELECT status FROM tasks WHERE id = $1", task_id),
+        lambda status: status == "PENDING",
+        "the task to be published",
         stack=stack,
     )
+    cancelled = await cancel_task(pool, task_id)
+    assert cancelled.changed
+    assert cancelled.task is not None
+    assert cancelled.task["status"] == "CANCELLED"
+
+    consumer = await stack.consumer(LOG_LEVEL="DEBUG")
     await consumer.wait_for("dropping duplicate delivery; task is CANCELLED", timeout=10)
 
     row = await fetch_task(pool, task_id)

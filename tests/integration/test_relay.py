@@ -210,12 +210,19 @@ async def test_one_relay_drains_a_backlog_in_batches(
     ids = [row["id"] for row in rows]
     # Exactly one message per row. Several batches are in flight at once while a
     # backlog drains (RELAY_CONCURRENCY), so batches may interleave on the channel; the
-    # order inside each batch of 100 is kept.
+    # order inside each batch of 100 is kept among messages of one priority (the queue
+    # delivers higher priorities first).
     assert sorted(message_ids(taken)) == ids
     batch_of = {row["id"]: row["published_at"] for row in rows}
+    priority_of = dict(zip(message_ids(taken), (m.priority for m in taken), strict=True))
     for published_at in batches:
-        in_batch = [i for i in message_ids(taken) if batch_of[i] == published_at]
-        assert in_batch == sorted(in_batch)
+        for priority in range(10):
+            in_batch = [
+                i
+                for i in message_ids(taken)
+                if batch_of[i] == published_at and priority_of[i] == priority
+            ]
+            assert in_batch == sorted(in_batch)
     by_id = {row["id"]: row for row in rows}
     for message in taken:
         assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
@@ -431,7 +438,7 @@ async def test_crash_between_publish_and_commit_duplicates_and_never_loses(
         async with pool.acquire() as conn:
             transaction = conn.transaction()
             await transaction.start()
-            claimed = await outbox.claim_batch(conn, 100)
+            claimed = (await outbox.claim_batch(conn, 100)).rows
             report = await r.publisher.publish_batch(claimed)
             await transaction.rollback()
         rolled_back = [row["id"] for row in claimed]

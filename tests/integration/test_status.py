@@ -53,7 +53,7 @@ async def test_status_shows_tasks_outbox_and_queues(
     assert "tasks         NEW 3  PENDING 2  PROCESSING 0  DONE 0  FAILED 1  CANCELLED 0" in out
     assert "(total 6)" in out
     assert "oldest PENDING waits 1m" in out
-    assert "outbox        backlog 3 rows (2 due, 1 waiting out a retry backoff), lag 1m3" in out
+    assert "outbox        backlog 3 rows (2 due, 1 waiting for their time), lag 1m3" in out
     assert "failing 1" in out
     assert "last publish error: DeliveryError: NO_ROUTE" in out
     assert "table ~6 rows" in out

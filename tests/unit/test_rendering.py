@@ -30,6 +30,7 @@ def row(**overrides: Any) -> dict[str, Any]:
         "updated_at": datetime(2026, 11, 26, 12, 0, 1, 0, tzinfo=UTC),
         "started_at": datetime(2026, 11, 26, 12, 0, 0, 500000, tzinfo=UTC),
         "finished_at": None,
+        "run_at": None,
         # columns the API does not show
         "worker_id": "host:1:abc",
         "heartbeat_at": None,
@@ -45,6 +46,7 @@ def row(**overrides: Any) -> dict[str, Any]:
         row(result=None, error=None, status="NEW", started_at=None),
         row(result=[1, "two"], finished_at=datetime(2026, 1, 1, tzinfo=UTC)),
         row(result="text"),
+        row(status="NEW", run_at=datetime(2026, 12, 24, 18, 0, tzinfo=UTC)),
     ],
 )
 def test_a_task_renders_as_its_model_does(task: dict[str, Any]) -> None:

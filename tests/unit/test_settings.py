@@ -12,10 +12,12 @@ import pytest
 from pydantic import ValidationError
 
 from api import pagination
+from broker.settings import BrokerSettings
+from broker.topology import queue_arguments
 from consumer.settings import ConsumerSettings
 from db.settings import DatabaseSettings, plain_dsn
 from runtime.backoff import backoff_delay
-from runtime.settings import ProcessSettings
+from runtime.settings import ProcessSettings, describe_invalid
 
 # Variables a developer's shell or CI might export; each test starts without them.
 SETTINGS_ENV = (
@@ -299,3 +301,41 @@ def test_backoff_stays_within_bounds_and_is_jittered() -> None:
 
 def test_backoff_is_capped_for_any_attempt_count() -> None:
     assert 30.0 <= backoff_delay(1025, 1.0, 60.0) <= 60.0
+
+
+# ------------------------------------------------------------------ queue priorities
+
+
+def test_a_classic_queue_honours_every_task_priority_by_default() -> None:
+    settings = BrokerSettings()
+    assert settings.max_priority == 9
+    assert queue_arguments(settings)["x-max-priority"] == 9
+
+
+def test_a_quorum_queue_has_no_priorities_by_default() -> None:
+    settings = BrokerSettings(queue_type="quorum")
+    assert settings.max_priority == 0
+    assert "x-max-priority" not in queue_arguments(settings)
+
+
+def test_priorities_can_be_narrowed_or_turned_off() -> None:
+    assert queue_arguments(BrokerSettings(queue_max_priority=3))["x-max-priority"] == 3
+    assert "x-max-priority" not in queue_arguments(BrokerSettings(queue_max_priority=0))
+
+
+def test_asking_a_quorum_queue_for_priorities_says_what_to_fix() -> None:
+    with pytest.raises(ValidationError, match="QUEUE_MAX_PRIORITY must be 0"):
+        BrokerSettings(queue_type="quorum", queue_max_priority=5)
+    assert BrokerSettings(queue_type="quorum", queue_max_priority=0).max_priority == 0
+
+
+def test_a_rule_across_settings_is_described_without_echoing_every_setting() -> None:
+    with pytest.raises(ValidationError) as caught:
+        BrokerSettings(
+            queue_type="quorum",
+            queue_max_priority=5,
+            amqp_url="amqp://user:s3cret@broker:5672/",
+        )
+    described = describe_invalid(caught.value)
+    assert "QUEUE_MAX_PRIORITY" in described
+    assert "s3cret" not in described

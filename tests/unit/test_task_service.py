@@ -94,6 +94,7 @@ class FakeTaskStore:
             "updated_at": created_at,
             "started_at": None,
             "finished_at": None,
+            "run_at": None,
         }
         self.rows[row["id"]] = row
         return row
@@ -107,6 +108,13 @@ class FakeTaskStore:
         self.keys[idempotency_key] = row
         return row, True
 
+    async def create_many(
+        self, tasks: list[NewTask], headers: list[dict[str, Any]]
+    ) -> list[TaskRow]:
+        return [
+            await self.create(task, header) for task, header in zip(tasks, headers, strict=True)
+        ]
+
     async def create(self, task: NewTask, headers: dict[str, Any]) -> TaskRow:
         self.events.append("store.create")
         if self.fail_create is not None:
@@ -119,6 +127,7 @@ class FakeTaskStore:
             payload=task.payload,
             priority=task.priority,
             max_attempts=task.max_attempts,
+            run_at=task.run_at,
         )
         return row
 

@@ -1,0 +1,125 @@
+"""Task priority end to end: the queue's x-max-priority, publish order, consumer order."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import aio_pika
+import asyncpg
+import pytest
+
+from broker import messages
+from broker.settings import BrokerSettings
+from broker.topology import TopologyMismatch, declare
+from db.tasks import NewTask, create_task
+from tests.conftest import ROOT
+from tests.integration.helpers_broker import queue_depth, take_all
+from tests.integration.processes import ServiceProcess
+from tests.integration.test_relay import eventually
+
+# Queued before anything consumes: ten of the lowest priority first, then a 5 and a 9.
+PRIORITIES = [0] * 10 + [5, 9]
+
+
+async def queue_tasks(pool: asyncpg.Pool) -> list[str]:
+    """The tasks, in creation order (so in outbox order); returns their ids."""
+    async with pool.acquire() as conn, conn.transaction():
+        return [
+            str((await create_task(conn, NewTask("echo", {"n": n}, priority, 3)))["id"])
+            for n, priority in enumerate(PRIORITIES)
+        ]
+
+
+async def published_all(settings: BrokerSettings, count: int) -> None:
+    async def ready() -> bool:
+        return await queue_depth(settings) == count
+
+    await eventually(ready, 20, f"{count} messages in the queue")
+
+
+async def test_the_queue_delivers_higher_priorities_first(
+    pool: asyncpg.Pool, broker_settings: BrokerSettings, service_env: dict[str, str]
+) -> None:
+    ids = await queue_tasks(pool)
+    relay = await ServiceProcess("relay", service_env).start()
+    try:
+        await published_all(broker_settings, len(ids))
+    finally:
+        assert await relay.stop() == 0, relay.output
+    delivered = await take_all(broker_settings)
+    assert [m.priority for m in delivered] == sorted(PRIORITIES, reverse=True)
+    # Within one priority, first in first out.
+    lowest = [str(messages.parse(m.body).task_id) for m in delivered if m.priority == 0]
+    assert lowest == ids[:10]
+
+
+async def test_a_consumer_runs_the_most_urgent_waiting_task_first(
+    pool: asyncpg.Pool, broker_settings: BrokerSettings, service_env: dict[str, str]
+) -> None:
+    ids = await queue_tasks(pool)
+    relay = await ServiceProcess("relay", service_env).start()
+    try:
+        await published_all(broker_settings, len(ids))
+        # One task at a time, so the order the tasks start is the order delivered.
+        consumer = await ServiceProcess(
+            "consumer", service_env, CONSUMER_PREFETCH="1", CONSUMER_CONCURRENCY="1"
+        ).start()
+        try:
+
+            async def all_done() -> bool:
+                return not await pool.fetchval("SELECT count(*) FROM tasks WHERE status <> 'DONE'")
+
+            await eventually(all_done, 30, "every task DONE")
+        finally:
+            assert await consumer.stop(signal.SIGTERM) == 0, consumer.output
+    finally:
+        assert await relay.stop(signal.SIGTERM) == 0, relay.output
+    started = await pool.fetch("SELECT priority FROM tasks ORDER BY started_at")
+    assert [row["priority"] for row in started] == sorted(PRIORITIES, reverse=True)
+
+
+async def test_a_queue_declared_without_priorities_is_refused_with_what_to_do(
+    broker_settings: BrokerSettings, service_env: dict[str, str]
+) -> None:
+    connection = await aio_pika.connect(broker_settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        # What a Taskbox from before priorities declared.
+        await channel.declare_queue(
+            broker_settings.queue_name,
+            durable=True,
+            arguments={
+                "x-queue-type": "classic",
+                "x-dead-letter-exchange": broker_settings.dead_letter_exchange,
+            },
+        )
+        with pytest.raises(TopologyMismatch, match="rabbitmqctl delete_queue"):
+            await declare(await connection.channel(), broker_settings)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "consumer",
+        cwd=ROOT,
+        env=service_env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(30):
+        output, _ = await process.communicate()
+    assert process.returncode == 2, output
+    assert b"QUEUE_MAX_PRIORITY" in output and b"delete_queue" in output
+    # Nothing retried it as if the broker were away.
+    assert b"cannot reach RabbitMQ" not in output
+
+
+async def test_priorities_can_be_turned_off(broker_settings: BrokerSettings) -> None:
+    plain = broker_settings.model_copy(update={"queue_max_priority": 0})
+    connection = await aio_pika.connect(plain.amqp_url)
+    async with connection:
+        declared = await declare(await connection.channel(), plain)
+        assert "x-max-priority" not in (declared.queue.arguments or {})
+        # The default (priorities on) now meets a mismatch, as an operator would.
+        with pytest.raises(TopologyMismatch):
+            await declare(await connection.channel(), broker_settings)
