@@ -45,7 +45,11 @@ _ATTRIBUTES = {
 }
 
 _RUNNER = """
-SELECT current_user AS name, current_database() AS database, rolsuper, rolcreaterole
+SELECT current_user AS name, current_database() AS database, rolsuper, rolcreaterole,
+       (SELECT d.datdba::regrole::text FROM pg_database AS d
+        WHERE d.datname = current_database()) AS database_owner,
+       (SELECT pg_has_role(d.datdba, 'USAGE') FROM pg_database AS d
+        WHERE d.datname = current_database()) AS owns_database
 FROM pg_roles WHERE rolname = current_user
 """
 
@@ -160,12 +164,14 @@ async def _check_runner(conn: asyncpg.Connection) -> tuple[str, str, str]:
             f"table(s) {', '.join(missing)} missing in database {runner['database']!r}: "
             "run python -m db migrate first"
         )
+    # GRANT on the tables needs their owner; CONNECT on the database and USAGE on schema
+    # public (owned by pg_database_owner) need the database's, else Postgres only warns.
     foreign = [t for t in tables if not t["ours"]]
-    if foreign:
-        owners = ", ".join(sorted({t["owner"] for t in foreign}))
+    if foreign or not runner["owns_database"]:
+        owners = ", ".join(sorted({t["owner"] for t in foreign} | {runner["database_owner"]}))
         raise RolesError(
             f"must run as the database owner (the role that ran python -m db migrate): "
-            f"the tables belong to {owners}, this is {runner['name']}"
+            f"database and tables belong to {owners}, this is {runner['name']}"
         )
     if not (runner["rolsuper"] or runner["rolcreaterole"]):
         raise RolesError(

@@ -81,7 +81,9 @@ async def role_names(database_url: str) -> AsyncIterator[dict[Process, str]]:
     try:
         for name in [*names.values(), f"tbx_owner_{suffix}"]:
             if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name):
-                # DROP OWNED also takes back the grants here and CONNECT on the database.
+                # DROP OWNED also takes back the grants here and CONNECT on the database;
+                # what a test made a role own goes back to the admin first.
+                await conn.execute(f'REASSIGN OWNED BY "{name}" TO CURRENT_USER')
                 await conn.execute(f'DROP OWNED BY "{name}"')
                 await conn.execute(f'DROP ROLE "{name}"')
     finally:
@@ -467,11 +469,16 @@ async def test_the_checks_refuse_before_changing_anything(
             await apply_roles(conn, {**role_names, "api": "Bad-Name"})
 
         owner = role_names["api"].replace("tbx_api_", "tbx_owner_")
+        database = await conn.fetchval("SELECT current_database()")
         await conn.execute(f"CREATE ROLE {owner} LOGIN")
         await conn.execute(f"ALTER TABLE tasks OWNER TO {owner}")
         await conn.execute(f"ALTER TABLE outbox OWNER TO {owner}")
         owner_conn = await asyncpg.connect(as_role(database_url, owner))
         try:
+            # Owning the tables is not enough: CONNECT needs the database's owner.
+            with pytest.raises(RolesError, match="must run as the database owner"):
+                await apply_roles(owner_conn, role_names)
+            await conn.execute(f'ALTER DATABASE "{database}" OWNER TO {owner}')
             with pytest.raises(RolesError, match="may create roles"):
                 await apply_roles(owner_conn, role_names)
         finally:
@@ -489,6 +496,36 @@ async def test_the_checks_refuse_before_changing_anything(
         assert created == 0
     finally:
         await conn.close()
+
+
+async def test_an_owner_with_createrole_needs_no_superuser(
+    role_names: dict[Process, str], database_url: str, db_settings: DatabaseSettings
+) -> None:
+    """The usual production set-up: the migrating role owns the database and the tables
+    and may create roles, nothing more."""
+    owner = role_names["api"].replace("tbx_api_", "tbx_owner_")
+    conn = await asyncpg.connect(database_url)
+    try:
+        database = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f"CREATE ROLE {owner} LOGIN CREATEROLE")
+        for table in ("tasks", "outbox", "alembic_version"):
+            await conn.execute(f"ALTER TABLE {table} OWNER TO {owner}")
+        await conn.execute(f'ALTER DATABASE "{database}" OWNER TO {owner}')
+    finally:
+        await conn.close()
+    owner_conn = await asyncpg.connect(as_role(database_url, owner))
+    try:
+        first = await apply_roles(owner_conn, role_names)
+        again = await apply_roles(owner_conn, role_names)
+    finally:
+        await owner_conn.close()
+    assert [o.created for o in first.outcomes] == [True, True, True]
+    assert [o.created for o in again.outcomes] == [False, False, False]
+    roles = Roles(role_names, database_url, db_settings.outbox_channel)
+    async with connected(roles, "api") as api:
+        await create_task(api, new_task(by="api"))
+    async with connected(roles, "consumer") as consumer:
+        assert await refused(consumer, MAY_NOT["consumer"] + NO_ROLE_MAY) == []
 
 
 def command_env(database_url: str, **extra: str) -> dict[str, str]:
