@@ -29,6 +29,10 @@ dev: migrate ## run api, relay and consumer locally until Ctrl-C
 	$(BIN)/python -m runtime.dev
 
 # Operator commands (see README, "Operating Taskbox"); ARGS passes their options.
+.PHONY: roles
+roles: $(STAMP) ## least-privilege roles for api, relay, consumer: make roles ARGS='--dry-run'
+	$(BIN)/python -m db roles $(ARGS)
+
 .PHONY: replay
 replay: $(STAMP) ## re-send tasks through the outbox: make replay ARGS='--stale-for 10m --dry-run'
 	$(BIN)/python -m relay replay $(ARGS)

@@ -1,21 +1,142 @@
-"""``python -m db migrate``: create the database if needed and apply migrations."""
+"""``python -m db``: the database's operator commands.
+
+python -m db migrate   create the database if needed and apply migrations
+python -m db roles     create or update the api, relay and consumer roles and their grants
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import sys
+from collections.abc import Mapping
+from typing import TextIO
 
+import asyncpg
+from pydantic import ValidationError
+
+from db.errors import TRANSIENT_DB_ERRORS
+from db.grants import GRANTS, PROCESSES, Process
 from db.migrations import migrate
+from db.roles import DEFAULT_NAMES, PASSWORD_VARIABLES, Plan, RolesError, apply_roles, describe
 from db.settings import DatabaseSettings
+
+EXIT_ERROR = 2  # nothing was changed; the message says what to fix
+
+ROLES_DESCRIPTION = f"""\
+Create (or bring back in line) one LOGIN role per process on the database in
+DATABASE_URL, revoke anything else they hold there and grant only what each process
+needs. Run it as the database owner with CREATEROLE (or a superuser), after every
+'python -m db migrate'; rerunning it is harmless. Passwords are read from
+{", ".join(PASSWORD_VARIABLES.values())}; an unset variable leaves that role's
+password as it is (a new role then has none).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m db",
+        description="The database's operator commands.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser("migrate", help="create the database if missing and apply migrations")
+    roles = commands.add_parser(
+        "roles",
+        help="create or update the least-privilege roles of api, relay and consumer",
+        description=ROLES_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for process in PROCESSES:
+        roles.add_argument(
+            f"--{process}-role",
+            default=DEFAULT_NAMES[process],
+            metavar="NAME",
+            help=f"the {process}'s role (default {DEFAULT_NAMES[process]})",
+        )
+    roles.add_argument(
+        "--dry-run", action="store_true", help="print the statements; change nothing"
+    )
+    return parser
+
+
+def _print_report(plan: Plan, dry_run: bool, out: TextIO) -> None:
+    if dry_run:
+        for step in plan.steps:
+            print(f"{step.shown};", file=out)
+        print(f"-- dry run: nothing was changed in database {plan.database}", file=out)
+        return
+    for outcome in plan.outcomes:
+        state = "created" if outcome.created else "updated"
+        password = (
+            f"password set from {PASSWORD_VARIABLES[outcome.process]}"
+            if outcome.password_set
+            else "password unchanged"
+        )
+        print(f"{outcome.role} ({outcome.process}): {state}, {password}", file=out)
+        for grant in GRANTS[outcome.process]:
+            print(f"    {describe(grant, plan.sequence)}", file=out)
+    for what in plan.public_revoked:
+        print(f"revoked from PUBLIC: {what}", file=out)
+    print(
+        f"grants applied in database {plan.database}; point each process's DATABASE_URL at "
+        "its role, and rerun this after every migration",
+        file=out,
+    )
+
+
+async def _roles(
+    settings: DatabaseSettings,
+    names: Mapping[Process, str],
+    dry_run: bool,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    passwords = {p: os.environ.get(PASSWORD_VARIABLES[p]) for p in PROCESSES}
+    try:
+        conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout)
+    except asyncpg.InvalidCatalogNameError as exc:
+        print(f"{exc}: run python -m db migrate first", file=err)
+        return EXIT_ERROR
+    except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+        print(f"cannot reach Postgres at DATABASE_URL: {exc}", file=err)
+        return EXIT_ERROR
+    try:
+        plan = await apply_roles(conn, names, passwords, dry_run=dry_run)
+    except RolesError as exc:
+        print(str(exc), file=err)
+        return EXIT_ERROR
+    except asyncpg.InsufficientPrivilegeError as exc:
+        # The checks passed but Postgres still refused, e.g. a role we may not alter.
+        print(f"must run as the database owner with CREATEROLE: {exc}", file=err)
+        return EXIT_ERROR
+    except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+        print(
+            f"applying the roles failed, nothing was changed ({type(exc).__name__}: {exc})",
+            file=err,
+        )
+        return EXIT_ERROR
+    finally:
+        await conn.close()
+    _print_report(plan, dry_run, out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m db", description=__doc__)
-    parser.add_argument("command", choices=["migrate"], help="what to do")
-    parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        settings = DatabaseSettings()
+    except ValidationError as exc:
+        # Only the messages: the rejected DATABASE_URL may hold a password.
+        for error in exc.errors(include_url=False):
+            print(f"invalid setting: {error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.command == "roles":
+        names: dict[Process, str] = {p: getattr(args, f"{p}_role") for p in PROCESSES}
+        return asyncio.run(_roles(settings, names, args.dry_run, sys.stdout, sys.stderr))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = DatabaseSettings()
     try:
         migrate(settings)
     except OSError as exc:
