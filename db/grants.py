@@ -8,7 +8,7 @@ runs those code paths as the roles and fails otherwise).
 Reads are granted table-wide: every process reads ``tasks`` and ``outbox`` anyway, and
 column-level SELECT would break on the first query that reads one more column while
 hiding nothing worth hiding. Table-wide INSERT lets a migration add a nullable or
-defaulted column (the api's upcoming ``run_at``) without a re-grant. UPDATE is granted per
+defaulted column (as ``run_at`` was) without a re-grant. UPDATE is granted per
 column, because that is where the processes really differ: only the consumer writes a
 result or an error, nobody rewrites a payload, a type, a priority or an idempotency key.
 

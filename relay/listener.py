@@ -52,7 +52,7 @@ class OutboxListener:
 
     async def _connect(self) -> asyncpg.Connection:
         async for attempt in AsyncRetrying(
-            wait=wait_exponential_jitter(initial=0.2, max=10),
+            wait=wait_exponential_jitter(multiplier=0.2, max=10),
             stop=stop_never,
             retry=retry_if_exception_type((*TRANSIENT_DB_ERRORS, asyncpg.PostgresError)),
             before_sleep=lambda rs: log.warning(

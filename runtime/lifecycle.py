@@ -110,7 +110,7 @@ async def connect_with_retry(
 ) -> T:
     """Call ``factory`` until it succeeds, so a process may start before its servers."""
     async for attempt in AsyncRetrying(
-        wait=wait_exponential_jitter(initial=0.5, max=10),
+        wait=wait_exponential_jitter(multiplier=0.5, max=10),
         stop=stop_after_delay(give_up_after),
         retry=retry_if_exception_type(errors),
         before_sleep=lambda rs: log.warning(
