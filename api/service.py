@@ -68,7 +68,7 @@ class TaskStore(Protocol):
         self, task: task_store.NewTask, headers: dict[str, Any], idempotency_key: str
     ) -> tuple[TaskRow, bool]: ...
     async def create_many(
-        self, tasks: list[task_store.NewTask], headers: list[dict[str, Any]]
+        self, tasks: list[task_store.NewTask], headers: dict[str, Any]
     ) -> list[TaskRow]: ...
     async def get(self, task_id: uuid.UUID) -> TaskRow | None: ...
     async def status(self, task_id: uuid.UUID) -> TaskRow | None: ...
@@ -98,7 +98,7 @@ class PostgresTaskStore:
         return row, created
 
     async def create_many(
-        self, tasks: list[task_store.NewTask], headers: list[dict[str, Any]]
+        self, tasks: list[task_store.NewTask], headers: dict[str, Any]
     ) -> list[TaskRow]:
         rows: list[TaskRow] = await task_store.create_tasks(self._pool, tasks, headers)
         return rows
@@ -216,10 +216,12 @@ class TaskService:
             request.type, payload, request.priority, max_attempts, run_at=run_at, delay=delay
         )
 
+    def _schedule_limit(self) -> str:
+        return f"at most {format_duration(self._max_schedule_delay)} ahead (MAX_SCHEDULE_DELAY)"
+
     def _schedule(self, request: TaskCreate) -> tuple[datetime | None, float | None]:
         """``run_at`` or ``delay_seconds``, checked; the delay is left for the database
         to add to its own clock, the one the relay's claim compares with."""
-        limit = f"at most {format_duration(self._max_schedule_delay)} ahead (MAX_SCHEDULE_DELAY)"
         if request.run_at is not None:
             if request.delay_seconds is not None:
                 raise InvalidRequest(
@@ -256,7 +258,13 @@ class TaskService:
                 ) from None
             if ahead > timedelta(seconds=self._max_schedule_delay):
                 raise InvalidRequest(
-                    [{"loc": ["body", "run_at"], "msg": f"run_at is {limit}", "type": "too_far"}]
+                    [
+                        {
+                            "loc": ["body", "run_at"],
+                            "msg": f"run_at is {self._schedule_limit()}",
+                            "type": "too_far",
+                        }
+                    ]
                 )
             return request.run_at, None
         if request.delay_seconds is not None:
@@ -265,7 +273,7 @@ class TaskService:
                     [
                         {
                             "loc": ["body", "delay_seconds"],
-                            "msg": f"delay_seconds is {limit}",
+                            "msg": f"delay_seconds is {self._schedule_limit()}",
                             "type": "too_far",
                         }
                     ]
@@ -301,10 +309,10 @@ class TaskService:
         if problems:
             problems.sort(key=_position)
             raise InvalidRequest(problems)
-        # One trace for the request; each task continues it with a span of its own.
+        # The request is one hop of the trace: every task of it carries that hop's
+        # context, so all of them are found under one trace id in the logs.
         trace = tracing.continue_or_start(traceparent)
-        headers = [{tracing.HEADER: str(trace.child())} for _ in tasks]
-        rows = await self._store.create_many(tasks, headers)
+        rows = await self._store.create_many(tasks, {tracing.HEADER: str(trace)})
         self._wake_relay()
         for task in tasks:
             self._metrics.tasks_created.labels(task.type).inc()

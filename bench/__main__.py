@@ -55,6 +55,12 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if r := results.get("ingest"):
         add("ingest req/s", f"{r['taskbox_req_s']:,.0f}", f"{r['baseline_req_s']:,.0f} bare", None)
         add("  ratio", f"{r['ratio']:.2f}x", ">= 0.90x", r["ratio"] >= 0.9)
+        add(
+            f"batch create tasks/s ({r['batch_size']}/req)",
+            f"{r['batch_tasks_s']:,.0f}",
+            f"{r['batch_ratio']:.1f}x single (>= 20x)",
+            r["batch_ratio"] >= 20,
+        )
     if r := results.get("notify"):
         c = r["commits_s"]
         add("commits/s, no NOTIFY", f"{c['no_notify']:,.0f}", "", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -57,7 +58,10 @@ def _rawamqp(*args: str) -> Result:
     return result
 
 
-async def _wrk(url: str, seconds: float, connections: int = 32) -> float:
+async def _wrk(
+    url: str, seconds: float, connections: int = 32, script: str = "post.lua", batch: int = 0
+) -> float:
+    """Requests per second wrk measured; ``batch`` sets BATCH_SIZE for batch.lua."""
     wrk = shutil.which("wrk")
     if wrk is None:
         raise RuntimeError("wrk is not installed: `make bench` installs it (apt-get install wrk)")
@@ -69,9 +73,10 @@ async def _wrk(url: str, seconds: float, connections: int = 32) -> float:
             f"-c{connections}",
             f"-d{seconds}s",
             "-s",
-            str(ROOT / "bench" / "post.lua"),
+            str(ROOT / "bench" / script),
             url,
         ],
+        env={**os.environ, "BATCH_SIZE": str(batch)} if batch else None,
         capture_output=True,
         text=True,
         check=True,
@@ -95,8 +100,9 @@ async def _count(database_url: str, sql: str, *args: Any) -> int:
 # -- 1. ingest ------------------------------------------------------------------------
 
 
-async def ingest(seconds: float, rounds: int = 2) -> Result:
-    """POST /api/v1/tasks against a bare FastAPI + asyncpg single-INSERT endpoint."""
+async def ingest(seconds: float, rounds: int = 2, batch: int = 1000) -> Result:
+    """POST /api/v1/tasks against a bare FastAPI + asyncpg single-INSERT endpoint, and
+    POST /api/v1/tasks/batch (``batch`` tasks a request) against the single POST."""
     async with stage("ingest") as st:
         base_port, api_port = _free_port(), _free_port()
         baseline = await Process(
@@ -126,6 +132,14 @@ async def ingest(seconds: float, rounds: int = 2) -> Result:
                 api_runs.append(await _wrk(api_url, seconds))
             api_cpu = api.cpu_seconds()
             created = await _count(st.database_url, "SELECT count(*) FROM tasks")
+            # Batches: few connections (each request carries `batch` tasks), tasks/s.
+            batch_url = f"{api_url}/batch"
+            await _wrk(batch_url, 2, connections=4, script="batch.lua", batch=batch)
+            batch_runs = [
+                batch
+                * await _wrk(batch_url, seconds, connections=4, script="batch.lua", batch=batch)
+                for _ in range(rounds)
+            ]
         finally:
             await api.stop()
             await baseline.stop()
@@ -135,8 +149,12 @@ async def ingest(seconds: float, rounds: int = 2) -> Result:
         "taskbox_req_s": ours,
         "ratio": ours / base,
         "target_ratio": 0.9,
-        "runs": {"baseline": base_runs, "taskbox": api_runs},
+        "runs": {"baseline": base_runs, "taskbox": api_runs, "batch_tasks_s": batch_runs},
         "api_cpu_ms_per_task": 1000 * api_cpu / created,
+        "batch_size": batch,
+        "batch_tasks_s": max(batch_runs),
+        "batch_ratio": max(batch_runs) / ours,
+        "target_batch_ratio": 20,
     }
 
 

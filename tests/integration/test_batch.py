@@ -63,8 +63,11 @@ async def test_every_task_of_a_batch_continues_the_callers_trace(
     assert response.status_code == 201
     headers = [row["headers"] for row in await pool.fetch("SELECT headers FROM outbox")]
     parents = [tracing.parse(h["traceparent"]) for h in headers]
+    assert len(parents) == 3
     assert all(p is not None and p.trace_id == incoming.trace_id for p in parents)
-    assert len({p.span_id for p in parents if p is not None}) == 3
+    # The API's hop is the tasks' parent: a span of its own, one for the whole request.
+    assert {p.span_id for p in parents if p is not None} != {incoming.span_id}
+    assert len({p.span_id for p in parents if p is not None}) == 1
 
 
 async def test_one_invalid_task_stores_none_and_every_problem_is_named_by_position(
@@ -95,9 +98,15 @@ async def test_one_invalid_task_stores_none_and_every_problem_is_named_by_positi
 async def test_a_thousand_tasks_are_accepted_and_one_more_is_refused(
     client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
-    ok = await client.post(BATCH, json={"tasks": [{"type": "echo"}] * 1000})
+    tasks = [{"type": "echo", "payload": {"n": n}} for n in range(1000)]
+    ok = await client.post(BATCH, json={"tasks": tasks})
     assert ok.status_code == 201, ok.text
-    assert len(ok.json()["items"]) == 1000
+    items = ok.json()["items"]
+    assert [item["payload"]["n"] for item in items] == list(range(1000))
+    published_order = await pool.fetch(
+        "SELECT t.payload FROM outbox AS o JOIN tasks AS t ON t.id = o.task_id ORDER BY o.id"
+    )
+    assert [row["payload"]["n"] for row in published_order] == list(range(1000))
     too_many = assert_invalid(await client.post(BATCH, json={"tasks": [{"type": "echo"}] * 1001}))
     assert too_many[0]["loc"] == ["body", "tasks"] and too_many[0]["type"] == "too_long"
     assert await counts(pool) == (1000, 1000)

@@ -228,7 +228,7 @@ async def test_the_api_role_creates_reads_lists_and_cancels(
         assert left == 0
 
         # Batch and scheduled creates are inserts like any other.
-        batch = await create_tasks(conn, [new_task(n=4), new_task(n=5)], [{}, {}])
+        batch = await create_tasks(conn, [new_task(n=4), new_task(n=5)], {})
         assert [row["payload"] for row in batch] == [{"n": 4}, {"n": 5}]
         scheduled = NewTask("echo", {"n": 6}, 0, 3, delay=60.0)
         assert (await create_task(conn, scheduled, {}))["run_at"] is not None

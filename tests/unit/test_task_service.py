@@ -108,12 +108,8 @@ class FakeTaskStore:
         self.keys[idempotency_key] = row
         return row, True
 
-    async def create_many(
-        self, tasks: list[NewTask], headers: list[dict[str, Any]]
-    ) -> list[TaskRow]:
-        return [
-            await self.create(task, header) for task, header in zip(tasks, headers, strict=True)
-        ]
+    async def create_many(self, tasks: list[NewTask], headers: dict[str, Any]) -> list[TaskRow]:
+        return [await self.create(task, headers) for task in tasks]
 
     async def create(self, task: NewTask, headers: dict[str, Any]) -> TaskRow:
         self.events.append("store.create")
