@@ -24,67 +24,65 @@ TASK_COLUMNS = (
 )
 
 
+def _with_created_events(insert_tasks: str, headers: str) -> str:
+    """``insert_tasks`` (an INSERT INTO tasks ... RETURNING the task columns) and a
+    ``task.created`` outbox row for each task it inserts, as one statement.
+
+    One statement, so one implicit transaction and one round trip: the tasks and the
+    events that will run them are committed together or not at all. A scheduled task's
+    row falls due at its ``run_at``; the task stays NEW until the relay publishes it. A
+    moment in the past is due at once but does not jump the queue.
+    """
+    return f"""
+WITH task AS (
+    {insert_tasks}
+    RETURNING {TASK_COLUMNS}
+), event AS (
+    INSERT INTO outbox (task_id, kind, body, headers, available_at)
+    SELECT id, 'task.created',
+           jsonb_build_object('task_id', id, 'type', type, 'priority', priority),
+           {headers}, greatest(run_at, now())
+    FROM task
+)
+SELECT {TASK_COLUMNS} FROM task
+"""  # noqa: S608 - every fragment is a constant
+
+
 def _insert_with_outbox(*, keyed: bool) -> str:
-    """The insert of a task and its ``task.created`` outbox row, as one statement.
+    """One task: headers $5, scheduled by ``run_at`` $6 or ``delay`` $7 seconds from
+    the database's clock.
 
-    One statement, so one implicit transaction and one round trip: the task and the
-    event that will run it are committed together or not at all. The keyed variant
-    inserts nothing (and so writes no outbox row) when the idempotency key is taken; a
-    concurrent insert with the key waits on the first's index entry and, once that
-    commits, finds the conflict too.
-
-    A scheduled task (``run_at`` $6, or ``delay`` $7 seconds from the database's clock)
-    gets an outbox row that falls due then; the task stays NEW until the relay
-    publishes it. A moment in the past is due at once but does not jump the queue.
+    The keyed variant inserts nothing (and so writes no outbox row) when the idempotency
+    key $8 is taken; a concurrent insert with the key waits on the first's index entry
+    and, once that commits, finds the conflict too.
     """
     columns, values, on_conflict = "", "", ""
     if keyed:
         columns, values = ", idempotency_key", ", $8"
         on_conflict = "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
-    return f"""
-WITH task AS (
-    INSERT INTO tasks (type, payload, priority, max_attempts, run_at{columns})
+    insert = f"""INSERT INTO tasks (type, payload, priority, max_attempts, run_at{columns})
     VALUES ($1, $2, $3, $4,
             coalesce($6::timestamptz, now() + make_interval(secs => $7::float8)){values})
-    {on_conflict}
-    RETURNING {TASK_COLUMNS}
-), event AS (
-    INSERT INTO outbox (task_id, kind, body, headers, available_at)
-    SELECT id, 'task.created',
-           jsonb_build_object('task_id', id, 'type', type, 'priority', priority),
-           $5, greatest(run_at, now())
-    FROM task
-)
-SELECT {TASK_COLUMNS} FROM task
-"""  # noqa: S608 - every fragment is a constant
+    {on_conflict}"""  # noqa: S608 - every fragment is a constant
+    return _with_created_events(insert, "$5")
 
 
 _INSERT_TASK_WITH_OUTBOX = _insert_with_outbox(keyed=False)
+_INSERT_KEYED_TASK_WITH_OUTBOX = _insert_with_outbox(keyed=True)
 
-# Many tasks and their outbox rows in one statement: the columns arrive as arrays and
-# are unnested together. Postgres inserts the rows in the order unnest yields them and
-# RETURNING hands them on in that order, so the outbox rows (and their ids, which set
-# the publish order) and the result follow the request's order without a sort; the
-# tests hold it to that. Every row of a batch carries the same headers (the batch
-# request's trace context), so they travel once, not once a row.
-_INSERT_TASKS_WITH_OUTBOX = f"""
-WITH task AS (
-    INSERT INTO tasks (type, payload, priority, max_attempts, run_at)
+# Many tasks: the columns arrive as arrays and are unnested together. Postgres inserts
+# the rows in the order unnest yields them and RETURNING hands them on in that order,
+# so the outbox rows (and their ids, which set the publish order) and the result follow
+# the request's order without a sort; the tests hold it to that. Every row of a batch
+# carries the same headers $7 (the batch request's trace context), sent once.
+_INSERT_TASKS_WITH_OUTBOX = _with_created_events(
+    """INSERT INTO tasks (type, payload, priority, max_attempts, run_at)
     SELECT type, payload, priority, max_attempts,
            coalesce(run_at, now() + make_interval(secs => delay))
     FROM unnest($1::text[], $2::jsonb[], $3::int2[], $4::int4[], $5::timestamptz[],
-                $6::float8[]) AS i(type, payload, priority, max_attempts, run_at, delay)
-    RETURNING {TASK_COLUMNS}
-), event AS (
-    INSERT INTO outbox (task_id, kind, body, headers, available_at)
-    SELECT id, 'task.created',
-           jsonb_build_object('task_id', id, 'type', type, 'priority', priority),
-           $7, greatest(run_at, now())
-    FROM task
+                $6::float8[]) AS i(type, payload, priority, max_attempts, run_at, delay)""",
+    "$7",
 )
-SELECT {TASK_COLUMNS} FROM task
-"""  # noqa: S608 - every fragment is a constant
-_INSERT_KEYED_TASK_WITH_OUTBOX = _insert_with_outbox(keyed=True)
 
 _GET_BY_KEY = f"SELECT {TASK_COLUMNS} FROM tasks WHERE idempotency_key = $1"  # noqa: S608
 _GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"  # noqa: S608
