@@ -80,7 +80,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.state.metrics = api_metrics
-    _document_problems(app)
+    _document_responses(app)
     _limit_declared_length(app, settings.max_body_bytes)
     return app
 
@@ -99,12 +99,22 @@ def _limit_declared_length(app: FastAPI, max_body_bytes: int) -> None:
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 
 
-def _document_problems(app: FastAPI) -> None:
-    """Document error bodies under the media type they are sent with.
+_PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+_BAD_BODY = {
+    "description": "The body could not be read as text (JSON must be UTF-8)",
+    "content": {PROBLEM_JSON: {"schema": _PROBLEM_REF}},
+}
 
-    FastAPI files every response model under application/json; ours are problem
-    documents, sent as application/problem+json (api.errors), and generated clients
-    should look for exactly that.
+
+def _document_responses(app: FastAPI) -> None:
+    """Document what the route declarations cannot say.
+
+    - Error bodies under the media type they are sent with: FastAPI files every
+      response model under application/json; ours are problem documents, sent as
+      application/problem+json (api.errors), and generated clients should look for
+      exactly that.
+    - The 400 FastAPI itself answers for a body it cannot decode, on every operation
+      that takes one.
     """
     build = app.openapi
 
@@ -114,7 +124,10 @@ def _document_problems(app: FastAPI) -> None:
         schema = build()
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
-                for response in operation.get("responses", {}).values():
+                responses = operation.setdefault("responses", {})
+                if "requestBody" in operation:
+                    responses.setdefault("400", {**_BAD_BODY})
+                for response in responses.values():
                     content = response.get("content", {})
                     ref = content.get("application/json", {}).get("schema", {}).get("$ref", "")
                     if ref.endswith("/Problem"):

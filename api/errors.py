@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from api.service import IdempotencyConflict, InvalidRequest, TaskFinished, TaskNotFound
 from db.errors import TRANSIENT_DB_ERRORS
@@ -59,6 +60,28 @@ def _summary(errors: list[dict[str, Any]]) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request, routes: list[BaseRoute]) -> str:
+    """Every method served at the request's path, for a 405's ``Allow``.
+
+    FastAPI makes one route per operation, and Starlette's 405 names only the methods of
+    the first route whose path matched: ``Allow: POST`` for /api/v1/tasks, which serves
+    GET too. RFC 9110 asks for the full list. Routes are asked whether they would take
+    the request under each method, since included routers nest them (a 405 is rare
+    enough for the few extra matches).
+    """
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+    return ", ".join(allowed)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequest)
     async def _invalid(request: Request, exc: InvalidRequest) -> JSONResponse:
@@ -84,9 +107,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return problem(
-            request, exc.status_code, detail, headers=dict(exc.headers) if exc.headers else None
-        )
+        headers = dict(exc.headers) if exc.headers else {}
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request, app.router.routes)
+        return problem(request, exc.status_code, detail, headers=headers or None)
 
     for error in TRANSIENT_DB_ERRORS:
 

@@ -1045,6 +1045,7 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
     (TASKS, "post"): {
         "200": "Task",
         "201": "Task",
+        "400": "Problem",  # a body that is not UTF-8
         "401": "Problem",
         "409": "Problem",
         "413": "Problem",
