@@ -3,7 +3,9 @@
 (The probes answer in their own small shape, which is what probes read.)
 
 Nothing internal leaves the server: unexpected errors are logged with their traceback
-and answered with a generic 500; a database that cannot be reached is a 503.
+and answered with a generic 500; a database that cannot be reached is a 503. Every
+problem carries the request's ``request_id`` (``api.middleware.RequestIds``), the key
+to the server's log lines about it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ from db.errors import TRANSIENT_DB_ERRORS
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def request_id(request: Request) -> str | None:
+    """The id ``api.middleware.RequestIds`` gave this request (None outside it)."""
+    value = request.scope.get("state", {}).get("request_id")
+    return value if isinstance(value, str) else None
 
 
 def problem(
@@ -39,6 +48,7 @@ def problem(
         "status": status,
         "detail": detail,
         "instance": request.url.path,
+        "request_id": request_id(request),
     }
     if errors is not None:
         body["errors"] = errors
@@ -116,7 +126,12 @@ def install(app: FastAPI) -> None:
 
         @app.exception_handler(error)
         async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
-            log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
+            log.warning(
+                "database unavailable: %s: %s",
+                type(exc).__name__,
+                exc,
+                extra={"request_id": request_id(request)},
+            )
             return problem(
                 request,
                 503,
@@ -126,5 +141,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.error(
+            "unhandled error on %s %s",
+            request.method,
+            request.url.path,
+            exc_info=exc,
+            extra={"request_id": request_id(request)},
+        )
         return problem(request, 500, "internal error; it has been logged")

@@ -53,6 +53,7 @@ METRICS_OPERATION: dict[str, Any] = {
             "200": {
                 "description": "Metrics",
                 "content": {"text/plain": {}},
+                "headers": {"X-Request-ID": {"required": True, "schema": {"type": "string"}}},
             }
         },
     }

@@ -24,7 +24,7 @@ from db.settings import DatabaseSettings
 from tasktypes import default_registry
 
 TASKS = "/api/v1/tasks"
-PROBLEM_KEYS = {"type", "title", "status", "detail", "instance"}
+PROBLEM_KEYS = {"type", "title", "status", "detail", "instance", "request_id"}
 TASK_KEYS = {
     "id",
     "type",
