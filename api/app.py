@@ -13,7 +13,7 @@ from api import errors
 from api.auth import key_bytes
 from api.errors import PROBLEM_JSON, REQUEST_ID_HEADER
 from api.metrics import ApiMetrics
-from api.middleware import ContentLengthLimit, JsonBodies, RequestIds
+from api.middleware import ApiKeyGate, ContentLengthLimit, JsonBodies, RequestIds
 from api.notifier import OutboxNotifier
 from api.routes import health, metrics, tasks
 from api.service import PostgresTaskStore, TaskService
@@ -88,17 +88,19 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
 
 def _gate_before_the_app(app: FastAPI, max_body_bytes: int) -> None:
-    """Put the request id and the declared length check outside the whole stack,
-    FastAPI's body limit included, in that order.
+    """Put the request id, the API key gate and the declared length check outside the
+    whole stack, FastAPI's body limit included, in that order.
 
     A user middleware would sit inside FastAPI's limit, which replaces any answer to
     a request declaring too long a body with its own plain-text 413. The id comes
-    first so that every answer, the gate's own included, carries it.
+    first so that every answer, the gates' own included, carries it; the key gate
+    comes next so that a stranger hears 401 whatever their request looks like.
     """
     build = app.build_middleware_stack
+    keys = app.state.api_keys
 
     def build_middleware_stack() -> Any:
-        return RequestIds(ContentLengthLimit(build(), max_body_bytes))
+        return RequestIds(ApiKeyGate(ContentLengthLimit(build(), max_body_bytes), keys))
 
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.auth import CHALLENGE, bearer_token, refusal
 from api.errors import REQUEST_ID_HEADER, problem
 from runtime.logs import bind_request_id, reset_request_id
 
@@ -118,4 +120,37 @@ def _client_request_id(scope: Scope) -> str | None:
     for key, value in scope["headers"]:
         if key == _REQUEST_ID_KEY:
             return value.decode() if _CLIENT_REQUEST_ID.fullmatch(value) else None
+    return None
+
+
+class ApiKeyGate:
+    """Refuse an ``/api/`` request without a valid key before any of the app runs.
+
+    FastAPI reads and validates a body before it runs the route's dependencies, so the
+    auth dependency alone let a stranger's malformed POST learn the request schema from
+    a 422, and made the server parse bodies it was going to refuse. The gate answers
+    such a request 401 from its headers, body unread; the dependency still checks
+    (``api.auth``), and documents the scheme.
+    """
+
+    def __init__(self, app: ASGIApp, keys: Sequence[bytes]) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.keys and scope["type"] == "http" and scope["path"].startswith("/api/"):
+            detail = refusal(bearer_token(_authorization(scope)), self.keys)
+            if detail is not None:
+                response = problem(Request(scope), 401, detail, headers=CHALLENGE)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _authorization(scope: Scope) -> str | None:
+    for key, value in scope["headers"]:
+        if key == b"authorization":
+            # latin-1, as Starlette decodes headers for the dependency
+            decoded: str = value.decode("latin-1")
+            return decoded
     return None
