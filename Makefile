@@ -65,6 +65,10 @@ test: $(STAMP) ## run every test (the fault suite included) against the local Po
 test-faults: $(STAMP) ## the fault-injection suite alone: chaos run and crash windows (about 1.5 min)
 	$(BIN)/pytest tests/faults
 
+.PHONY: fuzz
+fuzz: $(STAMP) ## schemathesis against the API on a fresh database (about a minute); FUZZ_ARGS='--seed 1'
+	$(BIN)/python -m tests.fuzz.run $(FUZZ_ARGS)
+
 .PHONY: bench
 bench: $(STAMP) ## run the benchmarks against same-run baselines (several minutes; needs wrk)
 	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; apt-get install -y -qq wrk >/dev/null || \
@@ -107,4 +111,4 @@ format: $(STAMP) ## apply ruff's formatting and fixes
 
 .PHONY: clean
 clean: ## remove the virtual environment and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .schemathesis

@@ -11,9 +11,9 @@ from fastapi import FastAPI
 
 from api import errors
 from api.auth import key_bytes
-from api.errors import PROBLEM_JSON
+from api.errors import PROBLEM_JSON, REQUEST_ID_HEADER
 from api.metrics import ApiMetrics
-from api.middleware import ContentLengthLimit, JsonBodies
+from api.middleware import ApiKeyGate, ContentLengthLimit, JsonBodies, RequestIds
 from api.notifier import OutboxNotifier
 from api.routes import health, metrics, tasks
 from api.service import PostgresTaskStore, TaskService
@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = """
 Create tasks over REST; Taskbox runs them through a transactional outbox, RabbitMQ and
-its consumers. Every error is an RFC 9457 problem document.
+its consumers. Every error is an RFC 9457 problem document. Every response carries an
+`X-Request-ID` header (the client's own, when well formed), which problem documents
+repeat as `request_id` and the server's log lines for the request carry.
 """
 
 
@@ -81,31 +83,54 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.state.metrics = api_metrics
-    _document_problems(app)
-    _limit_declared_length(app, settings.max_body_bytes)
+    _document_responses(app)
+    _gate_before_the_app(app, settings.max_body_bytes)
     return app
 
 
-def _limit_declared_length(app: FastAPI, max_body_bytes: int) -> None:
-    """Put ContentLengthLimit outside the whole stack, FastAPI's body limit included.
+def _gate_before_the_app(app: FastAPI, max_body_bytes: int) -> None:
+    """Put the request id, the API key gate and the declared length check outside the
+    whole stack, FastAPI's body limit included, in that order.
 
     A user middleware would sit inside FastAPI's limit, which replaces any answer to
-    a request declaring too long a body with its own plain-text 413.
+    a request declaring too long a body with its own plain-text 413. The id comes
+    first so that every answer, the gates' own included, carries it; the key gate
+    comes next so that a stranger hears 401 whatever their request looks like.
     """
     build = app.build_middleware_stack
+    keys = app.state.api_keys
 
     def build_middleware_stack() -> Any:
-        return ContentLengthLimit(build(), max_body_bytes)
+        return RequestIds(ApiKeyGate(ContentLengthLimit(build(), max_body_bytes), keys))
 
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 
 
-def _document_problems(app: FastAPI) -> None:
-    """Document error bodies under the media type they are sent with.
+_PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+_BAD_BODY = {
+    "description": "The body could not be read as text (JSON must be UTF-8)",
+    "content": {PROBLEM_JSON: {"schema": _PROBLEM_REF}},
+}
+_REQUEST_ID_RESPONSE_HEADER = {
+    "description": "The request's id: the client's own `X-Request-ID` if well formed "
+    "(1-128 of `A-Z a-z 0-9 . _ : / + = -`), else a new one.",
+    "required": True,
+    "schema": {"type": "string"},
+}
 
-    FastAPI files every response model under application/json; ours are problem
-    documents, sent as application/problem+json (api.errors), and generated clients
-    should look for exactly that.
+
+def _document_responses(app: FastAPI) -> None:
+    """Document what the route declarations cannot say.
+
+    - Error bodies under the media type they are sent with: FastAPI files every
+      response model under application/json; ours are problem documents, sent as
+      application/problem+json (api.errors), and generated clients should look for
+      exactly that.
+    - The 400 FastAPI itself answers for a body it cannot decode, on every operation
+      that takes one.
+    - The ``X-Request-ID`` header of every response (api.middleware). The request
+      header of the same name is described in the document's description rather than
+      added to every operation's parameters.
     """
     build = app.openapi
 
@@ -115,7 +140,13 @@ def _document_problems(app: FastAPI) -> None:
         schema = build()
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
-                for response in operation.get("responses", {}).values():
+                responses = operation.setdefault("responses", {})
+                if "requestBody" in operation:
+                    responses.setdefault("400", {**_BAD_BODY})
+                for response in responses.values():
+                    response.setdefault("headers", {})[REQUEST_ID_HEADER] = (
+                        _REQUEST_ID_RESPONSE_HEADER
+                    )
                     content = response.get("content", {})
                     ref = content.get("application/json", {}).get("schema", {}).get("$ref", "")
                     if ref.endswith("/Problem"):

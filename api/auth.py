@@ -5,6 +5,10 @@ tuple turns authentication off. The dependency is ``async def`` (FastAPI runs a 
 ``def`` dependency in a worker thread) and compares the presented key with every
 configured one in constant time, so neither the match nor its position leaks through
 timing.
+
+``api.middleware.ApiKeyGate`` applies the same rule to every ``/api/`` request before
+FastAPI reads its body; the dependency stays for what the gate does not cover
+(``/metrics``) and because it is what puts the scheme in the OpenAPI document.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Annotated
 
 from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from starlette.exceptions import HTTPException
 
 from api.settings import ApiSettings
@@ -42,15 +47,30 @@ def key_matches(presented: bytes, keys: Sequence[bytes]) -> bool:
     return found
 
 
-def _check(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
-    keys: tuple[bytes, ...] = request.app.state.api_keys
+def bearer_token(authorization: str | None) -> str | None:
+    """The key in an ``Authorization`` header, read exactly as ``BEARER`` reads it."""
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    if scheme.lower() != "bearer" or not credentials:
+        return None
+    return credentials
+
+
+def refusal(token: str | None, keys: Sequence[bytes]) -> str | None:
+    """Why a request presenting ``token`` is refused, or None when it may pass."""
     if not keys:
-        return
-    if credentials is None:
-        raise HTTPException(401, "an API key is required: Authorization: Bearer <key>", CHALLENGE)
+        return None
+    if token is None:
+        return "an API key is required: Authorization: Bearer <key>"
     # Header values arrive decoded as latin-1; encoding back gives the bytes sent.
-    if not key_matches(credentials.credentials.encode("latin-1"), keys):
-        raise HTTPException(401, "the API key is not valid", CHALLENGE)
+    if not key_matches(token.encode("latin-1"), keys):
+        return "the API key is not valid"
+    return None
+
+
+def _check(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
+    detail = refusal(credentials.credentials if credentials else None, request.app.state.api_keys)
+    if detail is not None:
+        raise HTTPException(401, detail, CHALLENGE)
 
 
 async def require_api_key(request: Request, credentials: Credentials) -> None:

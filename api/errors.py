@@ -3,7 +3,9 @@
 (The probes answer in their own small shape, which is what probes read.)
 
 Nothing internal leaves the server: unexpected errors are logged with their traceback
-and answered with a generic 500; a database that cannot be reached is a 503.
+and answered with a generic 500; a database that cannot be reached is a 503. Every
+problem carries the request's ``request_id`` (``api.middleware.RequestIds``), the key
+to the server's log lines about it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from api.service import IdempotencyConflict, InvalidRequest, TaskFinished, TaskNotFound
 from db.errors import TRANSIENT_DB_ERRORS
@@ -23,6 +26,13 @@ from db.errors import TRANSIENT_DB_ERRORS
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def request_id(request: Request) -> str | None:
+    """The id ``api.middleware.RequestIds`` gave this request (None outside it)."""
+    value = request.scope.get("state", {}).get("request_id")
+    return value if isinstance(value, str) else None
 
 
 def problem(
@@ -38,6 +48,7 @@ def problem(
         "status": status,
         "detail": detail,
         "instance": request.url.path,
+        "request_id": request_id(request),
     }
     if errors is not None:
         body["errors"] = errors
@@ -57,6 +68,28 @@ def _summary(errors: list[dict[str, Any]]) -> str:
     where = ".".join(str(part) for part in first["loc"])
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{where}: {first['msg']}{more}"
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request, routes: list[BaseRoute]) -> str:
+    """Every method served at the request's path, for a 405's ``Allow``.
+
+    FastAPI makes one route per operation, and Starlette's 405 names only the methods of
+    the first route whose path matched: ``Allow: POST`` for /api/v1/tasks, which serves
+    GET too. RFC 9110 asks for the full list. Routes are asked whether they would take
+    the request under each method, since included routers nest them (a 405 is rare
+    enough for the few extra matches).
+    """
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+    return ", ".join(allowed)
 
 
 def install(app: FastAPI) -> None:
@@ -84,15 +117,21 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return problem(
-            request, exc.status_code, detail, headers=dict(exc.headers) if exc.headers else None
-        )
+        headers = dict(exc.headers) if exc.headers else {}
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request, app.router.routes)
+        return problem(request, exc.status_code, detail, headers=headers or None)
 
     for error in TRANSIENT_DB_ERRORS:
 
         @app.exception_handler(error)
         async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
-            log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
+            log.warning(
+                "database unavailable: %s: %s",
+                type(exc).__name__,
+                exc,
+                extra={"request_id": request_id(request)},
+            )
             return problem(
                 request,
                 503,
@@ -102,5 +141,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.error(
+            "unhandled error on %s %s",
+            request.method,
+            request.url.path,
+            exc_info=exc,
+            extra={"request_id": request_id(request)},
+        )
         return problem(request, 500, "internal error; it has been logged")

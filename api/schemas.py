@@ -172,6 +172,7 @@ class Problem(BaseModel):
                     "status": 404,
                     "detail": "task 0b6f5a8e-3c1d-4a51-9d7e-2f1c9b0e7a11 does not exist",
                     "instance": "/api/v1/tasks/0b6f5a8e-3c1d-4a51-9d7e-2f1c9b0e7a11",
+                    "request_id": "5d1b0e8f6c2a4f7e9b3d1a0c8e6f4b2d",
                 }
             ]
         }
@@ -184,4 +185,7 @@ class Problem(BaseModel):
     instance: str | None = None
     errors: list[dict[str, Any]] | None = Field(
         None, description="Per-field problems of a 422: location, message, kind."
+    )
+    request_id: str | None = Field(
+        None, description="This request's X-Request-ID, the key to the server's log lines."
     )

@@ -2,8 +2,9 @@
 
 Context fields (``task_id``, ``outbox_id``, ``attempt``, ``trace_id``) reach a line two
 ways: ``extra=`` on the call, or ``bind_task`` for everything logged while one task
-runs, including lines its handler logs itself. Either way they become JSON keys, or
-``key=value`` pairs after a text line.
+runs, including lines its handler logs itself. The API's ``request_id`` comes the same
+way, from ``bind_request_id`` for everything logged while one request is served. Either
+way they become JSON keys, or ``key=value`` pairs after a text line.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -53,6 +54,33 @@ class TaskContextFilter(logging.Filter):
         return True
 
 
+# The id of the HTTP request being served (api.middleware.RequestIds sets and resets it).
+_request_id: ContextVar[str | None] = ContextVar("taskbox_request_id", default=None)
+
+
+def bind_request_id(request_id: str) -> Token[str | None]:
+    """Put ``request_id`` on every line logged until ``reset_request_id(token)``.
+
+    Unlike ``bind_task`` this hands back a token: requests served in-process (tests,
+    ASGI transports) share one asyncio task, so the id must be taken off again.
+    """
+    return _request_id.set(request_id)
+
+
+def reset_request_id(token: Token[str | None]) -> None:
+    _request_id.reset(token)
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds the bound ``request_id`` to records that do not carry one already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = _request_id.get()
+        if request_id is not None:
+            record.__dict__.setdefault("request_id", request_id)
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -83,6 +111,7 @@ def configure(level: str = "INFO", fmt: LogFormat = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(TaskContextFilter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

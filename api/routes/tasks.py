@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
@@ -11,6 +10,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from api import rendering
 from api.auth import require_api_key
 from api.deps import Service
+from api.params import IsoDatetime
 from api.schemas import (
     MAX_BATCH,
     Problem,
@@ -158,8 +158,8 @@ async def list_tasks(
         list[TaskStatus] | None, Query(alias="status", description="Repeat to match several.")
     ] = None,
     type_: Annotated[str | None, Query(alias="type", max_length=200)] = None,
-    created_after: Annotated[datetime | None, Query(description="ISO 8601, exclusive.")] = None,
-    created_before: Annotated[datetime | None, Query(description="ISO 8601, exclusive.")] = None,
+    created_after: Annotated[IsoDatetime | None, Query(description="ISO 8601, exclusive.")] = None,
+    created_before: Annotated[IsoDatetime | None, Query(description="ISO 8601, exclusive.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: Annotated[
         str | None, Query(max_length=200, description="`next_cursor` of the previous page.")

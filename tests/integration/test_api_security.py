@@ -153,6 +153,64 @@ async def test_a_refused_create_writes_nothing(
     assert await row_counts(pool) == (0, 0)
 
 
+# FastAPI parses and validates a body before the route's dependencies run; the key gate
+# (api.middleware.ApiKeyGate) answers first, so a stranger learns nothing from a 422.
+@pytest.mark.parametrize(
+    ("body", "authorization"),
+    [
+        (b"{not json", None),
+        (b'{"type": 5, "unexpected": true}', None),  # parses, fails the schema
+        (b'{"type": "\xff"}', None),  # not UTF-8: FastAPI's own 400
+        (b"{not json", "Bearer key-three"),
+        (b"{not json", "Basic a2V5LW9uZQ=="),
+    ],
+)
+async def test_an_unauthenticated_bad_body_is_a_401_not_a_422(
+    keyed: httpx.AsyncClient, pool: asyncpg.Pool, body: bytes, authorization: str | None
+) -> None:
+    headers = {"Content-Type": "application/json"}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    assert_unauthorized(await keyed.post(TASKS, content=body, headers=headers))
+    assert await row_counts(pool) == (0, 0)
+
+
+async def test_with_a_valid_key_a_bad_body_is_still_a_422(keyed: httpx.AsyncClient) -> None:
+    response = await keyed.post(TASKS, content=b"{not json", headers=bearer(KEY_ONE))
+    assert_problem(response, 422)
+
+
+async def test_an_unauthenticated_body_is_never_read(keyed: httpx.AsyncClient) -> None:
+    read: list[bytes] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        for chunk in (b'{"type": ', b'"echo"}'):
+            read.append(chunk)
+            yield chunk
+
+    assert_unauthorized(await keyed.post(TASKS, content=body()))
+    assert read == []
+
+
+async def test_the_key_is_checked_before_the_declared_length(api_settings: ApiSettings) -> None:
+    settings = settings_with(api_settings, api_keys=KEY_ONE, max_body_bytes=LIMIT)
+    async with app_client_for(settings) as client:
+        too_long = json_body_of_size(LIMIT + 1)
+        assert_unauthorized(await client.post(TASKS, content=too_long))
+        assert_problem(await client.post(TASKS, content=too_long, headers=bearer(KEY_ONE)), 413)
+
+
+async def test_unknown_api_paths_ask_for_a_key_before_saying_404(
+    keyed: httpx.AsyncClient,
+) -> None:
+    assert_unauthorized(await keyed.get("/api/v2/anything"))
+    assert_problem(await keyed.get("/api/v2/anything", headers=bearer(KEY_ONE)), 404)
+
+
+async def test_without_keys_a_bad_body_is_a_422(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.post(TASKS, content=b"{not json"), 422)
+
+
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 async def test_health_endpoints_stay_open(keyed: httpx.AsyncClient, path: str) -> None:
     response = await keyed.get(path)

@@ -24,7 +24,7 @@ from db.settings import DatabaseSettings
 from tasktypes import default_registry
 
 TASKS = "/api/v1/tasks"
-PROBLEM_KEYS = {"type", "title", "status", "detail", "instance"}
+PROBLEM_KEYS = {"type", "title", "status", "detail", "instance", "request_id"}
 TASK_KEYS = {
     "id",
     "run_at",
@@ -1046,6 +1046,7 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
     (TASKS, "post"): {
         "200": "Task",
         "201": "Task",
+        "400": "Problem",  # a body that is not UTF-8
         "401": "Problem",
         "409": "Problem",
         "413": "Problem",
