@@ -1055,6 +1055,7 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
     },
     (f"{TASKS}/batch", "post"): {
         "201": "TaskBatch",
+        "400": "Problem",  # documented for every body, as on POST /api/v1/tasks
         "401": "Problem",
         "413": "Problem",
         "422": "Problem",
