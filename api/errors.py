@@ -26,6 +26,7 @@ from db.errors import TRANSIENT_DB_ERRORS
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+TASK_PATH = "/api/v1/tasks/"
 REQUEST_ID_HEADER = "X-Request-ID"
 
 
@@ -120,6 +121,11 @@ def install(app: FastAPI) -> None:
         headers = dict(exc.headers) if exc.headers else {}
         if exc.status_code == 405:
             headers["Allow"] = _allowed_methods(request, app.router.routes)
+        if exc.status_code == 404 and request.url.path.startswith(TASK_PATH):
+            # Task routes match only UUIDs, so a task path that reached no route names
+            # no task; say so rather than a bare "Not Found".
+            name = request.url.path.removeprefix(TASK_PATH).split("/", 1)[0]
+            detail = f"no task has the id {name[:64]!r}: task ids are UUIDs"
         return problem(request, exc.status_code, detail, headers=headers or None)
 
     for error in TRANSIENT_DB_ERRORS:

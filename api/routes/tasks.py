@@ -26,6 +26,10 @@ from db.states import TaskStatus
 
 Responses = dict[int | str, dict[str, Any]]
 
+# Task paths take only a UUID (`{task_id:uuid}`): /api/v1/tasks/batch is then the batch
+# resource alone, so a GET there is a 405 that names POST rather than a lookup of a
+# task called "batch"; a path that is no UUID names no task and is a 404.
+
 _UNAUTHORIZED: Responses = {
     401: {"model": Problem, "description": "The API key is missing or not valid"}
 }
@@ -177,7 +181,7 @@ async def list_tasks(
 
 
 @router.get(
-    "/{task_id}",
+    "/{task_id:uuid}",
     response_model=Task,
     summary="Get a task",
     responses={**_NOT_FOUND, **_INVALID, **_UNAVAILABLE},
@@ -187,7 +191,7 @@ async def get_task(task_id: uuid.UUID, service: Service) -> Response:
 
 
 @router.get(
-    "/{task_id}/status",
+    "/{task_id:uuid}/status",
     response_model=TaskStatusView,
     summary="Get just a task's status",
     responses={**_NOT_FOUND, **_INVALID, **_UNAVAILABLE},
@@ -197,7 +201,7 @@ async def get_task_status(task_id: uuid.UUID, service: Service) -> Response:
 
 
 @router.delete(
-    "/{task_id}",
+    "/{task_id:uuid}",
     response_model=Task,
     summary="Cancel a task",
     description=(

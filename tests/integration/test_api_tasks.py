@@ -822,12 +822,18 @@ async def test_get_an_unknown_task_is_a_404_problem(client: httpx.AsyncClient) -
 
 
 @pytest.mark.parametrize("suffix", ["", "/status"])
-async def test_a_malformed_task_id_is_a_422(client: httpx.AsyncClient, suffix: str) -> None:
+async def test_a_malformed_task_id_names_no_task(client: httpx.AsyncClient, suffix: str) -> None:
     response = await client.get(f"{TASKS}/not-a-uuid{suffix}")
 
-    body = assert_problem(response, 422)
-    assert [e["loc"] for e in body["errors"]] == [["path", "task_id"]]
-    assert body["errors"][0]["type"] == "uuid_parsing"
+    body = assert_problem(response, 404)
+    assert body["detail"] == "no task has the id 'not-a-uuid': task ids are UUIDs"
+
+
+async def test_the_batch_path_is_not_taken_for_a_task_id(client: httpx.AsyncClient) -> None:
+    for method in ("GET", "DELETE", "PUT"):
+        response = await client.request(method, f"{TASKS}/batch")
+        assert_problem(response, 405)
+        assert response.headers["allow"] == "POST"
 
 
 # --------------------------------------------------------------------------- status
@@ -953,10 +959,13 @@ async def test_cancel_an_unknown_task_is_a_404_problem(
     assert await row_counts(pool) == (0, 0)
 
 
-async def test_cancel_a_malformed_id_is_a_422(client: httpx.AsyncClient) -> None:
-    body = assert_problem(await client.delete(f"{TASKS}/12345"), 422)
+async def test_cancel_a_malformed_id_names_no_task(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    body = assert_problem(await client.delete(f"{TASKS}/12345"), 404)
 
-    assert [e["loc"] for e in body["errors"]] == [["path", "task_id"]]
+    assert body["detail"] == "no task has the id '12345': task ids are UUIDs"
+    assert await row_counts(pool) == (0, 0)
 
 
 # --------------------------------------------------------------------------- health
