@@ -84,6 +84,12 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             None,
         )
         add("  ratio", f"{r['ratio']:.2f}x", ">= 0.80x", r["ratio"] >= 0.8)
+        add(
+            "  ratio, baseline into a priority queue",
+            f"{r['ratio_same_queue']:.2f}x",
+            f"{r['baseline_priority_queue_msg_s']:,.0f} aio-pika",
+            None,
+        )
     if r := results.get("consumer"):
         add(
             "consumer tasks/s",

@@ -98,7 +98,14 @@ async def stage(name: str) -> AsyncIterator[Stage]:
         connection = await aio_pika.connect(AMQP_URL)
         async with connection:
             channel = await connection.channel()
-            for queue in (broker.queue_name, broker.dead_letter_queue, f"{prefix}.raw"):
+            # The task queues and the baselines' own (scenarios name them after the task
+            # queue).
+            for queue in (
+                broker.queue_name,
+                broker.dead_letter_queue,
+                f"{broker.queue_name}.raw",
+                f"{broker.queue_name}.raw-priority",
+            ):
                 await channel.queue_delete(queue)
             for exchange in (broker.exchange_name, broker.dead_letter_exchange):
                 await channel.exchange_delete(exchange)

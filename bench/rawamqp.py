@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import time
+from typing import Any
 
 import aio_pika
 import orjson
@@ -36,11 +37,16 @@ def _body(i: int) -> bytes:
     )
 
 
-async def publish(count: int, queue_name: str) -> dict[str, float]:
+async def publish(count: int, queue_name: str, max_priority: int = 0) -> dict[str, float]:
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        await channel.declare_queue(queue_name, durable=True)
+        # max_priority: the same x-max-priority as Taskbox's task queue, whose broker-side
+        # bookkeeping costs something of its own.
+        arguments: dict[str, Any] | None = (
+            {"x-max-priority": max_priority} if max_priority else None
+        )
+        await channel.declare_queue(queue_name, durable=True, arguments=arguments)
         exchange = channel.default_exchange
         start = time.perf_counter()
         for first in range(0, count, WINDOW):
@@ -134,9 +140,10 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=200)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--max-priority", type=int, default=0)
     args = parser.parse_args()
     if args.mode == "publish":
-        result = uvloop.run(publish(args.count, args.queue))
+        result = uvloop.run(publish(args.count, args.queue, args.max_priority))
     elif args.mode == "consume":
         result = uvloop.run(consume(args.count, args.queue, args.prefetch))
     else:

@@ -229,6 +229,17 @@ async def relay_drain(rows: int) -> Result:
         raw = await asyncio.to_thread(
             _rawamqp, "publish", "--count", str(rows), "--queue", st.broker.queue_name + ".raw"
         )
+        # The same publishing into a queue declared like Taskbox's (x-max-priority).
+        raw_priority = await asyncio.to_thread(
+            _rawamqp,
+            "publish",
+            "--count",
+            str(rows),
+            "--queue",
+            st.broker.queue_name + ".raw-priority",
+            "--max-priority",
+            str(st.broker.max_priority),
+        )
         relay = await taskbox("relay", st.env).start()
         try:
             await asyncio.sleep(1.0)  # let it connect and declare
@@ -252,6 +263,8 @@ async def relay_drain(rows: int) -> Result:
         "relay_rows_s": rate,
         "ratio": rate / raw["per_second"],
         "target_ratio": 0.8,
+        "baseline_priority_queue_msg_s": raw_priority["per_second"],
+        "ratio_same_queue": rate / raw_priority["per_second"],
         "relay_cpu_ms_per_row": 1000 * cpu / rows,
     }
 
