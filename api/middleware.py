@@ -71,14 +71,20 @@ class ContentLengthLimit:
         await self.app(scope, receive, send)
 
 
-def _content_length(scope: Scope) -> int | None:
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lowercase, as ASGI servers give names)."""
     for key, value in scope["headers"]:
-        if key == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+        if key == name:
+            return bytes(value)
     return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 # A client's own id is kept when it is short and made of characters that are safe in a
@@ -117,10 +123,8 @@ class RequestIds:
 
 
 def _client_request_id(scope: Scope) -> str | None:
-    for key, value in scope["headers"]:
-        if key == _REQUEST_ID_KEY:
-            return value.decode() if _CLIENT_REQUEST_ID.fullmatch(value) else None
-    return None
+    value = _header(scope, _REQUEST_ID_KEY)
+    return value.decode() if value is not None and _CLIENT_REQUEST_ID.fullmatch(value) else None
 
 
 class ApiKeyGate:
@@ -148,9 +152,6 @@ class ApiKeyGate:
 
 
 def _authorization(scope: Scope) -> str | None:
-    for key, value in scope["headers"]:
-        if key == b"authorization":
-            # latin-1, as Starlette decodes headers for the dependency
-            decoded: str = value.decode("latin-1")
-            return decoded
-    return None
+    value = _header(scope, b"authorization")
+    # latin-1, as Starlette decodes headers for the dependency
+    return value.decode("latin-1") if value is not None else None

@@ -18,7 +18,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,14 +31,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
-from db.settings import plain_dsn
-
-ROOT = Path(__file__).resolve().parents[2]
-ADMIN_DSN = plain_dsn(
-    os.environ.get("TEST_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-)
+# The test suite's own helpers: the admin connection and database naming of
+# tests/conftest.py, a free port as the process tests pick one.
+from tests.conftest import ROOT, _admin, database_dsn
+from tests.integration.processes import free_port
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 
@@ -60,26 +55,11 @@ METRICS_OPERATION: dict[str, Any] = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_DSN)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 @contextmanager
 def fresh_database() -> Iterator[str]:
     """A database migrated with the real ``python -m db migrate``; dropped on exit."""
     name = f"taskbox_fuzz_{uuid.uuid4().hex[:12]}"
-    url = ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
+    url = database_dsn(name)
     asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
     try:
         migrated = subprocess.run(
@@ -107,7 +87,7 @@ def _get(url: str) -> tuple[int, bytes]:
 @contextmanager
 def api_process(database_url: str, api_key: str, log_path: Path) -> Iterator[str]:
     """``python -m api`` on a free loopback port; yields its base URL once it is ready."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
