@@ -131,10 +131,10 @@ class ApiKeyGate:
     """Refuse an ``/api/`` request without a valid key before any of the app runs.
 
     FastAPI reads and validates a body before it runs the route's dependencies, so the
-    auth dependency alone let a stranger's malformed POST learn the request schema from
-    a 422, and made the server parse bodies it was going to refuse. The gate answers
-    such a request 401 from its headers, body unread; the dependency still checks
-    (``api.auth``), and documents the scheme.
+    auth dependency alone answered a stranger's malformed POST with a 422 and made the
+    server parse bodies it was going to refuse. The gate answers such a request 401
+    from its headers, body unread; the dependency still checks (``api.auth``), and
+    documents the scheme.
     """
 
     def __init__(self, app: ASGIApp, keys: Sequence[bytes]) -> None:

@@ -39,6 +39,8 @@ class ApiSettings(DatabaseSettings, ProcessSettings):
     max_schedule_delay: Duration = Field(
         365 * 86400.0,
         gt=0,
+        # a century: further would overflow date arithmetic (and Postgres' years)
+        le=100 * 365.25 * 86400,
         description="How far ahead `run_at`/`delay_seconds` may schedule a task (e.g. 30d).",
     )
 

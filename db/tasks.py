@@ -89,25 +89,24 @@ _GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"  # noqa: S608
 _GET_STATUS = "SELECT id, status, updated_at FROM tasks WHERE id = $1"
 
 # A task cancelled before it was published (NEW: scheduled, or waiting out a retry's
-# backoff) takes its unpublished outbox rows with it, so no message is ever sent for
-# it. A row the relay is publishing at that moment is locked; the DELETE waits for the
-# relay's commit, finds the row published and leaves it (the consumer then finds the
-# task CANCELLED and drops the message).
+# backoff) takes its unpublished outbox rows with it, so the relay never sends them.
+#
+# Lock order matters: the relay's claim locks outbox rows, then their tasks (the NEW ->
+# PENDING flip). Cancel takes them in the same order, in one transaction: first the
+# DELETE of the task's unsent rows (waiting, if the relay holds one, for its commit,
+# after which the row is published and left alone), then the task's UPDATE. The other
+# order deadlocked against a claim taken in between (found in review: a cancel stalled
+# for deadlock_timeout and answered 503).
+_DROP_UNSENT = "DELETE FROM outbox WHERE task_id = $1 AND published_at IS NULL"
+
 _CANCEL = f"""
-WITH cancelled AS (
-    UPDATE tasks
-    SET status = CASE WHEN status = ANY($2::text[]) THEN 'CANCELLED' ELSE status END,
-        cancel_requested = cancel_requested OR status = ANY($3::text[]),
-        finished_at = CASE WHEN status = ANY($2::text[]) THEN now() ELSE finished_at END,
-        updated_at = now()
-    WHERE id = $1 AND status = ANY($4::text[])
-    RETURNING {TASK_COLUMNS}
-), unsent AS (
-    DELETE FROM outbox
-    WHERE task_id IN (SELECT id FROM cancelled WHERE status = 'CANCELLED')
-      AND published_at IS NULL
-)
-SELECT {TASK_COLUMNS} FROM cancelled
+UPDATE tasks
+SET status = CASE WHEN status = ANY($2::text[]) THEN 'CANCELLED' ELSE status END,
+    cancel_requested = cancel_requested OR status = ANY($3::text[]),
+    finished_at = CASE WHEN status = ANY($2::text[]) THEN now() ELSE finished_at END,
+    updated_at = now()
+WHERE id = $1 AND status = ANY($4::text[])
+RETURNING {TASK_COLUMNS}
 """  # noqa: S608 - TASK_COLUMNS is a constant
 
 _CANCELLABLE = sorted(CANCEL_NOW | CANCEL_LATER)
@@ -216,9 +215,16 @@ class CancelOutcome:
 
 async def cancel_task(conn: asyncpg.Connection | asyncpg.Pool, task_id: uuid.UUID) -> CancelOutcome:
     """NEW/PENDING become CANCELLED at once; PROCESSING is flagged ``cancel_requested``."""
-    row = await conn.fetchrow(
-        _CANCEL, task_id, sorted(CANCEL_NOW), sorted(CANCEL_LATER), _CANCELLABLE
-    )
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as connection:
+            return await cancel_task(connection, task_id)
+    async with conn.transaction():
+        # Unsent rows belong to a NEW task, or are a duplicate a rescue left for a task
+        # that runs again anyway: whatever the UPDATE finds, dropping them is right.
+        await conn.execute(_DROP_UNSENT, task_id)
+        row = await conn.fetchrow(
+            _CANCEL, task_id, sorted(CANCEL_NOW), sorted(CANCEL_LATER), _CANCELLABLE
+        )
     if row is not None:
         return CancelOutcome(row, True)
     return CancelOutcome(await get_task(conn, task_id), False)

@@ -27,7 +27,7 @@ from broker.settings import BrokerSettings
 from db import outbox
 from db.pool import create_pool
 from db.settings import DatabaseSettings
-from db.tasks import NewTask, create_task
+from db.tasks import NewTask, cancel_task, create_task
 from relay.publisher import BrokerUnavailable, OutboxPublisher
 from relay.relay import OutboxRelay, open_broker
 from relay.settings import RelaySettings
@@ -585,3 +585,34 @@ async def test_relay_survives_the_database_refusing_connections_for_a_moment(
         await pool.close()
     (message,) = await take_all(broker_settings)
     assert messages.parse(message.body).task_id == task["id"]
+
+
+async def test_a_cancel_meeting_a_claim_waits_for_it_instead_of_deadlocking(
+    pool: asyncpg.Pool, db_settings: DatabaseSettings
+) -> None:
+    (task,) = await create_tasks(pool, 1)
+    relay = await asyncpg.connect(db_settings.database_url)
+    try:
+        transaction = relay.transaction()
+        await transaction.start()
+        # The claim's lock order: first the outbox row ...
+        await relay.execute("SELECT id FROM outbox WHERE task_id = $1 FOR UPDATE", task["id"])
+        cancel = asyncio.create_task(cancel_task(pool, task["id"]))
+        await asyncio.sleep(0.3)
+        assert not cancel.done(), "the cancel must wait for the claimed row"
+        # ... then the task: where a cancel holding the task's lock made a deadlock.
+        async with asyncio.timeout(5):
+            await relay.execute(
+                "UPDATE tasks SET status = 'PENDING' WHERE id = $1 AND status = 'NEW'", task["id"]
+            )
+            await relay.execute(
+                "UPDATE outbox SET published_at = now() WHERE task_id = $1", task["id"]
+            )
+            await transaction.commit()
+        async with asyncio.timeout(5):
+            outcome = await cancel
+    finally:
+        await relay.close()
+    assert outcome.task is not None and outcome.task["status"] == "CANCELLED"
+    # The row the relay published stays: its message is out, and the consumer drops it.
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == 1
