@@ -38,17 +38,17 @@ class TableGrant:
 
 
 GRANTS: dict[Process, tuple[TableGrant, ...]] = {
-    # Creates a task and its task.created outbox row (one statement, db.tasks), reads and
-    # lists tasks, cancels: NEW/PENDING become CANCELLED, PROCESSING gets cancel_requested.
-    # DELETE on outbox (and the SELECT its WHERE needs) is for cancelling a NEW task,
-    # which removes that task's unpublished outbox row so the relay never sends it.
+    # Creates tasks and their task.created outbox rows (one statement, db.tasks), reads
+    # and lists tasks, cancels: NEW/PENDING become CANCELLED, PROCESSING gets
+    # cancel_requested. A cancelled task's unsent row is closed by the relay's claim, so
+    # the api only ever adds outbox rows.
     "api": (
         TableGrant(
             "tasks",
             ("SELECT", "INSERT"),
             update_columns=("status", "cancel_requested", "finished_at", "updated_at"),
         ),
-        TableGrant("outbox", ("SELECT", "INSERT", "DELETE"), identity_sequence=True),
+        TableGrant("outbox", ("SELECT", "INSERT"), identity_sequence=True),
     ),
     # Claims due outbox rows (FOR UPDATE SKIP LOCKED needs UPDATE on some column, which
     # the publish bookkeeping has anyway), flips their tasks NEW -> PENDING and back on a

@@ -7,11 +7,18 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from db.states import TERMINAL
+
 # Claim a batch and, in the same statement, flip the tasks NEW -> PENDING. The flip
 # takes the task rows' locks for the rest of the relay's transaction: a consumer that
 # receives a message before the relay commits waits on that lock (see the claim in
 # db.execution). If the relay dies before committing, both the flip and the claim roll
 # back and the row is published again later: a duplicate, never a loss.
+#
+# A due row whose task has already finished (cancelled before it was published, or a
+# duplicate a rescue left for a task that ran again) is closed without being sent: its
+# message could only be dropped by the consumer. That is how a cancel keeps a scheduled
+# task's message from ever going out, without the api touching the outbox.
 #
 # Rows go oldest due first (ix_outbox_due). The statement also reports when the next
 # row not yet due falls due, from the same now() as the claim's cutoff, so that a row
@@ -20,20 +27,25 @@ import asyncpg
 # still answers with that moment (and NULL row columns).
 _CLAIM_BATCH = """
 WITH batch AS (
-    SELECT id, task_id, kind, body, headers, publish_attempts, available_at
-    FROM outbox
-    WHERE published_at IS NULL AND available_at <= now()
-    ORDER BY available_at, id
+    SELECT o.id, o.task_id, o.kind, o.body, o.headers, o.publish_attempts, o.available_at,
+           t.status AS task_status, t.status = ANY($2::text[]) AS settled
+    FROM outbox AS o JOIN tasks AS t ON t.id = o.task_id
+    WHERE o.published_at IS NULL AND o.available_at <= now()
+    ORDER BY o.available_at, o.id
     LIMIT $1
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF o SKIP LOCKED
 ), flipped AS (
     UPDATE tasks SET status = 'PENDING', updated_at = now()
-    WHERE id IN (SELECT task_id FROM batch) AND status = 'NEW'
+    WHERE id IN (SELECT task_id FROM batch WHERE NOT settled) AND status = 'NEW'
+), unsent AS (
+    UPDATE outbox AS o SET published_at = now(), last_error = 'not sent: task ' || b.task_status
+    FROM batch AS b WHERE o.id = b.id AND b.settled
 ), next AS (
     SELECT extract(epoch FROM min(available_at) - now())::float8 AS next_due_in
     FROM outbox WHERE published_at IS NULL AND available_at > now()
 )
-SELECT b.id, b.task_id, b.kind, b.body, b.headers, b.publish_attempts, next.next_due_in
+SELECT b.id, b.task_id, b.kind, b.body, b.headers, b.publish_attempts, b.settled,
+       next.next_due_in
 FROM next LEFT JOIN batch AS b ON true
 ORDER BY b.available_at, b.id
 """
@@ -71,17 +83,22 @@ class PublishRefusal:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    rows: list[asyncpg.Record]
+    rows: list[asyncpg.Record]  # to publish
+    claimed: int  # rows claimed, those closed unsent (their task had finished) included
     # Seconds from the claim until the next unpublished row falls due; None when every
     # unpublished row is due already or there is none.
     next_due_in: float | None
 
 
+_SETTLED = sorted(TERMINAL)
+
+
 async def claim_batch(conn: asyncpg.Connection, limit: int) -> Claim:
     """Lock up to ``limit`` due, unpublished rows; call inside a transaction."""
-    found: list[asyncpg.Record] = await conn.fetch(_CLAIM_BATCH, limit)
-    rows = [row for row in found if row["id"] is not None]
-    return Claim(rows, found[0]["next_due_in"])
+    found: list[asyncpg.Record] = await conn.fetch(_CLAIM_BATCH, limit, _SETTLED)
+    claimed = [row for row in found if row["id"] is not None]
+    rows = [row for row in claimed if not row["settled"]]
+    return Claim(rows, len(claimed), found[0]["next_due_in"])
 
 
 async def record_publish_outcome(

@@ -88,17 +88,9 @@ _GET_BY_KEY = f"SELECT {TASK_COLUMNS} FROM tasks WHERE idempotency_key = $1"  # 
 _GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"  # noqa: S608
 _GET_STATUS = "SELECT id, status, updated_at FROM tasks WHERE id = $1"
 
-# A task cancelled before it was published (NEW: scheduled, or waiting out a retry's
-# backoff) takes its unpublished outbox rows with it, so the relay never sends them.
-#
-# Lock order matters: the relay's claim locks outbox rows, then their tasks (the NEW ->
-# PENDING flip). Cancel takes them in the same order, in one transaction: first the
-# DELETE of the task's unsent rows (waiting, if the relay holds one, for its commit,
-# after which the row is published and left alone), then the task's UPDATE. The other
-# order deadlocked against a claim taken in between (found in review: a cancel stalled
-# for deadlock_timeout and answered 503).
-_DROP_UNSENT = "DELETE FROM outbox WHERE task_id = $1 AND published_at IS NULL"
-
+# A task cancelled before it was published keeps its outbox row: the relay's claim
+# closes it unsent once due (see db.outbox), so cancelling never touches the outbox,
+# and the api needs no right to delete outbox rows.
 _CANCEL = f"""
 UPDATE tasks
 SET status = CASE WHEN status = ANY($2::text[]) THEN 'CANCELLED' ELSE status END,
@@ -215,16 +207,9 @@ class CancelOutcome:
 
 async def cancel_task(conn: asyncpg.Connection | asyncpg.Pool, task_id: uuid.UUID) -> CancelOutcome:
     """NEW/PENDING become CANCELLED at once; PROCESSING is flagged ``cancel_requested``."""
-    if isinstance(conn, asyncpg.Pool):
-        async with conn.acquire() as connection:
-            return await cancel_task(connection, task_id)
-    async with conn.transaction():
-        # Unsent rows belong to a NEW task, or are a duplicate a rescue left for a task
-        # that runs again anyway: whatever the UPDATE finds, dropping them is right.
-        await conn.execute(_DROP_UNSENT, task_id)
-        row = await conn.fetchrow(
-            _CANCEL, task_id, sorted(CANCEL_NOW), sorted(CANCEL_LATER), _CANCELLABLE
-        )
+    row = await conn.fetchrow(
+        _CANCEL, task_id, sorted(CANCEL_NOW), sorted(CANCEL_LATER), _CANCELLABLE
+    )
     if row is not None:
         return CancelOutcome(row, True)
     return CancelOutcome(await get_task(conn, task_id), False)

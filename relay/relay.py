@@ -76,7 +76,8 @@ class OutboxRelay:
         self.alive_at = time.monotonic()
 
     async def drain_batch(self) -> int:
-        """Claim, publish and record one batch; returns how many rows it claimed."""
+        """Claim, publish and record one batch; returns how many rows it claimed
+        (rows of finished tasks, closed unsent, included)."""
         async with self._pool.acquire() as conn, conn.transaction():
             claim = await outbox.claim_batch(conn, self._settings.relay_batch_size)
             rows = claim.rows
@@ -85,7 +86,7 @@ class OutboxRelay:
             else:
                 self._next_due = None
             if not rows:
-                return 0
+                return claim.claimed
             started = time.perf_counter()
             report: PublishReport = await self._publisher.publish_batch(rows)
             self.metrics.publish_seconds.observe(time.perf_counter() - started)
@@ -104,7 +105,9 @@ class OutboxRelay:
                 )
         if report.published:
             log.debug("published %d outbox rows", len(report.published))
-        return len(rows)
+        if claim.claimed > len(rows):
+            log.debug("closed %d rows of finished tasks unsent", claim.claimed - len(rows))
+        return claim.claimed
 
     async def drain(self, stop: asyncio.Event) -> None:
         """Drain until a batch comes back short (the backlog is empty for now).

@@ -335,16 +335,35 @@ async def test_duplicate_deliveries_run_the_handler_once(
     await assert_queues_empty(broker_settings)
 
 
-async def test_a_task_cancelled_while_new_takes_its_unsent_outbox_row_with_it(
-    pool: asyncpg.Pool,
+async def test_a_task_cancelled_while_new_is_never_sent_nor_run(
+    pool: asyncpg.Pool, broker_settings: BrokerSettings, stack: Stack
 ) -> None:
     task_id = await new_task(pool, "echo", {"never": "run"})
     cancelled = await cancel_task(pool, task_id)
     assert cancelled.changed
     assert cancelled.task is not None
     assert cancelled.task["status"] == "CANCELLED"
-    # Nothing is left for the relay to publish.
-    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE task_id = $1", task_id) == 0
+
+    relay = await stack.relay()
+    consumer = await stack.consumer()
+    witness = await new_task(pool, "echo", {"runs": True})
+    await eventually(
+        lambda: pool.fetchval("SELECT status FROM tasks WHERE id = $1", witness),
+        lambda status: status == "DONE",
+        "a task created after it to run",
+        stack=stack,
+    )
+    # The relay closed its row without sending it.
+    closed = await pool.fetchrow(
+        "SELECT published_at, last_error FROM outbox WHERE task_id = $1", task_id
+    )
+    assert closed["published_at"] is not None
+    assert closed["last_error"] == "not sent: task CANCELLED"
+    row = await fetch_task(pool, task_id)
+    assert (row["status"], row["attempts"], row["started_at"]) == ("CANCELLED", 0, None)
+
+    await stop_cleanly(consumer, relay)
+    await assert_queues_empty(broker_settings)
 
 
 async def test_a_task_cancelled_while_pending_is_never_run_and_its_message_is_dropped(

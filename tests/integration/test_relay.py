@@ -587,7 +587,7 @@ async def test_relay_survives_the_database_refusing_connections_for_a_moment(
     assert messages.parse(message.body).task_id == task["id"]
 
 
-async def test_a_cancel_meeting_a_claim_waits_for_it_instead_of_deadlocking(
+async def test_a_cancel_meeting_a_claim_waits_for_its_commit(
     pool: asyncpg.Pool, db_settings: DatabaseSettings
 ) -> None:
     (task,) = await create_tasks(pool, 1)
@@ -595,24 +595,35 @@ async def test_a_cancel_meeting_a_claim_waits_for_it_instead_of_deadlocking(
     try:
         transaction = relay.transaction()
         await transaction.start()
-        # The claim's lock order: first the outbox row ...
-        await relay.execute("SELECT id FROM outbox WHERE task_id = $1 FOR UPDATE", task["id"])
+        # The claim locks the outbox row and flips the task (holding its lock) ...
+        claim = await outbox.claim_batch(relay, 10)
+        assert [row["task_id"] for row in claim.rows] == [task["id"]]
         cancel = asyncio.create_task(cancel_task(pool, task["id"]))
         await asyncio.sleep(0.3)
-        assert not cancel.done(), "the cancel must wait for the claimed row"
-        # ... then the task: where a cancel holding the task's lock made a deadlock.
+        assert not cancel.done(), "the cancel must wait for the claim's commit"
+        # ... and finishes its transaction, which a cancel holding a lock the claim
+        # needs would have turned into a deadlock.
         async with asyncio.timeout(5):
-            await relay.execute(
-                "UPDATE tasks SET status = 'PENDING' WHERE id = $1 AND status = 'NEW'", task["id"]
-            )
-            await relay.execute(
-                "UPDATE outbox SET published_at = now() WHERE task_id = $1", task["id"]
-            )
+            await outbox.record_publish_outcome(relay, [claim.rows[0]["id"]], [])
             await transaction.commit()
         async with asyncio.timeout(5):
             outcome = await cancel
     finally:
         await relay.close()
+    # PENDING when the cancel ran: its message is out, and the consumer drops it.
     assert outcome.task is not None and outcome.task["status"] == "CANCELLED"
-    # The row the relay published stays: its message is out, and the consumer drops it.
-    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == 1
+
+
+async def test_a_task_cancelled_before_publication_is_closed_unsent(pool: asyncpg.Pool) -> None:
+    cancelled, kept = await create_tasks(pool, 2)
+    assert (await cancel_task(pool, cancelled["id"])).changed
+    async with pool.acquire() as conn, conn.transaction():
+        claim = await outbox.claim_batch(conn, 10)
+    assert claim.claimed == 2
+    assert [row["task_id"] for row in claim.rows] == [kept["id"]]
+    closed = await pool.fetchrow(
+        "SELECT published_at, last_error FROM outbox WHERE task_id = $1", cancelled["id"]
+    )
+    assert closed["published_at"] is not None
+    assert closed["last_error"] == "not sent: task CANCELLED"
+    assert await statuses(pool) == {"CANCELLED": 1, "PENDING": 1}
