@@ -1,11 +1,14 @@
 """Reading a batch create: every invalid task reported at once, by its position.
 
-Validating the whole body against ``TaskBatchCreate`` is the fast path and enough when
-the batch is well formed. When it is not, pydantic names the tasks that failed its
-checks but the others never reach the service's own checks (task type, payload model,
-limits), so a client fixing one round of errors would meet the next round only on the
-next try. On that (slow, rare) path the tasks pydantic accepted are validated one by
-one so the service can check them too, and the 422 lists everything.
+The body is parsed as FastAPI parses the single create's (the standard library's json,
+then the strict model over Python objects), so a task means the same, and fails the
+same way, in a batch and on its own. Validating the whole body against
+``TaskBatchCreate`` is the fast path and enough when the batch is well formed. When it
+is not, pydantic names the tasks that failed its checks but the others never reach the
+service's own checks (task type, payload model, limits), so a client fixing one round
+of errors would meet the next round only on the next try. On that (rare) path the
+tasks pydantic accepted are validated one by one so the service can check them too,
+and the 422 lists everything.
 """
 
 from __future__ import annotations
@@ -38,21 +41,20 @@ def read_batch(raw: bytes) -> tuple[list[tuple[int, TaskCreate]], Problems]:
     object, ``tasks`` missing or of the wrong length): no tasks at all.
     """
     try:
-        batch = TaskBatchCreate.model_validate_json(raw)
+        document = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        return [], [{"loc": ["body"], "msg": f"Invalid JSON: {exc}", "type": "json_invalid"}]
+    try:
+        batch = TaskBatchCreate.model_validate(document)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         problems = [_problem(error) for error in errors]
         failed = {_item_position(error["loc"]) for error in errors}
         if None in failed:
             return [], problems
-        # The standard library's json on this path: it reads what pydantic read (orjson
-        # refuses integers past 64 bits and lone surrogates, which the checks report).
-        items = json.loads(raw)["tasks"]
-        # Through JSON again, so each task is read exactly as the strict model reads
-        # JSON (a run_at string is a datetime here, not in a Python-object validation).
         passed = [
-            (position, TaskCreate.model_validate_json(json.dumps(item)))
-            for position, item in enumerate(items)
+            (position, TaskCreate.model_validate(item))
+            for position, item in enumerate(document["tasks"])
             if position not in failed
         ]
         return passed, problems
