@@ -30,6 +30,8 @@ BEARER = HTTPBearer(
     description="An API key from the `API_KEYS` setting, as `Authorization: Bearer <key>`.",
 )
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
+# Set in the request's state by api.middleware.ApiKeyGate once the key passed.
+KEY_CHECKED = "api_key_checked"
 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
 
@@ -68,6 +70,8 @@ def refusal(token: str | None, keys: Sequence[bytes]) -> str | None:
 
 
 def _check(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
+    if request.scope.get("state", {}).get(KEY_CHECKED):
+        return  # the gate in front of /api/ compared this request's key already
     detail = refusal(credentials.credentials if credentials else None, request.app.state.api_keys)
     if detail is not None:
         raise HTTPException(401, detail, CHALLENGE)

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import CHALLENGE, bearer_token, refusal
+from api.auth import CHALLENGE, KEY_CHECKED, bearer_token, refusal
 from api.errors import REQUEST_ID_HEADER, problem
-from runtime.logs import bind_request_id, reset_request_id
+from runtime.logs import bind_request_id, unbind
 
 _JSON = (b"content-type", b"application/json")
 # What `curl -d` sends when no -H is given; this API takes no forms, so the body is JSON.
@@ -119,7 +119,7 @@ class RequestIds:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            reset_request_id(token)
+            unbind(token)
 
 
 def _client_request_id(scope: Scope) -> str | None:
@@ -148,6 +148,8 @@ class ApiKeyGate:
                 response = problem(Request(scope), 401, detail, headers=CHALLENGE)
                 await response(scope, receive, send)
                 return
+            # The route's dependency need not compare the key again (api.auth).
+            scope.setdefault("state", {})[KEY_CHECKED] = True
         await self.app(scope, receive, send)
 
 

@@ -1,22 +1,30 @@
-"""Types of query parameters that need more than pydantic's defaults."""
+"""Moments a client sends, in a query parameter or a body: ISO 8601 text only."""
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated
 
 from pydantic import BeforeValidator
 
-_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+_EXAMPLE = "e.g. 2026-12-24T18:00:00Z"
 
 
-def _not_a_number(value: object) -> object:
-    # pydantic reads a number as Unix seconds, so ?created_after=0.5 would quietly mean
-    # 1970; the parameters are documented (and typed in OpenAPI) as ISO 8601 only.
-    if isinstance(value, str) and _NUMBER.fullmatch(value):
-        raise ValueError("expected an ISO 8601 timestamp such as 2026-11-26T12:00:00Z")
-    return value
+def _iso_8601(value: object) -> object:
+    """Text through ``datetime.fromisoformat``, before pydantic sees the value.
+
+    Left to pydantic, a number (or numeric text) is read as Unix seconds, so
+    ?created_after=0.5 would quietly mean 1970; and a strict body model takes no text
+    for a datetime at all (FastAPI validates a body as Python objects).
+    """
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected an ISO 8601 timestamp, {_EXAMPLE}")
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value[:40]!r} is not an ISO 8601 timestamp, {_EXAMPLE}") from None
 
 
-IsoDatetime = Annotated[datetime, BeforeValidator(_not_a_number)]
+IsoDatetime = Annotated[datetime, BeforeValidator(_iso_8601)]

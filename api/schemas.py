@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from api.params import IsoDatetime
 from db.states import TaskStatus
-
-
-def _iso_8601(value: object) -> object:
-    """A moment as ISO 8601 text, read before the strict model sees it.
-
-    FastAPI validates a body as Python objects, where a strict datetime field takes no
-    text at all; a lax one would also take a number as a Unix time. Text goes through
-    ``datetime.fromisoformat`` here, anything else but None is refused.
-    """
-    if value is None or isinstance(value, datetime):
-        return value
-    if not isinstance(value, str):
-        raise ValueError("run_at must be an ISO 8601 string, e.g. 2026-12-24T18:00:00Z")
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(
-            f"{value[:40]!r} is not an ISO 8601 moment, e.g. 2026-12-24T18:00:00Z"
-        ) from None
 
 
 class TaskCreate(BaseModel):
@@ -54,7 +36,7 @@ class TaskCreate(BaseModel):
     max_attempts: int | None = Field(
         None, ge=1, description="Attempts before the task fails; the server default when absent."
     )
-    run_at: Annotated[datetime | None, BeforeValidator(_iso_8601)] = Field(
+    run_at: IsoDatetime | None = Field(
         None,
         description="Run no earlier than this moment (ISO 8601 with a UTC offset). The task "
         "stays NEW until then and can be cancelled meanwhile; a moment in the past runs now.",

@@ -8,6 +8,7 @@ protocol so that the rules here can be unit-tested without a database.
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -60,6 +61,11 @@ class InvalidRequest(ValueError):
         first = errors[0]
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         super().__init__(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}{more}")
+
+    @classmethod
+    def at(cls, loc: list[str | int], msg: str, kind: str = "value_error") -> InvalidRequest:
+        """One problem at ``loc``."""
+        return cls([{"loc": loc, "msg": msg, "type": kind}])
 
 
 class TaskStore(Protocol):
@@ -172,20 +178,16 @@ class TaskService:
         task_type = self._registry.get(request.type)
         if task_type is None:
             known = ", ".join(self._registry.names())
-            raise InvalidRequest(
-                [
-                    {
-                        "loc": ["body", "type"],
-                        "msg": f"unknown task type {request.type!r}; registered: {known}",
-                        "type": "unknown_task_type",
-                    }
-                ]
+            raise InvalidRequest.at(
+                ["body", "type"],
+                f"unknown task type {request.type!r}; registered: {known}",
+                "unknown_task_type",
             )
         try:
             check_storable(request.payload, max_string=self._max_payload_string)
         except UnstorablePayload as exc:
-            raise InvalidRequest(
-                [{"loc": ["body", "payload", *exc.loc], "msg": exc.msg, "type": "unstorable_value"}]
+            raise InvalidRequest.at(
+                ["body", "payload", *exc.loc], exc.msg, "unstorable_value"
             ) from None
         try:
             # by_alias: the stored payload must validate again, in the consumer, against
@@ -202,14 +204,10 @@ class TaskService:
             ) from None
         max_attempts = request.max_attempts or self._default_max_attempts
         if max_attempts > self._max_max_attempts:
-            raise InvalidRequest(
-                [
-                    {
-                        "loc": ["body", "max_attempts"],
-                        "msg": f"at most {self._max_max_attempts} attempts are allowed",
-                        "type": "less_than_equal",
-                    }
-                ]
+            raise InvalidRequest.at(
+                ["body", "max_attempts"],
+                f"at most {self._max_max_attempts} attempts are allowed",
+                "less_than_equal",
             )
         run_at, delay = self._schedule(request)
         return task_store.NewTask(
@@ -224,59 +222,31 @@ class TaskService:
         to add to its own clock, the one the relay's claim compares with."""
         if request.run_at is not None:
             if request.delay_seconds is not None:
-                raise InvalidRequest(
-                    [
-                        {
-                            "loc": ["body", "delay_seconds"],
-                            "msg": "give run_at or delay_seconds, not both",
-                            "type": "value_error",
-                        }
-                    ]
+                raise InvalidRequest.at(
+                    ["body", "delay_seconds"], "give run_at or delay_seconds, not both"
                 )
             if request.run_at.tzinfo is None:
                 # A moment without an offset means a different time on every server.
-                raise InvalidRequest(
-                    [
-                        {
-                            "loc": ["body", "run_at"],
-                            "msg": "run_at needs a UTC offset, e.g. 2026-12-24T18:00:00Z",
-                            "type": "timezone_aware",
-                        }
-                    ]
+                raise InvalidRequest.at(
+                    ["body", "run_at"],
+                    "run_at needs a UTC offset, e.g. 2026-12-24T18:00:00Z",
+                    "timezone_aware",
                 )
             try:
                 ahead = request.run_at.astimezone(UTC) - datetime.now(UTC)
             except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is in year 0 in UTC
-                raise InvalidRequest(
-                    [
-                        {
-                            "loc": ["body", "run_at"],
-                            "msg": "run_at is out of range",
-                            "type": "value_error",
-                        }
-                    ]
-                ) from None
+                raise InvalidRequest.at(["body", "run_at"], "run_at is out of range") from None
             if ahead > timedelta(seconds=self._max_schedule_delay):
-                raise InvalidRequest(
-                    [
-                        {
-                            "loc": ["body", "run_at"],
-                            "msg": f"run_at is {self._schedule_limit()}",
-                            "type": "too_far",
-                        }
-                    ]
+                raise InvalidRequest.at(
+                    ["body", "run_at"], f"run_at is {self._schedule_limit()}", "too_far"
                 )
             return request.run_at, None
         if request.delay_seconds is not None:
             if request.delay_seconds > self._max_schedule_delay:
-                raise InvalidRequest(
-                    [
-                        {
-                            "loc": ["body", "delay_seconds"],
-                            "msg": f"delay_seconds is {self._schedule_limit()}",
-                            "type": "too_far",
-                        }
-                    ]
+                raise InvalidRequest.at(
+                    ["body", "delay_seconds"],
+                    f"delay_seconds is {self._schedule_limit()}",
+                    "too_far",
                 )
             return None, request.delay_seconds
         return None, None
@@ -314,8 +284,9 @@ class TaskService:
         trace = tracing.continue_or_start(traceparent)
         rows = await self._store.create_many(tasks, {tracing.HEADER: str(trace)})
         self._wake_relay()
-        for task in tasks:
-            self._metrics.tasks_created.labels(task.type).inc()
+        # One counter step per type, not per task: a label lookup costs ~1 µs.
+        for task_type, created in Counter(task.type for task in tasks).items():
+            self._metrics.tasks_created.labels(task_type).inc(created)
         return rows
 
     async def create_once(
@@ -373,9 +344,7 @@ class TaskService:
             try:
                 after = pagination.decode(cursor)
             except pagination.InvalidCursor as exc:
-                raise InvalidRequest(
-                    [{"loc": ["query", "cursor"], "msg": str(exc), "type": "value_error"}]
-                ) from None
+                raise InvalidRequest.at(["query", "cursor"], str(exc)) from None
         filters = task_store.TaskFilter(
             statuses=statuses or (),
             type=type,

@@ -81,10 +81,8 @@ class OutboxRelay:
         async with self._pool.acquire() as conn, conn.transaction():
             claim = await outbox.claim_batch(conn, self._settings.relay_batch_size)
             rows = claim.rows
-            if claim.next_due_in is not None:
-                self._next_due = (time.monotonic(), claim.next_due_in)
-            else:
-                self._next_due = None
+            due_in = claim.next_due_in
+            self._next_due = None if due_in is None else (time.monotonic(), due_in)
             if not rows:
                 return claim.claimed
             started = time.perf_counter()

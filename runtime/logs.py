@@ -24,18 +24,30 @@ LogFormat = Literal["text", "json"]
 # uvicorn adds color_message, an ANSI copy of the message.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
-# The task the current asyncio task works on. Each asyncio task runs in its own copy of
-# the context, so binding inside one never leaks into another.
-_task_context: ContextVar[Mapping[str, Any] | None] = ContextVar("taskbox_task", default=None)
+# The fields of what the current asyncio task works on: a task in the consumer, a
+# request in the api. Each asyncio task runs in its own copy of the context, so binding
+# inside one never leaks into another.
+_context: ContextVar[Mapping[str, Any] | None] = ContextVar("taskbox_log_context", default=None)
 
 
-def bind_task(**fields: Any) -> None:
+def bind_task(**fields: Any) -> Token[Mapping[str, Any] | None]:
     """Put ``fields`` on every line logged from here on in this asyncio task.
 
     Call it at the start of a coroutine that runs as its own asyncio task (its context
-    is a copy), never in a long-lived loop, where it would stick to later tasks' lines.
+    is a copy), never in a long-lived loop, where it would stick to later tasks' lines;
+    or hand the token to ``unbind`` when the work is done.
     """
-    _task_context.set({k: v for k, v in fields.items() if v is not None})
+    return _context.set({k: v for k, v in fields.items() if v is not None})
+
+
+def bind_request_id(request_id: str) -> Token[Mapping[str, Any] | None]:
+    """``request_id`` on every line logged until ``unbind(token)``: requests served
+    in-process (tests, ASGI transports) share one asyncio task, so it must come off."""
+    return bind_task(request_id=request_id)
+
+
+def unbind(token: Token[Mapping[str, Any] | None]) -> None:
+    _context.reset(token)
 
 
 def task_fields(**fields: Any) -> dict[str, Any]:
@@ -44,40 +56,14 @@ def task_fields(**fields: Any) -> dict[str, Any]:
 
 
 class TaskContextFilter(logging.Filter):
-    """Adds the bound task's fields to records that do not carry them already."""
+    """Adds the bound fields (a task's, or a request's id) to records that do not
+    carry them already."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        context = _task_context.get()
+        context = _context.get()
         if context:
             for key, value in context.items():
                 record.__dict__.setdefault(key, value)
-        return True
-
-
-# The id of the HTTP request being served (api.middleware.RequestIds sets and resets it).
-_request_id: ContextVar[str | None] = ContextVar("taskbox_request_id", default=None)
-
-
-def bind_request_id(request_id: str) -> Token[str | None]:
-    """Put ``request_id`` on every line logged until ``reset_request_id(token)``.
-
-    Unlike ``bind_task`` this hands back a token: requests served in-process (tests,
-    ASGI transports) share one asyncio task, so the id must be taken off again.
-    """
-    return _request_id.set(request_id)
-
-
-def reset_request_id(token: Token[str | None]) -> None:
-    _request_id.reset(token)
-
-
-class RequestIdFilter(logging.Filter):
-    """Adds the bound ``request_id`` to records that do not carry one already."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        request_id = _request_id.get()
-        if request_id is not None:
-            record.__dict__.setdefault("request_id", request_id)
         return True
 
 
@@ -111,7 +97,6 @@ def configure(level: str = "INFO", fmt: LogFormat = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(TaskContextFilter())
-    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -135,15 +135,11 @@ async def create_batch(
 ) -> Response:
     if idempotency_key is not None:
         # Ignoring it would let a client believe its retries are safe.
-        raise InvalidRequest(
-            [
-                {
-                    "loc": ["header", "idempotency-key"],
-                    "msg": "Idempotency-Key is not supported on /api/v1/tasks/batch; "
-                    "send the tasks one by one with keys, or retry the batch without one",
-                    "type": "unsupported",
-                }
-            ]
+        raise InvalidRequest.at(
+            ["header", "idempotency-key"],
+            "Idempotency-Key is not supported on /api/v1/tasks/batch; "
+            "send the tasks one by one with keys, or retry the batch without one",
+            "unsupported",
         )
     rows = await service.create_batch(await request.body(), traceparent)
     return rendering.batch_response(rows)

@@ -30,7 +30,8 @@ async def test_a_number_is_not_a_timestamp(client: httpx.AsyncClient, value: str
             [
                 (
                     ["query", name],
-                    "Value error, expected an ISO 8601 timestamp such as 2026-11-26T12:00:00Z",
+                    f"Value error, {value!r} is not an ISO 8601 timestamp, "
+                    "e.g. 2026-12-24T18:00:00Z",
                     "value_error",
                 )
             ],

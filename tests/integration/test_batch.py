@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from api.settings import ApiSettings
 from runtime import tracing
@@ -221,3 +222,19 @@ async def test_a_task_is_read_as_the_single_create_reads_it(
     )
     assert assert_invalid(single)[0]["loc"] == ["body", "payload", "s"]
     assert await counts(pool) == (0, 0)
+
+
+async def test_a_batch_counts_its_tasks_by_type_and_a_refused_one_counts_none(
+    client: httpx.AsyncClient,
+) -> None:
+    tasks = [{"type": "echo"}] * 3 + [{"type": "sha256", "payload": {"text": "x"}}]
+    assert (await client.post(BATCH, json={"tasks": tasks})).status_code == 201
+    refused = await client.post(BATCH, json={"tasks": [{"type": "echo"}, {"type": "nope"}]})
+    assert refused.status_code == 422
+    scraped = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families((await client.get("/metrics")).text)
+        for sample in family.samples
+    }
+    assert scraped[("taskbox_api_tasks_created_total", (("type", "echo"),))] == 3
+    assert scraped[("taskbox_api_tasks_created_total", (("type", "sha256"),))] == 1

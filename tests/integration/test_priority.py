@@ -23,31 +23,32 @@ from tests.integration.test_relay import eventually
 PRIORITIES = [0] * 10 + [5, 9]
 
 
-async def queue_tasks(pool: asyncpg.Pool) -> list[str]:
-    """The tasks, in creation order (so in outbox order); returns their ids."""
+async def queue_tasks(
+    pool: asyncpg.Pool, settings: BrokerSettings, service_env: dict[str, str]
+) -> list[str]:
+    """Create the tasks (in this order, so in outbox order), let a relay publish them
+    all into the queue, and stop it; returns the task ids in creation order."""
     async with pool.acquire() as conn, conn.transaction():
-        return [
+        ids = [
             str((await create_task(conn, NewTask("echo", {"n": n}, priority, 3)))["id"])
             for n, priority in enumerate(PRIORITIES)
         ]
+    relay = await ServiceProcess("relay", service_env).start()
+    try:
 
+        async def published() -> bool:
+            return await queue_depth(settings) == len(ids)
 
-async def published_all(settings: BrokerSettings, count: int) -> None:
-    async def ready() -> bool:
-        return await queue_depth(settings) == count
-
-    await eventually(ready, 20, f"{count} messages in the queue")
+        await eventually(published, 20, f"{len(ids)} messages in the queue")
+    finally:
+        assert await relay.stop(signal.SIGTERM) == 0, relay.output
+    return ids
 
 
 async def test_the_queue_delivers_higher_priorities_first(
     pool: asyncpg.Pool, broker_settings: BrokerSettings, service_env: dict[str, str]
 ) -> None:
-    ids = await queue_tasks(pool)
-    relay = await ServiceProcess("relay", service_env).start()
-    try:
-        await published_all(broker_settings, len(ids))
-    finally:
-        assert await relay.stop() == 0, relay.output
+    ids = await queue_tasks(pool, broker_settings, service_env)
     delivered = await take_all(broker_settings)
     assert [m.priority for m in delivered] == sorted(PRIORITIES, reverse=True)
     # Within one priority, first in first out.
@@ -58,24 +59,19 @@ async def test_the_queue_delivers_higher_priorities_first(
 async def test_a_consumer_runs_the_most_urgent_waiting_task_first(
     pool: asyncpg.Pool, broker_settings: BrokerSettings, service_env: dict[str, str]
 ) -> None:
-    ids = await queue_tasks(pool)
-    relay = await ServiceProcess("relay", service_env).start()
+    await queue_tasks(pool, broker_settings, service_env)
+    # One task at a time, so the order the tasks start is the order delivered.
+    consumer = await ServiceProcess(
+        "consumer", service_env, CONSUMER_PREFETCH="1", CONSUMER_CONCURRENCY="1"
+    ).start()
     try:
-        await published_all(broker_settings, len(ids))
-        # One task at a time, so the order the tasks start is the order delivered.
-        consumer = await ServiceProcess(
-            "consumer", service_env, CONSUMER_PREFETCH="1", CONSUMER_CONCURRENCY="1"
-        ).start()
-        try:
 
-            async def all_done() -> bool:
-                return not await pool.fetchval("SELECT count(*) FROM tasks WHERE status <> 'DONE'")
+        async def all_done() -> bool:
+            return not await pool.fetchval("SELECT count(*) FROM tasks WHERE status <> 'DONE'")
 
-            await eventually(all_done, 30, "every task DONE")
-        finally:
-            assert await consumer.stop(signal.SIGTERM) == 0, consumer.output
+        await eventually(all_done, 30, "every task DONE")
     finally:
-        assert await relay.stop(signal.SIGTERM) == 0, relay.output
+        assert await consumer.stop(signal.SIGTERM) == 0, consumer.output
     started = await pool.fetch("SELECT priority FROM tasks ORDER BY started_at")
     assert [row["priority"] for row in started] == sorted(PRIORITIES, reverse=True)
 

@@ -16,7 +16,7 @@ import pytest
 
 from api.app import create_app
 from api.settings import ApiSettings
-from runtime.logs import RequestIdFilter
+from runtime.logs import TaskContextFilter
 from tests.integration.conftest import app_client_for
 from tests.integration.test_api_security import bearer, settings_with
 from tests.integration.test_api_tasks import INTERNALS, TASKS, assert_problem
@@ -119,7 +119,7 @@ async def failing_app(
             raise RuntimeError("SELECT * FROM tasks at postgresql://root:secret@127.0.0.1/x")
 
     # caplog's handler is not the one runtime.logs.configure sets up; give it the filter.
-    caplog.handler.addFilter(RequestIdFilter())
+    caplog.handler.addFilter(TaskContextFilter())
     caplog.set_level(logging.INFO)
     app = create_app(api_settings)
     async with app.router.lifespan_context(app):

@@ -12,6 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from api import pagination
+from api.settings import ApiSettings
 from broker.settings import BrokerSettings
 from broker.topology import queue_arguments
 from consumer.settings import ConsumerSettings
@@ -339,3 +340,10 @@ def test_a_rule_across_settings_is_described_without_echoing_every_setting() -> 
     described = describe_invalid(caught.value)
     assert "QUEUE_MAX_PRIORITY" in described
     assert "s3cret" not in described
+
+
+def test_the_scheduling_horizon_is_a_duration_up_to_a_century() -> None:
+    assert ApiSettings(max_schedule_delay="30d").max_schedule_delay == 30 * 86400
+    assert ApiSettings().max_schedule_delay == 365 * 86400
+    with pytest.raises(ValidationError, match="less than or equal"):
+        ApiSettings(max_schedule_delay="40000d")  # past it, date arithmetic overflows
