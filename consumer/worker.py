@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import aio_pika
+import aiormq
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
@@ -58,6 +59,19 @@ class Running:
             self.task.cancel()
 
 
+# A message or consumer on a channel that closed under it: aiormq raises
+# ChannelInvalidStateError (a RuntimeError, not an AMQPError) for a closed channel,
+# and a write can meet a transport reset before the channel knows it is closed.
+CHANNEL_GONE: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPError,
+    aio_pika.exceptions.MessageProcessError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+)
+_CANCEL_TIMEOUT = 5.0  # seconds for basic.cancel-ok before shutting down without it
+_CANCEL_FAILED: tuple[type[BaseException], ...] = (*CHANNEL_GONE, TimeoutError)
+
+
 async def _settle(message: AbstractIncomingMessage, how: str) -> None:
     """Ack, requeue or dead-letter; a closed channel already gave the message back."""
     try:
@@ -67,11 +81,7 @@ async def _settle(message: AbstractIncomingMessage, how: str) -> None:
             await message.nack(requeue=True)
         else:
             await message.reject(requeue=False)
-    except (
-        aio_pika.exceptions.AMQPError,
-        aio_pika.exceptions.MessageProcessError,
-        RuntimeError,
-    ) as exc:
+    except CHANNEL_GONE as exc:
         log.info("could not %s message (channel gone; it will be redelivered): %s", how, exc)
 
 
@@ -367,10 +377,16 @@ class TaskConsumer:
             await self._shut_down(queue, tag)
 
     async def _shut_down(self, queue: AbstractQueue, tag: str) -> None:
+        # The connection may be down (and reconnecting) right now: a robust queue's
+        # cancel then waits for the channel to come back, for as long as that takes, or
+        # meets the closed channel. The robust queue forgets the tag first (it is not
+        # restored later) and a dead channel took its deliveries back with it, so
+        # stopping goes on either way.
         try:
-            await queue.cancel(tag)
-        except aio_pika.exceptions.AMQPError as exc:
-            log.info("could not cancel the AMQP consumer: %s", exc)
+            async with asyncio.timeout(_CANCEL_TIMEOUT):
+                await queue.cancel(tag)
+        except _CANCEL_FAILED as exc:
+            log.info("could not cancel the AMQP consumer (channel gone?): %r", exc)
         self._inbox.extend(self._held)
         self._held.clear()
         while self._inbox:

@@ -13,7 +13,8 @@ meeting a database that refuses connections
 
 Here: outages and connection cuts through the tests' TCP proxy (RabbitMQ away from the
 relay and consumer, Postgres away from the api and from a consumer mid-run, an AMQP
-cut mid-run, the reply to a claim lost), the API's 503 and its recovery, the bound on
+cut mid-run, relay and consumer stopped while RabbitMQ is away, the reply to a claim
+lost), the API's 503 and its recovery, the bound on
 a lost worker's task's rescue, and the exit status 3 of a process whose background
 loop died.
 """
@@ -293,6 +294,53 @@ async def test_consumer_rides_out_an_amqp_cut_mid_run_and_drops_the_redeliveries
     assert {row["attempts"] for row in rows} == {1}
     await assert_each_outcome_written_once(pool, ids + after)
     await stop_cleanly(consumer, relay)
+    await assert_queues_empty(broker_settings)
+
+
+async def test_relay_and_consumer_stopped_while_their_amqp_link_is_down_exit_0_and_lose_nothing(
+    audited: asyncpg.Pool,
+    broker_settings: BrokerSettings,
+    amqp_proxy: TcpProxy,
+    cluster: Cluster,
+) -> None:
+    """SIGTERM while the robust connection is reconnecting: the basic.cancel meets a
+    closed channel (aiormq's ChannelInvalidStateError, not an AMQPError). The consumer
+    must still let its running tasks finish, commit them and exit 0; a chaos run caught
+    it exiting 1 here. The relay, between connections too, must stop as cleanly."""
+    pool = audited
+    through_proxy = {"AMQP_URL": amqp_proxy.url(broker_settings.amqp_url)}
+    relay = await cluster.relay(**through_proxy)
+    consumer = await cluster.consumer(**through_proxy)
+    _, base_url = await cluster.api()
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+        ids = await post_tasks(client, [{"type": "sleep", "payload": {"seconds": 2}}] * 5)
+        await wait_until(
+            lambda: statuses(pool, ids),
+            lambda seen: seen == {"PROCESSING": 5},
+            "5 tasks running",
+            within=15,
+            context=cluster.logs,
+        )
+        # Cut the links and keep them down: both are between connections.
+        assert await amqp_proxy.pause() == 2
+        await asyncio.sleep(0.2)
+        await stop_cleanly(consumer, relay)
+        assert "could not cancel the AMQP consumer" in consumer.output
+        # The handlers ran to the end within the grace period and committed.
+        assert await statuses(pool, ids) == {"DONE": 5}
+        # The broker took the unacked messages back; a fresh consumer drops them as
+        # duplicates of finished tasks.
+        await amqp_proxy.resume()
+        successor = await cluster.consumer(LOG_LEVEL="DEBUG")
+
+        async def dropped() -> int:
+            return successor.output.count("dropping duplicate delivery; task is DONE")
+
+        await wait_until(
+            dropped, lambda n: n == 5, "the 5 redeliveries dropped", within=20, context=cluster.logs
+        )
+    await assert_each_outcome_written_once(pool, ids)
+    await stop_cleanly(successor)
     await assert_queues_empty(broker_settings)
 
 
