@@ -108,7 +108,8 @@ def _gate_before_the_app(app: FastAPI, max_body_bytes: int) -> None:
 
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _BAD_BODY = {
-    "description": "The body could not be read as text (JSON must be UTF-8)",
+    "description": "The body could not be read as JSON text: it is not UTF-8, or it nests "
+    "deeper or holds a longer integer than the parser reads",
     "content": {PROBLEM_JSON: {"schema": _PROBLEM_REF}},
 }
 _REQUEST_ID_RESPONSE_HEADER = {
@@ -126,8 +127,9 @@ def _document_responses(app: FastAPI) -> None:
       response model under application/json; ours are problem documents, sent as
       application/problem+json (api.errors), and generated clients should look for
       exactly that.
-    - The 400 FastAPI itself answers for a body it cannot decode, on every operation
-      that takes one.
+    - The 400 answered for a body that cannot be read as JSON text at all, on every
+      operation that takes one: FastAPI's own for a body parameter, ``api.batch``'s
+      (the same status and detail) for the batch, which reads its body itself.
     - The ``X-Request-ID`` header of every response (api.middleware). The request
       header of the same name is described in the document's description rather than
       added to every operation's parameters.

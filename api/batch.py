@@ -9,6 +9,11 @@ service's own checks (task type, payload model, limits), so a client fixing one 
 of errors would meet the next round only on the next try. On that (rare) path the
 tasks pydantic accepted are validated one by one so the service can check them too,
 and the 422 lists everything.
+
+A body that is not JSON text at all fails as FastAPI fails the single create's: a
+syntax error is a 422 (``json_invalid``), and a body the json module cannot even read
+(bytes that are not UTF-8, nesting deeper than the parser's recursion allows, an
+integer too long to convert) is a 400, ``UnreadableBody``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,14 @@ from pydantic import ValidationError
 from api.schemas import TaskBatchCreate, TaskCreate
 
 Problems = list[dict[str, Any]]
+
+
+class UnreadableBody(ValueError):
+    """The body is no text the json module can read; ``api.errors`` answers 400."""
+
+    def __init__(self) -> None:
+        # FastAPI's words for the same failure of the single create's body.
+        super().__init__("There was an error parsing the body")
 
 
 def _problem(error: Any) -> dict[str, Any]:
@@ -38,12 +51,17 @@ def read_batch(raw: bytes) -> tuple[list[tuple[int, TaskCreate]], Problems]:
     """The tasks that passed the schema, with their positions, and the problems found.
 
     No problems: every task, in order. Problems in the envelope (not JSON, not an
-    object, ``tasks`` missing or of the wrong length): no tasks at all.
+    object, ``tasks`` missing or of the wrong length): no tasks at all. Raises
+    ``UnreadableBody`` for a body that cannot be read as JSON text at all.
     """
     try:
         document = json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+    except json.JSONDecodeError as exc:
         return [], [{"loc": ["body"], "msg": f"Invalid JSON: {exc}", "type": "json_invalid"}]
+    except (ValueError, RecursionError) as exc:
+        # Not UTF-8 (UnicodeDecodeError), an integer past int_max_str_digits, or nested
+        # too deeply: FastAPI answers the single create's body 400 for each of these.
+        raise UnreadableBody from exc
     try:
         batch = TaskBatchCreate.model_validate(document)
     except ValidationError as exc:

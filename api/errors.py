@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
+from api.batch import UnreadableBody
 from api.service import IdempotencyConflict, InvalidRequest, TaskFinished, TaskNotFound
 from db.errors import TRANSIENT_DB_ERRORS
 
@@ -97,6 +98,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequest)
     async def _invalid(request: Request, exc: InvalidRequest) -> JSONResponse:
         return problem(request, 422, str(exc), exc.errors)
+
+    @app.exception_handler(UnreadableBody)
+    async def _unreadable(request: Request, exc: UnreadableBody) -> JSONResponse:
+        # The 400 FastAPI raises for a single create's unreadable body, for a batch's.
+        return problem(request, 400, str(exc))
 
     @app.exception_handler(TaskNotFound)
     async def _not_found(request: Request, exc: TaskNotFound) -> JSONResponse:

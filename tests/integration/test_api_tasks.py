@@ -1055,7 +1055,7 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
     (TASKS, "post"): {
         "200": "Task",
         "201": "Task",
-        "400": "Problem",  # a body that is not UTF-8
+        "400": "Problem",  # a body JSON cannot read (not UTF-8, say)
         "401": "Problem",
         "409": "Problem",
         "413": "Problem",
@@ -1064,7 +1064,7 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
     },
     (f"{TASKS}/batch", "post"): {
         "201": "TaskBatch",
-        "400": "Problem",  # documented for every body, as on POST /api/v1/tasks
+        "400": "Problem",  # a body JSON cannot read, as on POST /api/v1/tasks
         "401": "Problem",
         "413": "Problem",
         "422": "Problem",

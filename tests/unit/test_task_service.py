@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api import pagination
+from api.batch import UnreadableBody
 from api.schemas import TaskCreate
 from api.service import (
     Cancellation,
@@ -284,6 +285,27 @@ async def test_create_reports_every_payload_error_under_body_payload(h: Harness)
     # Only loc, msg and type: no echo of the input and no docs URL.
     assert all(set(e) == {"loc", "msg", "type"} for e in errors)
     assert str(caught.value) == "body.payload.url: Field required (and 3 more)"
+    assert h.events == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"tasks": [{"type": "\xff"}]}', b"[" * 100_000, b'{"tasks": [' + b"9" * 5000 + b"]}"],
+    ids=["not UTF-8", "nested too deeply", "an integer too long to read"],
+)
+async def test_a_batch_body_json_cannot_read_is_unreadable_not_invalid(
+    h: Harness, raw: bytes
+) -> None:
+    # api.errors answers UnreadableBody 400, as FastAPI answers the single create's.
+    with pytest.raises(UnreadableBody):
+        await h.service.create_batch(raw)
+    assert h.events == []
+
+
+async def test_a_batch_body_that_is_not_json_is_invalid(h: Harness) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        await h.service.create_batch(b'{"tasks": [')
+    assert [error["type"] for error in caught.value.errors] == ["json_invalid"]
     assert h.events == []
 
 
