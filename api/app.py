@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, params
+from fastapi.dependencies.utils import get_flat_params
+from fastapi.routing import APIRoute, iter_route_contexts
+from starlette.convertors import UUIDConvertor
 
 from api import errors
 from api.auth import key_bytes
@@ -130,6 +135,9 @@ def _document_responses(app: FastAPI) -> None:
     - The 400 answered for a body that cannot be read as JSON text at all, on every
       operation that takes one: FastAPI's own for a body parameter, ``api.batch``'s
       (the same status and detail) for the batch, which reads its body itself.
+    - No 422 where none can happen (``_never_invalid``): FastAPI lists one on every
+      operation that takes a parameter, though a task id that is no UUID never reaches
+      its validation (the path does not match; api.errors answers 404).
     - The ``X-Request-ID`` header of every response (api.middleware). The request
       header of the same name is described in the document's description rather than
       added to every operation's parameters.
@@ -140,7 +148,11 @@ def _document_responses(app: FastAPI) -> None:
         if app.openapi_schema:
             return app.openapi_schema
         schema = build()
-        for operations in schema.get("paths", {}).values():
+        paths = schema.get("paths", {})
+        for path, method in _never_invalid(app):
+            paths.get(path, {}).get(method, {}).get("responses", {}).pop("422", None)
+        _drop_unused_validation_schemas(schema)
+        for operations in paths.values():
             for operation in operations.values():
                 responses = operation.setdefault("responses", {})
                 if "requestBody" in operation:
@@ -156,3 +168,41 @@ def _document_responses(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _never_invalid(app: FastAPI) -> set[tuple[str, str]]:
+    """The operations (document path, method) whose requests FastAPI's validation can
+    never refuse: no body, and no parameter but ids their path converter already read.
+
+    A ``{task_id:uuid}`` route matches only a path whose id is a UUID and hands the
+    endpoint a ``uuid.UUID``; any other id reaches no route and is a 404. An operation
+    given a query or header parameter or a body, say, can be a 422 again and keeps it.
+    """
+    found: set[tuple[str, str]] = set()
+    for context in iter_route_contexts(app.routes):
+        route = context.original_route
+        if not isinstance(route, APIRoute) or route.body_field is not None:
+            continue
+        convertors: dict[str, Any] = context.param_convertors
+        fields = get_flat_params(route.dependant)
+        if context.path_format and all(
+            isinstance(field.field_info, params.Path)
+            and isinstance(convertors.get(field.alias), UUIDConvertor)
+            and field.field_info.annotation is uuid.UUID
+            and not field.field_info.metadata
+            for field in fields
+        ):
+            found |= {(context.path_format, method.lower()) for method in context.methods or ()}
+    return found
+
+
+def _drop_unused_validation_schemas(schema: dict[str, Any]) -> None:
+    """Drop FastAPI's 422 body schema (and the item schema only it uses) once no
+    operation refers to it: FastAPI adds them with the 422s ``_never_invalid`` removes,
+    and every 422 this API documents is a Problem.
+    """
+    outside_components = {key: value for key, value in schema.items() if key != "components"}
+    if '"#/components/schemas/HTTPValidationError"' not in json.dumps(outside_components):
+        components = schema.get("components", {}).get("schemas", {})
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)

@@ -28,7 +28,9 @@ Responses = dict[int | str, dict[str, Any]]
 
 # Task paths take only a UUID (`{task_id:uuid}`): /api/v1/tasks/batch is then the batch
 # resource alone, so a GET there is a 405 that names POST rather than a lookup of a
-# task called "batch"; a path that is no UUID names no task and is a 404.
+# task called "batch"; a path that is no UUID names no task and is a 404. The task id
+# is thus never invalid, and the operations that take nothing else document no 422
+# (api.app drops the one FastAPI adds for the path parameter).
 
 _UNAUTHORIZED: Responses = {
     401: {"model": Problem, "description": "The API key is missing or not valid"}
@@ -44,7 +46,9 @@ router = APIRouter(
     responses=_UNAUTHORIZED,
 )
 
-_NOT_FOUND: Responses = {404: {"model": Problem, "description": "No task has this id"}}
+_NOT_FOUND: Responses = {
+    404: {"model": Problem, "description": "No task has this id, or the id is not a UUID"}
+}
 _INVALID: Responses = {
     422: {"model": Problem, "description": "The request is invalid; `errors` says where"}
 }
@@ -180,7 +184,7 @@ async def list_tasks(
     "/{task_id:uuid}",
     response_model=Task,
     summary="Get a task",
-    responses={**_NOT_FOUND, **_INVALID, **_UNAVAILABLE},
+    responses={**_NOT_FOUND, **_UNAVAILABLE},
 )
 async def get_task(task_id: uuid.UUID, service: Service) -> Response:
     return rendering.task_response(await service.get(task_id))
@@ -190,7 +194,7 @@ async def get_task(task_id: uuid.UUID, service: Service) -> Response:
     "/{task_id:uuid}/status",
     response_model=TaskStatusView,
     summary="Get just a task's status",
-    responses={**_NOT_FOUND, **_INVALID, **_UNAVAILABLE},
+    responses={**_NOT_FOUND, **_UNAVAILABLE},
 )
 async def get_task_status(task_id: uuid.UUID, service: Service) -> Response:
     return rendering.status_response(await service.status(task_id))
@@ -209,7 +213,6 @@ async def get_task_status(task_id: uuid.UUID, service: Service) -> Response:
         202: {"model": Task, "description": "Running: cancellation requested"},
         409: {"model": Problem, "description": "The task already finished"},
         **_NOT_FOUND,
-        **_INVALID,
         **_UNAVAILABLE,
     },
 )

@@ -89,3 +89,71 @@ async def test_a_body_that_is_text_but_not_json_stays_a_422_on_both_creates(
     )
     problem = assert_problem(response, 422)
     assert [error["type"] for error in problem["errors"]] == ["json_invalid"]
+
+
+# The task id's operations documented the 422 FastAPI adds for a path parameter, but a
+# `{task_id:uuid}` route never hands its validation anything but a UUID: an id that is
+# none matches no route and is a 404 (api.errors).
+TASK_ID_OPERATIONS = [
+    ("get", f"{TASKS}/{{task_id}}"),
+    ("get", f"{TASKS}/{{task_id}}/status"),
+    ("delete", f"{TASKS}/{{task_id}}"),
+]
+MALFORMED_IDS = [
+    "not-a-uuid",
+    "12345",
+    f"{uuid.UUID(int=5)}0",  # one digit too many
+    str(uuid.UUID(int=5)).replace("0", "g", 1),  # not hex
+    f"{uuid.UUID(int=5)}.json",
+]
+# Forms the converter takes: they reach the route, whose validation accepts them.
+ODD_BUT_WELL_FORMED_IDS = [
+    uuid.UUID(int=6).hex.upper(),
+    uuid.UUID(int=7).hex,
+    str(uuid.UUID(int=8)).replace("-", "", 2),
+]
+
+
+@pytest.mark.parametrize(("method", "template"), TASK_ID_OPERATIONS)
+async def test_a_task_id_operation_documents_the_404_it_answers_and_no_422(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, method: str, template: str
+) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    operation = schema["paths"][template][method]
+    assert [p["name"] for p in operation.get("parameters", [])] == ["task_id"]
+    assert "requestBody" not in operation
+    responses = operation["responses"]
+    assert "422" not in responses, sorted(responses)
+    assert responses["404"]["content"] == {
+        "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+    }
+
+    for task_id in MALFORMED_IDS:
+        response = await client.request(method, template.format(task_id=task_id))
+        body = assert_problem(response, 404)
+        assert body["detail"] == f"no task has the id {task_id!r}: task ids are UUIDs"
+    for task_id in ODD_BUT_WELL_FORMED_IDS:
+        response = await client.request(method, template.format(task_id=task_id))
+        body = assert_problem(response, 404)
+        assert body["detail"] == f"task {uuid.UUID(task_id)} does not exist"
+    assert await row_counts(pool) == (0, 0)
+
+
+async def test_every_documented_422_is_a_problem_and_fastapis_own_schema_is_gone(
+    client: httpx.AsyncClient,
+) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    with_422 = sorted(
+        (path, method)
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+        if "422" in operation["responses"]
+    )
+    # Each of these takes a body, a query or a header that can be invalid.
+    assert with_422 == [(TASKS, "get"), (TASKS, "post"), (f"{TASKS}/batch", "post")]
+    for path, method in with_422:
+        content = schema["paths"][path][method]["responses"]["422"]["content"]
+        assert content == {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        }
+    assert not {"HTTPValidationError", "ValidationError"} & set(schema["components"]["schemas"])
