@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, params
-from fastapi.dependencies.utils import get_flat_params
-from fastapi.routing import APIRoute, iter_route_contexts
-from starlette.convertors import UUIDConvertor
+from fastapi import FastAPI
 
 from api import errors
 from api.auth import key_bytes
@@ -149,8 +145,10 @@ def _document_responses(app: FastAPI) -> None:
             return app.openapi_schema
         schema = build()
         paths = schema.get("paths", {})
-        for path, method in _never_invalid(app):
-            paths.get(path, {}).get(method, {}).get("responses", {}).pop("422", None)
+        for operations in paths.values():
+            for operation in operations.values():
+                if _never_invalid(operation):
+                    operation.get("responses", {}).pop("422", None)
         _drop_unused_validation_schemas(schema)
         for operations in paths.values():
             for operation in operations.values():
@@ -170,30 +168,21 @@ def _document_responses(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _never_invalid(app: FastAPI) -> set[tuple[str, str]]:
-    """The operations (document path, method) whose requests FastAPI's validation can
-    never refuse: no body, and no parameter but ids their path converter already read.
+def _never_invalid(operation: dict[str, Any]) -> bool:
+    """No body, and no parameter but path ids documented as UUIDs.
 
-    A ``{task_id:uuid}`` route matches only a path whose id is a UUID and hands the
-    endpoint a ``uuid.UUID``; any other id reaches no route and is a 404. An operation
-    given a query or header parameter or a body, say, can be a 422 again and keeps it.
+    Every id in this API's paths is read by a ``{name:uuid}`` converter: a path whose
+    id is not a UUID reaches no route (api.errors answers 404), so such an operation
+    never gets to FastAPI's validation. Read from the document rather than FastAPI's
+    route internals, which move between releases; an operation that gains a query or
+    header parameter or a body keeps its 422.
     """
-    found: set[tuple[str, str]] = set()
-    for context in iter_route_contexts(app.routes):
-        route = context.original_route
-        if not isinstance(route, APIRoute) or route.body_field is not None:
-            continue
-        convertors: dict[str, Any] = context.param_convertors
-        fields = get_flat_params(route.dependant)
-        if context.path_format and all(
-            isinstance(field.field_info, params.Path)
-            and isinstance(convertors.get(field.alias), UUIDConvertor)
-            and field.field_info.annotation is uuid.UUID
-            and not field.field_info.metadata
-            for field in fields
-        ):
-            found |= {(context.path_format, method.lower()) for method in context.methods or ()}
-    return found
+    if "requestBody" in operation:
+        return False
+    return all(
+        parameter.get("in") == "path" and parameter.get("schema", {}).get("format") == "uuid"
+        for parameter in operation.get("parameters", [])
+    )
 
 
 def _drop_unused_validation_schemas(schema: dict[str, Any]) -> None:
