@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import aio_pika
 import aiormq
+from pamqp.commands import Basic
 
 from broker import messages
 from db.outbox import PublishRefusal
@@ -33,15 +33,31 @@ class BrokerUnavailable(ConnectionError):
 _REFUSALS: tuple[type[BaseException], ...] = (aiormq.exceptions.DeliveryError, TimeoutError)
 
 
-class Exchange(Protocol):
-    async def publish(
+class Channel(Protocol):
+    """aiormq's channel: what the relay publishes on."""
+
+    async def basic_publish(
         self,
-        message: aio_pika.abc.AbstractMessage,
-        routing_key: str,
+        body: bytes,
         *,
-        mandatory: bool = True,
-        timeout: float | None = None,  # noqa: ASYNC109 - aio-pika's signature
+        exchange: str = "",
+        routing_key: str = "",
+        properties: Basic.Properties | None = None,
+        mandatory: bool = False,
+        immediate: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - aiormq's signature
+        wait: bool = True,
     ) -> Any: ...
+
+
+class ChannelSource(Protocol):
+    """aio-pika's (robust) channel, which hands out the aiormq channel of the moment:
+    a new one after every reconnection."""
+
+    @property
+    def is_closed(self) -> bool: ...
+
+    async def get_underlay_channel(self) -> Any: ...
 
 
 class OutboxRow(Protocol):
@@ -62,27 +78,55 @@ def describe(error: BaseException) -> str:
 class OutboxPublisher:
     def __init__(
         self,
-        exchange: Exchange,
+        channel: ChannelSource,
+        exchange: str,
         routing_key: str,
         *,
         timeout: float,
         retry_delay: Callable[[int], float],
     ) -> None:
+        self._channel = channel
         self._exchange = exchange
         self._routing_key = routing_key
         self._timeout = timeout
         self._retry_delay = retry_delay  # attempt number -> seconds
 
-    async def _publish(self, row: OutboxRow) -> None:
-        message = messages.build(
+    async def _publish(self, channel: Channel, row: OutboxRow) -> None:
+        body, properties = messages.encode(
             outbox_id=row["id"], kind=row["kind"], body=row["body"], headers=row["headers"]
         )
-        await self._exchange.publish(
-            message, self._routing_key, mandatory=True, timeout=self._timeout
+        # wait=False: no future per message for the socket's drain; the confirm (or its
+        # timeout) is what says whether the message is the broker's.
+        await channel.basic_publish(
+            body,
+            exchange=self._exchange,
+            routing_key=self._routing_key,
+            properties=properties,
+            mandatory=True,
+            timeout=self._timeout,
+            wait=False,
         )
 
+    async def _underlay(self) -> Channel:
+        # A robust channel waits for its reconnection here; the relay holds a claim
+        # meanwhile, so a closed channel fails the batch at once instead (the relay backs
+        # off and the robust connection comes back on its own).
+        if self._channel.is_closed:
+            raise BrokerUnavailable("the AMQP channel is closed")
+        try:
+            async with asyncio.timeout(self._timeout):
+                channel: Channel = await self._channel.get_underlay_channel()
+        except TimeoutError:
+            raise BrokerUnavailable("the AMQP channel did not come back in time") from None
+        return channel
+
     async def publish_batch(self, rows: Sequence[OutboxRow]) -> PublishReport:
-        results = await asyncio.gather(*(self._publish(r) for r in rows), return_exceptions=True)
+        if not rows:
+            return PublishReport()
+        channel = await self._underlay()
+        results = await asyncio.gather(
+            *(self._publish(channel, r) for r in rows), return_exceptions=True
+        )
         for result in results:
             if isinstance(result, asyncio.CancelledError):
                 raise result

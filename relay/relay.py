@@ -43,7 +43,8 @@ async def open_broker(settings: RelaySettings) -> tuple[AbstractRobustConnection
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     declared = await topology.declare(channel, settings)
     publisher = OutboxPublisher(
-        declared.exchange,
+        channel,
+        declared.exchange.name,
         declared.routing_key,
         timeout=settings.relay_publish_timeout,
         retry_delay=functools.partial(

@@ -211,7 +211,7 @@ async def publish_task_message(
         "SELECT id, kind, body FROM outbox WHERE task_id = $1 ORDER BY id LIMIT 1", task_id
     )
     assert row is not None
-    message = messages.build(outbox_id=row["id"], kind=row["kind"], body=row["body"], headers={})
+    message = messages.encode(outbox_id=row["id"], kind=row["kind"], body=row["body"], headers={})
     await publish_raw(settings, [message.body] * copies)
 
 
@@ -275,7 +275,7 @@ async def test_unparseable_and_orphan_messages_are_dead_lettered_and_the_consume
 ) -> None:
     relay = await stack.relay()
     consumer = await stack.consumer()
-    orphan = messages.build(
+    orphan = messages.encode(
         outbox_id=424242,
         kind="task.created",
         body={"task_id": str(uuid.uuid4()), "type": "echo"},

@@ -6,17 +6,16 @@ import re
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import aio_pika
 import orjson
 import pytest
 
-from broker.messages import CONTENT_TYPE, MalformedMessage, TaskMessage, build, parse
+from broker.messages import CONTENT_TYPE, MalformedMessage, TaskMessage, encode, parse
 
 TASK_ID = uuid.UUID("0b6f5a8e-3c1d-4a51-9d7e-2f1c9b0e7a11")
 
 
-def test_build_then_parse_round_trips() -> None:
-    message = build(
+def test_encode_then_parse_round_trips() -> None:
+    message = encode(
         outbox_id=42,
         kind="task.retry",
         body={"task_id": str(TASK_ID), "type": "echo", "priority": 3},
@@ -27,9 +26,9 @@ def test_build_then_parse_round_trips() -> None:
     )
 
 
-def test_build_sets_the_amqp_properties() -> None:
+def test_encode_sets_the_amqp_properties() -> None:
     before = datetime.now(UTC).replace(microsecond=0)
-    message = build(
+    message = encode(
         outbox_id=7,
         kind="task.created",
         body={"task_id": str(TASK_ID), "type": "sleep", "priority": 9, "ignored": True},
@@ -41,23 +40,24 @@ def test_build_sets_the_amqp_properties() -> None:
         "outbox_id": 7,
         "kind": "task.created",
     }
-    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-    assert message.content_type == CONTENT_TYPE == "application/json"
-    assert message.message_id == "7"
-    assert message.type == "task.created"
-    assert message.priority == 9
-    assert message.headers == {"traceparent": "00-abc-def-01"}
-    assert message.timestamp is not None
+    properties = message.properties
+    assert properties.delivery_mode == 2  # persistent
+    assert properties.content_type == CONTENT_TYPE == "application/json"
+    assert properties.message_id == "7"
+    assert properties.message_type == "task.created"
+    assert properties.priority == 9
+    assert properties.headers == {"traceparent": "00-abc-def-01"}
+    assert properties.timestamp is not None
     # AMQP timestamps have whole seconds.
-    assert before <= message.timestamp <= datetime.now(UTC) + timedelta(seconds=1)
+    assert before <= properties.timestamp <= datetime.now(UTC) + timedelta(seconds=1)
 
 
-def test_build_defaults_priority_to_zero_and_no_headers() -> None:
-    message = build(
+def test_encode_defaults_priority_to_zero_and_no_headers() -> None:
+    message = encode(
         outbox_id=1, kind="task.created", body={"task_id": str(TASK_ID), "type": "x"}, headers={}
     )
-    assert message.priority == 0
-    assert message.headers == {}
+    assert message.properties.priority == 0
+    assert message.properties.headers is None
 
 
 def test_parse_ignores_unknown_fields_and_defaults_kind() -> None:

@@ -1,4 +1,4 @@
-"""relay/publisher.py OutboxPublisher against a fake exchange that confirms on cue."""
+"""relay/publisher.py OutboxPublisher against a fake aiormq channel that confirms on cue."""
 
 from __future__ import annotations
 
@@ -32,14 +32,17 @@ Outcome = BaseException | NeverConfirmed | None
 
 @dataclass
 class Publish:
-    message: aio_pika.abc.AbstractMessage
+    body: bytes
+    properties: Basic.Properties
+    exchange: str
     routing_key: str
     mandatory: bool
     timeout: float | None
+    wait: bool
 
 
 @dataclass
-class FakeExchange:
+class FakeChannel:
     """Confirms only once ``confirm_after`` publishes are in flight, like a broker whose
     confirms arrive after the client has pipelined the whole batch."""
 
@@ -49,28 +52,52 @@ class FakeExchange:
     in_flight_at_confirm: list[int] = field(default_factory=list)
     _all_sent: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def publish(
+    async def basic_publish(
         self,
-        message: aio_pika.abc.AbstractMessage,
-        routing_key: str,
+        body: bytes,
         *,
-        mandatory: bool = True,
+        exchange: str = "",
+        routing_key: str = "",
+        properties: Basic.Properties | None = None,
+        mandatory: bool = False,
+        immediate: bool = False,
         timeout: float | None = None,
+        wait: bool = True,
     ) -> Any:
-        self.publishes.append(Publish(message, routing_key, mandatory, timeout))
+        assert properties is not None
+        self.publishes.append(
+            Publish(body, properties, exchange, routing_key, mandatory, timeout, wait)
+        )
         if len(self.publishes) >= self.confirm_after:
             self._all_sent.set()
         # aiormq bounds the wait for the confirm with asyncio.timeout, as here.
         async with asyncio.timeout(timeout):
             await self._all_sent.wait()
             self.in_flight_at_confirm.append(len(self.publishes))
-            assert message.message_id is not None
-            outcome = self.outcomes.get(int(message.message_id))
+            assert properties.message_id is not None
+            outcome = self.outcomes.get(int(properties.message_id))
             if isinstance(outcome, NeverConfirmed):
                 await asyncio.Event().wait()
             if isinstance(outcome, BaseException):
                 raise outcome
             return Basic.Ack(delivery_tag=len(self.in_flight_at_confirm))
+
+
+@dataclass
+class FakeRobustChannel:
+    """aio-pika's channel as the publisher sees it: closed or not, and the aiormq
+    channel underneath (which may take its time to come back)."""
+
+    underlay: FakeChannel
+    is_closed: bool = False
+    reconnected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.reconnected.set()
+
+    async def get_underlay_channel(self) -> FakeChannel:
+        await self.reconnected.wait()
+        return self.underlay
 
 
 def outbox_row(
@@ -101,8 +128,16 @@ class RecordingDelay:
         return attempt * 10.0
 
 
-def make_publisher(exchange: FakeExchange, delay: RecordingDelay) -> OutboxPublisher:
-    return OutboxPublisher(exchange, ROUTING_KEY, timeout=PUBLISH_TIMEOUT, retry_delay=delay)
+EXCHANGE = "taskbox"
+
+
+def make_publisher(
+    channel: FakeChannel | FakeRobustChannel, delay: RecordingDelay
+) -> OutboxPublisher:
+    source = channel if isinstance(channel, FakeRobustChannel) else FakeRobustChannel(channel)
+    return OutboxPublisher(
+        source, EXCHANGE, ROUTING_KEY, timeout=PUBLISH_TIMEOUT, retry_delay=delay
+    )
 
 
 def nack() -> aiormq.exceptions.DeliveryError:
@@ -122,62 +157,67 @@ def returned() -> aiormq.exceptions.PublishError:
 
 
 async def test_every_row_is_published_when_every_publish_is_confirmed() -> None:
-    exchange, delay = FakeExchange(), RecordingDelay()
+    channel, delay = FakeChannel(), RecordingDelay()
     rows = [outbox_row(i) for i in (3, 1, 2)]
-    report = await make_publisher(exchange, delay).publish_batch(rows)
+    report = await make_publisher(channel, delay).publish_batch(rows)
     assert report.published == [3, 1, 2]
     assert report.refused == []
     assert delay.calls == []
-    assert [p.message.message_id for p in exchange.publishes] == ["3", "1", "2"]
+    assert [p.properties.message_id for p in channel.publishes] == ["3", "1", "2"]
 
 
 async def test_an_empty_batch_publishes_nothing() -> None:
-    exchange = FakeExchange()
-    report = await make_publisher(exchange, RecordingDelay()).publish_batch([])
-    assert (report.published, report.refused, exchange.publishes) == ([], [], [])
+    channel = FakeChannel()
+    report = await make_publisher(channel, RecordingDelay()).publish_batch([])
+    assert (report.published, report.refused, channel.publishes) == ([], [], [])
 
 
 async def test_publishes_are_pipelined_not_one_round_trip_each() -> None:
     rows = [outbox_row(i) for i in range(1, 21)]
-    exchange = FakeExchange(confirm_after=len(rows))
+    channel = FakeChannel(confirm_after=len(rows))
     # Sequential publishing would wait for the first confirm forever: the fake times
     # the first publish out, so the row is refused and the assertions below fail.
-    report = await make_publisher(exchange, RecordingDelay()).publish_batch(rows)
+    report = await make_publisher(channel, RecordingDelay()).publish_batch(rows)
     assert report.refused == []
     assert report.published == list(range(1, 21))
     # Every confirm resolved with all twenty publishes already sent.
-    assert exchange.in_flight_at_confirm == [20] * 20
+    assert channel.in_flight_at_confirm == [20] * 20
 
 
 async def test_publish_arguments() -> None:
-    exchange = FakeExchange()
-    await make_publisher(exchange, RecordingDelay()).publish_batch([outbox_row(1)])
-    [publish] = exchange.publishes
+    channel = FakeChannel()
+    await make_publisher(channel, RecordingDelay()).publish_batch([outbox_row(1)])
+    [publish] = channel.publishes
+    assert publish.exchange == EXCHANGE
     assert publish.routing_key == ROUTING_KEY
     assert publish.mandatory is True
     assert publish.timeout == PUBLISH_TIMEOUT
+    # No drain future per message: the confirm is what the publisher waits for.
+    assert publish.wait is False
 
 
 async def test_the_message_built_from_a_row() -> None:
-    exchange = FakeExchange()
+    channel = FakeChannel()
     row = outbox_row(
         981,
         priority=7,
         kind="task.retry",
         headers={"traceparent": "00-4bf92f3577b34da6-00f067aa0ba902b7-01", "attempt": 2},
     )
-    await make_publisher(exchange, RecordingDelay()).publish_batch([row])
-    message = exchange.publishes[0].message
-    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    await make_publisher(channel, RecordingDelay()).publish_batch([row])
+    publish = channel.publishes[0]
+    message = publish.properties
+    assert message.delivery_mode == 2  # persistent
     assert message.message_id == "981"
     assert message.priority == 7
-    assert message.type == "task.retry"
+    assert message.message_type == "task.retry"
     assert message.content_type == "application/json"
+    assert message.timestamp is not None
     assert message.headers == {
         "traceparent": "00-4bf92f3577b34da6-00f067aa0ba902b7-01",
         "attempt": 2,
     }
-    assert orjson.loads(message.body) == {
+    assert orjson.loads(publish.body) == {
         "task_id": str(row["task_id"]),
         "type": "echo",
         "outbox_id": 981,
@@ -202,13 +242,13 @@ async def test_the_message_built_from_a_row() -> None:
     ids=["nack", "return", "timeout"],
 )
 async def test_a_failed_publish_refuses_only_its_row(outcome: Outcome, error: str) -> None:
-    exchange, delay = FakeExchange(outcomes={12: outcome}), RecordingDelay()
+    channel, delay = FakeChannel(outcomes={12: outcome}), RecordingDelay()
     rows = [
         outbox_row(11, publish_attempts=0),
         outbox_row(12, publish_attempts=4),
         outbox_row(13, publish_attempts=1),
     ]
-    report = await make_publisher(exchange, delay).publish_batch(rows)
+    report = await make_publisher(channel, delay).publish_batch(rows)
     assert report.published == [11, 13]
     assert report.refused == [PublishRefusal(outbox_id=12, error=error, retry_in=50.0)]
     assert delay.calls == [5]
@@ -232,18 +272,18 @@ async def test_a_failed_publish_refuses_only_its_row(outcome: Outcome, error: st
 async def test_a_lost_connection_fails_the_whole_batch_without_blaming_rows(
     outcome: Outcome, error: str
 ) -> None:
-    exchange, delay = FakeExchange(outcomes={12: outcome, 13: nack()}), RecordingDelay()
+    channel, delay = FakeChannel(outcomes={12: outcome, 13: nack()}), RecordingDelay()
     rows = [outbox_row(11), outbox_row(12), outbox_row(13)]
     with pytest.raises(BrokerUnavailable, match=f"^{re.escape(error)}$"):
-        await make_publisher(exchange, delay).publish_batch(rows)
+        await make_publisher(channel, delay).publish_batch(rows)
     assert delay.calls == []
 
 
 async def test_several_refusals_each_carry_their_own_error_and_backoff() -> None:
-    exchange = FakeExchange(outcomes={1: nack(), 3: NeverConfirmed(), 4: returned()})
+    channel = FakeChannel(outcomes={1: nack(), 3: NeverConfirmed(), 4: returned()})
     delay = RecordingDelay()
     rows = [outbox_row(i, publish_attempts=i) for i in range(1, 6)]
-    report = await make_publisher(exchange, delay).publish_batch(rows)
+    report = await make_publisher(channel, delay).publish_batch(rows)
     assert report.published == [2, 5]
     assert [(r.outbox_id, r.error.split(":")[0], r.retry_in) for r in report.refused] == [
         (1, "DeliveryError", 20.0),
@@ -253,9 +293,9 @@ async def test_several_refusals_each_carry_their_own_error_and_backoff() -> None
 
 
 async def test_a_cancelled_publish_cancels_the_batch() -> None:
-    exchange = FakeExchange(outcomes={2: asyncio.CancelledError()})
+    channel = FakeChannel(outcomes={2: asyncio.CancelledError()})
     with pytest.raises(asyncio.CancelledError):
-        await make_publisher(exchange, RecordingDelay()).publish_batch(
+        await make_publisher(channel, RecordingDelay()).publish_batch(
             [outbox_row(1), outbox_row(2)]
         )
 
@@ -264,3 +304,20 @@ def test_describe() -> None:
     assert describe(TimeoutError()) == "TimeoutError"
     assert describe(OSError("  \n")) == "OSError"
     assert describe(ValueError(" bad \n")) == "ValueError: bad"
+
+
+async def test_a_closed_channel_fails_the_batch_before_publishing() -> None:
+    channel = FakeRobustChannel(FakeChannel(), is_closed=True)
+    with pytest.raises(BrokerUnavailable, match="the AMQP channel is closed"):
+        await make_publisher(channel, RecordingDelay()).publish_batch([outbox_row(1)])
+    assert channel.underlay.publishes == []
+
+
+async def test_a_channel_still_reconnecting_fails_the_batch_within_the_timeout() -> None:
+    # The relay holds its claim while it publishes: it must not wait on a reconnection
+    # for as long as that takes.
+    channel = FakeRobustChannel(FakeChannel())
+    channel.reconnected.clear()
+    with pytest.raises(BrokerUnavailable, match="did not come back in time"):
+        await make_publisher(channel, RecordingDelay()).publish_batch([outbox_row(1)])
+    assert channel.underlay.publishes == []
