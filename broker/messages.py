@@ -40,8 +40,8 @@ def encode(*, outbox_id: int, kind: str, body: dict[str, Any], headers: dict[str
     """The message's body and AMQP properties, as the relay hands them to aiormq.
 
     The relay publishes through aiormq's channel rather than aio-pika's Message and
-    Exchange: those convert every message's fields once more and cost the relay about a
-    quarter of its publishing CPU (measured in bench/BASELINE.md).
+    Exchange, which convert every message's fields once more: that costs a fifth to a
+    quarter more CPU per confirmed publish (bench/BASELINE.md).
     """
     document = {
         "task_id": body["task_id"],
