@@ -83,6 +83,13 @@ async def _settle(message: AbstractIncomingMessage, how: str) -> None:
             await message.reject(requeue=False)
     except CHANNEL_GONE as exc:
         log.info("could not %s message (channel gone; it will be redelivered): %s", how, exc)
+    except asyncio.CancelledError as exc:
+        # aiormq rejects the pending writes of a connection it closes by force with a
+        # CancelledError; only a cancellation of this task itself is one to pass on.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling() > 0:
+            raise
+        log.info("could not %s message (connection closed; it will be redelivered): %r", how, exc)
 
 
 def _trace(message: AbstractIncomingMessage) -> tracing.TraceParent | None:

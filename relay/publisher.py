@@ -70,6 +70,11 @@ class PublishReport:
     refused: list[PublishRefusal] = field(default_factory=list)
 
 
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def describe(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -128,8 +133,10 @@ class OutboxPublisher:
             *(self._publish(channel, r) for r in rows), return_exceptions=True
         )
         for result in results:
-            if isinstance(result, asyncio.CancelledError):
+            if isinstance(result, asyncio.CancelledError) and _being_cancelled():
                 raise result
+            # A CancelledError nobody asked for is aiormq closing a connection it gave up
+            # on (it rejects the pending confirms with one): the broker is away.
             if isinstance(result, BaseException) and not isinstance(result, _REFUSALS):
                 raise BrokerUnavailable(describe(result)) from result
         report = PublishReport()

@@ -20,7 +20,7 @@ from db.outbox import PublishRefusal
 from relay.publisher import BrokerUnavailable, OutboxPublisher, describe
 
 ROUTING_KEY = "taskbox.tasks"
-PUBLISH_TIMEOUT = 0.05
+PUBLISH_TIMEOUT = 0.25  # long enough for a loaded CI box; the timeout cases wait it out
 
 
 class NeverConfirmed:
@@ -292,12 +292,30 @@ async def test_several_refusals_each_carry_their_own_error_and_backoff() -> None
     ]
 
 
-async def test_a_cancelled_publish_cancels_the_batch() -> None:
+async def test_a_publish_cancelled_by_aiormq_closing_the_connection_is_the_broker_away() -> None:
+    # aiormq rejects the pending confirms of a connection it closes by force with a
+    # CancelledError; the relay was not cancelled, so this is an outage, not a stop.
     channel = FakeChannel(outcomes={2: asyncio.CancelledError()})
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(BrokerUnavailable, match=r"^CancelledError$"):
         await make_publisher(channel, RecordingDelay()).publish_batch(
             [outbox_row(1), outbox_row(2)]
         )
+
+
+async def test_cancelling_the_relay_mid_batch_cancels_the_batch() -> None:
+    channel = FakeChannel(outcomes={1: NeverConfirmed()}, confirm_after=2)
+    publisher = OutboxPublisher(
+        FakeRobustChannel(channel),
+        EXCHANGE,
+        ROUTING_KEY,
+        timeout=30.0,
+        retry_delay=RecordingDelay(),
+    )
+    batch = asyncio.create_task(publisher.publish_batch([outbox_row(1), outbox_row(2)]))
+    await channel._all_sent.wait()  # both publishes are out; row 1's confirm never comes
+    batch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await batch
 
 
 def test_describe() -> None:
