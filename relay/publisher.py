@@ -1,9 +1,9 @@
 """Publishing a claimed batch with publisher confirms, all in flight at once.
 
 A row counts as published only when the broker confirmed it. A nack, a return
-(``mandatory``: no queue bound) or a confirm that never came (a broker alarm blocks
-publishers) refuses that row alone: it gets the error and a backoff, so it is retried
-later and never blocks the rows behind it.
+(``mandatory``: no queue bound), a confirm that never came (a broker alarm blocks
+publishers) or headers AMQP cannot encode refuse that row alone: it gets the error and
+a backoff, so it is retried later and never blocks the rows behind it.
 
 A lost channel or connection is not the row's fault: the whole batch raises
 BrokerUnavailable, the relay rolls its claim back and retries once the robust
@@ -14,6 +14,7 @@ duplicate, never a loss, and no outage inflates a row's attempts or backoff.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,7 +31,17 @@ class BrokerUnavailable(ConnectionError):
 
 
 # Failures that condemn one message. Anything else means the broker is unreachable.
-_REFUSALS: tuple[type[BaseException], ...] = (aiormq.exceptions.DeliveryError, TimeoutError)
+# pamqp raises TypeError, OverflowError or struct.error for a header value AMQP cannot
+# carry (an integer past 64 bits, a float past 32): such a row could never go out, and
+# failing its whole batch for it would stall the relay on it forever. aiormq marshals
+# a message before sending anything of it, so the channel is unharmed.
+_REFUSALS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.DeliveryError,
+    TimeoutError,
+    TypeError,
+    OverflowError,
+    struct.error,
+)
 
 
 class Channel(Protocol):

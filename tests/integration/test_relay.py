@@ -388,6 +388,36 @@ async def test_unroutable_rows_are_refused_with_backoff_and_do_not_block_later_r
     assert sorted(message_ids(await take_all(relay_settings))) == await all_ids(pool)
 
 
+async def test_a_row_whose_headers_amqp_cannot_carry_is_refused_alone(
+    pool: asyncpg.Pool, relay_settings: RelaySettings
+) -> None:
+    # jsonb holds numbers AMQP field tables as pamqp writes them cannot (floats past 32
+    # bits). No api path writes such headers; a hand-written or
+    # replayed row could, and it must not stall the relay by failing every batch.
+    async with in_process_relay(relay_settings, pool) as r:
+        await create_tasks(pool, 4)
+        ids = await all_ids(pool)
+        # pamqp packs a float as 32 bits; jsonb also hands integers past 64 bits to the
+        # codec as floats. Written as text, as a hand-made row would be.
+        unencodable = {ids[0]: '{"big": 1e300}', ids[1]: '{"deep": {"x": [1, 1e39]}}'}
+        for outbox_id, headers in unencodable.items():
+            await pool.execute(
+                "UPDATE outbox SET headers = $2::text::jsonb WHERE id = $1", outbox_id, headers
+            )
+        assert await r.relay.drain_batch() == 4
+        assert (r.relay.published_total, r.relay.refused_total) == (2, 2)
+        rows = {row["id"]: row for row in await pool.fetch(_OUTBOX)}
+        for outbox_id in ids[:2]:
+            assert rows[outbox_id]["last_error"].startswith("OverflowError"), rows[outbox_id]
+        assert [rows[i]["publish_attempts"] for i in ids] == [1, 1, 1, 1]
+        assert [rows[i]["published_at"] is not None for i in ids] == [False, False, True, True]
+        # The channel is fine: later rows go out on it.
+        later = await create_tasks(pool, 2, prefix="later")
+        assert await r.relay.drain_batch() == 2
+    expected = set(ids[2:]) | await outbox_ids_of(pool, later)
+    assert sorted(message_ids(await take_all(relay_settings))) == sorted(expected)
+
+
 async def test_lost_channel_rolls_the_batch_back_without_charging_the_rows(
     pool: asyncpg.Pool, relay_settings: RelaySettings
 ) -> None:
