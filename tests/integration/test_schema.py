@@ -158,3 +158,40 @@ async def test_downgrade_to_base_then_upgrade_to_head(database_url: str) -> None
         await conn.close()
     assert row is not None
     assert tuple(row) == ("NEW", 0, 3)
+
+
+async def test_0002_runs_again_after_a_failed_concurrent_index_build(
+    database_url: str,
+) -> None:
+    settings = DatabaseSettings(database_url=database_url)
+    config = alembic_config(settings)
+    await asyncio.to_thread(command.downgrade, config, "0001")
+    # What a concurrent build that failed halfway leaves: the column committed, the new
+    # index there but invalid, the version still 0001.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("ALTER TABLE tasks ADD COLUMN run_at timestamptz")
+        await conn.execute(
+            "CREATE INDEX ix_outbox_due ON outbox (available_at, id) WHERE published_at IS NULL"
+        )
+        await conn.execute(
+            "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'ix_outbox_due'::regclass"
+        )
+    finally:
+        await conn.close()
+
+    await asyncio.to_thread(command.upgrade, config, "head")
+
+    assert await versions(database_url) == [head_revision(settings)]
+    assert await schema_differences(database_url) == []
+    conn = await asyncpg.connect(database_url)
+    try:
+        valid = await conn.fetchval(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_outbox_due'::regclass"
+        )
+        old = await conn.fetchval("SELECT to_regclass('ix_outbox_unpublished')")
+    finally:
+        await conn.close()
+    # Postgres refuses CREATE/DROP INDEX CONCURRENTLY inside a transaction block, so this
+    # upgrade succeeding also shows the migration left its transaction for the build.
+    assert (valid, old) == (True, None)

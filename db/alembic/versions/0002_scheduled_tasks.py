@@ -22,14 +22,20 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.add_column("tasks", sa.Column("run_at", sa.DateTime(timezone=True), nullable=True))
-    op.create_index(
-        "ix_outbox_due",
-        "outbox",
-        ["available_at", "id"],
-        postgresql_where=sa.text("published_at IS NULL"),
-    )
-    op.drop_index("ix_outbox_unpublished", table_name="outbox")
+    # A nullable column without a default: a catalogue change, instant at any size.
+    op.execute("ALTER TABLE tasks ADD COLUMN IF NOT EXISTS run_at timestamptz")
+    # The index is built CONCURRENTLY, outside the migration's transaction: a plain
+    # CREATE INDEX would block every insert into the outbox (so every task creation)
+    # for as long as the build takes on a large table. Written to be run again: a
+    # concurrent build that failed leaves an invalid index behind, dropped here first,
+    # and the column above is already committed by then.
+    with op.get_context().autocommit_block():
+        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_outbox_due")
+        op.execute(
+            "CREATE INDEX CONCURRENTLY ix_outbox_due ON outbox (available_at, id)"
+            " WHERE published_at IS NULL"
+        )
+        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_outbox_unpublished")
 
 
 def downgrade() -> None:
