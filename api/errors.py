@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 
 from api.batch import UnreadableBody
 from api.service import IdempotencyConflict, InvalidRequest, TaskFinished, TaskNotFound
@@ -35,6 +36,16 @@ def request_id(request: Request) -> str | None:
     """The id ``api.middleware.RequestIds`` gave this request (None outside it)."""
     value = request.scope.get("state", {}).get("request_id")
     return value if isinstance(value, str) else None
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on. Behind a proxy that mounts the api under a prefix
+    (uvicorn --root-path), the ASGI path carries the prefix and Starlette routes on
+    what follows it; whatever decides by path (the key gate, the 404 that says task ids
+    are UUIDs) must look at the same path, or a prefixed request would slip past it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def problem(
@@ -127,10 +138,11 @@ def install(app: FastAPI) -> None:
         headers = dict(exc.headers) if exc.headers else {}
         if exc.status_code == 405:
             headers["Allow"] = _allowed_methods(request, app.router.routes)
-        if exc.status_code == 404 and request.url.path.startswith(TASK_PATH):
+        path = route_path(request.scope)
+        if exc.status_code == 404 and path.startswith(TASK_PATH):
             # Task routes match only UUIDs, so a task path that reached no route names
             # no task; say so rather than a bare "Not Found".
-            name = request.url.path.removeprefix(TASK_PATH).split("/", 1)[0]
+            name = path.removeprefix(TASK_PATH).split("/", 1)[0]
             detail = f"no task has the id {name[:64]!r}: task ids are UUIDs"
         return problem(request, exc.status_code, detail, headers=headers or None)
 

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import CHALLENGE, KEY_CHECKED, bearer_token, refusal
-from api.errors import REQUEST_ID_HEADER, problem
+from api.errors import REQUEST_ID_HEADER, problem, route_path
 from runtime.logs import bind_request_id, unbind
 
 _JSON = (b"content-type", b"application/json")
@@ -142,7 +142,7 @@ class ApiKeyGate:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.keys and scope["type"] == "http" and scope["path"].startswith("/api/"):
+        if self.keys and scope["type"] == "http" and route_path(scope).startswith("/api/"):
             detail = refusal(bearer_token(_authorization(scope)), self.keys)
             if detail is not None:
                 response = problem(Request(scope), 401, detail, headers=CHALLENGE)

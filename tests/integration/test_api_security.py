@@ -16,6 +16,7 @@ import asyncpg
 import httpx
 import pytest
 
+from api.app import create_app
 from api.settings import ApiSettings
 from tests.integration.conftest import app_client_for
 from tests.integration.test_api_tasks import (
@@ -190,6 +191,32 @@ async def test_an_unauthenticated_body_is_never_read(keyed: httpx.AsyncClient) -
 
     assert_unauthorized(await keyed.post(TASKS, content=body()))
     assert read == []
+
+
+async def test_behind_a_prefix_an_unauthenticated_body_is_still_never_read(
+    api_settings: ApiSettings,
+) -> None:
+    # A proxy serving the api under /taskbox (uvicorn --root-path /taskbox): the ASGI
+    # path carries the prefix, and the gate must still answer before the body.
+    app = create_app(settings_with(api_settings, api_keys=KEY_ONE))
+    read: list[bytes] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        for chunk in (b"{not json",):
+            read.append(chunk)
+            yield chunk
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, root_path="/taskbox")
+        async with httpx.AsyncClient(transport=transport, base_url="http://test/taskbox") as client:
+            assert_unauthorized(await client.post(TASKS, content=body()))
+            assert read == []
+            # The prefix is really in use: with the key, the route answers.
+            response = await client.post(TASKS, json={"type": "echo"}, headers=bearer(KEY_ONE))
+            assert response.status_code == 201, response.text
+            missing = await client.get(f"{TASKS}/nope", headers=bearer(KEY_ONE))
+            assert_problem(missing, 404)
+            assert "task ids are UUIDs" in missing.json()["detail"]
 
 
 async def test_the_key_is_checked_before_the_declared_length(api_settings: ApiSettings) -> None:
