@@ -8,19 +8,28 @@ The task queue is a priority queue (x-max-priority, 9 by default for a classic q
 so a message published with a higher priority is delivered before waiting ones of
 lower priority. RabbitMQ fixes a queue's arguments when it is created: a queue that
 exists with other arguments (declared before priorities, or as another type) refuses
-the declaration, and the process stops with a message saying what to do.
+the declaration, and the process stops with a message saying what to do. One case is
+let through: with QUEUE_MAX_PRIORITY unset, a queue an older Taskbox declared without
+priorities is used as it is, with a warning (``fit_existing_queue``), so that an
+upgrade does not stop every relay and consumer until an operator acts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 from aio_pika.exceptions import ChannelPreconditionFailed
 
 from broker.settings import BrokerSettings
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=BrokerSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +52,50 @@ def queue_arguments(settings: BrokerSettings) -> dict[str, Any]:
     if settings.max_priority:
         arguments["x-max-priority"] = settings.max_priority
     return arguments
+
+
+async def _queue_accepts(
+    connection: AbstractConnection, name: str, arguments: dict[str, Any]
+) -> bool:
+    """Whether RabbitMQ takes a declaration of ``name`` with ``arguments`` (creating the
+    queue if it is missing). A refusal closes the channel, so each try has its own."""
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(name, durable=True, arguments=arguments)
+    except ChannelPreconditionFailed:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+    return True
+
+
+async def fit_existing_queue(connection: AbstractConnection, settings: S) -> S:
+    """``settings``, or, when QUEUE_MAX_PRIORITY is unset and the task queue exists
+    without priorities (declared by a Taskbox from before them), the same settings with
+    priorities off, and a warning.
+
+    RabbitMQ cannot add x-max-priority to an existing queue; recreating it means
+    draining it first, which is an operator's decision, not something to force by
+    refusing to start. An explicit QUEUE_MAX_PRIORITY stays strict: ``declare`` then
+    refuses the mismatch with what to do.
+    """
+    if settings.queue_max_priority is not None or not settings.max_priority:
+        return settings
+    if await _queue_accepts(connection, settings.queue_name, queue_arguments(settings)):
+        return settings
+    plain = settings.model_copy(update={"queue_max_priority": 0})
+    if not await _queue_accepts(connection, settings.queue_name, queue_arguments(plain)):
+        return settings  # some other mismatch: declare() says what
+    log.warning(
+        "queue %r exists without priorities (x-max-priority), as an older Taskbox "
+        "declared it: using it as it is, so task priorities are NOT honoured. To turn "
+        "them on, drain the queue, delete it (rabbitmqctl delete_queue %s) and restart; "
+        "set QUEUE_MAX_PRIORITY=0 to keep it and silence this warning",
+        settings.queue_name,
+        settings.queue_name,
+    )
+    return plain
 
 
 async def _declare_queue(

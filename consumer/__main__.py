@@ -40,6 +40,7 @@ async def open_queue(settings: ConsumerSettings) -> tuple[AbstractRobustConnecti
     connection = await aio_pika.connect_robust(
         settings.amqp_url, client_properties={"connection_name": "taskbox-consumer"}
     )
+    settings = await topology.fit_existing_queue(connection, settings)
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=settings.consumer_prefetch)
     declared = await topology.declare(channel, settings)

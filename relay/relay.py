@@ -40,6 +40,7 @@ async def open_broker(settings: RelaySettings) -> tuple[AbstractRobustConnection
     connection = await aio_pika.connect_robust(
         settings.amqp_url, client_properties={"connection_name": "taskbox-relay"}
     )
+    settings = await topology.fit_existing_queue(connection, settings)
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     declared = await topology.declare(channel, settings)
     publisher = OutboxPublisher(

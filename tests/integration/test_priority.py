@@ -76,21 +76,27 @@ async def test_a_consumer_runs_the_most_urgent_waiting_task_first(
     assert [row["priority"] for row in started] == sorted(PRIORITIES, reverse=True)
 
 
-async def test_a_queue_declared_without_priorities_is_refused_with_what_to_do(
-    broker_settings: BrokerSettings, service_env: dict[str, str]
-) -> None:
-    connection = await aio_pika.connect(broker_settings.amqp_url)
+async def declare_pre_priority_queue(settings: BrokerSettings) -> None:
+    """The task queue as a Taskbox from before priorities declared it."""
+    connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()
-        # What a Taskbox from before priorities declared.
         await channel.declare_queue(
-            broker_settings.queue_name,
+            settings.queue_name,
             durable=True,
             arguments={
                 "x-queue-type": "classic",
-                "x-dead-letter-exchange": broker_settings.dead_letter_exchange,
+                "x-dead-letter-exchange": settings.dead_letter_exchange,
             },
         )
+
+
+async def test_an_explicit_priority_meeting_a_queue_without_is_refused_with_what_to_do(
+    broker_settings: BrokerSettings, service_env: dict[str, str]
+) -> None:
+    await declare_pre_priority_queue(broker_settings)
+    connection = await aio_pika.connect(broker_settings.amqp_url)
+    async with connection:
         with pytest.raises(TopologyMismatch, match="rabbitmqctl delete_queue"):
             await declare(await connection.channel(), broker_settings)
     process = await asyncio.create_subprocess_exec(
@@ -98,7 +104,7 @@ async def test_a_queue_declared_without_priorities_is_refused_with_what_to_do(
         "-m",
         "consumer",
         cwd=ROOT,
-        env=service_env,
+        env={**service_env, "QUEUE_MAX_PRIORITY": "9"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -108,6 +114,35 @@ async def test_a_queue_declared_without_priorities_is_refused_with_what_to_do(
     assert b"QUEUE_MAX_PRIORITY" in output and b"delete_queue" in output
     # Nothing retried it as if the broker were away.
     assert b"cannot reach RabbitMQ" not in output
+
+
+async def test_an_upgrade_keeps_a_queue_without_priorities_and_says_so(
+    pool: asyncpg.Pool, broker_settings: BrokerSettings, service_env: dict[str, str]
+) -> None:
+    # QUEUE_MAX_PRIORITY unset (the default) meets the queue an older Taskbox made:
+    # relay and consumer use it as it is, warn, and tasks still run.
+    await declare_pre_priority_queue(broker_settings)
+    relay = await ServiceProcess("relay", service_env).start()
+    consumer = await ServiceProcess("consumer", service_env).start()
+    try:
+        task = await create_task(pool, NewTask("echo", {"after": "upgrade"}, 9, 3))
+
+        async def done() -> bool:
+            status = await pool.fetchval("SELECT status FROM tasks WHERE id = $1", task["id"])
+            return bool(status == "DONE")
+
+        await eventually(done, 30, "the task DONE through the old queue")
+    finally:
+        assert await consumer.stop(signal.SIGTERM) == 0, consumer.output
+        assert await relay.stop(signal.SIGTERM) == 0, relay.output
+    for process in (relay, consumer):
+        assert "exists without priorities" in process.output, process.output
+        assert "NOT honoured" in process.output
+    # The queue is still the old one: no x-max-priority was forced onto it.
+    connection = await aio_pika.connect(broker_settings.amqp_url)
+    async with connection:
+        plain = broker_settings.model_copy(update={"queue_max_priority": 0})
+        await declare(await connection.channel(), plain)
 
 
 async def test_priorities_can_be_turned_off(broker_settings: BrokerSettings) -> None:
