@@ -1,9 +1,11 @@
 """Publishing a claimed batch with publisher confirms, all in flight at once.
 
 A row counts as published only when the broker confirmed it. A nack, a return
-(``mandatory``: no queue bound), a confirm that never came (a broker alarm blocks
-publishers) or headers AMQP cannot encode refuse that row alone: it gets the error and
-a backoff, so it is retried later and never blocks the rows behind it.
+(``mandatory``: no queue bound), a confirm that never came while others did, or headers
+AMQP cannot encode refuse that row alone: it gets the error and a backoff, so it is
+retried later and never blocks the rows behind it. A batch in which no confirm came at
+all (a silent link, a broker alarm blocking publishers) is an outage, like a lost
+channel below.
 
 A lost channel or connection is not the row's fault: the whole batch raises
 BrokerUnavailable, the relay rolls its claim back and retries once the robust
@@ -150,6 +152,14 @@ class OutboxPublisher:
             # on (it rejects the pending confirms with one): the broker is away.
             if isinstance(result, BaseException) and not isinstance(result, _REFUSALS):
                 raise BrokerUnavailable(describe(result)) from result
+        if all(isinstance(result, TimeoutError) for result in results):
+            # Not one confirm came back: a link that drops packets without a reset, or a
+            # broker that blocks publishers (a memory or disk alarm). That is the broker
+            # being away, not these rows' fault: charging each an attempt and a backoff
+            # would punish every row an outage happened to meet.
+            raise BrokerUnavailable(
+                f"no publisher confirm within {self._timeout:g}s for any of {len(rows)} messages"
+            )
         report = PublishReport()
         for row, result in zip(rows, results, strict=True):
             if isinstance(result, BaseException):

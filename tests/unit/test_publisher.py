@@ -339,3 +339,12 @@ async def test_a_channel_still_reconnecting_fails_the_batch_within_the_timeout()
     with pytest.raises(BrokerUnavailable, match="did not come back in time"):
         await make_publisher(channel, RecordingDelay()).publish_batch([outbox_row(1)])
     assert channel.underlay.publishes == []
+
+
+async def test_a_batch_without_a_single_confirm_is_an_outage_not_the_rows_fault() -> None:
+    # A silent link or a broker alarm: every confirm times out. No row is charged.
+    channel = FakeChannel(outcomes={1: NeverConfirmed(), 2: NeverConfirmed()})
+    delay = RecordingDelay()
+    with pytest.raises(BrokerUnavailable, match=r"no publisher confirm within 0.25s for any of 2"):
+        await make_publisher(channel, delay).publish_batch([outbox_row(1), outbox_row(2)])
+    assert delay.calls == []
