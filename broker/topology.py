@@ -41,7 +41,7 @@ class Topology:
 
 
 class TopologyMismatch(RuntimeError):
-    """A queue exists with arguments other than the ones Taskbox declares."""
+    """A queue or exchange exists with arguments other than the ones Taskbox declares."""
 
 
 def queue_arguments(settings: BrokerSettings) -> dict[str, Any]:
@@ -113,16 +113,33 @@ async def _declare_queue(
         ) from None
 
 
+async def _declare_exchange(
+    channel: AbstractChannel, name: str, kind: aio_pika.ExchangeType, setting: str
+) -> AbstractExchange:
+    try:
+        return await channel.declare_exchange(name, kind, durable=True)
+    except ChannelPreconditionFailed as exc:
+        # Permanent, like a queue's mismatch: retrying it as an unreachable broker
+        # would only say the wrong thing for two minutes.
+        raise TopologyMismatch(
+            f"RabbitMQ refused to declare exchange {name!r} as a durable {kind.value} "
+            f"exchange: {exc}. It exists with another type or durability (made by "
+            f"something else). Point {setting} at another name, or, if nothing else uses "
+            f"it, delete it (rabbitmqadmin delete exchange name={name}, or the management "
+            "UI) so that it is declared anew."
+        ) from None
+
+
 async def declare(channel: AbstractChannel, settings: BrokerSettings) -> Topology:
-    dlx = await channel.declare_exchange(
-        settings.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    dlx = await _declare_exchange(
+        channel, settings.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, "DEAD_LETTER_EXCHANGE"
     )
     dead = await _declare_queue(
         channel, settings.dead_letter_queue, {"x-queue-type": settings.queue_type}
     )
     await dead.bind(dlx)
-    exchange = await channel.declare_exchange(
-        settings.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
+    exchange = await _declare_exchange(
+        channel, settings.exchange_name, aio_pika.ExchangeType.DIRECT, "EXCHANGE_NAME"
     )
     queue = await _declare_queue(channel, settings.queue_name, queue_arguments(settings))
     # The queue's own name is the routing key: one binding, nothing to configure.

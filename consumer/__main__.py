@@ -40,10 +40,15 @@ async def open_queue(settings: ConsumerSettings) -> tuple[AbstractRobustConnecti
     connection = await aio_pika.connect_robust(
         settings.amqp_url, client_properties={"connection_name": "taskbox-consumer"}
     )
-    settings = await topology.fit_existing_queue(connection, settings)
-    channel = await connection.channel()
-    await channel.set_qos(prefetch_count=settings.consumer_prefetch)
-    declared = await topology.declare(channel, settings)
+    try:
+        settings = await topology.fit_existing_queue(connection, settings)
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=settings.consumer_prefetch)
+        declared = await topology.declare(channel, settings)
+    except BaseException:
+        # A retry opens a connection of its own; this one must not linger, reconnecting.
+        await connection.close()
+        raise
     return connection, declared.queue
 
 

@@ -40,9 +40,14 @@ async def open_broker(settings: RelaySettings) -> tuple[AbstractRobustConnection
     connection = await aio_pika.connect_robust(
         settings.amqp_url, client_properties={"connection_name": "taskbox-relay"}
     )
-    settings = await topology.fit_existing_queue(connection, settings)
-    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    declared = await topology.declare(channel, settings)
+    try:
+        settings = await topology.fit_existing_queue(connection, settings)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        declared = await topology.declare(channel, settings)
+    except BaseException:
+        # A retry opens a connection of its own; this one must not linger, reconnecting.
+        await connection.close()
+        raise
     publisher = OutboxPublisher(
         channel,
         declared.exchange.name,

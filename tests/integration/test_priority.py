@@ -154,3 +154,32 @@ async def test_priorities_can_be_turned_off(broker_settings: BrokerSettings) -> 
         # The default (priorities on) now meets a mismatch, as an operator would.
         with pytest.raises(TopologyMismatch):
             await declare(await connection.channel(), broker_settings)
+
+
+async def test_an_exchange_of_another_type_stops_relay_and_consumer_with_what_to_do(
+    broker_settings: BrokerSettings, service_env: dict[str, str]
+) -> None:
+    connection = await aio_pika.connect(broker_settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_exchange(
+            broker_settings.exchange_name, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        with pytest.raises(TopologyMismatch, match="EXCHANGE_NAME"):
+            await declare(await connection.channel(), broker_settings)
+    for module in ("relay", "consumer"):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            module,
+            cwd=ROOT,
+            env=service_env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        async with asyncio.timeout(30):
+            output, _ = await process.communicate()
+        assert process.returncode == 2, output
+        assert b"EXCHANGE_NAME" in output and b"rabbitmqadmin delete exchange" in output
+        # A permanent refusal, not an unreachable broker retried for two minutes.
+        assert b"cannot reach RabbitMQ" not in output, output
