@@ -34,7 +34,7 @@ from db.outbox import notify
 from db.states import TERMINAL, TaskStatus
 from runtime import failpoints, tracing
 from runtime.backoff import backoff_delay
-from runtime.lifecycle import wait_first
+from runtime.lifecycle import being_cancelled, wait_first
 from runtime.logs import bind_task, task_fields
 from tasktypes import TaskRegistry
 
@@ -84,10 +84,7 @@ async def _settle(message: AbstractIncomingMessage, how: str) -> None:
     except CHANNEL_GONE as exc:
         log.info("could not %s message (channel gone; it will be redelivered): %s", how, exc)
     except asyncio.CancelledError as exc:
-        # aiormq rejects the pending writes of a connection it closes by force with a
-        # CancelledError; only a cancellation of this task itself is one to pass on.
-        task = asyncio.current_task()
-        if task is not None and task.cancelling() > 0:
+        if being_cancelled():
             raise
         log.info("could not %s message (connection closed; it will be redelivered): %r", how, exc)
 

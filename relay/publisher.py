@@ -26,6 +26,7 @@ from pamqp.commands import Basic
 
 from broker import messages
 from db.outbox import PublishRefusal
+from runtime.lifecycle import being_cancelled
 
 
 class BrokerUnavailable(ConnectionError):
@@ -81,11 +82,6 @@ class OutboxRow(Protocol):
 class PublishReport:
     published: list[int] = field(default_factory=list)
     refused: list[PublishRefusal] = field(default_factory=list)
-
-
-def _being_cancelled() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 def describe(error: BaseException) -> str:
@@ -146,7 +142,7 @@ class OutboxPublisher:
             *(self._publish(channel, r) for r in rows), return_exceptions=True
         )
         for result in results:
-            if isinstance(result, asyncio.CancelledError) and _being_cancelled():
+            if isinstance(result, asyncio.CancelledError) and being_cancelled():
                 raise result
             # A CancelledError nobody asked for is aiormq closing a connection it gave up
             # on (it rejects the pending confirms with one): the broker is away.

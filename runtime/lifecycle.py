@@ -102,6 +102,14 @@ def run_service(main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
+def being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled. aiormq also rejects the
+    pending futures of a connection it closes by force with CancelledError; only this
+    tells a real cancellation (pass it on) from that (the broker is away)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 async def connect_with_retry(
     what: str,
     factory: Callable[[], Awaitable[T]],

@@ -47,6 +47,7 @@ from tests.faults.cluster import (
 )
 from tests.faults.proxy import TcpProxy
 from tests.integration.helpers_broker import queue_depth
+from tests.integration.processes import ServiceProcess
 
 TASKS = "/api/v1/tasks"
 
@@ -64,6 +65,22 @@ async def post_tasks(client: httpx.AsyncClient, bodies: list[dict[str, Any]]) ->
 async def statuses(pool: asyncpg.Pool, ids: list[uuid.UUID]) -> Counter[str]:
     rows = await pool.fetch("SELECT status FROM tasks WHERE id = ANY($1::uuid[])", ids)
     return Counter(row["status"] for row in rows)
+
+
+async def redeliveries_dropped(consumer: ServiceProcess, count: int, cluster: Cluster) -> None:
+    """Wait until ``consumer`` (logging at DEBUG) has dropped ``count`` redeliveries of
+    tasks already DONE."""
+
+    async def dropped() -> int:
+        return consumer.output.count("dropping duplicate delivery; task is DONE")
+
+    await wait_until(
+        dropped,
+        lambda n: n >= count,
+        f"the {count} redeliveries dropped",
+        within=20,
+        context=cluster.logs,
+    )
 
 
 async def all_done(pool: asyncpg.Pool, ids: list[uuid.UUID], cluster: Cluster) -> None:
@@ -277,16 +294,7 @@ async def test_consumer_rides_out_an_amqp_cut_mid_run_and_drops_the_redeliveries
 
         # The robust connection comes back and gets the 10 messages again: each claim
         # finds its task DONE and drops the duplicate.
-        async def dropped() -> int:
-            return consumer.output.count("dropping duplicate delivery; task is DONE")
-
-        await wait_until(
-            dropped,
-            lambda n: n >= 10,
-            "the 10 redeliveries dropped",
-            within=20,
-            context=cluster.logs,
-        )
+        await redeliveries_dropped(consumer, 10, cluster)
         # And the consumer still takes new work.
         after = await post_tasks(client, [{"type": "echo", "payload": {"after": "cut"}}])
         await all_done(pool, after, cluster)
@@ -332,13 +340,7 @@ async def test_relay_and_consumer_stopped_while_their_amqp_link_is_down_exit_0_a
         # duplicates of finished tasks.
         await amqp_proxy.resume()
         successor = await cluster.consumer(LOG_LEVEL="DEBUG")
-
-        async def dropped() -> int:
-            return successor.output.count("dropping duplicate delivery; task is DONE")
-
-        await wait_until(
-            dropped, lambda n: n == 5, "the 5 redeliveries dropped", within=20, context=cluster.logs
-        )
+        await redeliveries_dropped(successor, 5, cluster)
     await assert_each_outcome_written_once(pool, ids)
     await stop_cleanly(successor)
     await assert_queues_empty(broker_settings)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -12,6 +14,19 @@ from api.app import create_app
 from api.settings import ApiSettings
 from db.settings import DatabaseSettings
 from tests.integration.processes import free_port
+
+
+async def poll_until_done(
+    client: httpx.AsyncClient, location: str, within: float = 10.0
+) -> dict[str, Any]:
+    """GET the task at ``location`` until it is DONE; fails with the last state seen."""
+    task: dict[str, Any] = {}
+    for _ in range(int(within / 0.05)):
+        task = (await client.get(location)).json()
+        if task["status"] == "DONE":
+            return task
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not DONE within {within}s: {task}")
 
 
 @asynccontextmanager

@@ -35,6 +35,7 @@ from consumer.settings import ConsumerSettings
 from db.settings import DatabaseSettings
 from relay.settings import RelaySettings
 from tests.conftest import ADMIN_DSN, AMQP_URL, database_dsn
+from tests.integration.conftest import poll_until_done
 from tests.integration.processes import ServiceProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -485,12 +486,7 @@ async def test_container_commands_run_a_task_to_done(
             )
             assert created.status_code == 201, created.text
             location = created.headers["location"]
-            for _ in range(200):
-                task = (await client.get(location)).json()
-                if task["status"] == "DONE":
-                    break
-                await asyncio.sleep(0.05)
-            assert task["status"] == "DONE", task
+            task = await poll_until_done(client, location, within=10)
             assert task["result"] == {"from": "containers"}
         # the relay's and the consumer's compose health checks, run as compose runs them
         for name in ("relay", "consumer"):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import signal
 
 import httpx
 
+from tests.integration.conftest import poll_until_done
 from tests.integration.processes import ServiceProcess, free_port
 
 
@@ -24,12 +24,7 @@ async def test_task_posted_over_http_ends_done_with_its_result(service_env: dict
             assert created.status_code == 201, created.text
             assert created.json()["status"] == "NEW"
             location = created.headers["location"]
-            for _ in range(100):
-                task = (await client.get(location)).json()
-                if task["status"] == "DONE":
-                    break
-                await asyncio.sleep(0.05)
-            assert task["status"] == "DONE", task
+            task = await poll_until_done(client, location, within=5)
             assert task["result"] == {"sha256": hashlib.sha256(b"taskbox").hexdigest()}
             assert task["attempts"] == 1
     finally:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
-import sys
 
 import aio_pika
 import asyncpg
@@ -14,9 +12,8 @@ from broker import messages
 from broker.settings import BrokerSettings
 from broker.topology import TopologyMismatch, declare
 from db.tasks import NewTask, create_task
-from tests.conftest import ROOT
 from tests.integration.helpers_broker import queue_depth, take_all
-from tests.integration.processes import ServiceProcess
+from tests.integration.processes import ServiceProcess, run_command
 from tests.integration.test_relay import eventually
 
 # Queued before anything consumes: ten of the lowest priority first, then a 5 and a 9.
@@ -99,21 +96,14 @@ async def test_an_explicit_priority_meeting_a_queue_without_is_refused_with_what
     async with connection:
         with pytest.raises(TopologyMismatch, match="rabbitmqctl delete_queue"):
             await declare(await connection.channel(), broker_settings)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "consumer",
-        cwd=ROOT,
-        env={**service_env, "QUEUE_MAX_PRIORITY": "9"},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+    result = await run_command(
+        "consumer", [], {**service_env, "QUEUE_MAX_PRIORITY": "9"}, timeout=30
     )
-    async with asyncio.timeout(30):
-        output, _ = await process.communicate()
-    assert process.returncode == 2, output
-    assert b"QUEUE_MAX_PRIORITY" in output and b"delete_queue" in output
+    output = result.stdout + result.stderr
+    assert result.code == 2, result
+    assert "QUEUE_MAX_PRIORITY" in output and "delete_queue" in output
     # Nothing retried it as if the broker were away.
-    assert b"cannot reach RabbitMQ" not in output
+    assert "cannot reach RabbitMQ" not in output
 
 
 async def test_an_upgrade_keeps_a_queue_without_priorities_and_says_so(
@@ -168,18 +158,9 @@ async def test_an_exchange_of_another_type_stops_relay_and_consumer_with_what_to
         with pytest.raises(TopologyMismatch, match="EXCHANGE_NAME"):
             await declare(await connection.channel(), broker_settings)
     for module in ("relay", "consumer"):
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            module,
-            cwd=ROOT,
-            env=service_env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        async with asyncio.timeout(30):
-            output, _ = await process.communicate()
-        assert process.returncode == 2, output
-        assert b"EXCHANGE_NAME" in output and b"rabbitmqadmin delete exchange" in output
+        result = await run_command(module, [], service_env, timeout=30)
+        output = result.stdout + result.stderr
+        assert result.code == 2, result
+        assert "EXCHANGE_NAME" in output and "rabbitmqadmin delete exchange" in output
         # A permanent refusal, not an unreachable broker retried for two minutes.
-        assert b"cannot reach RabbitMQ" not in output, output
+        assert "cannot reach RabbitMQ" not in output, result

@@ -46,7 +46,7 @@ from relay.housekeeping import Housekeeper
 from relay.listener import OutboxListener
 from relay.metrics import RelayMetrics
 from relay.settings import RelaySettings
-from tests.integration.conftest import app_client_for
+from tests.integration.conftest import app_client_for, poll_until_done
 from tests.integration.processes import ServiceProcess, run_command
 
 DAY = 86400.0
@@ -618,12 +618,7 @@ async def test_api_relay_and_consumer_run_a_task_under_their_roles(
             )
             assert created.status_code == 201, created.text
             location = created.headers["location"]
-            for _ in range(200):
-                task = (await client.get(location)).json()
-                if task["status"] == "DONE":
-                    break
-                await asyncio.sleep(0.05)
-            assert task["status"] == "DONE", task
+            task = await poll_until_done(client, location, within=10)
             assert task["result"] == {"sha256": hashlib.sha256(b"roles").hexdigest()}
             listed = await client.get("/api/v1/tasks", params={"status": "DONE"})
             assert [t["id"] for t in listed.json()["items"]] == [task["id"]]
