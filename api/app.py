@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from api import errors
-from api.auth import key_bytes
+from api.auth import BEARER, key_bytes
 from api.errors import PROBLEM_JSON, REQUEST_ID_HEADER
 from api.metrics import ApiMetrics
 from api.middleware import ApiKeyGate, ContentLengthLimit, JsonBodies, RequestIds
@@ -45,8 +45,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             pool, settings.outbox_channel, settings.outbox_notify_min_interval
         )
         app.state.pool = pool
+        store = PostgresTaskStore(pool)
+        app.state.store = store
         app.state.service = TaskService(
-            PostgresTaskStore(pool),
+            store,
             registry,
             default_max_attempts=settings.default_max_attempts,
             max_max_attempts=settings.max_max_attempts,
@@ -64,6 +66,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await store.close()
             await notifier.close()
             await pool.close()
 
@@ -134,6 +137,8 @@ def _document_responses(app: FastAPI) -> None:
     - No 422 where none can happen (``_never_invalid``): FastAPI lists one on every
       operation that takes a parameter, though a task id that is no UUID never reaches
       its validation (the path does not match; api.errors answers 404).
+    - The API key on every operation under /api/: ``api.middleware.ApiKeyGate``
+      enforces it there, with no route dependency to derive the declaration from.
     - The ``X-Request-ID`` header of every response (api.middleware). The request
       header of the same name is described in the document's description rather than
       added to every operation's parameters.
@@ -150,6 +155,7 @@ def _document_responses(app: FastAPI) -> None:
                 if _never_invalid(operation):
                     operation.get("responses", {}).pop("422", None)
         _drop_unused_validation_schemas(schema)
+        _declare_api_key(schema)
         for operations in paths.values():
             for operation in operations.values():
                 responses = operation.setdefault("responses", {})
@@ -166,6 +172,17 @@ def _document_responses(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _declare_api_key(schema: dict[str, Any]) -> None:
+    scheme = BEARER.model.model_dump(mode="json", by_alias=True, exclude_none=True)
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER.scheme_name] = (
+        scheme
+    )
+    for path, operations in schema.get("paths", {}).items():
+        if path.startswith("/api/"):
+            for operation in operations.values():
+                operation["security"] = [{BEARER.scheme_name: []}]
 
 
 def _never_invalid(operation: dict[str, Any]) -> bool:

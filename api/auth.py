@@ -6,9 +6,11 @@ tuple turns authentication off. The dependency is ``async def`` (FastAPI runs a 
 configured one in constant time, so neither the match nor its position leaks through
 timing.
 
-``api.middleware.ApiKeyGate`` applies the same rule to every ``/api/`` request before
-FastAPI reads its body; the dependency stays for what the gate does not cover
-(``/metrics``) and because it is what puts the scheme in the OpenAPI document.
+``api.middleware.ApiKeyGate`` applies the rule to every ``/api/`` request before
+FastAPI reads its body; the task routes have no dependency of their own for it (a
+security dependency cost the create route ~20% of its CPU, bench/BASELINE.md), and
+``api.app`` declares the scheme on their operations in the OpenAPI document. The
+dependency serves ``/metrics``, which the gate does not cover.
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ BEARER = HTTPBearer(
     description="An API key from the `API_KEYS` setting, as `Authorization: Bearer <key>`.",
 )
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
-# Set in the request's state by api.middleware.ApiKeyGate once the key passed.
-KEY_CHECKED = "api_key_checked"
 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
 
@@ -70,16 +70,9 @@ def refusal(token: str | None, keys: Sequence[bytes]) -> str | None:
 
 
 def _check(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
-    if request.scope.get("state", {}).get(KEY_CHECKED):
-        return  # the gate in front of /api/ compared this request's key already
     detail = refusal(credentials.credentials if credentials else None, request.app.state.api_keys)
     if detail is not None:
         raise HTTPException(401, detail, CHALLENGE)
-
-
-async def require_api_key(request: Request, credentials: Credentials) -> None:
-    """Dependency of the task routes: a valid key, when keys are configured."""
-    _check(request, credentials)
 
 
 async def require_metrics_key(request: Request, credentials: Credentials) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import CHALLENGE, KEY_CHECKED, bearer_token, refusal
+from api.auth import CHALLENGE, bearer_token, refusal
 from api.errors import REQUEST_ID_HEADER, problem, route_path
 from runtime.logs import bind_request_id, unbind
 
@@ -133,8 +133,8 @@ class ApiKeyGate:
     FastAPI reads and validates a body before it runs the route's dependencies, so the
     auth dependency alone answered a stranger's malformed POST with a 422 and made the
     server parse bodies it was going to refuse. The gate answers such a request 401
-    from its headers, body unread; the dependency still checks (``api.auth``), and
-    documents the scheme.
+    from its headers, body unread, and is the only check the task routes have: every
+    route under /api/ is behind it (``api.auth``).
     """
 
     def __init__(self, app: ASGIApp, keys: Sequence[bytes]) -> None:
@@ -148,8 +148,6 @@ class ApiKeyGate:
                 response = problem(Request(scope), 401, detail, headers=CHALLENGE)
                 await response(scope, receive, send)
                 return
-            # The route's dependency need not compare the key again (api.auth).
-            scope.setdefault("state", {})[KEY_CHECKED] = True
         await self.app(scope, receive, send)
 
 

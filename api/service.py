@@ -19,10 +19,12 @@ from pydantic import ValidationError
 
 from api import pagination
 from api.batch import read_batch
+from api.grouping import GroupCommit
 from api.metrics import ApiMetrics
 from api.payloads import MAX_STRING, UnstorablePayload, check_storable
 from api.schemas import TaskCreate
 from db import tasks as task_store
+from db.errors import TRANSIENT_DB_ERRORS
 from db.states import TERMINAL, TaskStatus
 from runtime import tracing
 from runtime.durations import format_duration
@@ -87,15 +89,35 @@ class TaskStore(Protocol):
     async def cancel(self, task_id: uuid.UUID) -> task_store.CancelOutcome: ...
 
 
+def _nothing_committed(exc: Exception) -> bool:
+    # Anything but a lost or failing connection was raised before the statement's
+    # commit: Postgres refused it (and rolled it back) or it was never sent.
+    return not isinstance(exc, TRANSIENT_DB_ERRORS)
+
+
 class PostgresTaskStore:
     """The store the service uses in production: ``db.tasks`` over the pool."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self.creates: GroupCommit[tuple[task_store.NewTask, dict[str, Any]], TaskRow] = GroupCommit(
+            self._create_one, self._create_group, _nothing_committed
+        )
 
     async def create(self, task: task_store.NewTask, headers: dict[str, Any]) -> TaskRow:
-        row: TaskRow = await task_store.create_task(self._pool, task, headers)
+        return await self.creates.write((task, headers))
+
+    async def _create_one(self, item: tuple[task_store.NewTask, dict[str, Any]]) -> TaskRow:
+        row: TaskRow = await task_store.create_task(self._pool, *item)
         return row
+
+    async def _create_group(
+        self, items: list[tuple[task_store.NewTask, dict[str, Any]]]
+    ) -> list[TaskRow]:
+        return list(await task_store.create_group(self._pool, items))
+
+    async def close(self) -> None:
+        await self.creates.close()
 
     async def create_once(
         self, task: task_store.NewTask, headers: dict[str, Any], idempotency_key: str

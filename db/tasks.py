@@ -24,7 +24,9 @@ TASK_COLUMNS = (
 )
 
 
-def _with_created_events(insert_tasks: str, headers: str) -> str:
+def _with_created_events(
+    insert_tasks: str, headers: str, *, inputs: str = "", joined: str = ""
+) -> str:
     """``insert_tasks`` (an INSERT INTO tasks ... RETURNING the task columns) and a
     ``task.created`` outbox row for each task it inserts, as one statement.
 
@@ -32,17 +34,21 @@ def _with_created_events(insert_tasks: str, headers: str) -> str:
     events that will run them are committed together or not at all. A scheduled task's
     row falls due at its ``run_at``; the task stays NEW until the relay publishes it. A
     moment in the past is due at once but does not jump the queue.
+
+    ``inputs``, if given, is a first query ``i`` that ``insert_tasks`` reads, and
+    ``joined`` joins it to each inserted task, for headers that differ by task.
     """
+    first = f"i AS ({inputs}),\n" if inputs else ""
     return f"""
-WITH task AS (
+WITH {first}task AS (
     {insert_tasks}
     RETURNING {TASK_COLUMNS}
 ), event AS (
     INSERT INTO outbox (task_id, kind, body, headers, available_at)
-    SELECT id, 'task.created',
-           jsonb_build_object('task_id', id, 'type', type, 'priority', priority),
-           {headers}, greatest(run_at, now())
-    FROM task
+    SELECT task.id, 'task.created',
+           jsonb_build_object('task_id', task.id, 'type', task.type, 'priority', task.priority),
+           {headers}, greatest(task.run_at, now())
+    FROM task {joined}
 )
 SELECT {TASK_COLUMNS} FROM task
 """  # noqa: S608 - every fragment is a constant
@@ -82,6 +88,21 @@ _INSERT_TASKS_WITH_OUTBOX = _with_created_events(
     FROM unnest($1::text[], $2::jsonb[], $3::int2[], $4::int4[], $5::timestamptz[],
                 $6::float8[]) AS i(type, payload, priority, max_attempts, run_at, delay)""",
     "$7",
+)
+
+# Concurrent single creates grouped by the api (api.grouping): like a batch, but each
+# task has its own headers (its request's trace context). The ids come from the api so
+# that each outbox row finds its task's headers by id.
+_INSERT_GROUP_WITH_OUTBOX = _with_created_events(
+    """INSERT INTO tasks (id, type, payload, priority, max_attempts, run_at)
+    SELECT id, type, payload, priority, max_attempts,
+           coalesce(run_at, now() + make_interval(secs => delay))
+    FROM i""",
+    "i.headers",
+    inputs="""SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int2[], $5::int4[],
+                        $6::timestamptz[], $7::float8[], $8::jsonb[])
+        AS i(id, type, payload, priority, max_attempts, run_at, delay, headers)""",
+    joined="JOIN i ON i.id = task.id",
 )
 
 _GET_BY_KEY = f"SELECT {TASK_COLUMNS} FROM tasks WHERE idempotency_key = $1"  # noqa: S608
@@ -153,6 +174,28 @@ async def create_tasks(
         headers,
     )
     return rows
+
+
+async def create_group(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    tasks: Sequence[tuple[NewTask, dict[str, Any]]],
+) -> list[asyncpg.Record]:
+    """Insert each task with its own headers (and its outbox row) in one statement, so
+    one transaction: all of them or none. Rows come back in the order given."""
+    ids = [uuid.uuid4() for _ in tasks]
+    rows = await conn.fetch(
+        _INSERT_GROUP_WITH_OUTBOX,
+        ids,
+        [task.type for task, _ in tasks],
+        [task.payload for task, _ in tasks],
+        [task.priority for task, _ in tasks],
+        [task.max_attempts for task, _ in tasks],
+        [task.run_at for task, _ in tasks],
+        [task.delay for task, _ in tasks],
+        [headers for _, headers in tasks],
+    )
+    by_id = {row["id"]: row for row in rows}
+    return [by_id[task_id] for task_id in ids]
 
 
 async def create_task_once(
