@@ -43,9 +43,16 @@ def route_path(scope: Scope) -> str:
     (uvicorn --root-path), the ASGI path carries the prefix and Starlette routes on
     what follows it; whatever decides by path (the key gate, the 404 that says task ids
     are UUIDs) must look at the same path, or a prefixed request would slip past it."""
+    # Exactly Starlette's reading (starlette._utils.get_route_path, private): the prefix
+    # counts only up to a "/", so "/api/v1/tasks" under root_path "/api/v1/task" is
+    # routed as itself, and gated as itself.
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    return path[len(root) :] if path[len(root)] == "/" else path
 
 
 def problem(

@@ -90,9 +90,13 @@ class TaskStore(Protocol):
 
 
 def _nothing_committed(exc: Exception) -> bool:
-    # Anything but a lost or failing connection was raised before the statement's
-    # commit: Postgres refused it (and rolled it back) or it was never sent.
-    return not isinstance(exc, TRANSIENT_DB_ERRORS)
+    """Whether ``exc`` proves that no task of a failed group was committed: Postgres
+    refused the statement (and rolled it back), or asyncpg could not encode an argument
+    and sent nothing. Anything else (a lost connection, a failure after the reply) may
+    have followed the commit, and trying the creates again could store them twice."""
+    if isinstance(exc, asyncpg.exceptions._base.DataError):  # client side: never sent
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, TRANSIENT_DB_ERRORS)
 
 
 class PostgresTaskStore:

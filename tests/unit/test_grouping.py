@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import pytest
 
 from api.grouping import GroupCommit
+from api.service import _nothing_committed
 
 
 class Refused(Exception):
@@ -167,3 +169,23 @@ async def test_close_waits_for_the_statements_in_flight() -> None:
     writer.gate.set()
     await closing
     assert pending.done() and pending.result() == "A"
+
+
+@pytest.mark.parametrize(
+    ("error", "retried_alone"),
+    [
+        (asyncpg.CheckViolationError("refused by a constraint"), True),
+        (asyncpg.UntranslatableCharacterError("refused by the server"), True),
+        (asyncpg.exceptions._base.DataError("an argument asyncpg cannot encode"), True),
+        (asyncpg.ConnectionDoesNotExistError("lost during the commit"), False),
+        (ConnectionResetError("reset"), False),
+        (asyncpg.AdminShutdownError("terminated"), False),
+        (TimeoutError(), False),
+        (KeyError("after the reply"), False),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else str(value),
+)
+def test_only_an_error_that_proves_nothing_was_committed_retries_a_group_alone(
+    error: Exception, retried_alone: bool
+) -> None:
+    assert _nothing_committed(error) is retried_alone
