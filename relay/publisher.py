@@ -1,5 +1,8 @@
 """Publishing a claimed batch with publisher confirms, all in flight at once.
 
+The batch goes out as one write on aiormq's channel (broker.pipeline) and its confirms
+are awaited together, under one deadline (RELAY_PUBLISH_TIMEOUT).
+
 A row counts as published only when the broker confirmed it. A nack, a return
 (``mandatory``: no queue bound), a confirm that never came while others did, or headers
 AMQP cannot encode refuse that row alone: it gets the error and a backoff, so it is
@@ -22,9 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiormq
-from pamqp.commands import Basic
 
-from broker import messages
+from broker import messages, pipeline
 from db.outbox import PublishRefusal
 from runtime.lifecycle import being_cancelled
 
@@ -36,8 +38,9 @@ class BrokerUnavailable(ConnectionError):
 # Failures that condemn one message. Anything else means the broker is unreachable.
 # pamqp raises TypeError, OverflowError or struct.error for a header value AMQP cannot
 # carry (an integer past 64 bits, a float past 32): such a row could never go out, and
-# failing its whole batch for it would stall the relay on it forever. aiormq marshals
-# a message before sending anything of it, so the channel is unharmed.
+# failing its whole batch for it would stall the relay on it forever. broker.pipeline
+# marshals every message before it writes the batch and leaves such a one out, so the
+# channel is unharmed.
 _REFUSALS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.DeliveryError,
     TimeoutError,
@@ -45,23 +48,6 @@ _REFUSALS: tuple[type[BaseException], ...] = (
     OverflowError,
     struct.error,
 )
-
-
-class Channel(Protocol):
-    """aiormq's channel: what the relay publishes on."""
-
-    async def basic_publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Basic.Properties | None = None,
-        mandatory: bool = False,
-        immediate: bool = False,
-        timeout: float | None = None,  # noqa: ASYNC109 - aiormq's signature
-        wait: bool = True,
-    ) -> Any: ...
 
 
 class ChannelSource(Protocol):
@@ -105,23 +91,7 @@ class OutboxPublisher:
         self._timeout = timeout
         self._retry_delay = retry_delay  # attempt number -> seconds
 
-    async def _publish(self, channel: Channel, row: OutboxRow) -> None:
-        body, properties = messages.encode(
-            outbox_id=row["id"], kind=row["kind"], body=row["body"], headers=row["headers"]
-        )
-        # wait=False: no future per message for the socket's drain; the confirm (or its
-        # timeout) is what says whether the message is the broker's.
-        await channel.basic_publish(
-            body,
-            exchange=self._exchange,
-            routing_key=self._routing_key,
-            properties=properties,
-            mandatory=True,
-            timeout=self._timeout,
-            wait=False,
-        )
-
-    async def _underlay(self) -> Channel:
+    async def _underlay(self) -> pipeline.Channel:
         # A robust channel waits for its reconnection here; the relay holds a claim
         # meanwhile, so a closed channel fails the batch at once instead (the relay backs
         # off and the robust connection comes back on its own).
@@ -129,7 +99,7 @@ class OutboxPublisher:
             raise BrokerUnavailable("the AMQP channel is closed")
         try:
             async with asyncio.timeout(self._timeout):
-                channel: Channel = await self._channel.get_underlay_channel()
+                channel: pipeline.Channel = await self._channel.get_underlay_channel()
         except TimeoutError:
             raise BrokerUnavailable("the AMQP channel did not come back in time") from None
         return channel
@@ -138,9 +108,32 @@ class OutboxPublisher:
         if not rows:
             return PublishReport()
         channel = await self._underlay()
-        results = await asyncio.gather(
-            *(self._publish(channel, r) for r in rows), return_exceptions=True
-        )
+        batch = [
+            pipeline.Message(
+                *messages.encode(
+                    outbox_id=r["id"], kind=r["kind"], body=r["body"], headers=r["headers"]
+                )
+            )
+            for r in rows
+        ]
+        try:
+            results = await pipeline.publish_many(
+                channel,
+                batch,
+                exchange=self._exchange,
+                routing_key=self._routing_key,
+                within=self._timeout,
+            )
+        except asyncio.CancelledError as exc:
+            if being_cancelled():
+                raise
+            raise BrokerUnavailable(describe(exc)) from exc
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"the batch could not be written to the broker within {self._timeout:g}s"
+            ) from None
+        except Exception as exc:  # the channel or connection failed before the confirms
+            raise BrokerUnavailable(describe(exc)) from exc
         for result in results:
             if isinstance(result, asyncio.CancelledError) and being_cancelled():
                 raise result

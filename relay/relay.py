@@ -17,7 +17,7 @@ import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 
-from broker import topology
+from broker import pipeline, topology
 from db import outbox
 from db.errors import TRANSIENT_DB_ERRORS
 from relay.metrics import RelayMetrics
@@ -44,6 +44,8 @@ async def open_broker(settings: RelaySettings) -> tuple[AbstractRobustConnection
         settings = await topology.fit_existing_queue(connection, settings)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         declared = await topology.declare(channel, settings)
+        # Publishing goes under aio-pika, to aiormq's channel (broker.pipeline).
+        pipeline.check_channel(await channel.get_underlay_channel())
     except BaseException:
         # A retry opens a connection of its own; this one must not linger, reconnecting.
         await connection.close()

@@ -24,7 +24,9 @@ class RelaySettings(DatabaseSettings, BrokerSettings, ProcessSettings, MetricsSe
     relay_listen_check_interval: float = Field(
         5.0, gt=0, description="Seconds between the LISTEN connection's self-checks."
     )
-    relay_publish_timeout: float = Field(10.0, gt=0, description="Seconds to wait for a confirm.")
+    relay_publish_timeout: float = Field(
+        10.0, gt=0, description="Seconds to write a batch, then to wait for its confirms."
+    )
     relay_retry_base_delay: float = Field(1.0, gt=0, description="First backoff of a refused row.")
     relay_retry_max_delay: float = Field(
         60.0, gt=0, description="Longest backoff of a refused row."

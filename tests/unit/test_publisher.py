@@ -1,4 +1,4 @@
-"""relay/publisher.py OutboxPublisher against a fake aiormq channel that confirms on cue."""
+"""relay/publisher.py OutboxPublisher over a fake aiormq channel whose broker confirms on cue."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import aio_pika
 import aiormq
 import orjson
 import pytest
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import ChannelFrame, DeliveredMessage
+from pamqp import frame as pamqp_frame
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
@@ -37,50 +38,81 @@ class Publish:
     exchange: str
     routing_key: str
     mandatory: bool
-    timeout: float | None
-    wait: bool
 
 
 @dataclass
 class FakeChannel:
-    """Confirms only once ``confirm_after`` publishes are in flight, like a broker whose
-    confirms arrive after the client has pipelined the whole batch."""
+    """aiormq's channel as broker.pipeline uses it (its lock, delivery tags, confirm
+    futures and the connection's write queue), with a broker behind the queue that reads
+    the frames written, as bytes, and settles each confirm by the message's outcome.
+
+    Confirms come only once ``confirm_after`` publishes have arrived, like a broker
+    whose confirms arrive after the client has pipelined the whole batch."""
 
     outcomes: dict[int, Outcome] = field(default_factory=dict)  # outbox id -> outcome
     confirm_after: int = 0
     publishes: list[Publish] = field(default_factory=list)
     in_flight_at_confirm: list[int] = field(default_factory=list)
+    writes: int = 0
+    number: int = 1
+    delivery_tag: int = 0
+    max_content_size: int = 131_072 - 8
+    confirmations: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    message_id_delivery_tag: dict[str, int] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    write_queue: asyncio.Queue[ChannelFrame] = field(default_factory=asyncio.Queue)
     _all_sent: asyncio.Event = field(default_factory=asyncio.Event)
+    _tags_seen: int = 0
 
-    async def basic_publish(
-        self,
-        body: bytes,
-        *,
-        exchange: str = "",
-        routing_key: str = "",
-        properties: Basic.Properties | None = None,
-        mandatory: bool = False,
-        immediate: bool = False,
-        timeout: float | None = None,
-        wait: bool = True,
-    ) -> Any:
-        assert properties is not None
-        self.publishes.append(
-            Publish(body, properties, exchange, routing_key, mandatory, timeout, wait)
-        )
-        if len(self.publishes) >= self.confirm_after:
-            self._all_sent.set()
-        # aiormq bounds the wait for the confirm with asyncio.timeout, as here.
-        async with asyncio.timeout(timeout):
-            await self._all_sent.wait()
+    def __post_init__(self) -> None:
+        self._broker = asyncio.get_running_loop().create_task(self._serve())
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _serve(self) -> None:
+        while True:
+            written = await self.write_queue.get()
+            self.writes += 1
+            data = written.payload
+            received: list[Any] = []
+            while data:
+                consumed, channel, frame = pamqp_frame.unmarshal(data)
+                assert channel == self.number
+                received.append(frame)
+                data = data[consumed:]
+            written.drain()
+            while received:
+                publish, header, body = received.pop(0), received.pop(0), received.pop(0)
+                assert isinstance(publish, Basic.Publish)
+                assert isinstance(header, ContentHeader)
+                self.publishes.append(
+                    Publish(
+                        body.value,
+                        header.properties,
+                        publish.exchange,
+                        publish.routing_key,
+                        publish.mandatory,
+                    )
+                )
+            if len(self.publishes) >= self.confirm_after:
+                self._all_sent.set()
+                self._settle()
+
+    def _settle(self) -> None:
+        for publish in self.publishes[self._tags_seen :]:
+            self._tags_seen += 1
+            tag = self._tags_seen
             self.in_flight_at_confirm.append(len(self.publishes))
-            assert properties.message_id is not None
-            outcome = self.outcomes.get(int(properties.message_id))
-            if isinstance(outcome, NeverConfirmed):
-                await asyncio.Event().wait()
+            assert self.message_id_delivery_tag[str(publish.properties.message_id)] == tag
+            confirm = self.confirmations.pop(tag)
+            outcome = self.outcomes.get(int(str(publish.properties.message_id)))
+            if isinstance(outcome, NeverConfirmed) or confirm.done():
+                continue
             if isinstance(outcome, BaseException):
-                raise outcome
-            return Basic.Ack(delivery_tag=len(self.in_flight_at_confirm))
+                confirm.set_exception(outcome)
+            else:
+                confirm.set_result(Basic.Ack(delivery_tag=tag))
 
 
 @dataclass
@@ -191,9 +223,17 @@ async def test_publish_arguments() -> None:
     assert publish.exchange == EXCHANGE
     assert publish.routing_key == ROUTING_KEY
     assert publish.mandatory is True
-    assert publish.timeout == PUBLISH_TIMEOUT
-    # No drain future per message: the confirm is what the publisher waits for.
-    assert publish.wait is False
+
+
+async def test_a_batch_goes_out_as_one_write_and_leaves_no_bookkeeping_behind() -> None:
+    channel = FakeChannel(outcomes={2: NeverConfirmed()})
+    report = await make_publisher(channel, RecordingDelay()).publish_batch(
+        [outbox_row(i) for i in (1, 2, 3)]
+    )
+    assert report.published == [1, 3]
+    assert channel.writes == 1
+    assert channel.delivery_tag == 3
+    assert channel.message_id_delivery_tag == {}
 
 
 async def test_the_message_built_from_a_row() -> None:
@@ -348,3 +388,20 @@ async def test_a_batch_without_a_single_confirm_is_an_outage_not_the_rows_fault(
     with pytest.raises(BrokerUnavailable, match=r"no publisher confirm within 0.25s for any of 2"):
         await make_publisher(channel, delay).publish_batch([outbox_row(1), outbox_row(2)])
     assert delay.calls == []
+
+
+async def test_a_batch_the_writer_cannot_take_gives_its_delivery_tags_back() -> None:
+    # The connection's write queue is full (a writer stuck on a socket the broker does
+    # not read): nothing of the batch goes out, and the channel's delivery tags must
+    # stay in step with the broker's, or its acks would settle other messages' confirms.
+    channel = FakeChannel()
+    channel._broker.cancel()
+    channel.write_queue = asyncio.Queue(maxsize=1)
+    channel.write_queue.put_nowait(ChannelFrame(payload=b"", should_close=False))
+    with pytest.raises(BrokerUnavailable, match="could not be written to the broker within"):
+        await make_publisher(channel, RecordingDelay()).publish_batch(
+            [outbox_row(1), outbox_row(2)]
+        )
+    assert channel.delivery_tag == 0
+    assert channel.confirmations == {}
+    assert channel.message_id_delivery_tag == {}
