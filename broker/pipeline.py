@@ -1,4 +1,5 @@
-"""Publishing many messages on an aiormq channel as one write, each with its own confirm.
+"""Many frames on an aiormq channel as one write: a batch of publishes, each with its own
+confirm (the relay), and a batch of acks (the consumer).
 
 aiormq's ``basic_publish`` does, for every message, what a batch needs once: it takes
 the channel's lock, starts a timeout, hands its frames to the connection's writer (one
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 from aiormq.abc import ChannelFrame
+from aiormq.exceptions import ChannelInvalidStateError
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
@@ -166,3 +168,25 @@ async def publish_many(
             message_id = str(messages[position].properties.message_id)
             if channel.message_id_delivery_tag.get(message_id) == tag:
                 del channel.message_id_delivery_tag[message_id]
+
+
+async def send_frames(channel: Any, frames: Sequence[Any]) -> None:
+    """Write ``frames`` (acks, nacks) on ``channel`` as one write, and return once the
+    connection's writer has handed them to the socket.
+
+    aiormq writes and drains every ack on its own; the consumer settles a completion
+    batch at once, so its acks go out together. Raises what aiormq raises for a channel
+    or connection that closed (``ChannelInvalidStateError``, ``ConnectionError``...).
+    """
+    if channel.is_closed:
+        raise ChannelInvalidStateError(f"{channel!r} closed")
+    written = channel.create_future()
+    frame = ChannelFrame.marshall(
+        channel_number=channel.number, frames=frames, drain_future=written
+    )
+    try:
+        await channel.write_queue.put(frame)
+    except BaseException:
+        written.cancel()
+        raise
+    await written

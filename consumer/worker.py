@@ -22,8 +22,9 @@ import aio_pika
 import aiormq
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from pamqp.commands import Basic
 
-from broker import messages
+from broker import messages, pipeline
 from consumer.attempt import ClaimedTask, StopReason, run_attempt
 from consumer.metrics import ConsumerMetrics
 from consumer.settings import ConsumerSettings
@@ -87,6 +88,39 @@ async def _settle(message: AbstractIncomingMessage, how: str) -> None:
         if being_cancelled():
             raise
         log.info("could not %s message (connection closed; it will be redelivered): %r", how, exc)
+
+
+async def _settle_all(settlements: list[tuple[AbstractIncomingMessage, str]]) -> None:
+    """Ack or requeue a committed batch with one write per channel.
+
+    aio-pika's ``ack()`` is a write and a drain of its own, awaited in turn, message by
+    message; a batch of completions sends its frames together instead. A message whose
+    channel closed is skipped, as ``_settle`` skips it: the broker redelivers it.
+    """
+    frames: dict[int, tuple[aiormq.abc.AbstractChannel, list[Basic.Ack | Basic.Nack]]] = {}
+    for message, how in settlements:
+        try:
+            channel = message.channel
+        except CHANNEL_GONE as exc:
+            log.info("could not %s message (channel gone; it will be redelivered): %s", how, exc)
+            continue
+        tag = message.delivery_tag
+        assert tag is not None  # consumed with acks, so every delivery has its tag
+        frame = Basic.Ack(delivery_tag=tag) if how == "ack" else Basic.Nack(delivery_tag=tag)
+        frames.setdefault(id(channel), (channel, []))[1].append(frame)
+    for channel, batch in frames.values():
+        try:
+            await pipeline.send_frames(channel, batch)
+        except CHANNEL_GONE as exc:
+            log.info(
+                "could not settle %d messages (channel gone; redelivered): %s", len(batch), exc
+            )
+        except asyncio.CancelledError as exc:
+            if being_cancelled():
+                raise
+            log.info(
+                "could not settle %d messages (connection closed; redelivered): %r", len(batch), exc
+            )
 
 
 def _trace(message: AbstractIncomingMessage) -> tracing.TraceParent | None:
@@ -300,11 +334,17 @@ class TaskConsumer:
                     self._running.pop(running.claimed.task_id, None)
                 self._inbox.extendleft(reversed(self._held))
                 self._held.clear()
-                for outcome, running in batch:
-                    # A released task goes back to the queue; everything else is settled
-                    # (an outcome that lost its fence means someone else owns the task now).
-                    how = "requeue" if outcome.status == TaskStatus.PENDING else "ack"
-                    await _settle(running.message, how)
+                # A released task goes back to the queue; everything else is settled (an
+                # outcome that lost its fence means someone else owns the task now).
+                await _settle_all(
+                    [
+                        (
+                            running.message,
+                            "requeue" if outcome.status == TaskStatus.PENDING else "ack",
+                        )
+                        for outcome, running in batch
+                    ]
+                )
                 self.completed += len(batch)
                 self._work.set()
             finally:

@@ -1,4 +1,4 @@
-"""consumer/worker.py _settle: settling a message on a channel that went away."""
+"""consumer/worker.py _settle and _settle_all: settling messages, on channels that went away too."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from typing import Any, cast
 
 import aiormq
 import pytest
+from aiormq.abc import ChannelFrame
+from pamqp import frame as pamqp_frame
+from pamqp.commands import Basic
 
-from consumer.worker import _settle
+from consumer.worker import _settle, _settle_all
 
 
 class FakeMessage:
@@ -71,3 +74,71 @@ async def test_cancelling_the_settling_task_still_cancels_it() -> None:
     settling.cancel()
     with pytest.raises(asyncio.CancelledError):
         await settling
+
+
+class WrittenChannel:
+    """aiormq's channel as _settle_all writes on it: what reaches its write queue is
+    read back as frames, and each write is drained (or the channel is closed)."""
+
+    def __init__(self, number: int, closed: bool = False) -> None:
+        self.number = number
+        self.is_closed = closed
+        self.write_queue: asyncio.Queue[ChannelFrame] = asyncio.Queue()
+        self.writes: list[list[Any]] = []
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    def take_writes(self) -> list[list[Any]]:
+        while not self.write_queue.empty():
+            written = self.write_queue.get_nowait()
+            data, frames = written.payload, []
+            while data:
+                consumed, channel, frame = pamqp_frame.unmarshal(data)
+                assert channel == self.number
+                frames.append(frame)
+                data = data[consumed:]
+            self.writes.append(frames)
+            written.drain()
+        return self.writes
+
+
+class DeliveredMessage:
+    def __init__(self, channel: WrittenChannel, tag: int) -> None:
+        self._channel = channel
+        self.delivery_tag = tag
+
+    @property
+    def channel(self) -> WrittenChannel:
+        # aio-pika's IncomingMessage.channel raises this for a closed channel.
+        if self._channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{self._channel!r} closed")
+        return self._channel
+
+
+async def test_a_committed_batch_is_settled_with_one_write_per_channel(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="consumer.worker")
+    first, second, gone = WrittenChannel(1), WrittenChannel(2), WrittenChannel(3, closed=True)
+    settlements = [
+        (DeliveredMessage(first, 7), "ack"),
+        (DeliveredMessage(second, 3), "ack"),
+        (DeliveredMessage(first, 8), "requeue"),
+        (DeliveredMessage(gone, 1), "ack"),
+        (DeliveredMessage(first, 9), "ack"),
+    ]
+    settling = asyncio.create_task(_settle_all(cast(Any, settlements)))
+    while not settling.done():
+        await asyncio.sleep(0)
+        first.take_writes()
+        second.take_writes()
+    await settling
+    [[ack7, nack8, ack9]] = first.writes
+    assert (type(ack7), ack7.delivery_tag, ack7.multiple) == (Basic.Ack, 7, False)
+    assert (type(nack8), nack8.delivery_tag, nack8.requeue) == (Basic.Nack, 8, True)
+    assert (type(ack9), ack9.delivery_tag) == (Basic.Ack, 9)
+    [[ack3]] = second.writes
+    assert (type(ack3), ack3.delivery_tag) == (Basic.Ack, 3)
+    assert gone.write_queue.empty()
+    assert "channel gone; it will be redelivered" in caplog.text
