@@ -126,6 +126,14 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             "<= 15",
             listen["done_p99_ms"] <= 15,
         )
+        # Where the time goes, stage by stage (p50 / p99); see _latencies.
+        for stage, label in (
+            ("to_relay", "  insert -> relay claim"),
+            ("relay_to_start", "  relay claim -> consumer claim"),
+            ("start_to_done", "  consumer claim -> result"),
+        ):
+            p50, p99 = listen["stages_p50_ms"][stage], listen["stages_p99_ms"][stage]
+            add(f"{label} ms", f"{p50:.1f} / {p99:.1f}", "p50 / p99", None)
         # With LISTEN off a row waits for the next poll (1 s), and the poll then hands
         # the consumer a second's worth of tasks at once, which it works through.
         add(

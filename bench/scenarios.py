@@ -366,14 +366,26 @@ async def _latencies(st: Stage, answered: list[tuple[str, float]]) -> Result:
     await wait_until(lambda: _all_done(st.database_url, len(answered)), within=60, interval=0.1)
     conn = await asyncpg.connect(st.database_url)
     try:
+        # Each timestamp is its transaction's start (now()): created_at the api's
+        # insert, published_at the relay's claim, started_at the consumer's claim,
+        # finished_at the transaction that writes the result. So each stage below holds
+        # the commit that ends the previous transaction, and what waits for it.
         rows = await conn.fetch(
-            "SELECT id::text, extract(epoch FROM started_at) AS started,"
-            " extract(epoch FROM started_at - created_at) AS to_start,"
-            " extract(epoch FROM finished_at - created_at) AS to_done FROM tasks"
+            "SELECT t.id::text, extract(epoch FROM t.started_at) AS started,"
+            " extract(epoch FROM t.started_at - t.created_at) AS to_start,"
+            " extract(epoch FROM t.finished_at - t.created_at) AS to_done,"
+            " extract(epoch FROM o.published_at - t.created_at) AS to_relay,"
+            " extract(epoch FROM t.started_at - o.published_at) AS relay_to_start,"
+            " extract(epoch FROM t.finished_at - t.started_at) AS start_to_done"
+            " FROM tasks t JOIN outbox o ON o.task_id = t.id"
         )
     finally:
         await conn.close()
     by_id = {r["id"]: r for r in rows}
+    stages = {
+        stage: [float(by_id[i][stage]) * 1000 for i, _ in answered]
+        for stage in ("to_relay", "relay_to_start", "start_to_done")
+    }
     # Server side, by the database's clock: from the insert (the 201 follows its commit
     # at once) to the claim that starts the handler, and on to the committed result.
     to_start = [float(by_id[i]["to_start"]) * 1000 for i, _ in answered]
@@ -389,6 +401,11 @@ async def _latencies(st: Stage, answered: list[tuple[str, float]]) -> Result:
         "done_p99_ms": percentile(to_done, 99),
         "client_201_to_start_p50_ms": percentile(client, 50),
         "client_201_to_start_p99_ms": percentile(client, 99),
+        # insert -> relay's claim (the api's commit, the wake-up, the relay's wait);
+        # relay's claim -> consumer's claim (publish, confirm, the relay's commit);
+        # consumer's claim -> result (the claim's commit, the handler, the batch).
+        "stages_p50_ms": {k: percentile(v, 50) for k, v in stages.items()},
+        "stages_p99_ms": {k: percentile(v, 99) for k, v in stages.items()},
     }
 
 
