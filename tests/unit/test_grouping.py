@@ -55,6 +55,21 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def behind_one_in_flight(
+    writer: Writer, items: str | tuple[str, ...]
+) -> tuple[GroupCommit[str, str], asyncio.Task[str], list[asyncio.Task[str]]]:
+    """One statement at a time: "a" goes out alone and stays in flight (the writer's
+    gate is shut) while ``items`` arrive; returns the groups, "a"'s write and theirs."""
+    writer.gate.clear()
+    groups = writer.groups(max_in_flight=1)
+    first = asyncio.create_task(groups.write("a"))
+    await settle()
+    assert writer.calls == [["a"]]
+    later = [asyncio.create_task(groups.write(item)) for item in items]
+    await settle()
+    return groups, first, later
+
+
 async def test_a_lone_write_goes_out_at_once_alone() -> None:
     writer = Writer()
     groups = writer.groups()
@@ -64,13 +79,7 @@ async def test_a_lone_write_goes_out_at_once_alone() -> None:
 
 async def test_writes_that_arrive_while_statements_are_in_flight_share_the_next_one() -> None:
     writer = Writer()
-    writer.gate.clear()
-    groups = writer.groups(max_in_flight=1)
-    first = asyncio.create_task(groups.write("a"))
-    await settle()
-    assert writer.calls == [["a"]]  # sent alone, now waiting for its commit
-    later = [asyncio.create_task(groups.write(item)) for item in "bcd"]
-    await settle()
+    groups, first, later = await behind_one_in_flight(writer, "bcd")
     assert writer.calls == [["a"]]  # nothing else goes out while "a" is in flight
     writer.gate.set()
     assert await first == "A"
@@ -108,12 +117,7 @@ async def test_a_group_is_no_larger_than_max_size() -> None:
 
 async def test_a_refused_group_is_written_again_item_by_item() -> None:
     writer = Writer()
-    writer.gate.clear()
-    groups = writer.groups(max_in_flight=1)
-    first = asyncio.create_task(groups.write("a"))
-    await settle()
-    later = [asyncio.create_task(groups.write(item)) for item in ("b", "bad", "c")]
-    await settle()
+    _, first, later = await behind_one_in_flight(writer, ("b", "bad", "c"))
     writer.gate.set()
     assert await first == "A"
     results = await asyncio.gather(*later, return_exceptions=True)
@@ -125,13 +129,8 @@ async def test_a_refused_group_is_written_again_item_by_item() -> None:
 
 async def test_an_unknown_outcome_goes_to_every_write_of_the_group_and_nothing_is_retried() -> None:
     writer = Writer()
-    writer.gate.clear()
     writer.group_error = Lost("connection lost during the commit")
-    groups = writer.groups(max_in_flight=1)
-    first = asyncio.create_task(groups.write("a"))
-    await settle()
-    later = [asyncio.create_task(groups.write(item)) for item in "bc"]
-    await settle()
+    _, first, later = await behind_one_in_flight(writer, "bc")
     writer.gate.set()
     assert await first == "A"
     results = await asyncio.gather(*later, return_exceptions=True)
@@ -141,13 +140,7 @@ async def test_an_unknown_outcome_goes_to_every_write_of_the_group_and_nothing_i
 
 async def test_a_write_cancelled_before_its_group_went_out_is_not_written() -> None:
     writer = Writer()
-    writer.gate.clear()
-    groups = writer.groups(max_in_flight=1)
-    first = asyncio.create_task(groups.write("a"))
-    await settle()
-    gone = asyncio.create_task(groups.write("b"))
-    kept = asyncio.create_task(groups.write("c"))
-    await settle()
+    _, first, (gone, kept) = await behind_one_in_flight(writer, "bc")
     gone.cancel()
     writer.gate.set()
     assert await first == "A"
