@@ -293,8 +293,8 @@ async def test_unparseable_and_orphan_messages_are_dead_lettered_and_the_consume
 
     await wait_depth(broker_settings, broker_settings.dead_letter_queue, len(bad), stack)
     assert is_running(consumer), consumer.output
-    assert "dead-lettering a message that is not a task" in consumer.output
-    assert "dead-lettering a message for a task that does not exist" in consumer.output
+    await consumer.wait_for("dead-lettering a message that is not a task", timeout=10)
+    await consumer.wait_for("dead-lettering a message for a task that does not exist", timeout=10)
 
     task_id = await new_task(pool, "echo", {"after": "garbage"})
     row = await wait_status(pool, task_id, *TERMINAL, stack=stack)
@@ -616,7 +616,8 @@ async def test_a_surviving_consumer_rescues_the_tasks_of_a_killed_one(
     assert row["error"]["type"] == "WorkerLost"
     assert row["attempts"] == 1
     assert row["finished_at"] is not None
-    assert "rescued a task whose consumer stopped heartbeating" in survivor.output
+    # The rescue logs after its commit: the line may come a moment after the status.
+    await survivor.wait_for("rescued a task whose consumer stopped heartbeating", timeout=10)
 
     # Not looping: a few more rescue sweeps change nothing.
     await asyncio.sleep(1.0)
@@ -693,7 +694,8 @@ async def test_a_cancel_requested_before_its_consumer_died_is_honoured_by_the_re
     assert requested.task["cancel_requested"] is True
 
     row = await wait_status(pool, task_id, *TERMINAL, within=10, stack=stack)
-    assert "rescued a task whose consumer stopped heartbeating" in survivor.output
+    # The rescue logs after its commit: the line may come a moment after the status.
+    await survivor.wait_for("rescued a task whose consumer stopped heartbeating", timeout=10)
     assert row["status"] == "CANCELLED", dict(row)
     assert row["attempts"] == 1, f"a cancelled task was started again: {dict(row)}"
 
