@@ -39,6 +39,7 @@ _BOOKKEEPING = (
     "write_queue",
     "create_future",
     "max_content_size",
+    "_Channel__close_event",  # set when a close begins, a few loop turns before is_closed
 )
 
 
@@ -170,6 +171,13 @@ async def publish_many(
                 del channel.message_id_delivery_tag[message_id]
 
 
+def closing(channel: Any) -> bool:
+    """Whether ``channel`` is closed or its close has begun. aiormq's own ``basic_ack``
+    refuses both: a frame written after the channel's close-ok reaches a channel the
+    broker has dropped, and RabbitMQ closes the whole connection for it."""
+    return bool(channel.is_closed or channel._Channel__close_event.is_set())
+
+
 async def send_frames(channel: Any, frames: Sequence[Any]) -> None:
     """Write ``frames`` (acks, nacks) on ``channel`` as one write, and return once the
     connection's writer has handed them to the socket.
@@ -178,7 +186,7 @@ async def send_frames(channel: Any, frames: Sequence[Any]) -> None:
     batch at once, so its acks go out together. Raises what aiormq raises for a channel
     or connection that closed (``ChannelInvalidStateError``, ``ConnectionError``...).
     """
-    if channel.is_closed:
+    if closing(channel):
         raise ChannelInvalidStateError(f"{channel!r} closed")
     written = channel.create_future()
     frame = ChannelFrame.marshall(

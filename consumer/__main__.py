@@ -13,7 +13,7 @@ import aio_pika
 from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 from pydantic import ValidationError
 
-from broker import topology
+from broker import pipeline, topology
 from broker.topology import TopologyMismatch
 from consumer.metrics import ConsumerMetrics
 from consumer.monitoring import observe
@@ -45,6 +45,8 @@ async def open_queue(settings: ConsumerSettings) -> tuple[AbstractRobustConnecti
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=settings.consumer_prefetch)
         declared = await topology.declare(channel, settings)
+        # Acks go to aiormq's channel in batches (broker.pipeline.send_frames).
+        pipeline.check_channel(await channel.get_underlay_channel())
     except BaseException:
         # A retry opens a connection of its own; this one must not linger, reconnecting.
         await connection.close()

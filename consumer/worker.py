@@ -95,7 +95,10 @@ async def _settle_all(settlements: list[tuple[AbstractIncomingMessage, str]]) ->
 
     aio-pika's ``ack()`` is a write and a drain of its own, awaited in turn, message by
     message; a batch of completions sends its frames together instead. A message whose
-    channel closed is skipped, as ``_settle`` skips it: the broker redelivers it.
+    channel closed (or is closing) is skipped, as ``_settle`` skips it: the broker
+    redelivers it. Unlike ``ack()`` this does not mark the aio-pika message processed;
+    nothing reads that mark, and a message reaches here once, when its outcome is
+    committed, so it is never settled twice.
     """
     frames: dict[int, tuple[aiormq.abc.AbstractChannel, list[Basic.Ack | Basic.Nack]]] = {}
     for message, how in settlements:

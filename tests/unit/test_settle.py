@@ -80,9 +80,13 @@ class WrittenChannel:
     """aiormq's channel as _settle_all writes on it: what reaches its write queue is
     read back as frames, and each write is drained (or the channel is closed)."""
 
-    def __init__(self, number: int, closed: bool = False) -> None:
+    def __init__(self, number: int, closed: bool = False, closing: bool = False) -> None:
         self.number = number
         self.is_closed = closed
+        # aiormq's Channel.__close_event: set as soon as a close begins.
+        self._Channel__close_event = asyncio.Event()
+        if closing:
+            self._Channel__close_event.set()
         self.write_queue: asyncio.Queue[ChannelFrame] = asyncio.Queue()
         self.writes: list[list[Any]] = []
 
@@ -121,11 +125,15 @@ async def test_a_committed_batch_is_settled_with_one_write_per_channel(
 ) -> None:
     caplog.set_level(logging.INFO, logger="consumer.worker")
     first, second, gone = WrittenChannel(1), WrittenChannel(2), WrittenChannel(3, closed=True)
+    # Its close has begun (the broker's channel.close arrived), is_closed not yet true:
+    # an ack written now would follow the close-ok and cost the whole connection.
+    going = WrittenChannel(4, closing=True)
     settlements = [
         (DeliveredMessage(first, 7), "ack"),
         (DeliveredMessage(second, 3), "ack"),
         (DeliveredMessage(first, 8), "requeue"),
         (DeliveredMessage(gone, 1), "ack"),
+        (DeliveredMessage(going, 5), "ack"),
         (DeliveredMessage(first, 9), "ack"),
     ]
     settling = asyncio.create_task(_settle_all(cast(Any, settlements)))
@@ -141,4 +149,6 @@ async def test_a_committed_batch_is_settled_with_one_write_per_channel(
     [[ack3]] = second.writes
     assert (type(ack3), ack3.delivery_tag) == (Basic.Ack, 3)
     assert gone.write_queue.empty()
+    assert going.write_queue.empty()
     assert "channel gone; it will be redelivered" in caplog.text
+    assert "could not settle 1 messages (channel gone; redelivered)" in caplog.text
