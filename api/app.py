@@ -46,7 +46,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         )
         app.state.pool = pool
         store = PostgresTaskStore(pool)
-        app.state.store = store
         app.state.service = TaskService(
             store,
             registry,

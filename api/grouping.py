@@ -54,8 +54,6 @@ class GroupCommit(Generic[Item, Row]):
         self._max_in_flight = max_in_flight
         self._waiting: deque[tuple[Item, asyncio.Future[Row]]] = deque()
         self._flushes: set[asyncio.Task[None]] = set()
-        self.groups = 0  # statements sent, and the items they carried: for tests and metrics
-        self.items = 0
 
     async def write(self, item: Item) -> Row:
         """Write ``item`` (alone or with others) and return its row once committed."""
@@ -87,8 +85,6 @@ class GroupCommit(Generic[Item, Row]):
                 group.append((item, future))
         if not group:
             return
-        self.groups += 1
-        self.items += len(group)
         try:
             await self._send(group)
         finally:

@@ -118,7 +118,8 @@ class PostgresTaskStore:
     async def _create_group(
         self, items: list[tuple[task_store.NewTask, dict[str, Any]]]
     ) -> list[TaskRow]:
-        return list(await task_store.create_group(self._pool, items))
+        rows: list[TaskRow] = await task_store.create_group(self._pool, items)
+        return rows
 
     async def close(self) -> None:
         await self.creates.close()

@@ -164,16 +164,21 @@ async def create_tasks(
     statement, so one transaction: all of them or none. Rows come back in the order
     given."""
     rows: list[asyncpg.Record] = await conn.fetch(
-        _INSERT_TASKS_WITH_OUTBOX,
+        _INSERT_TASKS_WITH_OUTBOX, *_columns(tasks), headers
+    )
+    return rows
+
+
+def _columns(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
+    """The tasks' fields as the arrays the many-task inserts unnest, in their order."""
+    return (
         [task.type for task in tasks],
         [task.payload for task in tasks],
         [task.priority for task in tasks],
         [task.max_attempts for task in tasks],
         [task.run_at for task in tasks],
         [task.delay for task in tasks],
-        headers,
     )
-    return rows
 
 
 async def create_group(
@@ -186,12 +191,7 @@ async def create_group(
     rows = await conn.fetch(
         _INSERT_GROUP_WITH_OUTBOX,
         ids,
-        [task.type for task, _ in tasks],
-        [task.payload for task, _ in tasks],
-        [task.priority for task, _ in tasks],
-        [task.max_attempts for task, _ in tasks],
-        [task.run_at for task, _ in tasks],
-        [task.delay for task, _ in tasks],
+        *_columns([task for task, _ in tasks]),
         [headers for _, headers in tasks],
     )
     by_id = {row["id"]: row for row in rows}
