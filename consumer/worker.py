@@ -73,34 +73,32 @@ _CANCEL_TIMEOUT = 5.0  # seconds for basic.cancel-ok before shutting down withou
 _CANCEL_FAILED: tuple[type[BaseException], ...] = (*CHANNEL_GONE, TimeoutError)
 
 
+def _frame(how: str, tag: int) -> Basic.Ack | Basic.Nack | Basic.Reject:
+    if how == "ack":
+        return Basic.Ack(delivery_tag=tag)
+    if how == "requeue":
+        return Basic.Nack(delivery_tag=tag, requeue=True)
+    return Basic.Reject(delivery_tag=tag, requeue=False)  # dead-letter
+
+
 async def _settle(message: AbstractIncomingMessage, how: str) -> None:
-    """Ack, requeue or dead-letter; a closed channel already gave the message back."""
-    try:
-        if how == "ack":
-            await message.ack()
-        elif how == "requeue":
-            await message.nack(requeue=True)
-        else:
-            await message.reject(requeue=False)
-    except CHANNEL_GONE as exc:
-        log.info("could not %s message (channel gone; it will be redelivered): %s", how, exc)
-    except asyncio.CancelledError as exc:
-        if being_cancelled():
-            raise
-        log.info("could not %s message (connection closed; it will be redelivered): %r", how, exc)
+    """Ack, requeue or dead-letter one message; see ``_settle_all``."""
+    await _settle_all([(message, how)])
 
 
 async def _settle_all(settlements: list[tuple[AbstractIncomingMessage, str]]) -> None:
-    """Ack or requeue a committed batch with one write per channel.
+    """Ack, requeue (``"requeue"``) or dead-letter (``"dead-letter"``) messages with one
+    write per channel.
 
     aio-pika's ``ack()`` is a write and a drain of its own, awaited in turn, message by
-    message; a batch of completions sends its frames together instead. A message whose
-    channel closed (or is closing) is skipped, as ``_settle`` skips it: the broker
-    redelivers it. Unlike ``ack()`` this does not mark the aio-pika message processed;
-    nothing reads that mark, and a message reaches here once, when its outcome is
-    committed, so it is never settled twice.
+    message; a committed batch of completions sends its frames together instead. A
+    message whose channel closed (or is closing) is skipped: the channel took it back
+    and the broker redelivers it. This does not mark the aio-pika message processed, as
+    its ``ack()`` would; nothing reads that mark, and every message is settled once.
     """
-    frames: dict[int, tuple[aiormq.abc.AbstractChannel, list[Basic.Ack | Basic.Nack]]] = {}
+    frames: dict[
+        int, tuple[aiormq.abc.AbstractChannel, list[Basic.Ack | Basic.Nack | Basic.Reject]]
+    ] = {}
     for message, how in settlements:
         try:
             channel = message.channel
@@ -109,20 +107,24 @@ async def _settle_all(settlements: list[tuple[AbstractIncomingMessage, str]]) ->
             continue
         tag = message.delivery_tag
         assert tag is not None  # consumed with acks, so every delivery has its tag
-        frame = Basic.Ack(delivery_tag=tag) if how == "ack" else Basic.Nack(delivery_tag=tag)
-        frames.setdefault(id(channel), (channel, []))[1].append(frame)
+        frames.setdefault(id(channel), (channel, []))[1].append(_frame(how, tag))
     for channel, batch in frames.values():
         try:
             await pipeline.send_frames(channel, batch)
         except CHANNEL_GONE as exc:
             log.info(
-                "could not settle %d messages (channel gone; redelivered): %s", len(batch), exc
+                "could not settle %d messages (channel gone; it will be redelivered): %s",
+                len(batch),
+                exc,
             )
         except asyncio.CancelledError as exc:
             if being_cancelled():
                 raise
+            # aiormq rejects the pending writes of a connection it closes by force so.
             log.info(
-                "could not settle %d messages (connection closed; redelivered): %r", len(batch), exc
+                "could not settle %d messages (connection closed; it will be redelivered): %r",
+                len(batch),
+                exc,
             )
 
 
@@ -436,9 +438,8 @@ class TaskConsumer:
             log.info("could not cancel the AMQP consumer (channel gone?): %r", exc)
         self._inbox.extend(self._held)
         self._held.clear()
-        while self._inbox:
-            message, _ = self._inbox.popleft()
-            await _settle(message, "requeue")
+        await _settle_all([(message, "requeue") for message, _ in self._inbox])
+        self._inbox.clear()
         handlers = [r.task for r in self._running.values() if r.task is not None]
         if handlers:
             log.info(

@@ -15,74 +15,20 @@ from pamqp.commands import Basic
 from consumer.worker import _settle, _settle_all
 
 
-class FakeMessage:
-    """Stands in for aio-pika's IncomingMessage: each settle call raises or hangs."""
-
-    def __init__(self, error: BaseException | None = None, hang: bool = False) -> None:
-        self.error = error
-        self.hang = hang
-        self.calls: list[str] = []
-        self.called = asyncio.Event()
-
-    async def _call(self, name: str) -> None:
-        self.calls.append(name)
-        self.called.set()
-        if self.hang:
-            await asyncio.Event().wait()
-        if self.error is not None:
-            raise self.error
-
-    async def ack(self) -> None:
-        await self._call("ack")
-
-    async def nack(self, requeue: bool = True) -> None:
-        await self._call(f"nack requeue={requeue}")
-
-    async def reject(self, requeue: bool = False) -> None:
-        await self._call(f"reject requeue={requeue}")
-
-
-@pytest.mark.parametrize(
-    "error",
-    [
-        aiormq.exceptions.ChannelInvalidStateError("<Channel: 1> closed"),
-        aiormq.exceptions.ConnectionClosed(320, "CONNECTION_FORCED"),
-        ConnectionResetError("Connection lost"),
-        # aiormq rejects the pending writes of a connection it closes by force with this.
-        asyncio.CancelledError(),
-    ],
-    ids=["channel-closed", "connection-closed", "reset", "closed-by-force"],
-)
-@pytest.mark.parametrize(
-    ("how", "call"),
-    [("ack", "ack"), ("requeue", "nack requeue=True"), ("dead-letter", "reject requeue=False")],
-)
-async def test_a_gone_channel_is_logged_not_raised(
-    error: BaseException, how: str, call: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="consumer.worker")
-    message = FakeMessage(error)
-    await _settle(cast(Any, message), how)
-    assert message.calls == [call]
-    assert "it will be redelivered" in caplog.text
-
-
-async def test_cancelling_the_settling_task_still_cancels_it() -> None:
-    message = FakeMessage(hang=True)
-    settling = asyncio.create_task(_settle(cast(Any, message), "ack"))
-    await message.called.wait()
-    settling.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await settling
-
-
 class WrittenChannel:
     """aiormq's channel as _settle_all writes on it: what reaches its write queue is
     read back as frames, and each write is drained (or the channel is closed)."""
 
-    def __init__(self, number: int, closed: bool = False, closing: bool = False) -> None:
+    def __init__(
+        self,
+        number: int,
+        closed: bool = False,
+        closing: bool = False,
+        error: BaseException | None = None,
+    ) -> None:
         self.number = number
         self.is_closed = closed
+        self.error = error  # what the write's drain future is rejected with, as aiormq does
         # aiormq's Channel.__close_event: set as soon as a close begins.
         self._Channel__close_event = asyncio.Event()
         if closing:
@@ -91,7 +37,10 @@ class WrittenChannel:
         self.writes: list[list[Any]] = []
 
     def create_future(self) -> asyncio.Future[Any]:
-        return asyncio.get_running_loop().create_future()
+        future = asyncio.get_running_loop().create_future()
+        if self.error is not None:
+            future.set_exception(self.error)
+        return future
 
     def take_writes(self) -> list[list[Any]]:
         while not self.write_queue.empty():
@@ -151,4 +100,51 @@ async def test_a_committed_batch_is_settled_with_one_write_per_channel(
     assert gone.write_queue.empty()
     assert going.write_queue.empty()
     assert "channel gone; it will be redelivered" in caplog.text
-    assert "could not settle 1 messages (channel gone; redelivered)" in caplog.text
+    assert "could not settle 1 messages (channel gone; it will be redelivered)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        aiormq.exceptions.ChannelInvalidStateError("<Channel: 1> closed"),
+        aiormq.exceptions.ConnectionClosed(320, "CONNECTION_FORCED"),
+        ConnectionResetError("Connection lost"),
+        # aiormq rejects the pending writes of a connection it closes by force with this.
+        asyncio.CancelledError(),
+    ],
+    ids=["channel-closed", "connection-closed", "reset", "closed-by-force"],
+)
+@pytest.mark.parametrize("how", ["ack", "requeue", "dead-letter"])
+async def test_a_channel_lost_during_the_write_is_logged_not_raised(
+    error: BaseException, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="consumer.worker")
+    channel = WrittenChannel(1, error=error)
+    await _settle(cast(Any, DeliveredMessage(channel, 4)), how)
+    assert "it will be redelivered" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("how", "frame", "requeue"),
+    [("ack", Basic.Ack, None), ("requeue", Basic.Nack, True), ("dead-letter", Basic.Reject, False)],
+)
+async def test_each_settlement_is_its_frame(how: str, frame: type, requeue: bool | None) -> None:
+    channel = WrittenChannel(1)
+    settling = asyncio.create_task(_settle(cast(Any, DeliveredMessage(channel, 4)), how))
+    while not settling.done():
+        await asyncio.sleep(0)
+        channel.take_writes()
+    await settling
+    [[written]] = channel.writes
+    assert (type(written), written.delivery_tag) == (frame, 4)
+    if requeue is not None:
+        assert written.requeue is requeue
+
+
+async def test_cancelling_the_settling_task_still_cancels_it() -> None:
+    channel = WrittenChannel(1)  # nobody drains its writes
+    settling = asyncio.create_task(_settle(cast(Any, DeliveredMessage(channel, 4)), "ack"))
+    await channel.write_queue.get()  # written, and never drained
+    settling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await settling
