@@ -88,13 +88,18 @@ async def _wrk(
     return float(match.group(1))
 
 
-async def _count(database_url: str, sql: str, *args: Any) -> int:
+async def _value(database_url: str, sql: str, *args: Any) -> Any:
+    """One value from the database, on a connection of its own."""
     conn = await asyncpg.connect(database_url)
     try:
-        value: int = await conn.fetchval(sql, *args)
-        return value
+        return await conn.fetchval(sql, *args)
     finally:
         await conn.close()
+
+
+async def _count(database_url: str, sql: str, *args: Any) -> int:
+    count: int = await _value(database_url, sql, *args)
+    return count
 
 
 # -- 1. ingest ------------------------------------------------------------------------
@@ -307,16 +312,13 @@ async def consumer_drain(tasks: int) -> Result:
             cpu = consumer.cpu_seconds()
         finally:
             await consumer.stop()
-        conn = await asyncpg.connect(st.database_url)
-        try:
-            # From the first claim to the last commit, by the database's clock: excludes
-            # process start-up, like the baseline's first-message-to-last-ack window.
-            span = await conn.fetchval(
-                "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM tasks"
-            )
-            once = await conn.fetchval("SELECT count(*) FROM tasks WHERE attempts = 1")
-        finally:
-            await conn.close()
+        # From the first claim to the last commit, by the database's clock: excludes
+        # process start-up, like the baseline's first-message-to-last-ack window.
+        span = await _value(
+            st.database_url,
+            "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM tasks",
+        )
+        once = await _count(st.database_url, "SELECT count(*) FROM tasks WHERE attempts = 1")
     rate = tasks / float(span)
     return {
         "tasks": tasks,
@@ -458,15 +460,12 @@ async def _sustained(st: Stage, url: str, seconds: float, procs: list[Process]) 
     created = await _count(st.database_url, "SELECT count(*) FROM tasks")
     await wait_until(lambda: _all_done(st.database_url, created), within=300, interval=0.1)
     cpu = [p.cpu_seconds() - c for p, c in zip(procs, cpu_before, strict=True)]
-    conn = await asyncpg.connect(st.database_url)
-    try:
-        span = await conn.fetchval(
-            "SELECT extract(epoch FROM max(finished_at) - min(created_at)) FROM tasks"
-            " WHERE created_at > (SELECT max(created_at) FROM tasks) - make_interval(secs => $1)",
-            seconds + 1,
-        )
-    finally:
-        await conn.close()
+    span = await _value(
+        st.database_url,
+        "SELECT extract(epoch FROM max(finished_at) - min(created_at)) FROM tasks"
+        " WHERE created_at > (SELECT max(created_at) FROM tasks) - make_interval(secs => $1)",
+        seconds + 1,
+    )
     tasks = created - before
     return {
         "tasks": tasks,
