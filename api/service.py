@@ -21,11 +21,11 @@ from api import pagination
 from api.batch import read_batch
 from api.grouping import GroupCommit
 from api.metrics import ApiMetrics
-from api.payloads import MAX_STRING, UnstorablePayload, check_storable
 from api.schemas import TaskCreate
 from db import tasks as task_store
-from db.errors import TRANSIENT_DB_ERRORS
+from db.errors import nothing_committed
 from db.states import TERMINAL, TaskStatus
+from db.storable import MAX_STRING, UnstorablePayload, check_storable
 from runtime import tracing
 from runtime.durations import format_duration
 from tasktypes import TaskRegistry
@@ -89,23 +89,13 @@ class TaskStore(Protocol):
     async def cancel(self, task_id: uuid.UUID) -> task_store.CancelOutcome: ...
 
 
-def _nothing_committed(exc: Exception) -> bool:
-    """Whether ``exc`` proves that no task of a failed group was committed: Postgres
-    refused the statement (and rolled it back), or asyncpg could not encode an argument
-    and sent nothing. Anything else (a lost connection, a failure after the reply) may
-    have followed the commit, and trying the creates again could store them twice."""
-    if isinstance(exc, asyncpg.exceptions._base.DataError):  # client side: never sent
-        return True
-    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, TRANSIENT_DB_ERRORS)
-
-
 class PostgresTaskStore:
     """The store the service uses in production: ``db.tasks`` over the pool."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self.creates: GroupCommit[tuple[task_store.NewTask, dict[str, Any]], TaskRow] = GroupCommit(
-            self._create_one, self._create_group, _nothing_committed
+            self._create_one, self._create_group, nothing_committed
         )
 
     async def create(self, task: task_store.NewTask, headers: dict[str, Any]) -> TaskRow:
@@ -330,12 +320,16 @@ class TaskService:
             self._wake_relay()
             self._metrics.tasks_created.labels(task.type).inc()
             return row, True
-        same = (row["type"], row["payload"], row["priority"], row["max_attempts"]) == (
-            task.type,
-            task.payload,
-            task.priority,
-            task.max_attempts,
-        )
+        stored_digest = row.get("request_digest")
+        if stored_digest is not None:
+            same = bytes(stored_digest) == task_store.request_digest(task)
+        else:  # keyed before digests were stored: the row is all there is to compare
+            same = (row["type"], row["payload"], row["priority"], row["max_attempts"]) == (
+                task.type,
+                task.payload,
+                task.priority,
+                task.max_attempts,
+            )
         # A delay counts from each request's arrival, so a retry asks for a later moment
         # by nature; only an explicit run_at is part of what must match.
         if task.run_at is not None and row["run_at"] != task.run_at:

@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from consumer.lifecycle import StopReason
 from db.execution import Outcome
 from db.states import TaskStatus
+from db.storable import UnstorablePayload, check_storable
 from runtime import tracing
 from runtime.logs import task_fields
 from tasktypes import PermanentError, TaskContext, TaskRegistry
 
 log = logging.getLogger(__name__)
 
-StopReason = Literal["cancel", "shutdown"]
+# What jsonb cannot hold in a text: replaced in error messages, which are ours to word.
+_UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
+# A NUL in the encoded JSON: the escape \u0000 after an even number of backslashes (an
+# odd number means the backslash itself was escaped, in text that reads "\u0000").
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 class UnknownTaskType(Exception):
@@ -35,6 +43,15 @@ class AttemptTimedOut(Exception):
     """The handler ran past its timeout; retried like any other failure."""
 
 
+class HandlerCancelled(Exception):
+    """A CancelledError the consumer did not ask for ended the handler (a library
+    cancelled a task the handler awaited, say): an ordinary failed attempt."""
+
+
+def _never_stopped() -> StopReason | None:
+    return None
+
+
 @dataclass(slots=True)
 class ClaimedTask:
     task_id: Any
@@ -42,7 +59,7 @@ class ClaimedTask:
     payload: Any
     attempt: int
     max_attempts: int
-    stop_reason: StopReason | None = field(default=None)
+    lease: int = 0  # the fencing token of this claim (db.execution)
     outbox_id: int | None = None  # the outbox row whose message brought the task
     trace: tracing.TraceParent | None = None  # W3C trace context from the message headers
     created_at: datetime | None = None  # for the end-to-end latency
@@ -61,17 +78,88 @@ class ClaimedTask:
         )
 
 
+def storable_text(text: str) -> str:
+    """``text`` with what Postgres cannot store (NUL, lone surrogates) replaced."""
+    return _UNSTORABLE_TEXT.sub("\ufffd", text)
+
+
 def error_of(exc: BaseException) -> dict[str, str]:
-    return {"type": type(exc).__name__, "message": str(exc)[:2000]}
+    return {"type": type(exc).__name__, "message": storable_text(str(exc)[:2000])}
 
 
 def _json_result(result: Any) -> orjson.Fragment:
+    """The result as stored JSON. What jsonb or the encoder would refuse (a NUL
+    character, a lone surrogate, an integer past 64 bits) fails this attempt alone,
+    instead of the completion batch it joins."""
     try:
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json", by_alias=True)
-        return orjson.Fragment(orjson.dumps(result))
+        document = orjson.dumps(result)
     except (TypeError, ValueError) as exc:  # pydantic's serialization error is a ValueError
-        raise UnserializableResult(f"the handler's result is not JSON: {exc}") from None
+        raise UnserializableResult(
+            f"the handler's result is not JSON: {storable_text(str(exc))}"
+        ) from None
+    if _NUL_ESCAPE.search(document):
+        # Rare: read it back only to say where the NUL is.
+        try:
+            check_storable(orjson.loads(document), max_string=sys.maxsize)
+        except UnstorablePayload as exc:
+            where = "".join(f"[{part!r}]" for part in exc.loc) or "itself"
+            raise UnserializableResult(
+                f"the handler's result cannot be stored: at {storable_text(where)}: {exc.msg}"
+            ) from None
+    return orjson.Fragment(document)
+
+
+def stopped_outcome(claimed: ClaimedTask, reason: StopReason) -> Outcome:
+    """How an attempt the consumer stopped ends: CANCELLED on request, handed back
+    (PENDING, its attempt given back) at shutdown. A lost attempt's outcome is never
+    written (the fence would refuse it anyway); PENDING stands in for it."""
+    if reason == "cancel":
+        return Outcome(
+            claimed.task_id,
+            claimed.attempt,
+            TaskStatus.CANCELLED,
+            error={"type": "Cancelled", "message": "cancelled on request while running"},
+            lease=claimed.lease,
+        )
+    return Outcome(claimed.task_id, claimed.attempt, TaskStatus.PENDING, lease=claimed.lease)
+
+
+def failed_outcome(
+    claimed: ClaimedTask, exc: Exception, retry_delay: Callable[[int], float]
+) -> Outcome:
+    """A failed attempt: retried (NEW after a backoff) while attempts remain, else FAILED;
+    a PermanentError fails at once."""
+    task_id, attempt = claimed.task_id, claimed.attempt
+    error = error_of(exc)
+    if isinstance(exc, PermanentError):
+        return Outcome(task_id, attempt, TaskStatus.FAILED, error=error, lease=claimed.lease)
+    if isinstance(exc, AttemptTimedOut):
+        error["type"] = "HandlerTimeout"
+    if attempt < claimed.max_attempts:
+        delay = retry_delay(attempt)
+        log.info(
+            "attempt failed, retrying in %.1fs: %s",
+            delay,
+            error["message"],
+            extra=claimed.log_fields(),
+        )
+        return Outcome(
+            task_id,
+            attempt,
+            TaskStatus.NEW,
+            error=error,
+            retry_in=delay,
+            traceparent=claimed.traceparent,
+            lease=claimed.lease,
+        )
+    log.warning(
+        "attempt failed, no attempts left: %s",
+        error["message"],
+        extra=claimed.log_fields(),
+    )
+    return Outcome(task_id, attempt, TaskStatus.FAILED, error=error, lease=claimed.lease)
 
 
 async def run_attempt(
@@ -79,8 +167,13 @@ async def run_attempt(
     registry: TaskRegistry,
     default_timeout: float,
     retry_delay: Callable[[int], float],
+    stop_reason: Callable[[], StopReason | None] = _never_stopped,
 ) -> Outcome:
-    """Never raises except for a cancellation it was not asked for."""
+    """Run the handler and say how the attempt ended; never raises.
+
+    ``stop_reason`` tells a cancellation the consumer asked for (and why) from one it
+    did not: that one is an ordinary failed attempt, so a run always ends in an outcome.
+    """
     task_id, attempt = claimed.task_id, claimed.attempt
     try:
         task_type = registry.get(claimed.type)
@@ -101,47 +194,20 @@ async def run_attempt(
             if deadline.expired():
                 raise AttemptTimedOut(f"the attempt exceeded its {limit:g}s timeout") from None
             raise  # the handler's own TimeoutError: an ordinary failure
-        return Outcome(task_id, attempt, TaskStatus.DONE, result=_json_result(result))
-    except asyncio.CancelledError:
-        if claimed.stop_reason is None:
-            raise
-        current = asyncio.current_task()
-        if current is not None:
-            current.uncancel()
-        if claimed.stop_reason == "cancel":
-            return Outcome(
-                task_id,
-                attempt,
-                TaskStatus.CANCELLED,
-                error={"type": "Cancelled", "message": "cancelled on request while running"},
-            )
-        # Shutdown: hand the task back untouched so another consumer runs it.
-        return Outcome(task_id, attempt, TaskStatus.PENDING)
-    except PermanentError as exc:
-        return Outcome(task_id, attempt, TaskStatus.FAILED, error=error_of(exc))
-    except Exception as exc:
-        error = error_of(exc)
-        if isinstance(exc, AttemptTimedOut):
-            error["type"] = "HandlerTimeout"
-        if attempt < claimed.max_attempts:
-            delay = retry_delay(attempt)
-            log.info(
-                "attempt failed, retrying in %.1fs: %s",
-                delay,
-                error["message"],
-                extra=claimed.log_fields(),
-            )
-            return Outcome(
-                task_id,
-                attempt,
-                TaskStatus.NEW,
-                error=error,
-                retry_in=delay,
-                traceparent=claimed.traceparent,
-            )
-        log.warning(
-            "attempt failed, no attempts left: %s",
-            error["message"],
-            extra=claimed.log_fields(),
+        return Outcome(
+            task_id, attempt, TaskStatus.DONE, result=_json_result(result), lease=claimed.lease
         )
-        return Outcome(task_id, attempt, TaskStatus.FAILED, error=error)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            current.uncancel()
+        reason = stop_reason()
+        if reason is None:
+            return failed_outcome(
+                claimed,
+                HandlerCancelled("the handler was cancelled, not by the consumer"),
+                retry_delay,
+            )
+        return stopped_outcome(claimed, reason)
+    except Exception as exc:
+        return failed_outcome(claimed, exc, retry_delay)

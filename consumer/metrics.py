@@ -73,6 +73,32 @@ class ConsumerMetrics:
             registry=r,
         )
 
+        self.ownership_lost = Counter(
+            "taskbox_consumer_ownership_lost",
+            "Running attempts stopped because their heartbeat found the task no longer "
+            "theirs (rescued after a stall or a partition); their messages are claimed again.",
+            registry=r,
+        )
+        self.refused = Counter(
+            "taskbox_consumer_outcomes_refused",
+            "Outcomes the fence refused (the task changed owner meanwhile); their messages "
+            "are claimed again.",
+            registry=r,
+        )
+        self.abandoned = Counter(
+            "taskbox_consumer_handlers_abandoned",
+            "Handlers that ignored their timeout or a stop past HANDLER_CANCEL_GRACE: the "
+            "attempt's outcome was written without them, by why they were stopped "
+            "(timeout, cancel, shutdown).",
+            ["reason"],
+            registry=r,
+        )
+        self.unstorable = Counter(
+            "taskbox_consumer_unstorable_outcomes",
+            "Outcomes Postgres refused to store, written instead as FAILED UnstorableOutcome.",
+            registry=r,
+        )
+
     def outcome(self, task_type: str, status: str) -> None:
         self.outcomes.labels(task_type, STATUS_LABELS.get(status, status)).inc()
         if status == "NEW":

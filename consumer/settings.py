@@ -15,6 +15,12 @@ class ConsumerSettings(DatabaseSettings, BrokerSettings, ProcessSettings, Metric
     consumer_prefetch: int = Field(200, ge=1, le=65535, description="Unacked messages held.")
     consumer_concurrency: int = Field(100, ge=1, description="Handlers running at once.")
     handler_timeout: float = Field(300.0, gt=0, description="Default seconds per attempt.")
+    handler_cancel_grace: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a handler past its timeout, or asked to stop, gets to end "
+        "before its attempt is written without it (the coroutine is left running, detached).",
+    )
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between heartbeats.")
     task_stale_after: float = Field(
         30.0, gt=0, description="Heartbeat age after which a running task counts as abandoned."

@@ -1,9 +1,13 @@
-"""The consumer's state machine: receive, claim in groups, run, complete in groups, ack.
+"""The consumer's loops: receive, claim in groups, run, complete in groups, settle.
 
 Messages that arrive close together are claimed with one UPDATE, and outcomes that
 finish close together are committed with one statement; only after that commit are
 their messages acked. A crash anywhere before the ack redelivers the message, and the
 claim then finds the task DONE (or owned by someone live) and drops the duplicate.
+
+What happens to each task this consumer holds is decided by ``consumer.lifecycle``
+(one phase per task, its transitions in one place); this module carries those
+decisions out against Postgres, RabbitMQ and the handlers' asyncio tasks.
 """
 
 from __future__ import annotations
@@ -25,12 +29,20 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pamqp.commands import Basic
 
 from broker import messages, pipeline
-from consumer.attempt import ClaimedTask, StopReason, run_attempt
+from consumer.attempt import (
+    AttemptTimedOut,
+    ClaimedTask,
+    error_of,
+    failed_outcome,
+    run_attempt,
+    stopped_outcome,
+)
+from consumer.lifecycle import Execution, Executions, StopReason
 from consumer.metrics import ConsumerMetrics
 from consumer.settings import ConsumerSettings
-from db import execution
-from db.errors import TRANSIENT_DB_ERRORS
-from db.execution import Outcome
+from db import execution as task_execution
+from db.errors import TRANSIENT_DB_ERRORS, nothing_committed
+from db.execution import Delivery, Outcome
 from db.outbox import notify
 from db.states import TERMINAL, TaskStatus
 from runtime import failpoints, tracing
@@ -41,6 +53,8 @@ from tasktypes import TaskRegistry
 
 log = logging.getLogger(__name__)
 
+# A delivery: the AMQP message and what it says (task id, outbox row id).
+Inbound = tuple[AbstractIncomingMessage, messages.TaskMessage]
 
 CLAIM_BATCH_MAX = 500
 
@@ -48,16 +62,17 @@ T = TypeVar("T")
 
 
 @dataclass(slots=True)
-class Running:
-    claimed: ClaimedTask
-    message: AbstractIncomingMessage
-    task: asyncio.Task[None] | None = None
-    finished: bool = False  # the handler is done; its outcome awaits the commit
+class Handler:
+    """The asyncio side of an execution: its handler's task and its grace timer."""
 
-    def stop(self, reason: StopReason) -> None:
-        if self.claimed.stop_reason is None and self.task is not None:
-            self.claimed.stop_reason = reason
-            self.task.cancel()
+    claimed: ClaimedTask
+    task: asyncio.Task[None] | None = None
+    watchdog: asyncio.TimerHandle | None = None
+
+    def disarm(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
 
 
 # A message or consumer on a channel that closed under it: aiormq raises
@@ -164,20 +179,19 @@ class TaskConsumer:
         self._retry_delay = functools.partial(
             backoff_delay, base=settings.retry_base_delay, cap=settings.retry_max_delay
         )
-        self._inbox: deque[tuple[AbstractIncomingMessage, messages.TaskMessage]] = deque()
+        self._inbox: deque[Inbound] = deque()
         self._work = asyncio.Event()  # the inbox got a message or a slot came free
-        self._outcomes: list[tuple[Outcome, Running]] = []
+        self._executions: Executions[Inbound] = Executions()
+        self._handlers: dict[Execution[Inbound], Handler] = {}
+        self._outcomes: list[tuple[Outcome, Execution[Inbound], ClaimedTask]] = []
         self._outcome_ready = asyncio.Event()
         self._completing = False
         self._settled = asyncio.Event()  # a completion batch was committed and settled
-        self._running: dict[uuid.UUID, Running] = {}
-        # Deliveries for tasks whose outcome is not committed yet: claimed once it is.
-        self._held: list[tuple[AbstractIncomingMessage, messages.TaskMessage]] = []
         self.completed = 0
 
     @property
     def running_count(self) -> int:
-        return len(self._running)
+        return self._executions.busy_slots
 
     # -- receiving ------------------------------------------------------------------
 
@@ -191,6 +205,12 @@ class TaskConsumer:
             return
         self._inbox.append((message, parsed))
         self._work.set()
+
+    def _claim_again(self, deliveries: list[Inbound]) -> None:
+        """Deliveries whose fate only the claim can decide, ahead of the newer ones."""
+        if deliveries:
+            self._inbox.extendleft(reversed(deliveries))
+            self._work.set()
 
     # -- claiming -------------------------------------------------------------------
 
@@ -208,97 +228,184 @@ class TaskConsumer:
                 )
                 await asyncio.sleep(delay)
 
-    def _take_batch(
-        self,
-    ) -> tuple[
-        list[tuple[AbstractIncomingMessage, messages.TaskMessage]], list[AbstractIncomingMessage]
-    ]:
-        """Up to the free slots' worth of distinct tasks, and the duplicate deliveries to ack."""
-        duplicates: list[AbstractIncomingMessage] = []
-        room = min(self._settings.consumer_concurrency - len(self._running), CLAIM_BATCH_MAX)
-        batch: dict[uuid.UUID, tuple[AbstractIncomingMessage, messages.TaskMessage]] = {}
-        while self._inbox and len(batch) < room:
-            message, parsed = self._inbox.popleft()
-            running = self._running.get(parsed.task_id)
-            if running is not None and running.finished:
-                # Its outcome is about to be committed, and may be a retry whose message
-                # this is: it must go through the claim, once the commit is done.
-                self._held.append((message, parsed))
-            elif running is not None:
-                # A second delivery of a task we run: keep the newest message (the old one
-                # may belong to a channel that reconnected) and settle the other.
-                running.message, message = message, running.message
-                duplicates.append(message)
-            elif parsed.task_id in batch:
-                duplicates.append(message)
-            else:
-                batch[parsed.task_id] = (message, parsed)
-        return list(batch.values()), duplicates
+    def _take_batch(self) -> list[Inbound]:
+        """Up to the free slots' worth of deliveries of distinct tasks to claim.
 
-    async def _claim(
-        self, batch: list[tuple[AbstractIncomingMessage, messages.TaskMessage]]
-    ) -> None:
-        ids = [parsed.task_id for _, parsed in batch]
+        A delivery of a task running here is held by its execution (never acked on the
+        spot: only the database can prove it redundant). A second delivery of a task
+        already in this batch waits for the next one, when the first's claim is known.
+        """
+        room = min(
+            self._settings.consumer_concurrency - self._executions.busy_slots, CLAIM_BATCH_MAX
+        )
+        batch: dict[uuid.UUID, Inbound] = {}
+        later: list[Inbound] = []
+        while self._inbox and len(batch) < room:
+            delivery = self._inbox.popleft()
+            task_id = delivery[1].task_id
+            if self._executions.receive(task_id, delivery):
+                continue
+            if task_id in batch:
+                later.append(delivery)
+            else:
+                batch[task_id] = delivery
+        self._inbox.extendleft(reversed(later))
+        return list(batch.values())
+
+    async def _claim(self, batch: list[Inbound]) -> None:
+        deliveries = [Delivery(parsed.task_id, parsed.outbox_id) for _, parsed in batch]
         rows = await self._with_db_retry(
             "claim",
             functools.partial(
-                execution.claim_tasks,
+                task_execution.claim_tasks,
                 self._pool,
-                ids,
+                deliveries,
                 self.worker_id,
                 self._settings.task_stale_after,
             ),
         )
         by_id = {row["id"]: row for row in rows}
-        for message, parsed in batch:
+        settle: list[tuple[AbstractIncomingMessage, str]] = []
+        for delivery in batch:
+            message, parsed = delivery
             row = by_id[parsed.task_id]
             if row["claimed"]:
-                self._start(row, message, parsed.outbox_id)
+                self._start(row, delivery)
             elif row["seen_status"] is None:
                 log.error(
                     "dead-lettering a message for a task that does not exist",
                     extra=_message_fields(message, parsed),
                 )
                 self.metrics.dead_lettered.labels("no_such_task").inc()
-                await _settle(message, "dead-letter")
+                settle.append((message, "dead-letter"))
             else:
+                # The database's proof: the task is finished, running under another
+                # live consumer, or waiting for a newer outbox row than this message's.
                 log.debug(
                     "dropping duplicate delivery; task is %s",
                     row["seen_status"],
                     extra=_message_fields(message, parsed),
                 )
                 self.metrics.duplicates.inc()
-                await _settle(message, "ack")
+                settle.append((message, "ack"))
+        if settle:
+            await _settle_all(settle)
 
-    def _start(self, row: asyncpg.Record, message: AbstractIncomingMessage, outbox_id: int) -> None:
+    def _start(self, row: asyncpg.Record, delivery: Inbound) -> None:
+        message, parsed = delivery
         claimed = ClaimedTask(
             row["id"],
             row["type"],
             row["payload"],
             row["attempts"],
             row["max_attempts"],
-            outbox_id=outbox_id,
+            lease=row["lease"],
+            outbox_id=parsed.outbox_id,
             trace=_trace(message),
             created_at=row["created_at"],
         )
-        running = Running(claimed, message)
-        running.task = asyncio.create_task(self._execute(running))
-        self._running[claimed.task_id] = running
+        execution = self._executions.start(claimed.task_id, claimed.lease, delivery)
+        handler = Handler(claimed)
+        self._handlers[execution] = handler
+        handler.task = asyncio.create_task(self._execute(execution, handler))
+        task_type = self._registry.get(claimed.type)
+        limit = (task_type.timeout if task_type is not None else None) or (
+            self._settings.handler_timeout
+        )
+        # A handler that swallows its timeout's cancellation would hold the task forever.
+        handler.watchdog = asyncio.get_running_loop().call_later(
+            limit + self._settings.handler_cancel_grace, self._abandon, execution, "timeout"
+        )
 
-    async def _execute(self, running: Running) -> None:
+    async def _execute(self, execution: Execution[Inbound], handler: Handler) -> None:
         # This coroutine is its own asyncio task: whatever it (and the handler) logs
         # carries the task id, outbox id, attempt and trace id.
-        bind_task(**running.claimed.log_fields())
+        claimed = handler.claimed
+        bind_task(**claimed.log_fields())
         started = time.perf_counter()
         outcome = await run_attempt(
-            running.claimed, self._registry, self._settings.handler_timeout, self._retry_delay
+            claimed,
+            self._registry,
+            self._settings.handler_timeout,
+            self._retry_delay,
+            lambda: execution.stop_reason,
         )
-        self.metrics.handler_seconds.labels(running.claimed.type).observe(
-            time.perf_counter() - started
-        )
-        running.finished = True
-        self._outcomes.append((outcome, running))
+        self.metrics.handler_seconds.labels(claimed.type).observe(time.perf_counter() - started)
+        if self._handlers.get(execution) is handler:
+            del self._handlers[execution]
+            handler.disarm()
+        if self._executions.finish(execution, outcome):
+            self._queue_outcome(outcome, execution, claimed)
+        self._work.set()  # a slot came free
+
+    def _queue_outcome(
+        self, outcome: Outcome, execution: Execution[Inbound], claimed: ClaimedTask
+    ) -> None:
+        self._outcomes.append((outcome, execution, claimed))
         self._outcome_ready.set()
+
+    def _stop(self, execution: Execution[Inbound], reason: StopReason) -> None:
+        """Ask a running handler to stop; past the grace its attempt ends without it."""
+        if not self._executions.stop(execution, reason):
+            return
+        handler = self._handlers.get(execution)
+        if handler is None or handler.task is None:
+            return
+        handler.task.cancel()
+        handler.disarm()
+        handler.watchdog = asyncio.get_running_loop().call_later(
+            self._settings.handler_cancel_grace, self._abandon, execution, reason
+        )
+
+    def _abandon(self, execution: Execution[Inbound], why: StopReason | str) -> None:
+        """The grace ran out: write the attempt's outcome for its handler, which keeps
+        running detached (Python cannot stop a coroutine that refuses to end)."""
+        handler = self._handlers.pop(execution, None)
+        if handler is None:
+            return
+        handler.watchdog = None
+        claimed = handler.claimed
+        if why == "timeout":
+            if handler.task is not None:
+                handler.task.cancel()  # once more: the handler may yet listen
+            outcome = failed_outcome(
+                claimed,
+                AttemptTimedOut(
+                    "the handler ignored its timeout and was abandoned after "
+                    f"{self._settings.handler_cancel_grace:g}s more"
+                ),
+                self._retry_delay,
+            )
+        else:
+            outcome = stopped_outcome(claimed, execution.stop_reason or "shutdown")
+        if self._executions.abandon(execution, outcome):
+            log.warning(
+                "abandoning a handler that ignored its %s; it keeps running detached and "
+                "its result will be dropped",
+                "timeout" if why == "timeout" else "stop",
+                extra=claimed.log_fields(),
+            )
+            self.metrics.abandoned.labels(why).inc()
+            self._queue_outcome(outcome, execution, claimed)
+            self._work.set()
+
+    def _lose(self, task_id: uuid.UUID, lease: int) -> None:
+        """The heartbeat found the task no longer ours (rescued while this consumer
+        stalled or was cut off): stop the run, write nothing, claim its messages again."""
+        execution = self._executions.lose(task_id, lease)
+        if execution is None:
+            return
+        handler = self._handlers.pop(execution, None)
+        if handler is not None:
+            handler.disarm()
+            if handler.task is not None:
+                handler.task.cancel()
+            log.warning(
+                "stopping an attempt whose task is no longer ours (rescued meanwhile)",
+                extra=handler.claimed.log_fields(),
+            )
+        self.metrics.ownership_lost.inc()
+        self._claim_again(Executions.claim_again_after_loss(execution))
 
     async def claim_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -306,12 +413,8 @@ class TaskConsumer:
             await wait_first(self._work, stop, within=1.0)
             self._work.clear()
             while self._inbox and not stop.is_set():
-                batch, duplicates = self._take_batch()
-                for message in duplicates:
-                    await _settle(message, "ack")
+                batch = self._take_batch()
                 if not batch:
-                    if duplicates:
-                        continue
                     break  # every slot is busy; a finishing task sets _work again
                 await self._claim(batch)
 
@@ -327,81 +430,130 @@ class TaskConsumer:
                 continue
             self._completing = True
             try:
-                recorded = await self._with_db_retry(
-                    "completion",
-                    functools.partial(execution.finish_tasks, self._pool, [o for o, _ in batch]),
-                )
+                recorded = await self._write_outcomes([o for o, _, _ in batch])
                 failpoints.hit("consumer.after_commit")
                 self._count(batch, recorded)
-                # Forget the tasks before the first await: a delivery that arrives from
-                # here on is a new message (a retry's, say) and must be claimed.
-                for _, running in batch:
-                    self._running.pop(running.claimed.task_id, None)
-                self._inbox.extendleft(reversed(self._held))
-                self._held.clear()
-                # A released task goes back to the queue; everything else is settled (an
-                # outcome that lost its fence means someone else owns the task now).
-                await _settle_all(
-                    [
-                        (
-                            running.message,
-                            "requeue" if outcome.status == TaskStatus.PENDING else "ack",
-                        )
-                        for outcome, running in batch
-                    ]
-                )
+                # Settle the executions before the first await: a delivery that arrives
+                # from here on is a new message (a retry's, say) and must be claimed.
+                settle: list[tuple[AbstractIncomingMessage, str]] = []
+                again: list[Inbound] = []
+                for outcome, execution, _ in batch:
+                    settled = self._executions.committed(execution, recorded.get(outcome.task_id))
+                    settle.extend((message, how) for (message, _), how in settled.settle)
+                    again.extend(settled.claim_again)
+                self._claim_again(again)
+                await _settle_all(settle)
                 self.completed += len(batch)
                 self._work.set()
             finally:
                 self._completing = False
                 self._settled.set()
 
-    def _count(self, batch: list[tuple[Outcome, Running]], recorded: set[uuid.UUID]) -> None:
+    async def _write_outcomes(self, outcomes: list[Outcome]) -> dict[uuid.UUID, str]:
+        """Commit the outcomes in one statement. One Postgres refuses (a value it cannot
+        store that got past the checks) must not take its batch-mates with it: a failure
+        that proves nothing was committed is split, outcome by outcome, and an outcome
+        refused alone is written as FAILED with the reason instead."""
+        try:
+            return await self._with_db_retry(
+                "completion", functools.partial(task_execution.finish_tasks, self._pool, outcomes)
+            )
+        except (TypeError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # TypeError/ValueError: the JSON encoder refused a value, before sending.
+            if not (isinstance(exc, TypeError | ValueError) or nothing_committed(exc)):
+                raise
+            refusal = exc
+        if len(outcomes) > 1:
+            recorded: dict[uuid.UUID, str] = {}
+            for outcome in outcomes:
+                recorded |= await self._write_outcomes([outcome])
+            return recorded
+        [outcome] = outcomes
+        log.error(
+            "Postgres refused to store an outcome %s; the task is failed instead: %r",
+            outcome.status,
+            refusal,
+            extra=task_fields(task_id=str(outcome.task_id), attempt=outcome.attempt),
+        )
+        self.metrics.unstorable.inc()
+        error = error_of(refusal)
+        substitute = Outcome(
+            outcome.task_id,
+            outcome.attempt,
+            TaskStatus.FAILED,
+            error={
+                "type": "UnstorableOutcome",
+                "message": f"the attempt's {outcome.status} outcome could not be stored: "
+                f"{error['type']}: {error['message']}",
+            },
+            lease=outcome.lease,
+        )
+        return await self._with_db_retry(
+            "completion", functools.partial(task_execution.finish_tasks, self._pool, [substitute])
+        )
+
+    def _count(
+        self,
+        batch: list[tuple[Outcome, Execution[Inbound], ClaimedTask]],
+        recorded: dict[uuid.UUID, str],
+    ) -> None:
         """Metrics and a debug line for the outcomes this commit recorded."""
         now = time.time()
-        for outcome, running in batch:
-            claimed = running.claimed
-            if outcome.task_id not in recorded:
+        for outcome, _, claimed in batch:
+            status = recorded.get(outcome.task_id)
+            fields = claimed.log_fields()
+            if status is None:
+                self.metrics.refused.inc()
                 log.info(
-                    "outcome %s not recorded: the task changed owner meanwhile",
+                    "outcome %s not recorded: the task changed owner meanwhile; its messages "
+                    "go back through the claim",
                     outcome.status,
-                    extra=claimed.log_fields(),
+                    extra=fields,
                 )
                 continue
-            self.metrics.outcome(claimed.type, outcome.status)
-            if outcome.status in TERMINAL and claimed.created_at is not None:
+            self.metrics.outcome(claimed.type, status)
+            if status in TERMINAL and claimed.created_at is not None:
                 self.metrics.end_to_end_seconds.labels(claimed.type).observe(
                     max(0.0, now - claimed.created_at.timestamp())
                 )
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("attempt committed: %s", outcome.status, extra=claimed.log_fields())
+                log.debug("attempt committed: %s", status, extra=fields)
 
     # -- keeping tasks alive --------------------------------------------------------
 
     async def heartbeat_loop(self) -> None:
-        """Keep running tasks' heartbeats fresh and notice cancellation requests."""
+        """Keep running tasks' heartbeats fresh, notice cancellation requests, and stop
+        the attempts whose task is no longer ours."""
         while True:
             self.alive_at["heartbeat"] = time.monotonic()
             await asyncio.sleep(self._settings.heartbeat_interval)
-            if not self._running:
+            leases = self._executions.leases()
+            if not leases:
                 continue
             try:
-                owned = await execution.heartbeat(self._pool, list(self._running), self.worker_id)
+                owned = await task_execution.heartbeat(self._pool, leases)
             except TRANSIENT_DB_ERRORS as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue
-            for task_id, cancel_requested in owned.items():
-                running = self._running.get(task_id)
-                if cancel_requested and running is not None:
-                    log.info("cancelling on request", extra=running.claimed.log_fields())
-                    running.stop("cancel")
+            for task_id, lease in leases:
+                if task_id not in owned:
+                    self._lose(task_id, lease)
+                    continue
+                execution = self._executions.get(task_id)
+                if owned[task_id] and execution is not None and execution.lease == lease:
+                    handler = self._handlers.get(execution)
+                    if handler is not None and execution.stop_reason is None:
+                        log.info("cancelling on request", extra=handler.claimed.log_fields())
+                    self._stop(execution, "cancel")
 
     async def rescue_loop(self) -> None:
         """Requeue (or fail) tasks whose consumer stopped heartbeating."""
         while True:
             await asyncio.sleep(self._settings.rescue_interval)
             try:
-                rescued = await execution.rescue_stale(self._pool, self._settings.task_stale_after)
+                rescued = await task_execution.rescue_stale(
+                    self._pool, self._settings.task_stale_after
+                )
                 if any(row["status"] == TaskStatus.NEW for row in rescued):
                     await notify(self._pool, self._settings.outbox_channel)
             except TRANSIENT_DB_ERRORS as exc:
@@ -425,6 +577,14 @@ class TaskConsumer:
         finally:
             await self._shut_down(queue, tag)
 
+    async def _requeue_waiting(self) -> None:
+        """Hand every delivery not running here back to the broker."""
+        self._inbox.extend(self._executions.drain_held())
+        waiting = [(message, "requeue") for message, _ in self._inbox]
+        self._inbox.clear()
+        if waiting:
+            await _settle_all(waiting)
+
     async def _shut_down(self, queue: AbstractQueue, tag: str) -> None:
         # The connection may be down (and reconnecting) right now: a robust queue's
         # cancel then waits for the channel to come back, for as long as that takes, or
@@ -436,22 +596,20 @@ class TaskConsumer:
                 await queue.cancel(tag)
         except _CANCEL_FAILED as exc:
             log.info("could not cancel the AMQP consumer (channel gone?): %r", exc)
-        self._inbox.extend(self._held)
-        self._held.clear()
-        await _settle_all([(message, "requeue") for message, _ in self._inbox])
-        self._inbox.clear()
-        handlers = [r.task for r in self._running.values() if r.task is not None]
+        await self._requeue_waiting()
+        handlers = [h.task for h in self._handlers.values() if h.task is not None]
         if handlers:
             log.info(
                 "waiting up to %.0fs for %d running tasks",
                 self._settings.shutdown_grace,
                 len(handlers),
             )
-            _, unfinished = await asyncio.wait(handlers, timeout=self._settings.shutdown_grace)
-            for running in list(self._running.values()):
-                if running.task in unfinished:
-                    running.stop("shutdown")
-            await asyncio.gather(*unfinished, return_exceptions=True)
-        while self._outcomes or self._completing or self._running:
+            await asyncio.wait(handlers, timeout=self._settings.shutdown_grace)
+            # The rest are handed back; one that ignores the stop is abandoned after
+            # HANDLER_CANCEL_GRACE, so every execution reaches its commit.
+            for execution in self._executions:
+                self._stop(execution, "shutdown")
+        while self._outcomes or self._completing or len(self._executions):
             self._settled.clear()
             await self._settled.wait()
+            await self._requeue_waiting()

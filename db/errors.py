@@ -23,3 +23,13 @@ TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.DeadlockDetectedError,  # the other transaction won; ours can simply retry
     asyncpg.SerializationError,
 )
+
+
+def nothing_committed(exc: BaseException) -> bool:
+    """Whether ``exc`` proves that a failed statement committed nothing: Postgres
+    refused it (and rolled it back), or asyncpg could not encode an argument and sent
+    nothing. Anything else (a lost connection, a failure after the reply) may have
+    followed the commit, and writing the same rows again could store them twice."""
+    if isinstance(exc, asyncpg.exceptions._base.DataError):  # client side: never sent
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, TRANSIENT_DB_ERRORS)

@@ -1,81 +1,107 @@
 """Queries of task execution: the consumer's claim, heartbeat, outcome and rescue.
 
-Every transition is one conditional UPDATE. The attempt number taken at claim time is
-the fencing token: an outcome is written only while the task is still PROCESSING at
-that same attempt, so a consumer that lost its task (rescued, re-claimed) can never
-overwrite the newer owner's result.
+Every transition is one conditional UPDATE. The fencing token is ``tasks.lease``: each
+claim adds one to it and nothing ever lowers it. A heartbeat and an outcome are
+written only while the task is still PROCESSING under the lease its claim returned, so
+a consumer that lost its task (rescued, re-claimed, or released by a write whose reply
+was lost and which it retries) can never match the row again. The attempt count is not
+a fence: a graceful release gives its attempt back, so an attempt number recurs.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import orjson
 
-# A message whose task is PENDING is claimed. So is one whose task is PROCESSING with a
-# stale heartbeat: its consumer died and the broker redelivered the message to us;
-# unless that attempt was its last or it was cancelled meanwhile, which the rescue
-# turns into FAILED or CANCELLED rather than running it once more.
+# A delivery claims its task when the task is PENDING. It also claims one that is
+# PROCESSING with a stale heartbeat: its consumer died and the broker redelivered the
+# message to us; unless that attempt was its last or a cancel is pending, which the
+# rescue turns into FAILED or CANCELLED rather than running it once more.
 # NEW is accepted too, and that is what closes the race with the relay: a message can
 # arrive before the relay has committed NEW -> PENDING. In our snapshot the row is
 # still NEW, so it matches, the UPDATE waits for the relay's row lock and re-checks the
 # committed row (PENDING): claimed. Had we asked for PENDING only, Postgres would skip
 # the row without waiting and the message would be dropped. If the relay rolled back
 # instead, the task is still NEW and we run it now; its re-publish later is a duplicate.
+# But a NEW task is claimed only by the message of its newest outbox row: an older
+# message (a redelivery of the attempt before a retry, a replay) would otherwise run a
+# retry before its backoff is over. The newer row is unpublished or in flight, so the
+# task keeps its way forward and the old message is superseded.
 # Last, a task already PROCESSING under this very worker id: our previous claim
 # committed but its reply was lost with the connection, so the retry takes it back
-# without counting another attempt. (A task the worker really runs never reaches the
-# claim: its further deliveries are settled as duplicates before.)
+# without counting another attempt. (The consumer never claims a task it is running:
+# it holds further deliveries of a running task until that attempt's outcome is
+# written or refused.) Every claim takes a new lease, the lost reply's too.
 # The outer SELECT reports, for every requested id, whether it exists at all, so the
 # caller can dead-letter messages that name no task.
 _CLAIM = """
-WITH claimed AS (
-    UPDATE tasks
+WITH delivery AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS d(id, outbox_id)
+), claimed AS (
+    UPDATE tasks AS t
     SET status = 'PROCESSING',
-        attempts = CASE WHEN status = 'PROCESSING' AND worker_id = $2
-                        THEN attempts ELSE attempts + 1 END,
-        worker_id = $2,
+        attempts = CASE WHEN t.status = 'PROCESSING' AND t.worker_id = $3
+                        THEN t.attempts ELSE t.attempts + 1 END,
+        lease = t.lease + 1,
+        worker_id = $3,
         started_at = now(), heartbeat_at = now(), updated_at = now()
-    WHERE id = ANY($1::uuid[])
-      AND (status IN ('NEW', 'PENDING')
-           OR (status = 'PROCESSING' AND heartbeat_at < now() - make_interval(secs => $3)
-               AND attempts < max_attempts AND NOT cancel_requested)
-           OR (status = 'PROCESSING' AND worker_id = $2 AND NOT cancel_requested))
-    RETURNING id, type, payload, attempts, max_attempts, created_at
+    FROM delivery AS d
+    WHERE t.id = d.id AND NOT t.cancel_requested
+      AND (t.status = 'PENDING'
+           OR (t.status = 'NEW'
+               AND d.outbox_id >= (SELECT coalesce(max(o.id), 0) FROM outbox AS o
+                                   WHERE o.task_id = t.id))
+           OR (t.status = 'PROCESSING' AND t.heartbeat_at < now() - make_interval(secs => $4)
+               AND t.attempts < t.max_attempts)
+           OR (t.status = 'PROCESSING' AND t.worker_id = $3))
+    RETURNING t.id, t.type, t.payload, t.attempts, t.max_attempts, t.lease, t.created_at
 )
-SELECT r.id, c.type, c.payload, c.attempts, c.max_attempts, c.created_at,
+SELECT d.id, c.type, c.payload, c.attempts, c.max_attempts, c.lease, c.created_at,
        c.id IS NOT NULL AS claimed, t.status AS seen_status
-FROM unnest($1::uuid[]) AS r(id)
-LEFT JOIN claimed AS c ON c.id = r.id
-LEFT JOIN tasks AS t ON t.id = r.id
+FROM delivery AS d
+LEFT JOIN claimed AS c ON c.id = d.id
+LEFT JOIN tasks AS t ON t.id = d.id
 """
 
 # Outcomes of many tasks in one statement and one commit; a retry is a new outbox row
 # with available_at in the future, so it survives any crash and needs no broker plugin.
 # The retry row carries the attempt's trace context, so the next attempt logs the same
-# trace id.
+# trace id. A cancel accepted while the attempt ran (cancel_requested, read from the
+# locked row) wins over a retry and over a release: the task ends CANCELLED rather
+# than starting another attempt. A release (PENDING) gives its attempt back; the lease
+# is what fences it, so a release retried after its reply was lost matches nothing.
 _FINISH = """
 WITH outcome AS (
-    SELECT * FROM jsonb_to_recordset($1::jsonb)
-        AS o(id uuid, attempt int, status text, result jsonb, error jsonb, retry_in float8,
+    SELECT o.*,
+           CASE WHEN o.status IN ('NEW', 'PENDING') THEN 'CANCELLED' ELSE o.status END
+               AS if_cancelled
+    FROM jsonb_to_recordset($1::jsonb)
+        AS o(id uuid, lease bigint, status text, result jsonb, error jsonb, retry_in float8,
              traceparent text)
 ), updated AS (
     UPDATE tasks AS t
-    SET status = o.status,
+    SET status = CASE WHEN t.cancel_requested THEN o.if_cancelled ELSE o.status END,
         result = o.result,
-        error = o.error,
-        finished_at = CASE WHEN o.status IN ('DONE', 'FAILED', 'CANCELLED') THEN now() END,
+        error = CASE WHEN t.cancel_requested AND o.if_cancelled <> o.status
+                     THEN jsonb_build_object('type', 'Cancelled', 'message',
+                          'cancelled on request while running; the attempt ended without '
+                          || 'a result and no other attempt is started')
+                     ELSE o.error END,
+        finished_at = CASE WHEN t.cancel_requested OR o.status IN ('DONE', 'FAILED', 'CANCELLED')
+                           THEN now() END,
         heartbeat_at = NULL,
         cancel_requested = false,
-        attempts = CASE WHEN o.status = 'PENDING' THEN t.attempts - 1 ELSE t.attempts END,
+        attempts = CASE WHEN o.status = 'PENDING' AND NOT t.cancel_requested
+                        THEN t.attempts - 1 ELSE t.attempts END,
         updated_at = now()
     FROM outcome AS o
-    WHERE t.id = o.id AND t.status = 'PROCESSING' AND t.attempts = o.attempt
-    RETURNING t.id, t.type, t.priority, o.status, o.retry_in, o.traceparent
+    WHERE t.id = o.id AND t.status = 'PROCESSING' AND t.lease = o.lease
+    RETURNING t.id, t.type, t.priority, t.status, o.retry_in, o.traceparent
 ), retried AS (
     INSERT INTO outbox (task_id, kind, body, available_at, headers)
     SELECT id, 'task.retry',
@@ -84,19 +110,23 @@ WITH outcome AS (
            jsonb_strip_nulls(jsonb_build_object('traceparent', traceparent))
     FROM updated WHERE status = 'NEW'
 )
-SELECT id FROM updated
+SELECT id, status FROM updated
 """
 
 _HEARTBEAT = """
-UPDATE tasks SET heartbeat_at = now()
-WHERE id = ANY($1::uuid[]) AND status = 'PROCESSING' AND worker_id = $2
-RETURNING id, cancel_requested
+UPDATE tasks AS t SET heartbeat_at = now()
+FROM unnest($1::uuid[], $2::bigint[]) AS h(id, lease)
+WHERE t.id = h.id AND t.status = 'PROCESSING' AND t.lease = h.lease
+RETURNING t.id, t.cancel_requested
 """
 
 # Tasks whose consumer vanished: CANCELLED if a cancel was pending, FAILED when that was
 # their last attempt, else back through the outbox. SKIP LOCKED lets several consumers
-# run the rescue at once without waiting on each other. A requeued task keeps the trace
-# context of its latest outbox row (a rare path, one index lookup per rescued task).
+# run the rescue at once without waiting on each other. The decision is taken in the
+# UPDATE, from the row as locked: a cancel (or a heartbeat) committed after this
+# statement's snapshot was taken is seen, where a separate read of the snapshot would
+# miss it. A requeued task keeps the trace context of its latest outbox row (a rare
+# path, one index lookup per rescued task).
 _RESCUE = """
 WITH stale AS (
     SELECT id FROM tasks
@@ -104,26 +134,25 @@ WITH stale AS (
     ORDER BY heartbeat_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
-), decided AS (
-    SELECT t.id,
-           CASE WHEN t.cancel_requested THEN 'CANCELLED'
-                WHEN t.attempts >= t.max_attempts THEN 'FAILED'
-                ELSE 'NEW' END AS status
-    FROM tasks AS t JOIN stale ON stale.id = t.id
 ), rescued AS (
     UPDATE tasks AS t
-    SET status = d.status,
-        error = CASE d.status
-            WHEN 'CANCELLED' THEN jsonb_build_object('type', 'Cancelled',
+    SET status = CASE WHEN t.cancel_requested THEN 'CANCELLED'
+                      WHEN t.attempts >= t.max_attempts THEN 'FAILED'
+                      ELSE 'NEW' END,
+        error = CASE
+            WHEN t.cancel_requested THEN jsonb_build_object('type', 'Cancelled',
                  'message', 'cancelled on request; its consumer stopped before finishing')
-            WHEN 'FAILED' THEN jsonb_build_object('type', 'WorkerLost',
+            WHEN t.attempts >= t.max_attempts THEN jsonb_build_object('type', 'WorkerLost',
                  'message', 'the consumer running this task stopped heartbeating')
             ELSE t.error END,
-        finished_at = CASE WHEN d.status = 'NEW' THEN NULL ELSE now() END,
+        finished_at = CASE WHEN t.cancel_requested OR t.attempts >= t.max_attempts
+                           THEN now() END,
         cancel_requested = false,
         heartbeat_at = NULL,
         updated_at = now()
-    FROM decided AS d WHERE t.id = d.id
+    FROM stale
+    WHERE t.id = stale.id AND t.status = 'PROCESSING'
+      AND t.heartbeat_at < now() - make_interval(secs => $1)
     RETURNING t.id, t.type, t.priority, t.status, t.attempts
 ), requeued AS (
     INSERT INTO outbox (task_id, kind, body, headers)
@@ -142,7 +171,8 @@ SELECT id, type, status, attempts FROM rescued
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """How one attempt ended. ``status`` is DONE, FAILED, CANCELLED, NEW (retry in
-    ``retry_in`` seconds) or PENDING (released unfinished at shutdown)."""
+    ``retry_in`` seconds) or PENDING (released unfinished at shutdown). ``lease`` is
+    the fencing token its claim returned: the outcome is written only under it."""
 
     task_id: uuid.UUID
     attempt: int
@@ -151,27 +181,43 @@ class Outcome:
     error: dict[str, str] | None = None
     retry_in: float = 0.0
     traceparent: str | None = None  # carried onto the retry's outbox row
+    lease: int = field(kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message asking to run a task: the task and the outbox row it was sent for."""
+
+    task_id: uuid.UUID
+    outbox_id: int
 
 
 async def claim_tasks(
     conn: asyncpg.Connection | asyncpg.Pool,
-    task_ids: Sequence[uuid.UUID],
+    deliveries: Sequence[Delivery],
     worker_id: str,
     stale_after: float,
 ) -> list[asyncpg.Record]:
-    rows: list[asyncpg.Record] = await conn.fetch(_CLAIM, list(task_ids), worker_id, stale_after)
+    """Claim the deliveries' tasks (one row per delivery, ``claimed`` and ``lease`` for
+    those taken, ``seen_status`` NULL for a task that does not exist)."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        _CLAIM,
+        [d.task_id for d in deliveries],
+        [d.outbox_id for d in deliveries],
+        worker_id,
+        stale_after,
+    )
     return rows
 
 
-async def finish_tasks(
-    conn: asyncpg.Connection | asyncpg.Pool, outcomes: Sequence[Outcome]
-) -> set[uuid.UUID]:
-    """Write the outcomes; returns the ids whose outcome was recorded (still owned)."""
-    document = orjson.dumps(
+def outcome_document(outcomes: Sequence[Outcome]) -> bytes:
+    """The outcomes as the JSON ``finish_tasks`` sends; raises TypeError for a value the
+    encoder refuses (a lone surrogate, say), before anything is sent."""
+    return orjson.dumps(
         [
             {
                 "id": str(o.task_id),
-                "attempt": o.attempt,
+                "lease": o.lease,
                 "status": o.status,
                 "result": o.result,
                 "error": o.error,
@@ -181,15 +227,26 @@ async def finish_tasks(
             for o in outcomes
         ]
     )
-    rows = await conn.fetch(_FINISH, orjson.Fragment(document))
-    return {row["id"] for row in rows}
+
+
+async def finish_tasks(
+    conn: asyncpg.Connection | asyncpg.Pool, outcomes: Sequence[Outcome]
+) -> dict[uuid.UUID, str]:
+    """Write the outcomes; returns the status written for each task whose outcome was
+    recorded (still owned under its lease). CANCELLED where a cancel overrode a retry or
+    a release."""
+    rows = await conn.fetch(_FINISH, orjson.Fragment(outcome_document(outcomes)))
+    return {row["id"]: row["status"] for row in rows}
 
 
 async def heartbeat(
-    conn: asyncpg.Connection | asyncpg.Pool, task_ids: Sequence[uuid.UUID], worker_id: str
+    conn: asyncpg.Connection | asyncpg.Pool, leases: Sequence[tuple[uuid.UUID, int]]
 ) -> dict[uuid.UUID, bool]:
-    """Refresh the running tasks' heartbeat; maps each still-owned id to cancel_requested."""
-    rows = await conn.fetch(_HEARTBEAT, list(task_ids), worker_id)
+    """Refresh the heartbeat of tasks still held under these leases; maps each still-owned
+    id to cancel_requested. A running task missing from the answer is no longer ours."""
+    rows = await conn.fetch(
+        _HEARTBEAT, [task_id for task_id, _ in leases], [lease for _, lease in leases]
+    )
     return {row["id"]: row["cancel_requested"] for row in rows}
 
 

@@ -72,6 +72,7 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
             update_columns=(
                 "status",
                 "attempts",
+                "lease",
                 "worker_id",
                 "started_at",
                 "heartbeat_at",

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     Table,
@@ -65,6 +66,10 @@ tasks = Table(
     Column("worker_id", Text),
     # When a scheduled task may run; NULL for one that runs as soon as it can.
     Column("run_at", DateTime(timezone=True)),
+    # The fencing token of the current claim: each claim adds one, nothing lowers it.
+    Column("lease", BigInteger, nullable=False, server_default=text("0")),
+    # sha256 of the create request a keyed task was made from (db.tasks.request_digest).
+    Column("request_digest", LargeBinary),
     CheckConstraint(f"status IN ({_status_list})", name="status"),
     CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
     CheckConstraint("max_attempts >= 1", name="max_attempts"),

@@ -6,6 +6,7 @@ transaction. Status guards come from :mod:`db.states`.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from db.sql import Parameters
 from db.states import CANCEL_LATER, CANCEL_NOW, TaskStatus
@@ -59,12 +61,13 @@ def _insert_with_outbox(*, keyed: bool) -> str:
     the database's clock.
 
     The keyed variant inserts nothing (and so writes no outbox row) when the idempotency
-    key $8 is taken; a concurrent insert with the key waits on the first's index entry
-    and, once that commits, finds the conflict too.
+    key $8 is taken (it stores the request's digest $9 with the key); a concurrent
+    insert with the key waits on the first's index entry and, once that commits, finds
+    the conflict too.
     """
     columns, values, on_conflict = "", "", ""
     if keyed:
-        columns, values = ", idempotency_key", ", $8"
+        columns, values = ", idempotency_key, request_digest", ", $8, $9"
         on_conflict = "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
     insert = f"""INSERT INTO tasks (type, payload, priority, max_attempts, run_at{columns})
     VALUES ($1, $2, $3, $4,
@@ -105,7 +108,7 @@ _INSERT_GROUP_WITH_OUTBOX = _with_created_events(
     joined="JOIN i ON i.id = task.id",
 )
 
-_GET_BY_KEY = f"SELECT {TASK_COLUMNS} FROM tasks WHERE idempotency_key = $1"  # noqa: S608
+_GET_BY_KEY = f"SELECT {TASK_COLUMNS}, request_digest FROM tasks WHERE idempotency_key = $1"  # noqa: S608
 _GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"  # noqa: S608
 _GET_STATUS = "SELECT id, status, updated_at FROM tasks WHERE id = $1"
 
@@ -198,6 +201,16 @@ async def create_group(
     return [by_id[task_id] for task_id in ids]
 
 
+def request_digest(task: NewTask) -> bytes:
+    """A fingerprint of what a keyed create asked for (type, payload, priority,
+    max_attempts), stored with the key: a repeat is compared with the request as first
+    accepted, not with the row, which an operator's replay may have changed since."""
+    canonical = orjson.dumps(
+        [task.type, task.payload, task.priority, task.max_attempts], option=orjson.OPT_SORT_KEYS
+    )
+    return hashlib.sha256(canonical).digest()
+
+
 async def create_task_once(
     conn: asyncpg.Connection | asyncpg.Pool,
     task: NewTask,
@@ -206,7 +219,8 @@ async def create_task_once(
 ) -> tuple[asyncpg.Record, bool]:
     """Create the task unless one with ``idempotency_key`` exists.
 
-    Returns the task and whether this call created it.
+    Returns the task and whether this call created it; a task found by its key carries
+    its ``request_digest`` too (NULL for one keyed before digests were stored).
     """
     for _ in range(3):  # the holder of the key may vanish in between (retention)
         row = await conn.fetchrow(
@@ -219,6 +233,7 @@ async def create_task_once(
             task.run_at,
             task.delay,
             idempotency_key,
+            request_digest(task),
         )
         if row is not None:
             return row, True

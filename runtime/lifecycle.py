@@ -92,14 +92,46 @@ async def wait_first(*events: asyncio.Event, within: float) -> None:
             waiter.cancel()
 
 
+LEFTOVER_GRACE = 5.0  # seconds the tasks still alive after main get to end on a cancel
+
+
 def run_service(main: Coroutine[Any, Any, None]) -> None:
     """Run a process's main coroutine on uvloop, as uvicorn does for the api.
 
     The relay and the consumer spend most of their CPU in the event loop itself (socket
     writes of publishes and acks, callbacks); uvloop does that work in C.
+
+    Tasks still alive when ``main`` ends are cancelled and given LEFTOVER_GRACE to end;
+    asyncio.Runner would wait for them for ever, and a handler the consumer abandoned
+    because it ignores cancellation would keep the process from exiting.
     """
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main)
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(main)
+    finally:
+        try:
+            _end_leftover_tasks(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+
+def _end_leftover_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    leftovers = asyncio.all_tasks(loop)
+    if not leftovers:
+        return
+    for task in leftovers:
+        task.cancel()
+    _, pending = loop.run_until_complete(asyncio.wait(leftovers, timeout=LEFTOVER_GRACE))
+    for task in leftovers - pending:
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("a task ended with %r at exit", task.exception())
+    if pending:
+        log.warning(
+            "%d tasks ignored cancellation for %.0fs (abandoned handlers?); exiting without them",
+            len(pending),
+            LEFTOVER_GRACE,
+        )
 
 
 def being_cancelled() -> bool:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import asyncpg
 import httpx
+
+from db.replay import replay_chunk
 
 TASKS = "/api/v1/tasks"
 BODY = {"type": "echo", "payload": {"order": 42}}
@@ -69,3 +72,44 @@ async def test_a_malformed_key_is_a_422(client: httpx.AsyncClient, pool: asyncpg
         response = await client.post(TASKS, json=BODY, headers={"Idempotency-Key": key})
         assert response.status_code == 422, (key, response.text)
     assert await counts(pool) == (0, 0)
+
+
+async def test_a_repeat_after_an_operator_replay_still_matches_the_first_request(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    # Bug: the repeat was compared with the row, whose max_attempts the replay of an
+    # exhausted task had raised, and answered 409.
+    body = {**BODY, "max_attempts": 1}
+    first = await client.post(TASKS, json=body, headers={"Idempotency-Key": "order-44"})
+    assert first.status_code == 201, first.text
+    task_id = uuid.UUID(first.json()["id"])
+    await pool.execute(
+        "UPDATE tasks SET status = 'FAILED', attempts = 1, finished_at = now() WHERE id = $1",
+        task_id,
+    )
+    async with pool.acquire() as conn:
+        replayed = await replay_chunk(conn, [task_id], {}, force=False)
+    assert list(replayed.replayed) == [task_id]
+    assert await pool.fetchval("SELECT max_attempts FROM tasks WHERE id = $1", task_id) == 2
+
+    again = await client.post(TASKS, json=body, headers={"Idempotency-Key": "order-44"})
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == str(task_id)
+    clash = await client.post(
+        TASKS, json={**body, "max_attempts": 2}, headers={"Idempotency-Key": "order-44"}
+    )
+    assert clash.status_code == 409, clash.text
+
+
+async def test_a_task_keyed_before_digests_is_compared_with_its_row(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    first = await client.post(TASKS, json=BODY, headers={"Idempotency-Key": "order-45"})
+    assert first.status_code == 201
+    await pool.execute("UPDATE tasks SET request_digest = NULL")  # as after the upgrade
+    same = await client.post(TASKS, json=BODY, headers={"Idempotency-Key": "order-45"})
+    assert same.status_code == 200, same.text
+    other = await client.post(
+        TASKS, json={**BODY, "priority": 3}, headers={"Idempotency-Key": "order-45"}
+    )
+    assert other.status_code == 409, other.text

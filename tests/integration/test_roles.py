@@ -341,25 +341,45 @@ async def test_the_consumer_role_claims_heartbeats_finishes_and_rescues(
     owner = await connect(DatabaseSettings(database_url=database_url))
     try:
         done, retried = await make_tasks(owner, 2)
+
+        async def delivery(task_id: uuid.UUID) -> execution.Delivery:
+            newest = await owner.fetchval("SELECT max(id) FROM outbox WHERE task_id = $1", task_id)
+            return execution.Delivery(task_id, newest)
+
         async with connected(roles, "consumer") as conn:
-            claimed = await execution.claim_tasks(conn, [done, retried, uuid.uuid4()], "w1", 30)
+            claimed = await execution.claim_tasks(
+                conn,
+                [
+                    await delivery(done),
+                    await delivery(retried),
+                    execution.Delivery(uuid.uuid4(), 1),
+                ],
+                "w1",
+                30,
+            )
             assert sum(row["claimed"] for row in claimed) == 2
-            assert await execution.heartbeat(conn, [done, retried], "w1") == {
+            lease = {row["id"]: row["lease"] for row in claimed if row["claimed"]}
+            assert await execution.heartbeat(conn, list(lease.items())) == {
                 done: False,
                 retried: False,
             }
             finished = await execution.finish_tasks(
                 conn,
                 [
-                    execution.Outcome(done, 1, "DONE", result={"ok": True}),
+                    execution.Outcome(done, 1, "DONE", result={"ok": True}, lease=lease[done]),
                     execution.Outcome(
-                        retried, 1, "NEW", error={"type": "E", "message": "m"}, retry_in=0.0
+                        retried,
+                        1,
+                        "NEW",
+                        error={"type": "E", "message": "m"},
+                        retry_in=0.0,
+                        lease=lease[retried],
                     ),
                 ],
             )
-            assert finished == {done, retried}
+            assert finished == {done: "DONE", retried: "NEW"}
 
-            [again] = await execution.claim_tasks(conn, [retried], "w2", 30)
+            [again] = await execution.claim_tasks(conn, [await delivery(retried)], "w2", 30)
             assert again["claimed"]
             await owner.execute(
                 "UPDATE tasks SET heartbeat_at = now() - interval '1 hour' WHERE id = $1", retried

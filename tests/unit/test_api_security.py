@@ -12,8 +12,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api.auth import key_bytes, key_matches
 from api.middleware import ContentLengthLimit
-from api.payloads import MAX_STRING, UnstorablePayload, check_storable
 from api.settings import ApiSettings
+from db.storable import MAX_STRING, UnstorablePayload, check_storable
 
 # ------------------------------------------------------------------------- settings
 

@@ -14,11 +14,13 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from consumer.attempt import ClaimedTask, run_attempt
+from consumer.lifecycle import StopReason
 from db.execution import Outcome
 from db.states import TaskStatus
 from tasktypes import PermanentError, TaskContext, TaskRegistry
 
 TASK_ID = uuid.UUID("5d0b1c3e-8a2f-4e61-b7c9-0f1e2d3c4b5a")
+LEASE = 7
 DEFAULT_TIMEOUT = 5.0
 TINY_TIMEOUT = 0.01
 
@@ -123,8 +125,13 @@ def claimed(
     task_type: str, payload: Any = None, *, attempt: int = 1, max_attempts: int = 3
 ) -> ClaimedTask:
     return ClaimedTask(
-        TASK_ID, task_type, {} if payload is None else payload, attempt, max_attempts
+        TASK_ID, task_type, {} if payload is None else payload, attempt, max_attempts, lease=LEASE
     )
+
+
+def expected(*args: Any, **kwargs: Any) -> Outcome:
+    """The outcome the attempt must end with, under the claim's lease."""
+    return Outcome(*args, lease=LEASE, **kwargs)
 
 
 def result_json(outcome: Outcome) -> Any:
@@ -182,7 +189,7 @@ async def test_a_raising_handler_is_retried_while_attempts_remain(
     outcome = await run_attempt(
         claimed("boom", attempt=2, max_attempts=3), registry, DEFAULT_TIMEOUT, delay
     )
-    assert outcome == Outcome(
+    assert outcome == expected(
         TASK_ID,
         2,
         TaskStatus.NEW,
@@ -199,7 +206,7 @@ async def test_a_raising_handler_fails_the_task_on_its_last_attempt(
         outcome = await run_attempt(
             claimed("boom", attempt=3, max_attempts=3), registry, DEFAULT_TIMEOUT, delay
         )
-    assert outcome == Outcome(
+    assert outcome == expected(
         TASK_ID, 3, TaskStatus.FAILED, error={"type": "RuntimeError", "message": "kaput"}
     )
     assert delay.calls == []
@@ -234,7 +241,7 @@ async def test_a_handler_over_its_timeout_is_retried_as_handler_timeout(
     began = loop.time()
     outcome = await run_attempt(claimed(task_type), registry, default_timeout, delay)
     assert loop.time() - began < 1.0
-    assert outcome == Outcome(
+    assert outcome == expected(
         TASK_ID,
         1,
         TaskStatus.NEW,
@@ -273,7 +280,7 @@ async def test_an_unknown_task_type_is_retryable(
     registry: TaskRegistry, delay: RecordingDelay
 ) -> None:
     outcome = await run_attempt(claimed("renamed-away"), registry, DEFAULT_TIMEOUT, delay)
-    assert outcome == Outcome(
+    assert outcome == expected(
         TASK_ID,
         1,
         TaskStatus.NEW,
@@ -294,7 +301,7 @@ async def test_a_permanent_error_fails_at_once(
     outcome = await run_attempt(
         claimed("permanent", attempt=1, max_attempts=10), registry, DEFAULT_TIMEOUT, delay
     )
-    assert outcome == Outcome(
+    assert outcome == expected(
         TASK_ID,
         1,
         TaskStatus.FAILED,
@@ -309,7 +316,7 @@ async def test_a_payload_that_no_longer_validates_fails_at_once(
     outcome = await run_attempt(
         claimed("add", {"a": "two"}, attempt=1, max_attempts=10), registry, DEFAULT_TIMEOUT, delay
     )
-    assert outcome == Outcome(
+    assert outcome == expected(
         TASK_ID,
         1,
         TaskStatus.FAILED,
@@ -329,7 +336,7 @@ async def test_a_non_json_result_fails_at_once(
     outcome = await run_attempt(
         claimed("not-json", attempt=1, max_attempts=10), registry, DEFAULT_TIMEOUT, delay
     )
-    assert outcome == Outcome(
+    assert outcome == expected(
         TASK_ID,
         1,
         TaskStatus.FAILED,
@@ -355,10 +362,24 @@ async def test_a_model_result_that_cannot_be_dumped_fails_at_once(
 # -- cancellation -----------------------------------------------------------------------
 
 
+@dataclass
+class StopReasonBox:
+    """Stands in for the consumer's execution: the reason it asked the handler to stop."""
+
+    reason: StopReason | None = None
+
+    def __call__(self) -> StopReason | None:
+        return self.reason
+
+
 async def _start_waiting(
-    task: ClaimedTask, registry: TaskRegistry, delay: RecordingDelay, gate: Gate
+    task: ClaimedTask,
+    registry: TaskRegistry,
+    delay: RecordingDelay,
+    gate: Gate,
+    stop: StopReasonBox,
 ) -> asyncio.Task[Outcome]:
-    running = asyncio.create_task(run_attempt(task, registry, DEFAULT_TIMEOUT, delay))
+    running = asyncio.create_task(run_attempt(task, registry, DEFAULT_TIMEOUT, delay, stop))
     async with asyncio.timeout(1):
         await gate.started.wait()
     return running
@@ -368,11 +389,12 @@ async def test_cancel_on_request_ends_cancelled(
     registry: TaskRegistry, delay: RecordingDelay, gate: Gate
 ) -> None:
     task = claimed("wait", attempt=2, max_attempts=3)
-    running = await _start_waiting(task, registry, delay, gate)
-    task.stop_reason = "cancel"
+    stop = StopReasonBox()
+    running = await _start_waiting(task, registry, delay, gate, stop)
+    stop.reason = "cancel"
     running.cancel()
     outcome = await running
-    assert outcome == Outcome(
+    assert outcome == expected(
         TASK_ID,
         2,
         TaskStatus.CANCELLED,
@@ -386,20 +408,98 @@ async def test_cancel_at_shutdown_hands_the_task_back_pending(
     registry: TaskRegistry, delay: RecordingDelay, gate: Gate
 ) -> None:
     task = claimed("wait", attempt=1, max_attempts=1)
-    running = await _start_waiting(task, registry, delay, gate)
-    task.stop_reason = "shutdown"
+    stop = StopReasonBox()
+    running = await _start_waiting(task, registry, delay, gate, stop)
+    stop.reason = "shutdown"
     running.cancel()
     outcome = await running
-    assert outcome == Outcome(TASK_ID, 1, TaskStatus.PENDING)
+    assert outcome == expected(TASK_ID, 1, TaskStatus.PENDING)
     assert running.cancelling() == 0
 
 
-async def test_a_cancellation_nobody_asked_for_propagates(
+async def test_a_cancellation_nobody_asked_for_is_a_failed_attempt(
     registry: TaskRegistry, delay: RecordingDelay, gate: Gate
 ) -> None:
-    running = await _start_waiting(claimed("wait"), registry, delay, gate)
+    # Bug: it used to propagate, ending the run with no outcome and the task PROCESSING
+    # (heartbeated, never rescued) for good.
+    running = await _start_waiting(
+        claimed("wait", attempt=1, max_attempts=3), registry, delay, gate, StopReasonBox()
+    )
     running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
-    assert running.cancelled()
-    assert delay.calls == []
+    outcome = await running
+    assert outcome.status == TaskStatus.NEW
+    assert outcome.error is not None
+    assert outcome.error["type"] == "HandlerCancelled"
+    assert delay.calls == [1]
+    assert not running.cancelled()
+
+
+async def test_an_inner_task_cancelled_by_a_library_fails_the_attempt(
+    delay: RecordingDelay,
+) -> None:
+    registry = TaskRegistry()
+
+    async def awaits_a_cancelled_task(payload: Empty, ctx: TaskContext) -> None:
+        inner = asyncio.create_task(asyncio.sleep(10))
+        asyncio.get_running_loop().call_soon(inner.cancel)  # as a library might
+        await inner
+
+    registry.register("inner", Empty, awaits_a_cancelled_task)
+    outcome = await run_attempt(claimed("inner", max_attempts=1), registry, DEFAULT_TIMEOUT, delay)
+    assert outcome.status == TaskStatus.FAILED
+    assert outcome.error is not None and outcome.error["type"] == "HandlerCancelled"
+
+
+@pytest.mark.parametrize(
+    ("result", "where"),
+    [
+        ({"text": "nul \x00 inside"}, "at ['text']: text may not contain NUL"),
+        ({"list": ["ok", "a \\u0000 is text", "\\\x00"]}, "at ['list'][2]"),
+        ({"key \x00": 1}, "at [" + repr("key \x00") + "]"),
+        ({"list": ["ok", "lone \ud800 surrogate"]}, "not JSON: str is not valid UTF-8"),
+        ({"big": 2**70}, "not JSON: Integer exceeds 64-bit range"),
+    ],
+)
+async def test_a_result_postgres_cannot_store_fails_the_attempt_alone(
+    delay: RecordingDelay, result: Any, where: str
+) -> None:
+    registry = TaskRegistry()
+
+    async def returns(payload: Empty, ctx: TaskContext) -> Any:
+        return result
+
+    registry.register("unstorable", Empty, returns)
+    outcome = await run_attempt(claimed("unstorable"), registry, DEFAULT_TIMEOUT, delay)
+    assert outcome.status == TaskStatus.FAILED
+    assert outcome.error is not None
+    assert outcome.error["type"] == "UnserializableResult"
+    assert where in outcome.error["message"]
+    assert delay.calls == []  # permanent: the same code returns the same result again
+    orjson.dumps(outcome.error)
+
+
+async def test_a_result_with_an_escaped_backslash_u0000_text_is_stored(
+    delay: RecordingDelay,
+) -> None:
+    registry = TaskRegistry()
+
+    async def returns(payload: Empty, ctx: TaskContext) -> Any:
+        return {"text": "a literal \\u0000 is six characters, not a NUL"}
+
+    registry.register("text", Empty, returns)
+    outcome = await run_attempt(claimed("text"), registry, DEFAULT_TIMEOUT, delay)
+    assert outcome.status == TaskStatus.DONE
+
+
+async def test_an_error_message_postgres_cannot_store_is_made_storable(
+    delay: RecordingDelay,
+) -> None:
+    registry = TaskRegistry()
+
+    async def raises(payload: Empty, ctx: TaskContext) -> None:
+        raise RuntimeError("bad \x00 byte and \udc80 half")
+
+    registry.register("raises", Empty, raises)
+    outcome = await run_attempt(claimed("raises"), registry, DEFAULT_TIMEOUT, delay)
+    assert outcome.error == {"type": "RuntimeError", "message": "bad \ufffd byte and \ufffd half"}
+    orjson.dumps(outcome.error)  # the encoder takes it now

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from api.grouping import GroupCommit
-from api.service import _nothing_committed
+from db.errors import nothing_committed
 
 
 class Refused(Exception):
@@ -180,4 +180,4 @@ async def test_close_waits_for_the_statements_in_flight() -> None:
 def test_only_an_error_that_proves_nothing_was_committed_retries_a_group_alone(
     error: Exception, retried_alone: bool
 ) -> None:
-    assert _nothing_committed(error) is retried_alone
+    assert nothing_committed(error) is retried_alone
