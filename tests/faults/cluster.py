@@ -2,9 +2,11 @@
 the broker's stop/start, and polling with a deadline.
 
 The audit is a trigger the tests install in their own database copy. It records every
-UPDATE of a task that changes its status, attempts or result, and which of Taskbox's
-statements made it (claim, finish, rescue, relay, cancel), so a checker can count how
-often a task's outcome was committed without trusting the code under test.
+UPDATE of a task that changes its status, attempts, result or lease (the fencing
+token), which of Taskbox's statements made it (claim, finish, rescue, relay, cancel),
+and who: the writer's application_name and transaction. So a checker can count how
+often a task's outcome was committed, and by whom under which lease, without trusting
+the code under test.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ CREATE TABLE fault_audit (
     old_attempts int NOT NULL,
     new_attempts int NOT NULL,
     worker_id text,
+    old_lease bigint NOT NULL,
+    new_lease bigint NOT NULL,
+    app text NOT NULL,  -- the writer's application_name
+    txid bigint NOT NULL,
     source text NOT NULL,
     at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
@@ -62,8 +68,10 @@ DECLARE
     q text := current_query();
 BEGIN
     INSERT INTO fault_audit
-        (task_id, old_status, new_status, old_attempts, new_attempts, worker_id, source)
+        (task_id, old_status, new_status, old_attempts, new_attempts, worker_id,
+         old_lease, new_lease, app, txid, source)
     VALUES (NEW.id, OLD.status, NEW.status, OLD.attempts, NEW.attempts, NEW.worker_id,
+        OLD.lease, NEW.lease, current_setting('application_name'), txid_current(),
         CASE WHEN strpos(q, 'jsonb_to_recordset') > 0 THEN 'finish'
              WHEN strpos(q, 'stale AS') > 0 THEN 'rescue'
              WHEN strpos(q, 'claimed AS') > 0 THEN 'claim'
@@ -77,7 +85,8 @@ $$;
 CREATE TRIGGER fault_audit AFTER UPDATE ON tasks FOR EACH ROW
 WHEN (OLD.status IS DISTINCT FROM NEW.status
       OR OLD.attempts IS DISTINCT FROM NEW.attempts
-      OR OLD.result IS DISTINCT FROM NEW.result)
+      OR OLD.result IS DISTINCT FROM NEW.result
+      OR OLD.lease IS DISTINCT FROM NEW.lease)
 EXECUTE FUNCTION fault_audit();
 """
 
@@ -86,6 +95,43 @@ TERMINAL_WRITTEN_TWICE = """
 SELECT task_id, array_agg(new_status || '<-' || source ORDER BY seq) AS writes
 FROM fault_audit WHERE new_status IN ('DONE', 'FAILED', 'CANCELLED')
 GROUP BY task_id HAVING count(*) > 1
+"""
+
+
+# Writes by a consumer whose lease was not the current one. Every claim takes a new
+# lease (one more than the last: unique per task) and ends the one before; an outcome
+# (finish: DONE, FAILED, CANCELLED, a retry's NEW, a release's PENDING), a rescue or a
+# takeover claim ends the lease the task was PROCESSING under. A stale writer shows as
+# either
+# - a lease ended twice: a second transition out of PROCESSING under one lease (the
+#   first writer moved the task on, a second one wrote over it anyway), or
+# - an outcome written under a lease that another process claimed: the write
+#   matched the current lease's row, but came from a consumer whose own lease was an
+#   older one (a fence that checked only the status would let it in), or
+# - an outcome written over a task that was not PROCESSING at all (no fence at all).
+# Each consumer process has an application_name of its own for the second check.
+STALE_WRITES = """
+WITH ended AS (
+    SELECT * FROM fault_audit
+    WHERE old_status = 'PROCESSING'
+      AND (new_status <> 'PROCESSING' OR new_lease <> old_lease)
+)
+SELECT e.task_id, e.old_lease AS lease,
+       'lease ended ' || count(*) || ' times: '
+       || string_agg(e.new_status || '<-' || e.source || ' by ' || e.app, ', ' ORDER BY e.seq)
+           AS why
+FROM ended AS e GROUP BY e.task_id, e.old_lease HAVING count(*) > 1
+UNION ALL
+SELECT e.task_id, e.old_lease,
+       e.new_status || '<-finish by ' || e.app || ' under a lease claimed by '
+       || coalesce(c.app, 'nobody')
+FROM ended AS e
+LEFT JOIN fault_audit AS c
+  ON c.task_id = e.task_id AND c.source = 'claim' AND c.new_lease = e.old_lease
+WHERE e.source = 'finish' AND c.app IS DISTINCT FROM e.app
+UNION ALL
+SELECT task_id, old_lease, new_status || '<-finish by ' || app || ' of a task ' || old_status
+FROM fault_audit WHERE source = 'finish' AND old_status <> 'PROCESSING'
 """
 
 

@@ -4,8 +4,11 @@
 FIN, nothing flushed), while new connections are still accepted: what a NAT or
 firewall forgetting its state, or a server crashing, looks like to a client.
 ``pause()`` makes the server unreachable (new connections are refused and the live
-ones are cut) until ``resume()`` listens again on the same port. ``drop_reply_to()``
-loses the reply to one request: the server did the work, the client never hears.
+ones are cut) until ``resume()`` listens again on the same port. ``freeze()`` is the
+other kind of partition: bytes stop flowing (one way or both) while every socket stays
+open, so neither side sees an error, only silence, until ``thaw()`` lets the held bytes
+through. ``drop_reply_to()`` loses the reply to one request: the server did the work,
+the client never hears.
 
 Point a process's ``DATABASE_URL`` or ``AMQP_URL`` at ``proxy.port`` instead of the
 server's. The proxy runs on the test's event loop.
@@ -55,6 +58,10 @@ class TcpProxy:
         self._links: set[_Link] = set()
         self._marker: bytes | None = None
         self.reply_dropped = asyncio.Event()
+        # Set while bytes flow that way: to the server (True), to the client (False).
+        self._flowing = {True: asyncio.Event(), False: asyncio.Event()}
+        for flowing in self._flowing.values():
+            flowing.set()
 
     @classmethod
     def to_url(cls, url: str) -> TcpProxy:
@@ -111,6 +118,7 @@ class TcpProxy:
                     self.reply_dropped.set()
                     link.reset()
                     return
+                await self._flowing[upstream].wait()  # freeze(): hold it, close nothing
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
@@ -132,6 +140,26 @@ class TcpProxy:
         for link in links:
             link.reset()
         return len(links)
+
+    @property
+    def frozen(self) -> bool:
+        return not all(flowing.is_set() for flowing in self._flowing.values())
+
+    def freeze(self, direction: str = "both") -> int:
+        """Stop forwarding bytes ``"up"`` (client to server), ``"down"`` (server to
+        client) or ``"both"`` ways, on live and new connections, closing nothing: what
+        a stalled link looks like. Returns how many connections were live."""
+        assert direction in ("up", "down", "both"), direction
+        if direction in ("up", "both"):
+            self._flowing[True].clear()
+        if direction in ("down", "both"):
+            self._flowing[False].clear()
+        return len(self._links)
+
+    def thaw(self) -> None:
+        """Forward again; the bytes held meanwhile go through in order."""
+        for flowing in self._flowing.values():
+            flowing.set()
 
     def drop_reply_to(self, marker: bytes) -> None:
         """Once: the first request carrying ``marker`` reaches the server, and then its
@@ -157,4 +185,5 @@ class TcpProxy:
             await self.start()
 
     async def close(self) -> None:
+        self.thaw()
         await self.pause()

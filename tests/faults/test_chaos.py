@@ -5,14 +5,23 @@ through the tests' TCP proxies) run with short timings. A load generator creates
 at a steady rate (mostly echo, some sleeps, some failing until a later attempt, some
 cancelled with DELETE) while a fault loop, driven by a seeded RNG, SIGKILLs relays and
 consumers (a supervisor restarts them), cuts every AMQP and every Postgres connection
-at the proxies, terminates the relays' LISTEN backends and stops and starts the
-RabbitMQ app once. Then the faults stop, everything drains, and a checker compares what
+at the proxies, freezes one consumer's Postgres link (one way or both, sockets left
+open) for longer than TASK_STALE_AFTER, terminates the relays' LISTEN backends and
+stops and starts the RabbitMQ app once. Among the tasks are misbehaving handlers
+(tests/integration/misbehaving.py): event-loop stalls longer than TASK_STALE_AFTER,
+handlers that swallow their cancel (some cancelled while they run, so they are
+abandoned after HANDLER_CANCEL_GRACE), a library-cancelled inner task, results and
+errors Postgres cannot store, and handlers that end their consumer's process (the
+supervisor restarts it). Then the faults stop, everything drains, and a checker compares what
 the API acknowledged with what the database holds:
 
 - lost: answered 201, but the task row or its outbox event is not there (must be 0);
 - stuck: there, but not terminal at the drain deadline (must be 0);
 - results committed twice: a task whose terminal outcome was written more than once,
   counted by an audit trigger on the test's own database copy (must be 0);
+- stale writes: an outcome (terminal or not: a retry, a release too) written by a
+  consumer whose lease was not the current one, from the same audit (must be 0; see
+  cluster.STALE_WRITES);
 - duplicate executions (allowed, reported): handler runs, recorded by the handlers
   themselves, whose outcome was never committed because a fault struck mid-handler or
   before the commit; the task then ran again (or failed as WorkerLost);
@@ -22,8 +31,13 @@ the API acknowledged with what the database holds:
   (test_crash_windows.py::test_a_claim_whose_reply_was_lost_still_runs_the_task), so
   any seen here is a new way to strand a claim;
 - wrong outcomes (must be 0): a DONE task whose result is not what its handler returns,
-  a FAILED task that failed for any reason but a lost worker, a cancel answered 200
-  whose task did not end CANCELLED.
+  a FAILED task that failed for any reason but a lost worker or its own misbehaviour
+  (UnserializableResult, HandlerCancelled, ...), a cancel answered 200 whose task did
+  not end CANCELLED.
+
+Each kind of fault must have happened at least once (counted from the proxies, the
+consumers' exit codes and logs, the handlers' execution log and the task rows), or the
+run proves nothing about it.
 
 Reproduce a run with CHAOS_SEED=<seed>; CHAOS_TASKS and CHAOS_SECONDS size it.
 """
@@ -31,6 +45,7 @@ Reproduce a run with CHAOS_SEED=<seed>; CHAOS_TASKS and CHAOS_SECONDS size it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -50,6 +65,8 @@ from db.settings import DatabaseSettings
 from tests.conftest import AMQP_URL
 from tests.faults import recorder
 from tests.faults.cluster import (
+    FAST_CONSUMER,
+    STALE_WRITES,
     TERMINAL,
     TERMINAL_WRITTEN_TWICE,
     Cluster,
@@ -68,7 +85,19 @@ LOAD_SECONDS = float(os.environ.get("CHAOS_SECONDS", "60"))
 DRAIN_DEADLINE = 60.0  # seconds after the last fault for every task to be terminal
 
 # kill: SIGKILL of a relay or consumer, then a restart, as a supervisor would.
-FAULTS = {"kill": 9, "amqp_cut": 3, "pg_cut": 3, "listen_kill": 4, "broker_restart": 1}
+# pg_pause: one consumer's Postgres link stops carrying bytes (sockets stay open).
+FAULTS = {
+    "kill": 9,
+    "amqp_cut": 3,
+    "pg_cut": 3,
+    "pg_pause": 3,
+    "listen_kill": 4,
+    "broker_restart": 1,
+}
+STALE_AFTER = float(FAST_CONSUMER["TASK_STALE_AFTER"])
+CANCEL_GRACE = "1"  # HANDLER_CANCEL_GRACE of the chaos consumers
+EXIT_CODE = 71  # what an "exit" task ends its consumer with: an expected death
+MISBEHAVING = "tests.integration.misbehaving"
 KILL_VICTIMS = ["relay"] * 4 + ["consumer"] * 5
 
 RELAY_APP = "taskbox-fault-relay"
@@ -88,6 +117,44 @@ WHERE datname = current_database() AND application_name = $1
 class Planned:
     body: dict[str, Any]
     cancel_after: float | None  # seconds after the 201 to DELETE it, if at all
+    cancel_running: bool = False  # DELETE it once it is PROCESSING
+
+
+def misbehaving(rng: random.Random) -> list[Planned]:
+    """The handlers that break the rules (tests/integration/misbehaving.py), a fixed
+    number of each, so that every kind surely happens."""
+    plan = [
+        # The event loop blocked past TASK_STALE_AFTER on the first attempt only.
+        Planned(
+            {
+                "type": "stall",
+                "payload": {"seconds": round(rng.uniform(STALE_AFTER + 0.5, STALE_AFTER + 1.5), 2)},
+                "max_attempts": 5,
+            },
+            None,
+        )
+        for _ in range(4)
+    ]
+    # Swallows its cancel: cancelled while it runs, it is abandoned after the grace.
+    plan += [
+        Planned({"type": "stubborn", "payload": {"seconds": 4.0}}, None, cancel_running=True)
+        for _ in range(6)
+    ]
+    plan += [Planned({"type": "stubborn", "payload": {"seconds": 0.2}}, None) for _ in range(6)]
+    plan += [
+        Planned({"type": kind, "payload": {}, "max_attempts": 2}, None)
+        for kind in ("inner-cancelled", "unstorable-result", "unstorable-error")
+        for _ in range(6)
+    ]
+    # Ends its consumer's process on the first attempt.
+    plan += [
+        Planned(
+            {"type": "exit", "payload": {"code": EXIT_CODE, "attempts": 1}, "max_attempts": 5},
+            None,
+        )
+        for _ in range(3)
+    ]
+    return plan
 
 
 @dataclass
@@ -95,6 +162,7 @@ class Acknowledged:
     id: uuid.UUID
     body: dict[str, Any]
     cancel_answer: int | None = None  # the DELETE's status code, if it was cancelled
+    seen_running: bool = False  # a cancel_running task was PROCESSING before its DELETE
 
 
 UNANSWERED = 0  # a DELETE that got no answer: it may or may not have taken effect
@@ -120,6 +188,13 @@ def plan_load(rng: random.Random, count: int) -> list[Planned]:
         if cancel_after is None and rng.random() < 0.03:
             cancel_after = rng.uniform(0.0, 0.5)
         plan.append(Planned(body, cancel_after))
+    # The misbehaving ones take the place of ordinary tasks while the faults go on,
+    # early enough to end (and be retried) before the drain.
+    odd = misbehaving(rng)
+    for planned, n in zip(
+        odd, rng.sample(range(count // 10, count * 8 // 10), len(odd)), strict=True
+    ):
+        plan[n] = planned
     return plan
 
 
@@ -157,8 +232,10 @@ class Load:
             return
         task = Acknowledged(uuid.UUID(response.json()["id"]), planned.body)
         self.acknowledged.append(task)
-        if planned.cancel_after is not None:
-            await asyncio.sleep(planned.cancel_after)
+        if planned.cancel_running:
+            await self._until_running(task)
+        if planned.cancel_after is not None or planned.cancel_running:
+            await asyncio.sleep(planned.cancel_after or 0.0)
             try:
                 cancelled = await self._client.delete(f"/api/v1/tasks/{task.id}")
             except httpx.HTTPError as exc:
@@ -166,6 +243,24 @@ class Load:
                 task.cancel_answer = UNANSWERED
                 return
             task.cancel_answer = cancelled.status_code
+
+    async def _until_running(self, task: Acknowledged) -> None:
+        """Poll (a while) until the task is PROCESSING; cancel it anyway after that."""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                response = await self._client.get(f"/api/v1/tasks/{task.id}")
+            except httpx.HTTPError:
+                pass
+            else:
+                if (
+                    response.status_code == 200
+                    and response.json()["status"] != "NEW"
+                    and (response.json()["status"] != "PENDING")
+                ):
+                    task.seen_running = response.json()["status"] == "PROCESSING"
+                    return
+            await asyncio.sleep(0.1)
 
 
 # -- the faults -----------------------------------------------------------------------
@@ -181,27 +276,66 @@ class Faults:
     pg_proxy: TcpProxy
     amqp_proxy: TcpProxy
     workers: dict[str, list[ServiceProcess]]
+    consumer_pg: list[TcpProxy]  # consumer i's own link to Postgres
+    consumer_url: Callable[[int], str]  # consumer i's DATABASE_URL, a new name each call
     counts: Counter[str] = field(default_factory=Counter)
     timeline: list[str] = field(default_factory=list)
     unexpected_exits: list[str] = field(default_factory=list)
-    killed: set[int] = field(default_factory=set)  # pids this loop SIGKILLed
+    killed: set[int] = field(default_factory=set)  # pids SIGKILLed or ended by a handler
     started: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one restart at a time
+    thaws: list[asyncio.Task[None]] = field(default_factory=list)
 
     def note(self, event: str) -> None:
         self.timeline.append(f"{time.monotonic() - self.started:6.1f}s {event}")
 
     async def keep_running(self) -> None:
-        """Restart a relay or consumer that exited on its own, and remember it."""
+        async with self.lock:
+            await self._keep_running()
+
+    async def _keep_running(self) -> None:
+        """Restart a relay or consumer that exited on its own; an exit no "exit" task
+        asked for is remembered as unexpected."""
         for role, procs in self.workers.items():
             for i, proc in enumerate(procs):
                 if not running(proc):
                     assert proc.proc is not None
-                    self.unexpected_exits.append(
-                        f"{role} pid {proc.proc.pid} exited {proc.proc.returncode}:\n"
-                        + "\n".join(proc.lines[-30:])
-                    )
-                    self.note(f"{role} pid {proc.proc.pid} exited by itself; restarting")
-                    procs[i] = await self.cluster.restart(proc)
+                    code = proc.proc.returncode
+                    if role == "consumer" and code == EXIT_CODE:
+                        self.counts["exit"] += 1
+                        self.killed.add(proc.proc.pid)
+                    else:
+                        self.unexpected_exits.append(
+                            f"{role} pid {proc.proc.pid} exited {code}:\n"
+                            + "\n".join(proc.lines[-30:])
+                        )
+                    self.note(f"{role} pid {proc.proc.pid} exited {code} by itself; restarting")
+                    await self._restart(role, i)
+
+    async def _restart(self, role: str, i: int) -> None:
+        """A supervisor's restart of ``self.workers[role][i]``. A consumer gets a new
+        application_name (the audit tells its writes from its predecessor's) and waits
+        for its Postgres link to carry bytes again, or it could not even start."""
+        proc = self.workers[role][i]
+        if role != "consumer":
+            self.workers[role][i] = await self.cluster.restart(proc)
+            return
+        proxy = self.consumer_pg[i]
+
+        async def frozen() -> bool:
+            return proxy.frozen
+
+        await wait_until(frozen, lambda f: not f, "the paused link to thaw", within=30)
+        env = {**proc.env, "DATABASE_URL": self.consumer_url(i)}
+        self.workers[role][i] = await self.cluster.start(proc.module, **env)
+
+    async def supervise(self, stop: asyncio.Event) -> None:
+        """Notice dead processes quickly (an "exit" task ends one at any moment)."""
+        while not stop.is_set():
+            await self.keep_running()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await stop.wait()
 
     async def run(self, seconds: float) -> None:
         kinds = [kind for kind, n in FAULTS.items() for _ in range(n)]
@@ -215,8 +349,10 @@ class Faults:
             delay = start + moment - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await self.keep_running()
-            await self.inject(kind, victims)
+            async with self.lock:
+                await self._keep_running()
+                await self.inject(kind, victims)
+        await asyncio.gather(*self.thaws)
         await self.keep_running()
 
     async def inject(self, kind: str, victims: list[str]) -> None:
@@ -231,14 +367,34 @@ class Faults:
             await victim.wait(timeout=10)
             self.note(f"SIGKILL {role} pid {victim.proc.pid}")
             await asyncio.sleep(self.rng.uniform(0.0, 1.0))  # the supervisor's restart delay
-            procs[i] = await self.cluster.restart(victim)
+            await self._restart(role, i)
         elif kind == "amqp_cut":
             # Each relay and consumer has one AMQP connection: cut them all, once back.
             await self._connected(self.amqp_proxy, sum(map(len, self.workers.values())))
             self.note(f"AMQP cut: {self.amqp_proxy.cut()} connections")
         elif kind == "pg_cut":
             await self._connected(self.pg_proxy, 1)
-            self.note(f"Postgres cut: {self.pg_proxy.cut()} connections")
+            cut = sum(proxy.cut() for proxy in (self.pg_proxy, *self.consumer_pg))
+            self.note(f"Postgres cut: {cut} connections")
+        elif kind == "pg_pause":
+            # A link still paused from the last time is not paused again: every pause
+            # counted is one that happened.
+            flowing = [i for i, proxy in enumerate(self.consumer_pg) if not proxy.frozen]
+            if not flowing:
+                pending = [thaw for thaw in self.thaws if not thaw.done()]
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                flowing = [i for i, proxy in enumerate(self.consumer_pg) if not proxy.frozen]
+            i = self.rng.choice(flowing)
+            proxy = self.consumer_pg[i]
+            await self._connected(proxy, 1)
+            direction = self.rng.choice(("up", "down", "both"))
+            seconds = self.rng.uniform(STALE_AFTER + 1.0, STALE_AFTER + 3.0)
+            live = proxy.freeze(direction)
+            self.note(f"Postgres link of consumer {i} paused {direction} for {seconds:.1f}s")
+            if live == 0:
+                self.note("  (no connection was open: nothing held)")
+                self.counts["pg_pause_idle"] += 1
+            self.thaws.append(asyncio.create_task(self._thaw_after(proxy, i, seconds)))
         elif kind == "listen_kill":
             pids = await self._listeners()
             if not pids:
@@ -257,6 +413,11 @@ class Faults:
             await restart_broker(AMQP_URL, down_for)
             self.note("rabbitmqctl start_app: the broker accepts connections again")
         self.counts[kind] += 1
+
+    async def _thaw_after(self, proxy: TcpProxy, i: int, seconds: float) -> None:
+        await asyncio.sleep(seconds)  # the length of the pause itself
+        proxy.thaw()
+        self.note(f"Postgres link of consumer {i} flows again")
 
     async def _connected(self, proxy: TcpProxy, count: int) -> None:
         """Wait (a while) for ``count`` connections: a cut should cut something."""
@@ -290,27 +451,85 @@ FROM tasks AS t WHERE t.id = ANY($1::uuid[])
 """
 
 
+# How each misbehaving type may fail besides WorkerLost (every attempt lost to faults):
+# its error type, and whether that takes every attempt (an ordinary failure is retried).
+OWN_FAILURE = {
+    "inner-cancelled": ("HandlerCancelled", True),
+    "unstorable-result": ("UnserializableResult", False),  # a PermanentError: at once
+    "unstorable-error": ("RuntimeError", True),
+}
+
+
 def wrong_outcome(task: Acknowledged, row: asyncpg.Record) -> str | None:
     """Why this terminal row is not an outcome the task could legitimately have."""
     status, kind, payload = row["status"], row["type"], row["payload"]
+    error = row["error"] or {}
     if status == "DONE":
         expected: Any = {
             "echo": payload,
             "sleep": {"slept": payload.get("seconds")},
             "fail": {"succeeded_on_attempt": row["attempts"]},
+            "stall": {"attempt": row["attempts"]},
+            "exit": {"attempt": row["attempts"]},
         }.get(kind)
-        if row["result"] != expected:
+        if kind == "stubborn":
+            # Every cancel it met (a stop, a lost task) is swallowed and counted.
+            swallowed = (row["result"] or {}).get("swallowed")
+            if not isinstance(swallowed, int) or swallowed < 0 or len(row["result"]) != 1:
+                return f"DONE with result {row['result']!r}, expected a swallowed count"
+        elif row["result"] != expected:
             return f"DONE with result {row['result']!r}, expected {expected!r}"
         if kind == "fail" and row["attempts"] < payload["succeed_on_attempt"]:
             return "DONE before the attempt it was told to succeed on"
+        if kind == "exit" and row["attempts"] <= payload["attempts"]:
+            return "DONE on an attempt that should have ended its process"
+        if kind in OWN_FAILURE:
+            return "DONE, but its handler can never succeed"
     elif status == "FAILED":
-        if (row["error"] or {}).get("type") != "WorkerLost":
+        own, every_attempt = OWN_FAILURE.get(kind, ("WorkerLost", False))
+        if error.get("type") == "WorkerLost":
+            pass  # every attempt was lost to a fault
+        elif error.get("type") != own:
             return f"FAILED with {row['error']!r}"
+        elif every_attempt and row["attempts"] != row["max_attempts"]:
+            return f"FAILED with {own} after {row['attempts']} of {row['max_attempts']} attempts"
+        elif kind == "unstorable-result" and "NUL" not in error.get("message", ""):
+            return f"FAILED without saying what could not be stored: {row['error']!r}"
+        elif kind == "unstorable-error" and "\ufffd" not in error.get("message", ""):
+            return f"FAILED without the unstorable text replaced: {row['error']!r}"
+    if status != "DONE" and kind == "stall":
+        return f"a stall ended {status} {row['error']!r}: it is only slow, and retried"
     elif status == "CANCELLED" and task.cancel_answer not in (200, 202, UNANSWERED):
         return "CANCELLED, but nobody cancelled it"
     if task.cancel_answer == 200 and status != "CANCELLED":
         return f"DELETE answered 200, yet the task ended {status}"
     return None
+
+
+def misbehaviour_seen(
+    tasks: list[Acknowledged],
+    rows: dict[uuid.UUID, asyncpg.Record],
+    runs: Counter[tuple[str, int]],
+) -> Counter[str]:
+    """How often each misbehaviour actually happened: a stall or an exit is a handler
+    run (in the execution log) of an attempt told to misbehave; the others are the
+    outcomes they end in."""
+    seen: Counter[str] = Counter()
+    for task in tasks:
+        row = rows.get(task.id)
+        if row is None:
+            continue
+        kind, error = row["type"], (row["error"] or {}).get("type")
+        if kind in ("stall", "exit"):
+            seen[f"{kind}_runs"] += sum(
+                runs[(str(task.id), attempt)]
+                for attempt in range(1, row["payload"]["attempts"] + 1)
+            )
+        elif kind == "stubborn" and task.seen_running and row["status"] == "CANCELLED":
+            seen["stubborn_cancelled_running"] += 1
+        elif kind in OWN_FAILURE and error == OWN_FAILURE[kind][0]:
+            seen[error] += 1
+    return seen
 
 
 @dataclass
@@ -321,6 +540,8 @@ class Verdict:
     stuck: list[str]
     wrong: list[str]
     results_committed_twice: list[str]
+    stale_writes: list[str]
+    seen: Counter[str]  # how often each misbehaviour happened, by the rows and the log
     runs: int
     duplicate_executions: int
     rescued: int
@@ -334,6 +555,7 @@ class Verdict:
             f"chaos: created={self.created} terminal={self.terminal} lost={len(self.lost)}"
             f" stuck={len(self.stuck)} duplicate_executions={self.duplicate_executions}"
             f" results_committed_twice={len(self.results_committed_twice)}"
+            f" stale_writes={len(self.stale_writes)}"
             f" faults={fault_text} seed={SEED}"
             f" wrong_outcomes={len(self.wrong)} handler_runs={self.runs}"
             f" rescued={self.rescued} stranded_claims={len(self.stranded_claims)}"
@@ -373,6 +595,10 @@ async def check(
     twice = [
         f"{row['task_id']} {row['writes']}" for row in await pool.fetch(TERMINAL_WRITTEN_TWICE)
     ]
+    stale = [
+        f"{row['task_id']} lease {row['lease']}: {row['why']}"
+        for row in await pool.fetch(STALE_WRITES)
+    ]
     # An execution counts once its attempt's outcome was committed (the finish statement
     # moved the task out of PROCESSING at that attempt); every other run was lost to a
     # fault, and the handler ran again for it.
@@ -384,6 +610,7 @@ async def check(
         )
     )
     runs = Counter((task_id, attempt) for task_id, attempt, _ in recorder.read(str(executions)))
+    seen = misbehaviour_seen(tasks, rows, runs)
     duplicates = sum(max(0, n - committed[key]) for key, n in runs.items())
     rescued = await pool.fetchval("SELECT count(*) FROM fault_audit WHERE source = 'rescue'")
     # A rescued attempt whose handler never started although its consumer was never
@@ -401,6 +628,8 @@ async def check(
         stuck=stuck,
         wrong=wrong,
         results_committed_twice=twice,
+        stale_writes=stale,
+        seen=seen,
         runs=sum(runs.values()),
         duplicate_executions=duplicates,
         rescued=int(rescued),
@@ -426,6 +655,49 @@ async def wait_terminal(pool: asyncpg.Pool, faults: Faults, within: float) -> fl
 # -- the run --------------------------------------------------------------------------
 
 
+ABANDONED = "abandoning a handler that ignored its"
+OWNERSHIP_LOST = "stopping an attempt whose task is no longer ours"
+FENCED = "not recorded: the task changed owner meanwhile"  # a stale writer turned away
+
+
+def fault_summary(faults: Faults, verdict: Verdict, cluster: Cluster) -> Counter[str]:
+    """Each fault and misbehaviour, and how often it happened in this run."""
+    logs = [line for proc in cluster.procs if proc.module == "consumer" for line in proc.lines]
+    return Counter(
+        {
+            **{kind: faults.counts[kind] for kind in FAULTS},
+            "pg_pause_idle": faults.counts["pg_pause_idle"],
+            "stall_runs": verdict.seen["stall_runs"],
+            "exits": faults.counts["exit"],
+            "exit_runs": verdict.seen["exit_runs"],
+            "abandoned": sum(ABANDONED in line for line in logs),
+            "stubborn_cancelled_running": verdict.seen["stubborn_cancelled_running"],
+            "HandlerCancelled": verdict.seen["HandlerCancelled"],
+            "UnserializableResult": verdict.seen["UnserializableResult"],
+            "unstorable_error": verdict.seen["RuntimeError"],
+            "ownership_lost": sum(OWNERSHIP_LOST in line for line in logs),
+            "fenced_outcomes": sum(FENCED in line for line in logs),
+            "rescued": verdict.rescued,
+        }
+    )
+
+
+# Each must have happened at least once, or the run did not test it.
+MUST_HAPPEN = (
+    "pg_pause",
+    "stall_runs",
+    "exits",
+    "abandoned",
+    "stubborn_cancelled_running",
+    "HandlerCancelled",
+    "UnserializableResult",
+    "unstorable_error",
+    # A stale writer tried (a stall or a pause outlived TASK_STALE_AFTER) and was
+    # turned away: stale_writes=0 was put to the test.
+    "fenced_outcomes",
+)
+
+
 @pytest.mark.timeout(420)
 @pytest.mark.usefixtures("broker_guard")
 async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twice(
@@ -444,58 +716,99 @@ async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twi
     database = pg_proxy.url(db_settings.database_url)
     amqp = {"AMQP_URL": amqp_proxy.url(broker_settings.amqp_url)}
     relay_env = {**amqp, "DATABASE_URL": f"{database}?application_name={RELAY_APP}"}
+    # Each consumer slot has a Postgres link of its own, to pause one alone, and each
+    # consumer process an application_name of its own, for the audit.
+    consumer_pg = [await TcpProxy.to_url(db_settings.database_url).start() for _ in range(2)]
+    generations = iter(range(1_000_000))
+
+    def consumer_url(i: int) -> str:
+        url = consumer_pg[i].url(db_settings.database_url)
+        return f"{url}?application_name=taskbox-fault-consumer-{i}-{next(generations)}"
+
     consumer_env = {
         **amqp,
-        "DATABASE_URL": f"{database}?application_name=taskbox-fault-consumer",
-        "TASK_MODULES": "tests.faults.recorder",
+        "TASK_MODULES": f"{MISBEHAVING},tests.faults.recorder",
+        "HANDLER_CANCEL_GRACE": CANCEL_GRACE,
         recorder.ENV: str(executions),
     }
-    _, base_url = await cluster.api()
-    relays = await asyncio.gather(*(cluster.relay(**relay_env) for _ in range(2)))
-    consumers = await asyncio.gather(*(cluster.consumer(**consumer_env) for _ in range(2)))
-    workers = {"relay": list(relays), "consumer": list(consumers)}
-    faults = Faults(random.Random(SEED + 1), cluster, pool, pg_proxy, amqp_proxy, workers)
-    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
-        load = Load(client, plan_load(random.Random(SEED), TASK_COUNT))
-        loaded = time.monotonic()
-        await asyncio.gather(load.run(LOAD_SECONDS), faults.run(LOAD_SECONDS))
-        loaded = time.monotonic() - loaded
-        faults.note("faults stopped; draining")
-        drained = await wait_terminal(pool, faults, DRAIN_DEADLINE)
-    verdict = await check(pool, load.acknowledged, executions, faults.killed)
-    fault_report(
-        verdict.line(
-            faults.counts,
-            f"load={loaded:.0f}s drain={drained:.1f}s api_errors={sum(load.api_errors.values())}"
-            f" unexpected_exits={len(faults.unexpected_exits)}",
+    try:
+        _, base_url = await cluster.api(TASK_MODULES=MISBEHAVING)
+        relays = await asyncio.gather(*(cluster.relay(**relay_env) for _ in range(2)))
+        consumers = await asyncio.gather(
+            *(cluster.consumer(**consumer_env, DATABASE_URL=consumer_url(i)) for i in range(2))
         )
-    )
-    evidence = "\n".join(
-        [
-            "timeline:",
-            *faults.timeline,
-            "lost:",
-            *verdict.lost[:10],
-            "stuck:",
-            *verdict.stuck[:10],
-            "written twice:",
-            *verdict.results_committed_twice[:10],
-            "wrong outcomes:",
-            *verdict.wrong[:10],
-            "stranded claims:",
-            *verdict.stranded_claims[:10],
-            "unexpected exits:",
-            *faults.unexpected_exits[:3],
-        ]
-    )
-    print(evidence)
-    assert (len(verdict.lost), len(verdict.stuck), len(verdict.results_committed_twice)) == (
-        0,
-        0,
-        0,
-    ), evidence
-    assert verdict.wrong == [], evidence
-    assert load.api_errors == Counter(), f"the API did not answer as it should: {load.api_errors}"
-    assert faults.unexpected_exits == [], evidence
-    # Everyone survived the faults and still stops cleanly.
-    await stop_cleanly(*faults.workers["consumer"], *faults.workers["relay"])
+        workers = {"relay": list(relays), "consumer": list(consumers)}
+        faults = Faults(
+            random.Random(SEED + 1),
+            cluster,
+            pool,
+            pg_proxy,
+            amqp_proxy,
+            workers,
+            consumer_pg,
+            consumer_url,
+        )
+        stop_supervising = asyncio.Event()
+        supervisor = asyncio.create_task(faults.supervise(stop_supervising))
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            load = Load(client, plan_load(random.Random(SEED), TASK_COUNT))
+            loaded = time.monotonic()
+            await asyncio.gather(load.run(LOAD_SECONDS), faults.run(LOAD_SECONDS))
+            loaded = time.monotonic() - loaded
+            faults.note("faults stopped; draining")
+            drained = await wait_terminal(pool, faults, DRAIN_DEADLINE)
+        stop_supervising.set()
+        await supervisor
+        verdict = await check(pool, load.acknowledged, executions, faults.killed)
+        happened = fault_summary(faults, verdict, cluster)
+        fault_report(
+            verdict.line(
+                faults.counts,
+                f"load={loaded:.0f}s drain={drained:.1f}s"
+                f" api_errors={sum(load.api_errors.values())}"
+                f" unexpected_exits={len(faults.unexpected_exits)}",
+            )
+        )
+        fault_report("chaos faults: " + " ".join(f"{kind}={n}" for kind, n in happened.items()))
+        evidence = "\n".join(
+            [
+                "timeline:",
+                *faults.timeline,
+                "lost:",
+                *verdict.lost[:10],
+                "stuck:",
+                *verdict.stuck[:10],
+                "written twice:",
+                *verdict.results_committed_twice[:10],
+                "stale writes:",
+                *verdict.stale_writes[:10],
+                "wrong outcomes:",
+                *verdict.wrong[:10],
+                "stranded claims:",
+                *verdict.stranded_claims[:10],
+                "unexpected exits:",
+                *faults.unexpected_exits[:3],
+            ]
+        )
+        print(evidence)
+        assert (
+            len(verdict.lost),
+            len(verdict.stuck),
+            len(verdict.results_committed_twice),
+            len(verdict.stale_writes),
+        ) == (0, 0, 0, 0), evidence
+        assert verdict.wrong == [], evidence
+        assert load.api_errors == Counter(), (
+            f"the API did not answer as it should: {load.api_errors}"
+        )
+        assert faults.unexpected_exits == [], evidence
+        assert faults.counts["pg_pause"] == FAULTS["pg_pause"], evidence
+        assert [kind for kind in MUST_HAPPEN if happened[kind] == 0] == [], (
+            f"faults that never happened: {happened}\n{evidence}"
+        )
+        assert happened["exits"] <= happened["exit_runs"], happened
+        # Everyone survived the faults and still stops cleanly.
+        await stop_cleanly(*faults.workers["consumer"], *faults.workers["relay"])
+    finally:
+        for proxy in consumer_pg:
+            await proxy.close()
