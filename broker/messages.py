@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import orjson
 from pamqp.commands import Basic
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2  # AMQP delivery mode: written to disk by a durable queue
@@ -23,7 +23,8 @@ class TaskMessage(BaseModel):
 
     task_id: uuid.UUID
     type: str
-    outbox_id: int
+    # An outbox id is a bigint: one out of its range could not even be sent in a claim.
+    outbox_id: int = Field(ge=1, le=2**63 - 1)
     kind: str = "task.created"
 
 

@@ -143,6 +143,25 @@ async def _settle_all(settlements: list[tuple[AbstractIncomingMessage, str]]) ->
             )
 
 
+# SQLSTATE classes of a statement refused for the values it carries: data exceptions
+# (22: a NUL in text, a number out of range), integrity constraints (23) and program
+# limits (54: a jsonb too large). Any other refusal (read-only after a failover, a
+# revoked grant) says nothing about one outcome, and would fail good ones.
+_VALUE_REFUSALS = ("22", "23", "54")
+
+
+def _refused_for_its_values(exc: BaseException) -> bool:
+    """Whether a failed outcome write proves that its values (not the database) are at
+    fault, and that nothing was committed: the JSON encoder refused a value before
+    sending (TypeError, ValueError), or Postgres refused the statement for its data."""
+    if isinstance(exc, TypeError | ValueError) and not isinstance(exc, asyncpg.PostgresError):
+        return True
+    if not nothing_committed(exc):
+        return False
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return sqlstate[:2] in _VALUE_REFUSALS
+
+
 def _trace(message: AbstractIncomingMessage) -> tracing.TraceParent | None:
     """The message's W3C trace context; None when absent or malformed."""
     value = (message.headers or {}).get(tracing.HEADER)
@@ -406,6 +425,7 @@ class TaskConsumer:
             )
         self.metrics.ownership_lost.inc()
         self._claim_again(Executions.claim_again_after_loss(execution))
+        self._settled.set()  # one execution fewer: a shutdown waiting on them looks again
 
     async def claim_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -459,9 +479,8 @@ class TaskConsumer:
                 "completion", functools.partial(task_execution.finish_tasks, self._pool, outcomes)
             )
         except (TypeError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            # TypeError/ValueError: the JSON encoder refused a value, before sending.
-            if not (isinstance(exc, TypeError | ValueError) or nothing_committed(exc)):
-                raise
+            if not _refused_for_its_values(exc):
+                raise  # the database itself is unwell: the completer dies, exit 3
             refusal = exc
         if len(outcomes) > 1:
             recorded: dict[uuid.UUID, str] = {}
@@ -586,6 +605,13 @@ class TaskConsumer:
             await _settle_all(waiting)
 
     async def _shut_down(self, queue: AbstractQueue, tag: str) -> None:
+        if being_cancelled():
+            # A background loop died (supervise() cancels us): the completer may be gone,
+            # so waiting for outcomes could last for ever. Exit as a crash would: the
+            # channel's close returns every unacked message and the rescue takes the
+            # rows left PROCESSING.
+            log.warning("stopping without finishing %d running tasks", len(self._executions))
+            return
         # The connection may be down (and reconnecting) right now: a robust queue's
         # cancel then waits for the channel to come back, for as long as that takes, or
         # meets the closed channel. The robust queue forgets the tag first (it is not

@@ -22,6 +22,8 @@ from consumer.settings import ConsumerSettings
 from consumer.worker import TaskConsumer
 from db import execution
 from db.execution import Delivery, Outcome
+from db.pool import create_pool
+from db.settings import DatabaseSettings
 from db.tasks import NewTask, cancel_task, create_task
 from tasktypes import TaskRegistry
 from tests.integration.helpers_broker import queue_depth
@@ -205,6 +207,30 @@ async def test_an_outcome_postgres_refuses_fails_alone_and_its_batch_mates_commi
     assert consumer.metrics.unstorable._value.get() == 1
 
 
+async def test_a_refusal_that_is_not_about_the_values_fails_no_outcome(
+    pool: asyncpg.Pool, db_settings: DatabaseSettings
+) -> None:
+    """A database that refuses every write (read-only after a failover, say) is not one
+    outcome's fault: nothing is written as UnstorableOutcome, the error reaches the
+    completer (which dies, so the process exits 3 and the rescue takes over)."""
+    ids = [await new_task(pool, "echo", {"n": n}, max_attempts=1) for n in range(2)]
+    leases = {row["id"]: row["lease"] for row in [await claim(pool, t, "w1") for t in ids]}
+    outcomes = [Outcome(t, 1, "DONE", result={"ok": True}, lease=leases[t]) for t in ids]
+    database = await pool.fetchval("SELECT current_database()")
+    await pool.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+    read_only = await create_pool(db_settings, min_size=1, max_size=2)
+    try:
+        consumer = TaskConsumer(read_only, TaskRegistry(), ConsumerSettings(), "w1")
+        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+            await consumer._write_outcomes(outcomes)
+    finally:
+        await read_only.close()
+        await pool.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+    statuses = [(await fetch_task(pool, t))["status"] for t in ids]
+    assert statuses == ["PROCESSING", "PROCESSING"]
+    assert consumer.metrics.unstorable._value.get() == 0
+
+
 async def test_unstorable_results_and_errors_fail_their_task_and_the_consumer_goes_on(
     pool: asyncpg.Pool, broker_settings: BrokerSettings, stack: Stack
 ) -> None:
@@ -328,3 +354,56 @@ async def test_a_run_that_lost_its_task_while_stalled_hands_the_new_message_to_t
     await consumer.wait_for("stopping an attempt whose task is no longer ours")
     await stop_cleanly(consumer)
     await assert_queues_empty(broker_settings)
+
+
+# -- the shutdown always ends ---------------------------------------------------------
+
+
+async def test_a_shutdown_ends_when_its_last_running_task_is_lost_meanwhile(
+    pool: asyncpg.Pool, broker_settings: BrokerSettings, stack: Stack
+) -> None:
+    # A handler that ignores the stop keeps the shutdown waiting; meanwhile another
+    # consumer takes its task (the test plays that claim). The shutdown must notice the
+    # loss, hand the message back and exit, not wait for an outcome that never comes.
+    await stack.relay()
+    consumer = await stack.consumer(**MISBEHAVING, SHUTDOWN_GRACE="0.2", HANDLER_CANCEL_GRACE="60")
+    task_id = await new_task(pool, "stubborn", {"seconds": 60})
+    await wait_status(pool, task_id, "PROCESSING", stack=stack)
+    assert consumer.proc is not None
+    consumer.proc.send_signal(signal.SIGTERM)
+    await consumer.wait_for("waiting up to")
+    await pool.execute(
+        "UPDATE tasks SET lease = lease + 1, worker_id = 'another consumer' WHERE id = $1",
+        task_id,
+    )
+    assert await consumer.wait(timeout=15) == 0, consumer.output
+    assert "no longer ours" in consumer.output
+    row = await fetch_task(pool, task_id)
+    assert (row["status"], row["worker_id"]) == ("PROCESSING", "another consumer")
+    assert await queue_depth(broker_settings, broker_settings.queue_name) == 1  # handed back
+
+
+async def test_a_consumer_whose_background_loop_dies_exits_3_with_tasks_running(
+    pool: asyncpg.Pool, stack: Stack
+) -> None:
+    # The database goes read-only under a running task: the heartbeat loop dies on its
+    # refusal, and the process must exit 3 for its supervisor, not wait for ever for
+    # outcomes its (cancelled) completer will never commit.
+    await stack.relay()
+    consumer = await stack.consumer(SHUTDOWN_GRACE="0.5")
+    task_id = await new_task(pool, "sleep", {"seconds": 30})
+    await wait_status(pool, task_id, "PROCESSING", stack=stack)
+    database = await pool.fetchval("SELECT current_database()")
+    await pool.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+    try:
+        await pool.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        assert await consumer.wait(timeout=20) == 3, consumer.output
+    finally:
+        async with pool.acquire() as conn:  # it may be a new, read-only session
+            await conn.execute("SET default_transaction_read_only = off")
+            await conn.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        await pool.expire_connections()
+    assert "background loop" in consumer.output

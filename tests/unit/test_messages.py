@@ -105,6 +105,15 @@ def test_parse_ignores_unknown_fields_and_defaults_kind() -> None:
             b'{"task_id": "0b6f5a8e-3c1d-4a51-9d7e-2f1c9b0e7a11", "type": "e", "outbox_id": "x"}',
             r"outbox_id: Input should be a valid integer, unable to parse string as an integer",
         ),
+        (
+            b'{"task_id": "0b6f5a8e-3c1d-4a51-9d7e-2f1c9b0e7a11", "type": "e",'
+            b' "outbox_id": 9223372036854775808}',
+            r"outbox_id: Input should be less than or equal to 9223372036854775807",
+        ),
+        (
+            b'{"task_id": "0b6f5a8e-3c1d-4a51-9d7e-2f1c9b0e7a11", "type": "e", "outbox_id": 0}',
+            r"outbox_id: Input should be greater than or equal to 1",
+        ),
     ],
     ids=[
         "garbage-bytes",
@@ -120,6 +129,8 @@ def test_parse_ignores_unknown_fields_and_defaults_kind() -> None:
         "no-outbox-id",
         "no-type",
         "outbox-id-not-int",
+        "outbox-id-past-bigint",
+        "outbox-id-zero",
     ],
 )
 def test_parse_rejects_with_a_precise_message(body: bytes, error: str) -> None:
