@@ -28,8 +28,11 @@ the API acknowledged with what the database holds:
 - stranded claims (reported): rescued attempts that a live consumer had claimed but
   never ran. A lost claim reply used to cause them; the consumer now runs a task it
   finds already claimed under its own worker id
-  (test_crash_windows.py::test_a_claim_whose_reply_was_lost_still_runs_the_task), so
-  any seen here is a new way to strand a claim;
+  (test_crash_windows.py::test_a_claim_whose_reply_was_lost_still_runs_the_task). A
+  pause of a consumer's Postgres link strands some by design: a claim whose reply is
+  held past TASK_STALE_AFTER is rescued before its handler can start, and the run that
+  follows finds the task no longer its own. Elsewhere, one would be a new way to strand
+  a claim: look at the timeline;
 - wrong outcomes (must be 0): a DONE task whose result is not what its handler returns,
   a FAILED task that failed for any reason but a lost worker or its own misbehaviour
   (UnserializableResult, HandlerCancelled, ...), a cancel answered 200 whose task did
