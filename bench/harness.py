@@ -103,6 +103,7 @@ async def stage(name: str) -> AsyncIterator[Stage]:
             for queue in (
                 broker.queue_name,
                 broker.dead_letter_queue,
+                broker.dead_letter_watch_queue,
                 f"{broker.queue_name}.raw",
                 f"{broker.queue_name}.raw-priority",
             ):

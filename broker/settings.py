@@ -21,6 +21,13 @@ class BrokerSettings(BaseSettings):
     queue_type: Literal["classic", "quorum"] = Field(
         "classic", description="quorum for a clustered broker."
     )
+    queue_delivery_limit: int | None = Field(
+        20,
+        ge=1,
+        description="Quorum queues only (x-delivery-limit): deliveries of one message before "
+        "RabbitMQ dead-letters it; the consumers' dead-letter watch then sends its task "
+        "again through the outbox. Empty: the broker's default (none on 3.x, 20 on 4.x).",
+    )
     queue_max_priority: int | None = Field(
         None,
         ge=0,
@@ -29,10 +36,11 @@ class BrokerSettings(BaseSettings):
         "queue unless set; 0 turns priorities off. RabbitMQ 3.x quorum queues have none.",
     )
 
-    @field_validator("queue_max_priority", mode="before")
+    @field_validator("queue_max_priority", "queue_delivery_limit", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
-        # QUEUE_MAX_PRIORITY= (as in .env.example) means "the queue type's default".
+        # QUEUE_MAX_PRIORITY= (as in .env.example) means "the queue type's default"; so
+        # does an empty QUEUE_DELIVERY_LIMIT (the broker's).
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
@@ -51,3 +59,9 @@ class BrokerSettings(BaseSettings):
             return self.queue_max_priority
         # Task priorities run 0-9; a classic queue honours them all by default.
         return 9 if self.queue_type == "classic" else 0
+
+    @property
+    def dead_letter_watch_queue(self) -> str:
+        """The consumers' copy of every dead letter (the DLX is a fanout), taken to send
+        a dead-lettered task again; DEAD_LETTER_QUEUE keeps its copy for operators."""
+        return f"{self.dead_letter_queue}.watch"

@@ -1,8 +1,11 @@
 """Exchanges and queues, declared identically (and idempotently) by relay and consumer.
 
 Tasks go to a durable direct exchange, routed to one durable queue. Messages the
-consumer rejects (unparseable, naming no task) are dead-lettered through a fanout
-exchange into the dead-letter queue, where an operator can inspect them.
+consumer rejects (unparseable, naming no task), and those the broker gives up on (a
+quorum queue's x-delivery-limit), are dead-lettered through a fanout exchange into two
+queues: the dead-letter queue, where an operator can inspect them, and its ``.watch``
+copy, which the consumers read to send a dead-lettered task again through the outbox
+(``consumer.dead_letters``), so that no task waits for a message the broker dropped.
 
 The task queue is a priority queue (x-max-priority, 9 by default for a classic queue),
 so a message published with a higher priority is delivered before waiting ones of
@@ -37,6 +40,7 @@ class Topology:
     exchange: AbstractExchange
     queue: AbstractQueue
     dead_letter_queue: AbstractQueue
+    dead_letter_watch: AbstractQueue
     routing_key: str
 
 
@@ -51,6 +55,8 @@ def queue_arguments(settings: BrokerSettings) -> dict[str, Any]:
     }
     if settings.max_priority:
         arguments["x-max-priority"] = settings.max_priority
+    if settings.queue_type == "quorum" and settings.queue_delivery_limit is not None:
+        arguments["x-delivery-limit"] = settings.queue_delivery_limit
     return arguments
 
 
@@ -138,10 +144,14 @@ async def declare(channel: AbstractChannel, settings: BrokerSettings) -> Topolog
         channel, settings.dead_letter_queue, {"x-queue-type": settings.queue_type}
     )
     await dead.bind(dlx)
+    watch = await _declare_queue(
+        channel, settings.dead_letter_watch_queue, {"x-queue-type": settings.queue_type}
+    )
+    await watch.bind(dlx)
     exchange = await _declare_exchange(
         channel, settings.exchange_name, aio_pika.ExchangeType.DIRECT, "EXCHANGE_NAME"
     )
     queue = await _declare_queue(channel, settings.queue_name, queue_arguments(settings))
     # The queue's own name is the routing key: one binding, nothing to configure.
     await queue.bind(exchange, routing_key=settings.queue_name)
-    return Topology(exchange, queue, dead, settings.queue_name)
+    return Topology(exchange, queue, dead, watch, settings.queue_name)

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from broker import pipeline, topology
 from broker.topology import TopologyMismatch
+from consumer.dead_letters import DeadLetterWatch
 from consumer.metrics import ConsumerMetrics
 from consumer.monitoring import observe
 from consumer.settings import ConsumerSettings
@@ -36,7 +37,10 @@ from tasktypes import load_registry
 log = logging.getLogger("consumer")
 
 
-async def open_queue(settings: ConsumerSettings) -> tuple[AbstractRobustConnection, AbstractQueue]:
+async def open_queue(
+    settings: ConsumerSettings,
+) -> tuple[AbstractRobustConnection, AbstractQueue, AbstractQueue]:
+    """The connection, the task queue and the dead-letter watch queue."""
     connection = await aio_pika.connect_robust(
         settings.amqp_url, client_properties={"connection_name": "taskbox-consumer"}
     )
@@ -51,7 +55,7 @@ async def open_queue(settings: ConsumerSettings) -> tuple[AbstractRobustConnecti
         # A retry opens a connection of its own; this one must not linger, reconnecting.
         await connection.close()
         raise
-    return connection, declared.queue
+    return connection, declared.queue, declared.dead_letter_watch
 
 
 async def serve(settings: ConsumerSettings) -> None:
@@ -64,7 +68,7 @@ async def serve(settings: ConsumerSettings) -> None:
         metrics.registry, probes, settings.metrics_host, settings.consumer_metrics_port
     )
     pool = await open_pool(settings)
-    connection, queue = await connect_with_retry(
+    connection, queue, dead_letters = await connect_with_retry(
         "RabbitMQ", lambda: open_queue(settings), (OSError, aio_pika.exceptions.AMQPError)
     )
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -73,6 +77,9 @@ async def serve(settings: ConsumerSettings) -> None:
         "completer": consumer.complete_loop(),
         "heartbeat": consumer.heartbeat_loop(),
         "rescue": consumer.rescue_loop(),
+        "dead-letter watch": DeadLetterWatch(pool, metrics, settings.outbox_channel).run(
+            dead_letters
+        ),
     }
     if server is not None:
         observe(probes, settings, pool, connection, queue, consumer)

@@ -93,6 +93,16 @@ class ConsumerMetrics:
             ["reason"],
             registry=r,
         )
+        self.dead_letters = Counter(
+            "taskbox_consumer_dead_letters_watched",
+            "Dead-lettered messages the dead-letter watch decided on, by outcome: requeued "
+            "(its task sent again through the outbox), not_needed (the task was finished, "
+            "running or had a newer message), not_a_task, error (kept for later).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("requeued", "not_needed", "not_a_task", "error"):
+            self.dead_letters.labels(outcome)
         self.unstorable = Counter(
             "taskbox_consumer_unstorable_outcomes",
             "Outcomes Postgres refused to store, written instead as FAILED UnstorableOutcome.",

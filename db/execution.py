@@ -127,7 +127,13 @@ RETURNING t.id, t.cancel_requested
 # statement's snapshot was taken is seen, where a separate read of the snapshot would
 # miss it. A requeued task keeps the trace context of its latest outbox row (a rare
 # path, one index lookup per rescued task).
-_RESCUE = """
+# The trace context of task r's newest outbox row, for a row that sends it again.
+_LATEST_TRACE = """coalesce((SELECT jsonb_strip_nulls(jsonb_build_object('traceparent',
+                                                    o.headers -> 'traceparent'))
+                     FROM outbox AS o WHERE o.task_id = r.id ORDER BY o.id DESC LIMIT 1),
+                    '{}'::jsonb)"""
+
+_RESCUE = f"""
 WITH stale AS (
     SELECT id FROM tasks
     WHERE status = 'PROCESSING' AND heartbeat_at < now() - make_interval(secs => $1)
@@ -158,14 +164,36 @@ WITH stale AS (
     INSERT INTO outbox (task_id, kind, body, headers)
     SELECT r.id, 'task.retry',
            jsonb_build_object('task_id', r.id, 'type', r.type, 'priority', r.priority),
-           coalesce((SELECT jsonb_strip_nulls(jsonb_build_object('traceparent',
-                                                                 o.headers -> 'traceparent'))
-                     FROM outbox AS o WHERE o.task_id = r.id ORDER BY o.id DESC LIMIT 1),
-                    '{}'::jsonb)
+           {_LATEST_TRACE}
     FROM rescued AS r WHERE r.status = 'NEW'
 )
 SELECT id, type, status, attempts FROM rescued
-"""
+"""  # noqa: S608 - a constant fragment, no input
+
+# A task message the broker dead-lettered (a quorum queue's x-delivery-limit, or a TTL
+# or length policy an operator set) was the task's only way forward when the task is
+# PENDING and the message is for its newest outbox row: the task goes back to NEW with
+# a new outbox row, as the rescue sends it. Anything else needs nothing: a finished
+# task, one running (its owner or the rescue see to it), or one waiting on a newer row
+# (unpublished, or its message in flight). The conditional UPDATE makes a second copy
+# of the same dead letter (a redelivery of the watch's message) a no-op: the first one
+# wrote a newer row.
+_REQUEUE_DEAD_LETTERED = f"""
+WITH requeued AS (
+    UPDATE tasks AS t SET status = 'NEW', updated_at = now()
+    WHERE t.id = $1 AND t.status = 'PENDING'
+      AND $2 >= (SELECT coalesce(max(o.id), 0) FROM outbox AS o WHERE o.task_id = t.id)
+    RETURNING t.id, t.type, t.priority
+), queued AS (
+    INSERT INTO outbox (task_id, kind, body, headers)
+    SELECT r.id, 'task.retry',
+           jsonb_build_object('task_id', r.id, 'type', r.type, 'priority', r.priority),
+           {_LATEST_TRACE}
+    FROM requeued AS r
+    RETURNING id
+)
+SELECT (SELECT id FROM queued) AS outbox_id, (SELECT status FROM tasks WHERE id = $1) AS status
+"""  # noqa: S608 - a constant fragment, no input
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,3 +283,21 @@ async def rescue_stale(
 ) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await conn.fetch(_RESCUE, stale_after, limit)
     return rows
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterDecision:
+    """What a dead-lettered task message led to: ``outbox_id`` of the row that sends its
+    task again, or None when the task needed nothing (``status`` as found, None for a
+    task that does not exist)."""
+
+    outbox_id: int | None
+    status: str | None
+
+
+async def requeue_dead_lettered(
+    conn: asyncpg.Connection | asyncpg.Pool, delivery: Delivery
+) -> DeadLetterDecision:
+    row = await conn.fetchrow(_REQUEUE_DEAD_LETTERED, delivery.task_id, delivery.outbox_id)
+    assert row is not None  # the outer SELECT always answers one row
+    return DeadLetterDecision(row["outbox_id"], row["status"])

@@ -100,7 +100,11 @@ async def broker_settings() -> AsyncIterator[BrokerSettings]:
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel()
-        for queue in (settings.queue_name, settings.dead_letter_queue):
+        for queue in (
+            settings.queue_name,
+            settings.dead_letter_queue,
+            settings.dead_letter_watch_queue,
+        ):
             await channel.queue_delete(queue)
         for exchange in (settings.exchange_name, settings.dead_letter_exchange):
             await channel.exchange_delete(exchange)

@@ -230,6 +230,7 @@ async def assert_queues_empty(settings: BrokerSettings) -> None:
     """Call once every consumer has exited: any unacked message would be back to ready."""
     assert await queue_depth(settings, settings.queue_name) == 0
     assert await queue_depth(settings, settings.dead_letter_queue) == 0
+    assert await queue_depth(settings, settings.dead_letter_watch_queue) == 0
 
 
 # -- 1. the happy path at volume ------------------------------------------------------

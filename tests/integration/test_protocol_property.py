@@ -3,7 +3,8 @@
 Hypothesis drives a model of the whole system through random interleavings: the api
 (create, cancel), relays (publish, crash between publish and commit, a refused publish,
 a publish racing a consumer's claim), a broker (a queue with unacked deliveries,
-redelivery when a channel or a consumer dies), three consumers, the rescue, the
+redelivery when a channel or a consumer dies, a message it gives up on and
+dead-letters), three consumers, the consumers' dead-letter watch, the rescue, the
 operator's replay and the retention sweep. Every database write is the real query
 function of ``db/`` (nothing here re-implements SQL), and every consumer's decisions
 come from the real ``consumer.lifecycle.Executions``, with outcomes shaped by the real
@@ -55,7 +56,8 @@ After every step the invariants read the database (DESIGN.md, "Protocol invarian
   "duplicates").
 * ``every_task_has_a_way_forward`` (no orphans): a NEW or PENDING task has an
   unpublished outbox row, or a message (in the queue or in a live consumer's hands)
-  that can still claim it; PROCESSING is always fine (the rescue takes stale ones).
+  that can still claim it, or (PENDING) a dead letter of its newest row that the watch
+  has yet to see; PROCESSING is always fine (the rescue takes stale ones).
 
 At the end of each example ``teardown`` drains the system (every lost reply retried,
 every handler ending, everything delivered and claimed, the clock moved past every
@@ -94,7 +96,15 @@ from broker import messages
 from consumer.attempt import ClaimedTask, failed_outcome, stopped_outcome
 from consumer.lifecycle import Execution, Executions, Phase, Settlement
 from db import outbox, replay, retention
-from db.execution import Delivery, Outcome, claim_tasks, finish_tasks, heartbeat, rescue_stale
+from db.execution import (
+    Delivery,
+    Outcome,
+    claim_tasks,
+    finish_tasks,
+    heartbeat,
+    requeue_dead_lettered,
+    rescue_stale,
+)
 from db.pool import create_pool
 from db.settings import DatabaseSettings
 from db.states import TERMINAL, TaskStatus
@@ -199,12 +209,14 @@ class Envelope:
 
 
 class Broker:
-    """A queue: ready messages, deliveries not settled yet, dead letters."""
+    """A queue: ready messages, deliveries not settled yet, dead letters (the operators'
+    queue, and the watch queue the consumers' dead-letter watch reads)."""
 
     def __init__(self) -> None:
         self.ready: list[Message] = []
         self.unacked: dict[int, Envelope] = {}
         self.dead: list[Message] = []
+        self.watch: list[Message] = []
         self._serials = itertools.count(1)
         self._tags = itertools.count(1)
 
@@ -229,8 +241,13 @@ class Broker:
         if how == "requeue":
             self.ready.append(envelope.message)
         elif how == "dead-letter":
-            self.dead.append(envelope.message)
+            self.dead_letter(envelope.message)
         return True
+
+    def dead_letter(self, message: Message) -> None:
+        """The dead-letter exchange is a fanout: one copy for operators, one watched."""
+        self.dead.append(message)
+        self.watch.append(message)
 
     def of_consumer(self, consumer: int) -> list[Envelope]:
         return [e for e in self.unacked.values() if e.consumer == consumer]
@@ -340,6 +357,7 @@ class Effects:
     replayed: set[uuid.UUID] = field(default_factory=set)
     cancelled: set[uuid.UUID] = field(default_factory=set)
     relayed: set[uuid.UUID] = field(default_factory=set)
+    requeued: set[uuid.UUID] = field(default_factory=set)  # sent again by the watch
     swept: bool = False
     settled: list[Settling] = field(default_factory=list)
     fence: list[str] = field(default_factory=list)  # outcomes the fence should have refused
@@ -773,6 +791,27 @@ class ProtocolMachine(RuleBasedStateMachine):
             message = self.broker.ready[pick % len(self.broker.ready)]
             consumer.inbox.append(self.broker.deliver(message, consumer.index))
 
+    @precondition(lambda self: self.broker.ready)
+    @rule(pick=PICK)
+    def broker_gives_up(self, pick: int) -> None:
+        """A quorum queue's delivery limit (or a TTL policy) dead-letters a message."""
+        with self.step("the broker dead-letters a message"):
+            message = self.broker.ready.pop(pick % len(self.broker.ready))
+            self.broker.dead_letter(message)
+
+    @precondition(lambda self: self.broker.watch)
+    @rule(pick=PICK)
+    def dead_letter_watch(self, pick: int) -> None:
+        with self.step("the dead-letter watch decides on a dead letter"):
+            self._watch(self.broker.watch.pop(pick % len(self.broker.watch)))
+
+    def _watch(self, message: Message) -> None:
+        decision = self.db(
+            requeue_dead_lettered(self.pool, Delivery(message.task_id, message.outbox_id))
+        )
+        if decision.outbox_id is not None:
+            self.effects.requeued.add(message.task_id)
+
     @precondition(lambda self: any(self.broker.of_consumer(c.index) for c in self.consumers))
     @rule(c=CONSUMER)
     def channel_closes(self, c: int) -> None:
@@ -1032,8 +1071,8 @@ class ProtocolMachine(RuleBasedStateMachine):
                 allowed = False
             elif after.status == S.CANCELLED:
                 allowed = task_id in effects.cancelled
-            else:  # NEW <-> PENDING: the relay's publish or refusal, or a replay
-                allowed = task_id in effects.relayed or task_id in effects.replayed
+            else:  # NEW <-> PENDING: the relay's publish or refusal, a replay, the watch
+                allowed = bool({task_id} & (effects.relayed | effects.replayed | effects.requeued))
             if not allowed:
                 self.fail(f"no actor of this step may write that: {change}")
         for task_id, before in self.previous.tasks.items():
@@ -1098,13 +1137,19 @@ class ProtocolMachine(RuleBasedStateMachine):
             newest = now.newest.get(task_id, 0)
             if row.status == S.PENDING and mine:
                 continue
+            # A dead letter of the newest row: the watch will send the task again.
+            if row.status == S.PENDING and any(
+                m.task_id == task_id and m.outbox_id >= newest for m in self.broker.watch
+            ):
+                continue
             if row.status == S.NEW and any(m.outbox_id >= newest for m in mine):
                 continue
             self.fail(
                 f"orphan: task {task_id} is {row.status} with no unpublished outbox row and "
                 f"no message that can claim it (messages for outbox rows "
                 f"{[m.outbox_id for m in mine]}, newest row {newest}, dead letters "
-                f"{[m.outbox_id for m in self.broker.dead if m.task_id == task_id]}); "
+                f"{[m.outbox_id for m in self.broker.dead if m.task_id == task_id]}, watched "
+                f"{[m.outbox_id for m in self.broker.watch if m.task_id == task_id]}); "
                 f"history {self.history.get(task_id)}"
             )
 
@@ -1184,6 +1229,9 @@ class ProtocolMachine(RuleBasedStateMachine):
                 if batch:
                     self._claimed(consumer, batch, self._claim(consumer, batch))
                 moved = True
+        while self.broker.watch:
+            self._watch(self.broker.watch.pop(0))
+            moved = True
         if not any(len(c.executions) or c.inbox for c in self.consumers):
             # Nothing runs: let the clock pass every staleness and backoff.
             self.db(self._time_passes(1000.0))

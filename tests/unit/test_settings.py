@@ -319,6 +319,22 @@ def test_a_quorum_queue_has_no_priorities_by_default() -> None:
     assert "x-max-priority" not in queue_arguments(settings)
 
 
+def test_a_quorum_queue_gets_an_explicit_delivery_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert queue_arguments(BrokerSettings(queue_type="quorum"))["x-delivery-limit"] == 20
+    limited = BrokerSettings(queue_type="quorum", queue_delivery_limit=5)
+    assert queue_arguments(limited)["x-delivery-limit"] == 5
+    # Classic queues have no delivery limit: the argument is never sent.
+    assert "x-delivery-limit" not in queue_arguments(BrokerSettings(queue_type="classic"))
+    # Empty leaves the broker's default (for a quorum queue made before the setting).
+    monkeypatch.setenv("QUEUE_DELIVERY_LIMIT", "")
+    assert "x-delivery-limit" not in queue_arguments(BrokerSettings(queue_type="quorum"))
+
+
+def test_the_dead_letter_watch_queue_is_named_after_the_dead_letter_queue() -> None:
+    settings = BrokerSettings(dead_letter_queue="ops.dead")
+    assert settings.dead_letter_watch_queue == "ops.dead.watch"
+
+
 def test_priorities_can_be_narrowed_or_turned_off() -> None:
     assert queue_arguments(BrokerSettings(queue_max_priority=3))["x-max-priority"] == 3
     assert "x-max-priority" not in queue_arguments(BrokerSettings(queue_max_priority=0))
