@@ -71,6 +71,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import os
 import threading
 import time
 import uuid
@@ -122,7 +123,8 @@ DRAIN_ROUNDS = 40
 CALL_TIMEOUT = 60.0
 
 SETTINGS = settings(
-    max_examples=80,
+    # About 15 s on the dev box; PROTOCOL_EXAMPLES=2000 for a longer hunt.
+    max_examples=int(os.environ.get("PROTOCOL_EXAMPLES", "200")),
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
