@@ -24,6 +24,8 @@ from tasktypes import PermanentError, TaskContext, TaskRegistry
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_RESULT_BYTES = 1_048_576  # the default of MAX_RESULT_BYTES
+
 # What jsonb cannot hold in a text: replaced in error messages, which are ours to word.
 _UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
 # A NUL in the encoded JSON: the escape \u0000 after an even number of backslashes (an
@@ -87,10 +89,12 @@ def error_of(exc: BaseException) -> dict[str, str]:
     return {"type": type(exc).__name__, "message": storable_text(str(exc)[:2000])}
 
 
-def _json_result(result: Any) -> orjson.Fragment:
+def _json_result(result: Any, max_bytes: int) -> orjson.Fragment:
     """The result as stored JSON. What jsonb or the encoder would refuse (a NUL
     character, a lone surrogate, an integer past 64 bits) fails this attempt alone,
-    instead of the completion batch it joins."""
+    instead of the completion batch it joins; so does a result over ``max_bytes``,
+    which would make every completion commit that carries it slow, or time out and be
+    retried for ever."""
     try:
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json", by_alias=True)
@@ -99,6 +103,11 @@ def _json_result(result: Any) -> orjson.Fragment:
         raise UnserializableResult(
             f"the handler's result is not JSON: {storable_text(str(exc))}"
         ) from None
+    if len(document) > max_bytes:
+        raise UnserializableResult(
+            f"the handler's result is {len(document)} bytes of JSON, more than "
+            f"MAX_RESULT_BYTES ({max_bytes})"
+        )
     if _NUL_ESCAPE.search(document):
         # Rare: read it back only to say where the NUL is.
         try:
@@ -168,6 +177,7 @@ async def run_attempt(
     default_timeout: float,
     retry_delay: Callable[[int], float],
     stop_reason: Callable[[], StopReason | None] = _never_stopped,
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
 ) -> Outcome:
     """Run the handler and say how the attempt ended; never raises.
 
@@ -195,7 +205,11 @@ async def run_attempt(
                 raise AttemptTimedOut(f"the attempt exceeded its {limit:g}s timeout") from None
             raise  # the handler's own TimeoutError: an ordinary failure
         return Outcome(
-            task_id, attempt, TaskStatus.DONE, result=_json_result(result), lease=claimed.lease
+            task_id,
+            attempt,
+            TaskStatus.DONE,
+            result=_json_result(result, max_result_bytes),
+            lease=claimed.lease,
         )
     except asyncio.CancelledError:
         current = asyncio.current_task()

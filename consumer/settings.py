@@ -7,6 +7,7 @@ from typing import Self
 from pydantic import Field, model_validator
 
 from broker.settings import BrokerSettings
+from consumer.attempt import DEFAULT_MAX_RESULT_BYTES
 from db.settings import DatabaseSettings
 from runtime.settings import MetricsSettings, ProcessSettings
 
@@ -20,6 +21,12 @@ class ConsumerSettings(DatabaseSettings, BrokerSettings, ProcessSettings, Metric
         gt=0,
         description="Seconds a handler past its timeout, or asked to stop, gets to end "
         "before its attempt is written without it (the coroutine is left running, detached).",
+    )
+    max_result_bytes: int = Field(
+        DEFAULT_MAX_RESULT_BYTES,
+        ge=1,
+        description="Largest result a handler may return, in bytes of JSON; a larger one "
+        "fails its attempt (UnserializableResult).",
     )
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between heartbeats.")
     task_stale_after: float = Field(

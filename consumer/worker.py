@@ -348,6 +348,7 @@ class TaskConsumer:
             self._settings.handler_timeout,
             self._retry_delay,
             lambda: execution.stop_reason,
+            self._settings.max_result_bytes,
         )
         self.metrics.handler_seconds.labels(claimed.type).observe(time.perf_counter() - started)
         if self._handlers.get(execution) is handler:

@@ -347,6 +347,36 @@ async def test_a_non_json_result_fails_at_once(
     )
 
 
+async def test_a_result_over_max_result_bytes_fails_at_once(
+    registry: TaskRegistry, delay: RecordingDelay
+) -> None:
+    # "report" returns a small JSON object; a limit below its size refuses it.
+    small = await run_attempt(claimed("report"), registry, DEFAULT_TIMEOUT, delay)
+    assert small.status == TaskStatus.DONE and small.result is not None
+    size = len(orjson.dumps(small.result))
+    outcome = await run_attempt(
+        claimed("report", attempt=1, max_attempts=10),
+        registry,
+        DEFAULT_TIMEOUT,
+        delay,
+        max_result_bytes=size - 1,
+    )
+    assert outcome == expected(
+        TASK_ID,
+        1,
+        TaskStatus.FAILED,
+        error={
+            "type": "UnserializableResult",
+            "message": f"the handler's result is {size} bytes of JSON, more than "
+            f"MAX_RESULT_BYTES ({size - 1})",
+        },
+    )
+    exact = await run_attempt(
+        claimed("report"), registry, DEFAULT_TIMEOUT, delay, max_result_bytes=size
+    )
+    assert exact.status == TaskStatus.DONE
+
+
 async def test_a_model_result_that_cannot_be_dumped_fails_at_once(
     registry: TaskRegistry, delay: RecordingDelay
 ) -> None:
