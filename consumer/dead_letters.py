@@ -28,6 +28,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from broker import messages
 from consumer.metrics import ConsumerMetrics
+from consumer.worker import consume
 from db import execution as task_execution
 from db.errors import TRANSIENT_DB_ERRORS
 from db.execution import Delivery
@@ -61,7 +62,7 @@ class DeadLetterWatch:
 
     async def run(self, queue: AbstractQueue) -> None:
         """Consume the watch queue until cancelled."""
-        await queue.consume(self.on_dead_letter)
+        await consume(queue, self.on_dead_letter)
         await asyncio.Event().wait()  # the callbacks do the work
 
     async def on_dead_letter(self, message: AbstractIncomingMessage) -> None:

@@ -20,7 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -86,6 +86,23 @@ CHANNEL_GONE: tuple[type[BaseException], ...] = (
 )
 _CANCEL_TIMEOUT = 5.0  # seconds for basic.cancel-ok before shutting down without it
 _CANCEL_FAILED: tuple[type[BaseException], ...] = (*CHANNEL_GONE, TimeoutError)
+
+
+async def consume(queue: AbstractQueue, callback: Callable[[AbstractIncomingMessage], Any]) -> str:
+    """``queue.consume(callback)``, tried again while the connection is down. A robust
+    queue restores a consumer it has registered after each reconnect, but one whose
+    basic.consume met a cut was never registered: without this, a process that starts
+    during a cut would lose its loop and exit."""
+    failures = 0
+    while True:
+        try:
+            tag: str = await queue.consume(callback)
+            return tag
+        except CHANNEL_GONE as exc:
+            failures += 1
+            delay = backoff_delay(failures, 0.2, 5.0)
+            log.warning("consuming from %s failed (%r); retrying in %.1fs", queue.name, exc, delay)
+            await asyncio.sleep(delay)
 
 
 def _frame(how: str, tag: int) -> Basic.Ack | Basic.Nack | Basic.Reject:
@@ -590,7 +607,7 @@ class TaskConsumer:
     # -- the whole life ---------------------------------------------------------------
 
     async def run(self, queue: AbstractQueue, stop: asyncio.Event) -> None:
-        tag = await queue.consume(self.on_message)
+        tag = await consume(queue, self.on_message)
         log.info("consuming from %s as %s", queue.name, self.worker_id)
         try:
             await self.claim_loop(stop)

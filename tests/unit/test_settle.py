@@ -12,7 +12,7 @@ from aiormq.abc import ChannelFrame
 from pamqp import frame as pamqp_frame
 from pamqp.commands import Basic
 
-from consumer.worker import _settle, _settle_all
+from consumer.worker import _settle, _settle_all, consume
 
 
 class WrittenChannel:
@@ -148,3 +148,29 @@ async def test_cancelling_the_settling_task_still_cancels_it() -> None:
     settling.cancel()
     with pytest.raises(asyncio.CancelledError):
         await settling
+
+
+class CutQueue:
+    """A queue whose basic.consume meets a connection cut ``cuts`` times first."""
+
+    name = "tasks"
+
+    def __init__(self, cuts: int) -> None:
+        self.cuts = cuts
+        self.calls = 0
+
+    async def consume(self, callback: Any) -> str:
+        self.calls += 1
+        if self.calls <= self.cuts:
+            raise aiormq.exceptions.AMQPConnectionError("Server connection reset")
+        return "ctag-1"
+
+
+async def test_consume_is_tried_again_while_the_connection_is_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    queue = CutQueue(cuts=2)
+    async with asyncio.timeout(5):
+        tag = await consume(cast(Any, queue), lambda message: None)
+    assert (tag, queue.calls) == ("ctag-1", 3)
+    assert sum("consuming from tasks failed" in r.message for r in caplog.records) == 2
