@@ -18,7 +18,7 @@ import asyncpg
 from pydantic import ValidationError
 
 from db.errors import TRANSIENT_DB_ERRORS
-from db.grants import GRANTS, PROCESSES, Process
+from db.grants import FUNCTIONS, GRANTS, PROCESSES, Process
 from db.migrations import migrate
 from db.roles import DEFAULT_NAMES, PASSWORD_VARIABLES, Plan, RolesError, apply_roles, describe
 from db.settings import DatabaseSettings
@@ -78,6 +78,8 @@ def _print_report(plan: Plan, dry_run: bool, out: TextIO) -> None:
         print(f"{outcome.role} ({outcome.process}): {state}, {password}", file=out)
         for grant in GRANTS[outcome.process]:
             print(f"    {describe(grant, plan.sequence)}", file=out)
+        for function in FUNCTIONS[outcome.process]:
+            print(f"    function {function}: EXECUTE", file=out)
     for what in plan.public_revoked:
         print(f"revoked from PUBLIC: {what}", file=out)
     print(

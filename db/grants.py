@@ -12,8 +12,16 @@ defaulted column (as ``run_at`` was) without a re-grant. UPDATE is granted per
 column, because that is where the processes really differ: only the consumer writes a
 result or an error, nobody rewrites a payload, a type, a priority or an idempotency key.
 
-Nothing here needs privileges on functions: ``pg_notify``, the advisory-lock functions,
-``gen_random_uuid`` and ``now`` are executable by PUBLIC. Foreign-key checks and the
+The api's one change to an existing task is the cancel (NEW/PENDING -> CANCELLED,
+PROCESSING -> cancel_requested), so it updates no column of ``tasks`` at all and calls
+``cancel_task(uuid)`` instead, a SECURITY DEFINER function of migration 0004 that runs as
+the tables' owner and performs exactly that transition. An UPDATE grant on ``status``
+would let it make any change (mark a task DONE, send a finished one back to NEW), and a
+row-level security policy could limit the statuses a row may have after an update, not
+the transition from the one before.
+
+Nothing else here needs privileges on functions: ``pg_notify``, the advisory-lock
+functions, ``gen_random_uuid`` and ``now`` are executable by PUBLIC. Foreign-key checks and the
 ``ON DELETE CASCADE`` from ``tasks`` to ``outbox`` run as the tables' owner, so they need no
 grant of their own. Deliberately absent everywhere: TRUNCATE, REFERENCES, TRIGGER, sequence
 UPDATE (setval) and any DDL.
@@ -39,15 +47,10 @@ class TableGrant:
 
 GRANTS: dict[Process, tuple[TableGrant, ...]] = {
     # Creates tasks and their task.created outbox rows (one statement, db.tasks), reads
-    # and lists tasks, cancels: NEW/PENDING become CANCELLED, PROCESSING gets
-    # cancel_requested. A cancelled task's unsent row is closed by the relay's claim, so
-    # the api only ever adds outbox rows.
+    # and lists tasks, and cancels through cancel_task(). A cancelled task's unsent row
+    # is closed by the relay's claim, so the api only ever adds outbox rows.
     "api": (
-        TableGrant(
-            "tasks",
-            ("SELECT", "INSERT"),
-            update_columns=("status", "cancel_requested", "finished_at", "updated_at"),
-        ),
+        TableGrant("tasks", ("SELECT", "INSERT")),
         TableGrant("outbox", ("SELECT", "INSERT"), identity_sequence=True),
     ),
     # Claims due outbox rows (FOR UPDATE SKIP LOCKED needs UPDATE on some column, which
@@ -85,6 +88,14 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
         ),
         TableGrant("outbox", ("SELECT", "INSERT"), identity_sequence=True),
     ),
+}
+
+# EXECUTE on these functions (schema public, with their argument types), revoked from
+# PUBLIC by the migration that creates them.
+FUNCTIONS: dict[Process, tuple[str, ...]] = {
+    "api": ("cancel_task(uuid)",),
+    "relay": (),
+    "consumer": (),
 }
 
 TABLES: tuple[str, ...] = ("tasks", "outbox")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from db.grants import GRANTS, PROCESSES, TABLES, Process, TableGrant
+from db.grants import FUNCTIONS, GRANTS, PROCESSES, TABLES, Process, TableGrant
 
 DEFAULT_NAMES: dict[Process, str] = {p: f"taskbox_{p}" for p in PROCESSES}
 PASSWORD_VARIABLES: dict[Process, str] = {p: f"TASKBOX_{p.upper()}_PASSWORD" for p in PROCESSES}
@@ -91,6 +91,18 @@ SELECT r.name,
        EXISTS (SELECT 1 FROM pg_auth_members AS m WHERE m.member = r.name::regrole) AS member
 FROM unnest($1::text[]) AS r(name)
 """
+
+
+# Every function of the matrix: present, ours to grant on, and whether PUBLIC may run it.
+_FUNCTIONS = """
+SELECT f.signature, p.oid IS NOT NULL AS present,
+       coalesce(pg_has_role(p.proowner, 'USAGE'), false) AS ours,
+       coalesce(has_function_privilege('public', p.oid, 'EXECUTE'), false) AS public_execute
+FROM unnest($1::text[]) AS f(signature)
+LEFT JOIN pg_proc AS p ON p.oid = to_regprocedure('public.' || f.signature)
+"""
+
+_VERIFY_FUNCTION = "SELECT has_function_privilege($1, 'public.' || $2, 'EXECUTE')"
 
 
 class RolesError(Exception):
@@ -181,7 +193,24 @@ async def _check_runner(conn: asyncpg.Connection) -> tuple[str, str, str]:
     sequence = await conn.fetchval("SELECT pg_get_serial_sequence('public.outbox', 'id')")
     if sequence is None:
         raise RolesError("outbox.id has no identity sequence: is the schema migrated?")
+    functions = await conn.fetch(_FUNCTIONS, _all_functions())
+    missing = [f["signature"] for f in functions if not f["present"]]
+    if missing:
+        raise RolesError(
+            f"function(s) {', '.join(missing)} missing in database {runner['database']!r}: "
+            "run python -m db migrate first"
+        )
+    foreign = [f["signature"] for f in functions if not f["ours"]]
+    if foreign:
+        raise RolesError(
+            f"must run as the owner of function(s) {', '.join(foreign)} (the role that ran "
+            f"python -m db migrate), this is {runner['name']}"
+        )
     return runner["name"], runner["database"], sequence
+
+
+def _all_functions() -> list[str]:
+    return sorted({f for process in PROCESSES for f in FUNCTIONS[process]})
 
 
 async def plan_roles(
@@ -204,6 +233,12 @@ async def plan_roles(
     if public["on_database"]:
         plan.add(f"REVOKE CREATE ON DATABASE {db} FROM PUBLIC")
         plan.public_revoked.append(f"CREATE on database {database}")
+    # Functions are PUBLIC's to execute by default; the migration revoked that, and a
+    # grant to PUBLIC since would let every role cancel tasks.
+    for function in await conn.fetch(_FUNCTIONS, _all_functions()):
+        if function["public_execute"]:
+            plan.add(f"REVOKE EXECUTE ON FUNCTION public.{function['signature']} FROM PUBLIC")
+            plan.public_revoked.append(f"EXECUTE on function {function['signature']}")
 
     for process in PROCESSES:
         name = names[process]
@@ -238,6 +273,7 @@ async def plan_roles(
         plan.add(f"GRANT USAGE ON SCHEMA public TO {role}")
         plan.add(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}")
         plan.add(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}")
+        plan.add(f"REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM {role}")
         for grant in GRANTS[process]:
             table = f"public.{quote_ident(grant.table)}"
             if grant.privileges:
@@ -247,13 +283,22 @@ async def plan_roles(
                 plan.add(f"GRANT UPDATE ({columns}) ON TABLE {table} TO {role}")
             if grant.identity_sequence:
                 plan.add(f"GRANT USAGE ON SEQUENCE {sequence} TO {role}")
+        for function in FUNCTIONS[process]:
+            plan.add(f"GRANT EXECUTE ON FUNCTION public.{function} TO {role}")
         plan.outcomes.append(RoleOutcome(process, name, row is None, bool(password)))
     return plan
 
 
-async def _verify(conn: asyncpg.Connection, names: list[str]) -> None:
-    """Fail (and so roll back) if a role could still run DDL or inherit another's rights."""
-    for row in await conn.fetch(_VERIFY, names):
+async def _verify(conn: asyncpg.Connection, names: Mapping[Process, str]) -> None:
+    """Fail (and so roll back) if a role could still run DDL, inherit another's rights or
+    run a function of another process's."""
+    for process in PROCESSES:
+        for function in _all_functions():
+            if function in FUNCTIONS[process]:
+                continue
+            if await conn.fetchval(_VERIFY_FUNCTION, names[process], function):
+                raise RolesError(f"role {names[process]} could still execute {function}")
+    for row in await conn.fetch(_VERIFY, [names[p] for p in PROCESSES]):
         if row["schema_create"] or row["database_create"]:
             raise RolesError(
                 f"role {row['name']} could still CREATE in this database (granted to PUBLIC?); "
@@ -276,5 +321,5 @@ async def apply_roles(
         if not dry_run:
             for step in plan.steps:
                 await conn.execute(step.sql)
-            await _verify(conn, [names[p] for p in PROCESSES])
+            await _verify(conn, names)
     return plan

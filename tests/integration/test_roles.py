@@ -15,6 +15,7 @@ import signal
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,11 +31,12 @@ from db.outbox import PublishRefusal, claim_batch, notify, record_publish_outcom
 from db.pool import connect
 from db.roles import RolesError, apply_roles
 from db.settings import DatabaseSettings
-from db.states import TaskStatus
+from db.states import CANCEL_LATER, CANCEL_NOW, TaskStatus
 from db.tasks import (
     NewTask,
     TaskFilter,
     cancel_task,
+    create_group,
     create_task,
     create_task_once,
     create_tasks,
@@ -197,6 +199,91 @@ async def test_a_role_is_refused_what_its_process_never_does(
         )
 
 
+# -- what README claims a compromised process cannot do, one test per claim -----------
+
+FORGED_RESULT = '{"forged": true}'
+
+
+async def owned_task(owner_dsn: str, status: TaskStatus, **columns: Any) -> uuid.UUID:
+    """A task (with its task.created row) put in ``status`` by the owner."""
+    owner = await connect(DatabaseSettings(database_url=owner_dsn))
+    try:
+        [task_id] = await make_tasks(owner, 1)
+        sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(columns, start=3))
+        await owner.execute(
+            f"UPDATE tasks SET status = $2{', ' + sets if sets else ''} WHERE id = $1",
+            task_id,
+            status.value,
+            *columns.values(),
+        )
+    finally:
+        await owner.close()
+    return task_id
+
+
+async def test_the_api_changes_a_status_only_by_cancelling(roles: Roles, database_url: str) -> None:
+    fresh = await owned_task(database_url, TaskStatus.NEW)
+    done = await owned_task(
+        database_url, TaskStatus.DONE, result={"ok": True}, finished_at=datetime.now(UTC)
+    )
+    async with connected(roles, "api") as conn:
+        assert (
+            await refused(
+                conn,
+                [
+                    f"UPDATE tasks SET status = 'DONE', result = '{FORGED_RESULT}' "
+                    f"WHERE id = '{fresh}'",
+                    f"UPDATE tasks SET status = 'NEW' WHERE id = '{done}'",  # run it again
+                    f"UPDATE tasks SET status = 'CANCELLED' WHERE id = '{done}'",
+                    f"UPDATE tasks SET status = 'PROCESSING' WHERE id = '{fresh}'",
+                    f"UPDATE tasks SET cancel_requested = true WHERE id = '{fresh}'",
+                    f"UPDATE tasks SET finished_at = now() WHERE id = '{done}'",
+                    "UPDATE tasks SET updated_at = now()",
+                    # A row lock would hold off the relay and the consumers.
+                    f"SELECT 1 FROM tasks WHERE id = '{fresh}' FOR UPDATE",
+                ],
+            )
+            == []
+        )
+        # The cancel is the one change it may make, and only to a task not finished.
+        finished = await cancel_task(conn, done)
+        assert not finished.changed and finished.task is not None
+        assert (finished.task["status"], finished.task["result"]) == ("DONE", {"ok": True})
+        cancelled = await cancel_task(conn, fresh)
+        assert cancelled.changed and cancelled.task is not None
+        assert cancelled.task["status"] == "CANCELLED"
+
+
+@pytest.mark.parametrize("status", list(TaskStatus))
+async def test_the_api_cancels_as_the_state_machine_says(
+    roles: Roles, database_url: str, status: TaskStatus
+) -> None:
+    task_id = await owned_task(database_url, status)
+    async with connected(roles, "api") as conn:
+        outcome = await cancel_task(conn, task_id)
+        missing = await cancel_task(conn, uuid.uuid4())
+    assert outcome.task is not None
+    assert outcome.changed == (status in CANCEL_NOW | CANCEL_LATER)
+    expected = TaskStatus.CANCELLED if status in CANCEL_NOW else status
+    assert outcome.task["status"] == expected
+    assert outcome.task["cancel_requested"] == (status in CANCEL_LATER)
+    assert (outcome.task["finished_at"] is not None) == (status in CANCEL_NOW)
+    assert (missing.task, missing.changed) == (None, False)
+
+
+@pytest.mark.parametrize("process", ["relay", "consumer"])
+async def test_only_the_api_may_cancel(roles: Roles, database_url: str, process: Process) -> None:
+    task_id = await owned_task(database_url, TaskStatus.PENDING)
+    async with connected(roles, process) as conn:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await cancel_task(conn, task_id)
+    owner = await asyncpg.connect(database_url)
+    try:
+        assert await owner.fetchval("SELECT status FROM tasks WHERE id = $1", task_id) == "PENDING"
+    finally:
+        await owner.close()
+
+
 async def test_the_api_role_creates_reads_lists_and_cancels(
     roles: Roles, database_url: str
 ) -> None:
@@ -224,15 +311,24 @@ async def test_the_api_role_creates_reads_lists_and_cancels(
         assert later.task is not None and later.task["cancel_requested"] is True
         await notify(conn, roles.channel)
 
-        # Cancelling the NEW task left its outbox row for the relay to close unsent.
-        left = await conn.fetchval("SELECT count(*) FROM outbox WHERE task_id = $1", plain["id"])
-        assert left == 1
-
-        # Batch and scheduled creates are inserts like any other.
+        # Batch, grouped and scheduled creates are inserts like any other.
         batch = await create_tasks(conn, [new_task(n=4), new_task(n=5)], {})
         assert [row["payload"] for row in batch] == [{"n": 4}, {"n": 5}]
+        group = await create_group(conn, [(new_task(n=7), {"traceparent": "00-ef-01-01"})])
+        assert [row["payload"] for row in group] == [{"n": 7}]
         scheduled = NewTask("echo", {"n": 6}, 0, 3, delay=60.0)
         assert (await create_task(conn, scheduled, {}))["run_at"] is not None
+
+    owner = await asyncpg.connect(database_url)
+    try:
+        # Cancelling the NEW task left its outbox row for the relay to close unsent, and
+        # every create wrote its task.created row.
+        left = await owner.fetchval("SELECT count(*) FROM outbox WHERE task_id = $1", plain["id"])
+        kinds = await owner.fetch("SELECT DISTINCT kind FROM outbox")
+    finally:
+        await owner.close()
+    assert left == 1
+    assert [row["kind"] for row in kinds] == ["task.created"]
 
 
 async def test_a_nullable_column_added_later_is_insertable_without_a_rerun(
@@ -335,7 +431,7 @@ async def test_the_relay_role_cannot_replay_which_runs_as_the_owner(
         await owner.close()
 
 
-async def test_the_consumer_role_claims_heartbeats_finishes_and_rescues(
+async def test_the_consumer_role_claims_heartbeats_finishes_rescues_and_requeues(
     roles: Roles, database_url: str
 ) -> None:
     owner = await connect(DatabaseSettings(database_url=database_url))
@@ -387,9 +483,23 @@ async def test_the_consumer_role_claims_heartbeats_finishes_and_rescues(
             rescued = await execution.rescue_stale(conn, 60)
             assert [(row["id"], row["status"]) for row in rescued] == [(retried, "NEW")]
             await notify(conn, roles.channel)
+
+            # The broker dead-lettered the message of the rescued task's newest row after
+            # the relay had made it PENDING: the watch sends it again.
+            await owner.execute("UPDATE tasks SET status = 'PENDING' WHERE id = $1", retried)
+            dead = await delivery(retried)
+            decision = await execution.requeue_dead_lettered(conn, dead)
+            assert decision.outbox_id is not None and decision.outbox_id > dead.outbox_id
+            assert decision.status == "PENDING"  # as found
+        assert await owner.fetchval("SELECT status FROM tasks WHERE id = $1", retried) == "NEW"
         assert await owner.fetchval("SELECT result FROM tasks WHERE id = $1", done) == {"ok": True}
         kinds = await owner.fetch("SELECT kind FROM outbox WHERE task_id = $1 ORDER BY id", retried)
-        assert [row["kind"] for row in kinds] == ["task.created", "task.retry", "task.retry"]
+        assert [row["kind"] for row in kinds] == [
+            "task.created",
+            "task.retry",
+            "task.retry",
+            "task.retry",
+        ]
     finally:
         await owner.close()
 
@@ -419,6 +529,13 @@ FROM pg_roles WHERE rolname = ANY($1::text[])
 UNION ALL
 SELECT 'member of ' || m.roleid::regrole::text, m.member::regrole::text, ''
 FROM pg_auth_members AS m WHERE m.member::regrole::text = ANY($1::text[])
+UNION ALL
+SELECT 'function ' || p.oid::regprocedure::text,
+       CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
+       a.privilege_type
+FROM pg_proc AS p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) AS a
+WHERE p.pronamespace = 'public'::regnamespace
+  AND (a.grantee = 0 OR a.grantee::regrole::text = ANY($1::text[]))
 ORDER BY 1, 2, 3
 """
 
@@ -436,8 +553,9 @@ async def test_a_rerun_changes_nothing_and_takes_back_what_was_added(
         database = await conn.fetchval("SELECT current_database()")
         granted = await privileges(conn, roles)
         assert ("table tasks", api, "INSERT") in granted
-        assert ("table tasks", api, "UPDATE") not in granted
-        assert ("column tasks.status", api, "UPDATE") in granted
+        assert not [p for p in granted if p[1] == api and p[2] in ("UPDATE", "DELETE")]
+        assert ("function cancel_task(uuid)", api, "EXECUTE") in granted
+        assert not [p for p in granted if p[0].startswith("function") and p[1] != api]
         assert ("column tasks.result", consumer, "UPDATE") in granted
         assert not [
             p for p in granted if p[0] == "table tasks" and p[2] == "DELETE" and p[1] != relay
@@ -454,10 +572,13 @@ async def test_a_rerun_changes_nothing_and_takes_back_what_was_added(
             f"GRANT UPDATE ON SEQUENCE outbox_id_seq TO {consumer}",
             f"ALTER ROLE {api} CREATEDB NOLOGIN",
             f"GRANT pg_read_all_data TO {consumer}",
+            f"GRANT EXECUTE ON FUNCTION cancel_task(uuid) TO {consumer}",
+            "GRANT EXECUTE ON FUNCTION cancel_task(uuid) TO PUBLIC",
         ):
             await conn.execute(extra)
         assert await privileges(conn, roles) != granted
-        await apply_roles(conn, roles.names)
+        plan = await apply_roles(conn, roles.names)
+        assert plan.public_revoked == ["EXECUTE on function cancel_task(uuid)"]
         assert await privileges(conn, roles) == granted
     finally:
         await conn.close()
@@ -504,11 +625,18 @@ async def test_the_checks_refuse_before_changing_anything(
             await conn.execute(f'ALTER DATABASE "{database}" OWNER TO {owner}')
             with pytest.raises(RolesError, match="may create roles"):
                 await apply_roles(owner_conn, role_names)
+            # Granting EXECUTE on the cancel function needs its owner too.
+            await conn.execute(f"ALTER ROLE {owner} CREATEROLE")
+            with pytest.raises(RolesError, match=r"owner of function\(s\) cancel_task\(uuid\)"):
+                await apply_roles(owner_conn, role_names)
         finally:
             await owner_conn.close()
         with pytest.raises(RolesError, match=f"role {owner} owns objects"):
             await apply_roles(conn, {**role_names, "api": owner})
 
+        await conn.execute("DROP FUNCTION cancel_task(uuid)")
+        with pytest.raises(RolesError, match=r"cancel_task\(uuid\) missing .* migrate first"):
+            await apply_roles(conn, role_names)
         await conn.execute("DROP TABLE outbox")
         with pytest.raises(RolesError, match="run python -m db migrate first"):
             await apply_roles(conn, role_names)
@@ -533,6 +661,7 @@ async def test_an_owner_with_createrole_needs_no_superuser(
         await conn.execute(f"CREATE ROLE {owner} LOGIN CREATEROLE")
         for table in ("tasks", "outbox", "alembic_version"):
             await conn.execute(f"ALTER TABLE {table} OWNER TO {owner}")
+        await conn.execute(f"ALTER FUNCTION cancel_task(uuid) OWNER TO {owner}")
         await conn.execute(f'ALTER DATABASE "{database}" OWNER TO {owner}')
     finally:
         await conn.close()
@@ -546,7 +675,8 @@ async def test_an_owner_with_createrole_needs_no_superuser(
     assert [o.created for o in again.outcomes] == [False, False, False]
     roles = Roles(role_names, database_url, db_settings.outbox_channel)
     async with connected(roles, "api") as api:
-        await create_task(api, new_task(by="api"))
+        created = await create_task(api, new_task(by="api"))
+        assert (await cancel_task(api, created["id"])).changed
     async with connected(roles, "consumer") as consumer:
         assert await refused(consumer, MAY_NOT["consumer"] + NO_ROLE_MAY) == []
 
