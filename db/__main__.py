@@ -20,7 +20,15 @@ from pydantic import ValidationError
 from db.errors import TRANSIENT_DB_ERRORS
 from db.grants import FUNCTIONS, GRANTS, PROCESSES, Process
 from db.migrations import migrate
-from db.roles import DEFAULT_NAMES, PASSWORD_VARIABLES, Plan, RolesError, apply_roles, describe
+from db.roles import (
+    DEFAULT_NAMES,
+    LOCK_TIMEOUT,
+    PASSWORD_VARIABLES,
+    Plan,
+    RolesError,
+    apply_roles,
+    describe,
+)
 from db.settings import DatabaseSettings
 
 EXIT_ERROR = 2  # nothing was changed; the message says what to fix
@@ -109,6 +117,13 @@ async def _roles(
         plan = await apply_roles(conn, names, passwords, dry_run=dry_run)
     except RolesError as exc:
         print(str(exc), file=err)
+        return EXIT_ERROR
+    except asyncpg.LockNotAvailableError:
+        print(
+            f"a table stayed locked for {LOCK_TIMEOUT} (a long transaction?) while a policy "
+            "had to change; nothing was changed, run this again",
+            file=err,
+        )
         return EXIT_ERROR
     except asyncpg.InsufficientPrivilegeError as exc:
         # The checks passed but Postgres still refused, e.g. a role we may not alter.

@@ -165,6 +165,7 @@ MAY_NOT: dict[Process, list[str]] = {
         "UPDATE tasks SET worker_id = 'me'",
         "UPDATE outbox SET published_at = now()",
         "DELETE FROM outbox",  # a cancel leaves the unsent row to the relay
+        "SELECT headers FROM outbox",  # it only ever adds rows
     ],
     "relay": [
         INSERT_TASK,
@@ -183,6 +184,7 @@ MAY_NOT: dict[Process, list[str]] = {
         "UPDATE tasks SET type = 'sleep'",
         "UPDATE tasks SET max_attempts = 9",
         "UPDATE outbox SET published_at = now()",
+        INSERT_OUTBOX,
     ],
 }
 
@@ -202,6 +204,24 @@ async def test_a_role_is_refused_what_its_process_never_does(
 # -- what README claims a compromised process cannot do, one test per claim -----------
 
 FORGED_RESULT = '{"forged": true}'
+FORGED_AUDIT = '{"who": "someone-else", "why": "forged"}'
+
+# Every column of a task that its attempts, its outcome or the clock own: a create sets
+# none of them, so a task can only be born NEW, unclaimed and unfinished.
+NOT_SET_BY_A_CREATE = {
+    "status": "'DONE'",
+    "result": f"'{FORGED_RESULT}'",
+    "error": "'{}'",
+    "attempts": "1",
+    "lease": "7",
+    "worker_id": "'w1'",
+    "started_at": "now()",
+    "heartbeat_at": "now()",
+    "finished_at": "now()",
+    "cancel_requested": "true",
+    "created_at": "now() - interval '30 days'",
+    "updated_at": "now()",
+}
 
 
 async def owned_task(owner_dsn: str, status: TaskStatus, **columns: Any) -> uuid.UUID:
@@ -219,6 +239,24 @@ async def owned_task(owner_dsn: str, status: TaskStatus, **columns: Any) -> uuid
     finally:
         await owner.close()
     return task_id
+
+
+async def test_the_api_cannot_create_a_task_that_is_already_running_or_finished(
+    roles: Roles,
+) -> None:
+    async with connected(roles, "api") as conn:
+        forged = [
+            f"INSERT INTO tasks (type, payload, {column}) VALUES ('echo', '{{}}', {value})"
+            for column, value in NOT_SET_BY_A_CREATE.items()
+        ]
+        assert await refused(conn, forged) == []
+        # What a create does set is still allowed, and the task is born NEW.
+        born = await conn.fetchrow(
+            "INSERT INTO tasks (id, type, payload, priority, max_attempts, run_at, "
+            "idempotency_key, request_digest) VALUES (gen_random_uuid(), 'echo', '{}', 1, 2, "
+            "now(), 'k', '\\x00') RETURNING status, attempts, result"
+        )
+        assert tuple(born) == ("NEW", 0, None)
 
 
 async def test_the_api_changes_a_status_only_by_cancelling(roles: Roles, database_url: str) -> None:
@@ -269,6 +307,54 @@ async def test_the_api_cancels_as_the_state_machine_says(
     assert outcome.task["cancel_requested"] == (status in CANCEL_LATER)
     assert (outcome.task["finished_at"] is not None) == (status in CANCEL_NOW)
     assert (missing.task, missing.changed) == (None, False)
+
+
+async def test_the_api_adds_only_task_created_outbox_rows(roles: Roles, database_url: str) -> None:
+    task_id = await owned_task(database_url, TaskStatus.FAILED)
+    columns = "task_id, kind, body, headers"
+    async with connected(roles, "api") as conn:
+        forged = [
+            # A replay in someone else's name, or a retry the task never asked for.
+            f"INSERT INTO outbox ({columns}) "
+            f"VALUES ('{task_id}', 'task.replay', '{{}}', '{FORGED_AUDIT}')",
+            f"INSERT INTO outbox ({columns}) VALUES ('{task_id}', 'task.retry', '{{}}', '{{}}')",
+            # Bookkeeping that is the relay's, and an id that would jump the order.
+            f"INSERT INTO outbox (task_id, kind, body, published_at) "
+            f"VALUES ('{task_id}', 'task.created', '{{}}', now())",
+            f"INSERT INTO outbox (task_id, kind, body, publish_attempts) "
+            f"VALUES ('{task_id}', 'task.created', '{{}}', 5)",
+            f"INSERT INTO outbox (task_id, kind, body, last_error) "
+            f"VALUES ('{task_id}', 'task.created', '{{}}', 'x')",
+            f"INSERT INTO outbox (task_id, kind, body, created_at) "
+            f"VALUES ('{task_id}', 'task.created', '{{}}', now() - interval '30 days')",
+            f"INSERT INTO outbox (id, task_id, kind, body) "
+            f"VALUES (9000000000000000000, '{task_id}', 'task.created', '{{}}')",
+        ]
+        assert await refused(conn, forged) == []
+    owner = await asyncpg.connect(database_url)
+    try:
+        kinds = await owner.fetch("SELECT kind FROM outbox WHERE task_id = $1", task_id)
+    finally:
+        await owner.close()
+    assert [row["kind"] for row in kinds] == ["task.created"]
+
+
+async def test_the_consumer_adds_only_task_retry_outbox_rows(
+    roles: Roles, database_url: str
+) -> None:
+    task_id = await owned_task(database_url, TaskStatus.FAILED)
+    columns = "task_id, kind, body, headers"
+    async with connected(roles, "consumer") as conn:
+        forged = [
+            f"INSERT INTO outbox ({columns}) "
+            f"VALUES ('{task_id}', 'task.replay', '{{}}', '{FORGED_AUDIT}')",
+            f"INSERT INTO outbox ({columns}) VALUES ('{task_id}', 'task.created', '{{}}', '{{}}')",
+            f"INSERT INTO outbox (task_id, kind, body, published_at) "
+            f"VALUES ('{task_id}', 'task.retry', '{{}}', now())",
+            f"INSERT INTO outbox (id, task_id, kind, body) "
+            f"VALUES (9000000000000000000, '{task_id}', 'task.retry', '{{}}')",
+        ]
+        assert await refused(conn, forged) == []
 
 
 @pytest.mark.parametrize("process", ["relay", "consumer"])
@@ -331,19 +417,21 @@ async def test_the_api_role_creates_reads_lists_and_cancels(
     assert [row["kind"] for row in kinds] == ["task.created"]
 
 
-async def test_a_nullable_column_added_later_is_insertable_without_a_rerun(
+async def test_a_column_added_later_leaves_creates_working_but_is_not_insertable(
     roles: Roles, database_url: str
 ) -> None:
+    """INSERT is granted per column: a migration's new defaulted column breaks no create,
+    and the api may write it only once db/grants.py names it and the command reruns."""
     owner = await asyncpg.connect(database_url)
     try:
-        await owner.execute("ALTER TABLE tasks ADD COLUMN note text")
+        await owner.execute("ALTER TABLE tasks ADD COLUMN note text DEFAULT 'none'")
     finally:
         await owner.close()
     async with connected(roles, "api") as conn:
-        note = await conn.fetchval(
-            "INSERT INTO tasks (type, payload, note) VALUES ('echo', '{}', 'later') RETURNING note"
-        )
-    assert note == "later"
+        created = await create_task(conn, new_task(n=1))
+        assert await conn.fetchval("SELECT note FROM tasks WHERE id = $1", created["id"]) == "none"
+        statement = "INSERT INTO tasks (type, payload, note) VALUES ('echo', '{}', 'later')"
+        assert await refused(conn, [statement]) == []
 
 
 async def test_the_relay_role_claims_records_sweeps_and_reports(
@@ -536,6 +624,13 @@ SELECT 'function ' || p.oid::regprocedure::text,
 FROM pg_proc AS p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) AS a
 WHERE p.pronamespace = 'public'::regnamespace
   AND (a.grantee = 0 OR a.grantee::regrole::text = ANY($1::text[]))
+UNION ALL
+SELECT 'row security ' || c.relname, '', c.relrowsecurity::text
+FROM pg_class AS c WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'
+UNION ALL
+SELECT 'policy ' || tablename || '.' || policyname, array_to_string(roles, ','),
+       concat_ws(' ', permissive, cmd, qual, with_check)
+FROM pg_policies WHERE schemaname = 'public'
 ORDER BY 1, 2, 3
 """
 
@@ -552,17 +647,22 @@ async def test_a_rerun_changes_nothing_and_takes_back_what_was_added(
     try:
         database = await conn.fetchval("SELECT current_database()")
         granted = await privileges(conn, roles)
-        assert ("table tasks", api, "INSERT") in granted
+        assert ("column tasks.type", api, "INSERT") in granted
+        assert ("column tasks.status", api, "INSERT") not in granted
         assert not [p for p in granted if p[1] == api and p[2] in ("UPDATE", "DELETE")]
+        assert ("table tasks", api, "INSERT") not in granted
         assert ("function cancel_task(uuid)", api, "EXECUTE") in granted
         assert not [p for p in granted if p[0].startswith("function") and p[1] != api]
+        assert ("row security outbox", "", "true") in granted
         assert ("column tasks.result", consumer, "UPDATE") in granted
         assert not [
             p for p in granted if p[0] == "table tasks" and p[2] == "DELETE" and p[1] != relay
         ]
 
-        await apply_roles(conn, roles.names)
+        # Nothing to change, so no policy is made again (which would lock the outbox).
+        again = await apply_roles(conn, roles.names)
         assert await privileges(conn, roles) == granted
+        assert not [step for step in again.steps if "POLICY" in step.sql or "ROW LEVEL" in step.sql]
 
         for extra in (
             f"GRANT ALL ON tasks, outbox, alembic_version TO {api}",
@@ -574,6 +674,11 @@ async def test_a_rerun_changes_nothing_and_takes_back_what_was_added(
             f"GRANT pg_read_all_data TO {consumer}",
             f"GRANT EXECUTE ON FUNCTION cancel_task(uuid) TO {consumer}",
             "GRANT EXECUTE ON FUNCTION cancel_task(uuid) TO PUBLIC",
+            "ALTER TABLE outbox DISABLE ROW LEVEL SECURITY",
+            "DROP POLICY taskbox_api_inserts ON outbox",
+            "ALTER POLICY taskbox_consumer_inserts ON outbox WITH CHECK (kind <> '')",
+            f"CREATE POLICY taskbox_stray ON outbox AS RESTRICTIVE FOR DELETE TO {relay} "
+            "USING (false)",
         ):
             await conn.execute(extra)
         assert await privileges(conn, roles) != granted
@@ -582,6 +687,52 @@ async def test_a_rerun_changes_nothing_and_takes_back_what_was_added(
         assert await privileges(conn, roles) == granted
     finally:
         await conn.close()
+
+
+async def test_a_permissive_policy_added_later_does_not_widen_what_a_role_may_insert(
+    roles: Roles, database_url: str
+) -> None:
+    task_id = await owned_task(database_url, TaskStatus.FAILED)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            f"CREATE POLICY anything ON outbox FOR INSERT TO {roles.names['api']} WITH CHECK (true)"
+        )
+    finally:
+        await conn.close()
+    async with connected(roles, "api") as api:
+        forged = (
+            "INSERT INTO outbox (task_id, kind, body, headers) "
+            f"VALUES ('{task_id}', 'task.replay', '{{}}', '{FORGED_AUDIT}')"
+        )
+        assert await refused(api, [forged]) == []
+
+
+async def test_a_policy_change_waits_for_the_outbox_lock_only_so_long(
+    role_names: dict[Process, str], database_url: str
+) -> None:
+    """Making the policies locks the outbox: behind a long transaction the command gives
+    up (changing nothing) instead of stalling every process; a rerun that finds them in
+    place needs no such lock."""
+    reader = await asyncpg.connect(database_url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with reader.transaction():
+            await reader.execute("LOCK TABLE outbox IN ACCESS SHARE MODE")  # any reader
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await apply_roles(conn, role_names, lock_timeout="200ms")
+            made = await conn.fetchval(
+                "SELECT count(*) FROM pg_roles WHERE rolname = ANY($1::text[])",
+                list(role_names.values()),
+            )
+            assert made == 0
+        await apply_roles(conn, role_names)
+        async with reader.transaction():
+            await reader.execute("LOCK TABLE outbox, tasks IN ROW EXCLUSIVE MODE")  # writers
+            await apply_roles(conn, role_names, lock_timeout="200ms")
+    finally:
+        await conn.close()
+        await reader.close()
 
 
 async def test_create_on_schema_public_granted_to_public_is_revoked(
