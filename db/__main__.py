@@ -40,6 +40,10 @@ needs. Run it as the database owner with CREATEROLE (or a superuser), after ever
 'python -m db migrate'; rerunning it is harmless. Passwords are read from
 {", ".join(PASSWORD_VARIABLES.values())}; an unset variable leaves that role's
 password as it is (a new role then has none).
+
+It changes nothing outside this database, but ends with the REVOKE CONNECT statements
+that would keep the roles out of the server's other databases (every database lets
+PUBLIC connect unless told otherwise), for the operator to run.
 """
 
 
@@ -70,11 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_connect_advice(plan: Plan, out: TextIO, prefix: str) -> None:
+    """Why and how to keep the roles out of other databases; run by the operator."""
+    if not plan.connect_advice:
+        return
+    lines = [
+        "CONNECT: PUBLIC may connect to a database unless that is revoked, so these roles",
+        "can log in to other databases on this server too and use there whatever PUBLIC",
+        "may (temporary tables, functions, what is granted to PUBLIC, every catalogue):",
+        "a leaked password would reach beyond Taskbox. As each database's owner, run",
+        *(f"    {statement};" for statement in plan.connect_advice),
+        f"after granting CONNECT to every other role that still needs it (in {plan.database}",
+        "the three roles have their own; python -m db migrate connects to postgres when it",
+        "must create the database). New databases let PUBLIC connect again.",
+    ]
+    for line in lines:
+        print(f"{prefix}{line}", file=out)
+
+
 def _print_report(plan: Plan, dry_run: bool, out: TextIO) -> None:
     if dry_run:
         for step in plan.steps:
             print(f"{step.shown};", file=out)
         print(f"-- dry run: nothing was changed in database {plan.database}", file=out)
+        _print_connect_advice(plan, out, "-- ")
         return
     for outcome in plan.outcomes:
         state = "created" if outcome.created else "updated"
@@ -95,6 +118,7 @@ def _print_report(plan: Plan, dry_run: bool, out: TextIO) -> None:
         "its role, and rerun this after every migration",
         file=out,
     )
+    _print_connect_advice(plan, out, "")
 
 
 async def _roles(

@@ -25,6 +25,10 @@ what the grants allow and nothing anyone adds can widen it again. Creating a pol
 locks the table against every query until commit, so a policy is (re)created only when
 it differs from what is there, and the command waits at most ``LOCK_TIMEOUT`` for the
 lock instead of stalling the processes behind a long transaction.
+
+It does not touch other databases on the server, but it reports those the roles can
+still connect to (PUBLIC has CONNECT on every database by default) with the REVOKE that
+closes them: see ``Plan.connect_advice``.
 """
 
 from __future__ import annotations
@@ -130,6 +134,20 @@ FROM pg_policies
 WHERE schemaname = 'public' AND tablename = ANY($1::text[]) AND starts_with(policyname, $2)
 """
 
+# Databases the roles (or PUBLIC, and so every role) may connect to. datacl NULL is the
+# default ACL, in which PUBLIC has CONNECT; aclexplode(NULL) yields no row.
+_CONNECTABLE = """
+SELECT d.datname, d.datname = current_database() AS here,
+       has_database_privilege('public', d.oid, 'CONNECT') AS public,
+       ARRAY(SELECT r.rolname FROM aclexplode(d.datacl) AS a
+             JOIN pg_roles AS r ON r.oid = a.grantee
+             WHERE r.rolname = ANY($1::text[]) AND a.privilege_type = 'CONNECT'
+             ORDER BY 1) AS roles
+FROM pg_database AS d
+WHERE d.datallowconn
+ORDER BY d.datname
+"""
+
 _VERIFY_FUNCTION = "SELECT has_function_privilege($1, 'public.' || $2, 'EXECUTE')"
 
 
@@ -232,6 +250,9 @@ class Plan:
     steps: list[Step] = field(default_factory=list)
     outcomes: list[RoleOutcome] = field(default_factory=list)
     public_revoked: list[str] = field(default_factory=list)
+    # REVOKE CONNECT statements an operator should run (this command does not): other
+    # databases the roles can log in to, and this one's CONNECT for PUBLIC.
+    connect_advice: list[str] = field(default_factory=list)
 
     def add(self, sql: str, shown: str | None = None) -> None:
         self.steps.append(Step(sql, sql if shown is None else shown))
@@ -429,6 +450,21 @@ async def _plan_policies(
         plan.add(_drop_policy(table, name))
 
 
+async def _connect_advice(conn: asyncpg.Connection, names: list[str]) -> list[str]:
+    """REVOKE CONNECT statements that would keep the roles out of every other database:
+    from PUBLIC wherever it has CONNECT (here too, where the roles have their own), and
+    from a role granted CONNECT elsewhere by name."""
+    advice = []
+    for row in await conn.fetch(_CONNECTABLE, names):
+        db = quote_ident(row["datname"])
+        if row["public"]:
+            advice.append(f"REVOKE CONNECT ON DATABASE {db} FROM PUBLIC")
+        if row["roles"] and not row["here"]:
+            roles = ", ".join(quote_ident(r) for r in row["roles"])
+            advice.append(f"REVOKE CONNECT ON DATABASE {db} FROM {roles}")
+    return advice
+
+
 async def _verify(conn: asyncpg.Connection, names: Mapping[Process, str]) -> None:
     """Fail (and so roll back) if a role could still run DDL, inherit another's rights or
     run a function of another process's."""
@@ -466,4 +502,5 @@ async def apply_roles(
             for step in plan.steps:
                 await conn.execute(step.sql)
             await _verify(conn, names)
+        plan.connect_advice = await _connect_advice(conn, [names[p] for p in PROCESSES])
     return plan

@@ -875,6 +875,49 @@ async def test_the_command_creates_then_updates_and_sets_passwords(
     }
 
 
+async def test_the_command_advises_keeping_the_roles_out_of_other_databases(
+    role_names: dict[Process, str], database_url: str, template_database: str
+) -> None:
+    """It changes nothing outside its database, but says which REVOKE CONNECT would keep
+    its roles there: from PUBLIC on the other databases (the session's template is one),
+    here as well, and from a role granted CONNECT elsewhere by name."""
+    args = ["roles", *name_args(role_names)]
+    conn = await asyncpg.connect(database_url)
+    try:
+        database = await conn.fetchval("SELECT current_database()")
+        dry = await run_command("db", [*args, "--dry-run"], command_env(database_url))
+        assert dry.code == 0, dry
+        assert f'--     REVOKE CONNECT ON DATABASE "{template_database}" FROM PUBLIC;' in dry.stdout
+
+        first = await run_command("db", args, command_env(database_url))
+        assert first.code == 0, first
+        assert "a leaked password would reach beyond Taskbox" in first.stdout
+        assert f'    REVOKE CONNECT ON DATABASE "{template_database}" FROM PUBLIC;' in first.stdout
+        assert f'    REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC;' in first.stdout
+        assert await conn.fetchval(
+            "SELECT has_database_privilege('public', $1, 'CONNECT')", template_database
+        ), "the command itself leaves other databases alone"
+
+        # Done as advised here; and a grant by name elsewhere is advised away.
+        api = role_names["api"]
+        await conn.execute(f'REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC')
+        await conn.execute(f'GRANT CONNECT ON DATABASE "{template_database}" TO {api}')
+        try:
+            second = await run_command("db", args, command_env(database_url))
+        finally:
+            await conn.execute(f'REVOKE CONNECT ON DATABASE "{template_database}" FROM {api}')
+        assert second.code == 0, second
+        assert f'REVOKE CONNECT ON DATABASE "{database}"' not in second.stdout
+        assert f'REVOKE CONNECT ON DATABASE "{template_database}" FROM "{api}";' in second.stdout
+    finally:
+        await conn.close()
+    # The roles still connect here on CONNECT of their own.
+    roles = Roles(role_names, database_url, "unused")
+    for process in PROCESSES:
+        async with connected(roles, process) as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+
+
 async def test_the_command_explains_what_to_fix_and_exits_2(
     roles: Roles, unreachable_database_url: str
 ) -> None:
