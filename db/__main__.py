@@ -18,9 +18,17 @@ import asyncpg
 from pydantic import ValidationError
 
 from db.errors import TRANSIENT_DB_ERRORS
-from db.grants import GRANTS, PROCESSES, Process
+from db.grants import FUNCTIONS, GRANTS, PROCESSES, Process
 from db.migrations import migrate
-from db.roles import DEFAULT_NAMES, PASSWORD_VARIABLES, Plan, RolesError, apply_roles, describe
+from db.roles import (
+    DEFAULT_NAMES,
+    LOCK_TIMEOUT,
+    PASSWORD_VARIABLES,
+    Plan,
+    RolesError,
+    apply_roles,
+    describe,
+)
 from db.settings import DatabaseSettings
 
 EXIT_ERROR = 2  # nothing was changed; the message says what to fix
@@ -32,6 +40,10 @@ needs. Run it as the database owner with CREATEROLE (or a superuser), after ever
 'python -m db migrate'; rerunning it is harmless. Passwords are read from
 {", ".join(PASSWORD_VARIABLES.values())}; an unset variable leaves that role's
 password as it is (a new role then has none).
+
+It changes nothing outside this database, but ends with the REVOKE CONNECT statements
+that would keep the roles out of the server's other databases (every database lets
+PUBLIC connect unless told otherwise), for the operator to run.
 """
 
 
@@ -62,11 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_connect_advice(plan: Plan, out: TextIO, prefix: str) -> None:
+    """Why and how to keep the roles out of other databases; run by the operator."""
+    if not plan.connect_advice:
+        return
+    lines = [
+        "CONNECT: PUBLIC may connect to a database unless that is revoked, so these roles",
+        "can log in to other databases on this server too and use there whatever PUBLIC",
+        "may (temporary tables, functions, what is granted to PUBLIC, every catalogue):",
+        "a leaked password would reach beyond Taskbox. As each database's owner, run",
+        *(f"    {statement};" for statement in plan.connect_advice),
+        f"after granting CONNECT to every other role that still needs it (in {plan.database}",
+        "the three roles have their own; python -m db migrate connects to postgres when it",
+        "must create the database). New databases let PUBLIC connect again.",
+    ]
+    for line in lines:
+        print(f"{prefix}{line}", file=out)
+
+
 def _print_report(plan: Plan, dry_run: bool, out: TextIO) -> None:
     if dry_run:
         for step in plan.steps:
             print(f"{step.shown};", file=out)
         print(f"-- dry run: nothing was changed in database {plan.database}", file=out)
+        _print_connect_advice(plan, out, "-- ")
         return
     for outcome in plan.outcomes:
         state = "created" if outcome.created else "updated"
@@ -78,6 +109,8 @@ def _print_report(plan: Plan, dry_run: bool, out: TextIO) -> None:
         print(f"{outcome.role} ({outcome.process}): {state}, {password}", file=out)
         for grant in GRANTS[outcome.process]:
             print(f"    {describe(grant, plan.sequence)}", file=out)
+        for function in FUNCTIONS[outcome.process]:
+            print(f"    function {function}: EXECUTE", file=out)
     for what in plan.public_revoked:
         print(f"revoked from PUBLIC: {what}", file=out)
     print(
@@ -85,6 +118,7 @@ def _print_report(plan: Plan, dry_run: bool, out: TextIO) -> None:
         "its role, and rerun this after every migration",
         file=out,
     )
+    _print_connect_advice(plan, out, "")
 
 
 async def _roles(
@@ -107,6 +141,13 @@ async def _roles(
         plan = await apply_roles(conn, names, passwords, dry_run=dry_run)
     except RolesError as exc:
         print(str(exc), file=err)
+        return EXIT_ERROR
+    except asyncpg.LockNotAvailableError:
+        print(
+            f"a table stayed locked for {LOCK_TIMEOUT} (a long transaction?) while a policy "
+            "had to change; nothing was changed, run this again",
+            file=err,
+        )
         return EXIT_ERROR
     except asyncpg.InsufficientPrivilegeError as exc:
         # The checks passed but Postgres still refused, e.g. a role we may not alter.

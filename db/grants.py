@@ -5,18 +5,33 @@ Worked out from the SQL each process runs (``db.tasks``, ``db.outbox``, ``db.exe
 table or column changes this file in the same commit (tests/integration/test_roles.py
 runs those code paths as the roles and fails otherwise).
 
-Reads are granted table-wide: every process reads ``tasks`` and ``outbox`` anyway, and
-column-level SELECT would break on the first query that reads one more column while
-hiding nothing worth hiding. Table-wide INSERT lets a migration add a nullable or
-defaulted column (as ``run_at`` was) without a re-grant. UPDATE is granted per
-column, because that is where the processes really differ: only the consumer writes a
-result or an error, nobody rewrites a payload, a type, a priority or an idempotency key.
+Reads are granted table-wide to the processes that read a table: column-level SELECT
+would break on the first query that reads one more column while hiding nothing worth
+hiding. Writes are granted per column, because that is where a compromised process
+could forge something: INSERT of only the columns a process's inserts set (every other
+column takes its default, so a task is born NEW, unclaimed, without a result), UPDATE
+of only the columns it changes. A migration that adds a column a process must write
+changes this file, and the column is writable once the command reruns.
 
-Nothing here needs privileges on functions: ``pg_notify``, the advisory-lock functions,
-``gen_random_uuid`` and ``now`` are executable by PUBLIC. Foreign-key checks and the
-``ON DELETE CASCADE`` from ``tasks`` to ``outbox`` run as the tables' owner, so they need no
-grant of their own. Deliberately absent everywhere: TRUNCATE, REFERENCES, TRIGGER, sequence
-UPDATE (setval) and any DDL.
+Two rules no column grant can express are enforced otherwise:
+
+- Which outbox rows a process may add (the api only ``task.created``, the consumer only
+  ``task.retry``; ``task.replay`` is the operator's, who runs as the owner): a
+  restrictive row-level security policy per role (``insert_values``). A CHECK cannot
+  see who inserts, and moving the api's one-statement creates into a SECURITY DEFINER
+  function would put them behind a function call on the hottest path for nothing more.
+- Which status changes the api may make: only the cancel (NEW/PENDING -> CANCELLED,
+  PROCESSING -> cancel_requested), so the api updates no column of ``tasks`` at all and
+  calls ``cancel_task(uuid)`` instead, a SECURITY DEFINER function of migration 0004
+  that runs as the tables' owner and performs exactly that transition. A policy could
+  limit the statuses a row may have after an update, not the transition from the one
+  before, and would let the api set, say, PENDING -> PROCESSING.
+
+Nothing else here needs privileges on functions: ``pg_notify``, the advisory-lock
+functions, ``gen_random_uuid`` and ``now`` are executable by PUBLIC. Foreign-key checks
+and the ``ON DELETE CASCADE`` from ``tasks`` to ``outbox`` run as the tables' owner, so they
+need no grant of their own. Deliberately absent everywhere: TRUNCATE, REFERENCES,
+TRIGGER, sequence UPDATE (setval) and any DDL.
 """
 
 from __future__ import annotations
@@ -31,24 +46,42 @@ PROCESSES: tuple[Process, ...] = ("api", "relay", "consumer")
 @dataclass(frozen=True, slots=True)
 class TableGrant:
     table: str
-    privileges: tuple[str, ...] = ()  # table-wide: SELECT, INSERT, DELETE
+    privileges: tuple[str, ...] = ()  # table-wide: SELECT, DELETE
+    insert_columns: tuple[str, ...] = ()  # INSERT of these columns only; the rest default
     update_columns: tuple[str, ...] = ()  # UPDATE on these columns only
     # USAGE on the table's identity sequence: nextval for rows it inserts without an id.
     identity_sequence: bool = False
+    # A text column and the only values this process's inserts may give it, enforced by
+    # a restrictive row-level security policy on the table.
+    insert_values: tuple[str, tuple[str, ...]] | None = None
 
 
 GRANTS: dict[Process, tuple[TableGrant, ...]] = {
     # Creates tasks and their task.created outbox rows (one statement, db.tasks), reads
-    # and lists tasks, cancels: NEW/PENDING become CANCELLED, PROCESSING gets
-    # cancel_requested. A cancelled task's unsent row is closed by the relay's claim, so
-    # the api only ever adds outbox rows.
+    # and lists tasks, and cancels through cancel_task(). It never reads the outbox, and
+    # a cancelled task's unsent row is closed by the relay's claim, so it only adds rows.
     "api": (
         TableGrant(
             "tasks",
-            ("SELECT", "INSERT"),
-            update_columns=("status", "cancel_requested", "finished_at", "updated_at"),
+            ("SELECT",),
+            # what a create sets: a grouped create brings its own ids, a keyed one its key
+            insert_columns=(
+                "id",
+                "type",
+                "payload",
+                "priority",
+                "max_attempts",
+                "run_at",
+                "idempotency_key",
+                "request_digest",
+            ),
         ),
-        TableGrant("outbox", ("SELECT", "INSERT"), identity_sequence=True),
+        TableGrant(
+            "outbox",
+            insert_columns=("task_id", "kind", "body", "headers", "available_at"),
+            identity_sequence=True,
+            insert_values=("kind", ("task.created",)),
+        ),
     ),
     # Claims due outbox rows (FOR UPDATE SKIP LOCKED needs UPDATE on some column, which
     # the publish bookkeeping has anyway), flips their tasks NEW -> PENDING and back on a
@@ -63,8 +96,8 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
         TableGrant("tasks", ("SELECT", "DELETE"), update_columns=("status", "updated_at")),
     ),
     # Claims, heartbeats, finishes and rescues tasks (every column an attempt owns); a
-    # retry or a rescued task is a new outbox row, and the rescue reads the latest row's
-    # trace context. It deletes nothing.
+    # retry, a rescued task and a dead-lettered one sent again are task.retry outbox
+    # rows, which read the latest row's trace context. It deletes nothing.
     "consumer": (
         TableGrant(
             "tasks",
@@ -83,8 +116,22 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
                 "cancel_requested",
             ),
         ),
-        TableGrant("outbox", ("SELECT", "INSERT"), identity_sequence=True),
+        TableGrant(
+            "outbox",
+            ("SELECT",),
+            insert_columns=("task_id", "kind", "body", "headers", "available_at"),
+            identity_sequence=True,
+            insert_values=("kind", ("task.retry",)),
+        ),
     ),
+}
+
+# EXECUTE on these functions (schema public, with their argument types), revoked from
+# PUBLIC by the migration that creates them.
+FUNCTIONS: dict[Process, tuple[str, ...]] = {
+    "api": ("cancel_task(uuid)",),
+    "relay": (),
+    "consumer": (),
 }
 
 TABLES: tuple[str, ...] = ("tasks", "outbox")

@@ -14,8 +14,21 @@ not be allowed to create roles at all. So the operator runs this after migrating
 the database owner with CREATEROLE (or a superuser).
 
 Why not ALTER DEFAULT PRIVILEGES: it grants whole tables as the migration creates them,
-which cannot express per-column UPDATE, and it would grant silently; a rerun here is
-explicit and reviewable (``--dry-run`` prints the statements).
+which cannot express per-column INSERT or UPDATE, and it would grant silently; a rerun
+here is explicit and reviewable (``--dry-run`` prints the statements).
+
+The row-level security policies that say which outbox rows a role may add name the
+roles, so they are made here too, not by a migration. Row-level security on a table
+with no policy denies every row, so the table also gets one permissive policy that
+allows every row to everyone; the per-role policies are restrictive, so they narrow
+what the grants allow and nothing anyone adds can widen it again. Creating a policy
+locks the table against every query until commit, so a policy is (re)created only when
+it differs from what is there, and the command waits at most ``LOCK_TIMEOUT`` for the
+lock instead of stalling the processes behind a long transaction.
+
+It does not touch other databases on the server, but it reports those the roles can
+still connect to (PUBLIC has CONNECT on every database by default) with the REVOKE that
+closes them: see ``Plan.connect_advice``.
 """
 
 from __future__ import annotations
@@ -26,10 +39,18 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from db.grants import GRANTS, PROCESSES, TABLES, Process, TableGrant
+from db.grants import FUNCTIONS, GRANTS, PROCESSES, TABLES, Process, TableGrant
 
 DEFAULT_NAMES: dict[Process, str] = {p: f"taskbox_{p}" for p in PROCESSES}
 PASSWORD_VARIABLES: dict[Process, str] = {p: f"TASKBOX_{p.upper()}_PASSWORD" for p in PROCESSES}
+
+# How long the command waits for a table lock (a policy change) before giving up.
+LOCK_TIMEOUT = "5s"
+
+# The one permissive policy on a table with row-level security; the per-role policies
+# are named taskbox_<process>_inserts, and any other taskbox_* policy is dropped.
+OPEN_POLICY = "taskbox_rows"
+_POLICY_PREFIX = "taskbox_"
 
 # Lower-case, unquoted-identifier names only: what an operator types in a DSN as is.
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -93,12 +114,119 @@ FROM unnest($1::text[]) AS r(name)
 """
 
 
+# Every function of the matrix: present, ours to grant on, and whether PUBLIC may run it.
+_FUNCTIONS = """
+SELECT f.signature, p.oid IS NOT NULL AS present,
+       coalesce(pg_has_role(p.proowner, 'USAGE'), false) AS ours,
+       coalesce(has_function_privilege('public', p.oid, 'EXECUTE'), false) AS public_execute
+FROM unnest($1::text[]) AS f(signature)
+LEFT JOIN pg_proc AS p ON p.oid = to_regprocedure('public.' || f.signature)
+"""
+
+_ROW_SECURITY = """
+SELECT c.relname, c.relrowsecurity FROM pg_class AS c
+WHERE c.relnamespace = 'public'::regnamespace AND c.relname = ANY($1::text[])
+"""
+
+_POLICIES = """
+SELECT tablename, policyname, permissive, roles::text[] AS roles, cmd, qual, with_check
+FROM pg_policies
+WHERE schemaname = 'public' AND tablename = ANY($1::text[]) AND starts_with(policyname, $2)
+"""
+
+# Databases the roles (or PUBLIC, and so every role) may connect to. datacl NULL is the
+# default ACL, in which PUBLIC has CONNECT; aclexplode(NULL) yields no row.
+_CONNECTABLE = """
+SELECT d.datname, d.datname = current_database() AS here,
+       has_database_privilege('public', d.oid, 'CONNECT') AS public,
+       ARRAY(SELECT r.rolname FROM aclexplode(d.datacl) AS a
+             JOIN pg_roles AS r ON r.oid = a.grantee
+             WHERE r.rolname = ANY($1::text[]) AND a.privilege_type = 'CONNECT'
+             ORDER BY 1) AS roles
+FROM pg_database AS d
+WHERE d.datallowconn
+ORDER BY d.datname
+"""
+
+_VERIFY_FUNCTION = "SELECT has_function_privilege($1, 'public.' || $2, 'EXECUTE')"
+
+
 class RolesError(Exception):
     """Why the roles cannot be applied; nothing was changed."""
 
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def _text_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'::text"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A row-level security policy as this command makes it. ``check`` and ``using`` are
+    written as pg_policies shows them, so a policy already in place compares equal."""
+
+    table: str
+    name: str
+    permissive: bool
+    command: str  # ALL or INSERT
+    roles: tuple[str, ...]  # role names; ("public",) for PUBLIC
+    using: str | None
+    check: str | None
+
+    def create(self) -> str:
+        to = ", ".join("PUBLIC" if r == "public" else quote_ident(r) for r in self.roles)
+        sql = (
+            f"CREATE POLICY {quote_ident(self.name)} ON public.{quote_ident(self.table)} "
+            f"AS {'PERMISSIVE' if self.permissive else 'RESTRICTIVE'} FOR {self.command} TO {to}"
+        )
+        if self.using is not None:
+            sql += f" USING ({self.using})"
+        if self.check is not None:
+            sql += f" WITH CHECK ({self.check})"
+        return sql
+
+    def drop(self) -> str:
+        return _drop_policy(self.table, self.name)
+
+    def is_in_place(self, row: asyncpg.Record) -> bool:
+        return (
+            row["permissive"] == ("PERMISSIVE" if self.permissive else "RESTRICTIVE")
+            and row["cmd"] == self.command
+            and sorted(row["roles"]) == sorted(self.roles)
+            and row["qual"] == self.using
+            and row["with_check"] == self.check
+        )
+
+
+def _drop_policy(table: str, name: str) -> str:
+    return f"DROP POLICY IF EXISTS {quote_ident(name)} ON public.{quote_ident(table)}"
+
+
+def insert_policy(process: Process, role: str, grant: TableGrant) -> Policy | None:
+    """The restrictive policy that holds ``role``'s inserts to ``grant.insert_values``."""
+    if grant.insert_values is None:
+        return None
+    column, values = grant.insert_values
+    allowed = ", ".join(_text_literal(v) for v in values)
+    return Policy(
+        grant.table,
+        f"{_POLICY_PREFIX}{process}_inserts",
+        permissive=False,
+        command="INSERT",
+        roles=(role,),
+        using=None,
+        check=f"({column} = ANY (ARRAY[{allowed}]))",
+    )
+
+
+def open_policy(table: str) -> Policy:
+    """Every row to everyone: what the grants alone would allow, for the restrictive
+    policies to narrow (with row-level security on and no permissive policy, no role
+    but the owner could read or write a row)."""
+    return Policy(table, OPEN_POLICY, True, "ALL", ("public",), "true", "true")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +250,9 @@ class Plan:
     steps: list[Step] = field(default_factory=list)
     outcomes: list[RoleOutcome] = field(default_factory=list)
     public_revoked: list[str] = field(default_factory=list)
+    # REVOKE CONNECT statements an operator should run (this command does not): other
+    # databases the roles can log in to, and this one's CONNECT for PUBLIC.
+    connect_advice: list[str] = field(default_factory=list)
 
     def add(self, sql: str, shown: str | None = None) -> None:
         self.steps.append(Step(sql, sql if shown is None else shown))
@@ -130,6 +261,12 @@ class Plan:
 def describe(grant: TableGrant, sequence: str) -> str:
     """One table's grant in words, for the command's report."""
     parts = list(grant.privileges)
+    if grant.insert_columns:
+        insert = f"INSERT ({', '.join(grant.insert_columns)})"
+        if grant.insert_values is not None:
+            column, values = grant.insert_values
+            insert += f" of {column} {' or '.join(values)} only"
+        parts.append(insert)
     if grant.update_columns:
         parts.append(f"UPDATE ({', '.join(grant.update_columns)})")
     text = f"{grant.table}: {', '.join(parts)}"
@@ -181,7 +318,24 @@ async def _check_runner(conn: asyncpg.Connection) -> tuple[str, str, str]:
     sequence = await conn.fetchval("SELECT pg_get_serial_sequence('public.outbox', 'id')")
     if sequence is None:
         raise RolesError("outbox.id has no identity sequence: is the schema migrated?")
+    functions = await conn.fetch(_FUNCTIONS, _all_functions())
+    missing = [f["signature"] for f in functions if not f["present"]]
+    if missing:
+        raise RolesError(
+            f"function(s) {', '.join(missing)} missing in database {runner['database']!r}: "
+            "run python -m db migrate first"
+        )
+    foreign = [f["signature"] for f in functions if not f["ours"]]
+    if foreign:
+        raise RolesError(
+            f"must run as the owner of function(s) {', '.join(foreign)} (the role that ran "
+            f"python -m db migrate), this is {runner['name']}"
+        )
     return runner["name"], runner["database"], sequence
+
+
+def _all_functions() -> list[str]:
+    return sorted({f for process in PROCESSES for f in FUNCTIONS[process]})
 
 
 async def plan_roles(
@@ -204,6 +358,12 @@ async def plan_roles(
     if public["on_database"]:
         plan.add(f"REVOKE CREATE ON DATABASE {db} FROM PUBLIC")
         plan.public_revoked.append(f"CREATE on database {database}")
+    # Functions are PUBLIC's to execute by default; the migration revoked that, and a
+    # grant to PUBLIC since would let every role cancel tasks.
+    for function in await conn.fetch(_FUNCTIONS, _all_functions()):
+        if function["public_execute"]:
+            plan.add(f"REVOKE EXECUTE ON FUNCTION public.{function['signature']} FROM PUBLIC")
+            plan.public_revoked.append(f"EXECUTE on function {function['signature']}")
 
     for process in PROCESSES:
         name = names[process]
@@ -238,22 +398,83 @@ async def plan_roles(
         plan.add(f"GRANT USAGE ON SCHEMA public TO {role}")
         plan.add(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}")
         plan.add(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}")
+        plan.add(f"REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM {role}")
         for grant in GRANTS[process]:
             table = f"public.{quote_ident(grant.table)}"
             if grant.privileges:
                 plan.add(f"GRANT {', '.join(grant.privileges)} ON TABLE {table} TO {role}")
+            if grant.insert_columns:
+                columns = ", ".join(quote_ident(c) for c in grant.insert_columns)
+                plan.add(f"GRANT INSERT ({columns}) ON TABLE {table} TO {role}")
             if grant.update_columns:
                 columns = ", ".join(quote_ident(c) for c in grant.update_columns)
                 plan.add(f"GRANT UPDATE ({columns}) ON TABLE {table} TO {role}")
             if grant.identity_sequence:
                 plan.add(f"GRANT USAGE ON SEQUENCE {sequence} TO {role}")
+        for function in FUNCTIONS[process]:
+            plan.add(f"GRANT EXECUTE ON FUNCTION public.{function} TO {role}")
         plan.outcomes.append(RoleOutcome(process, name, row is None, bool(password)))
+    await _plan_policies(conn, plan, names)
     return plan
 
 
-async def _verify(conn: asyncpg.Connection, names: list[str]) -> None:
-    """Fail (and so roll back) if a role could still run DDL or inherit another's rights."""
-    for row in await conn.fetch(_VERIFY, names):
+async def _plan_policies(
+    conn: asyncpg.Connection, plan: Plan, names: Mapping[Process, str]
+) -> None:
+    """Row-level security where the matrix restricts inserted values, and its policies;
+    only what differs from the database is (re)made, since each change locks the table."""
+    wanted: list[Policy] = []
+    for process in PROCESSES:
+        for grant in GRANTS[process]:
+            policy = insert_policy(process, names[process], grant)
+            if policy is not None:
+                wanted.append(policy)
+    tables = sorted({p.table for p in wanted})
+    wanted = [open_policy(t) for t in tables] + wanted
+    secured = {
+        row["relname"]: row["relrowsecurity"] for row in await conn.fetch(_ROW_SECURITY, tables)
+    }
+    existing = {
+        (row["tablename"], row["policyname"]): row
+        for row in await conn.fetch(_POLICIES, list(TABLES), _POLICY_PREFIX)
+    }
+    for table in tables:
+        if not secured.get(table):
+            plan.add(f"ALTER TABLE public.{quote_ident(table)} ENABLE ROW LEVEL SECURITY")
+    for policy in wanted:
+        row = existing.pop((policy.table, policy.name), None)
+        if row is None or not policy.is_in_place(row):
+            plan.add(policy.drop())
+            plan.add(policy.create())
+    for table, name in sorted(existing):  # ours once, no longer in the matrix
+        plan.add(_drop_policy(table, name))
+
+
+async def _connect_advice(conn: asyncpg.Connection, names: list[str]) -> list[str]:
+    """REVOKE CONNECT statements that would keep the roles out of every other database:
+    from PUBLIC wherever it has CONNECT (here too, where the roles have their own), and
+    from a role granted CONNECT elsewhere by name."""
+    advice = []
+    for row in await conn.fetch(_CONNECTABLE, names):
+        db = quote_ident(row["datname"])
+        if row["public"]:
+            advice.append(f"REVOKE CONNECT ON DATABASE {db} FROM PUBLIC")
+        if row["roles"] and not row["here"]:
+            roles = ", ".join(quote_ident(r) for r in row["roles"])
+            advice.append(f"REVOKE CONNECT ON DATABASE {db} FROM {roles}")
+    return advice
+
+
+async def _verify(conn: asyncpg.Connection, names: Mapping[Process, str]) -> None:
+    """Fail (and so roll back) if a role could still run DDL, inherit another's rights or
+    run a function of another process's."""
+    for process in PROCESSES:
+        for function in _all_functions():
+            if function in FUNCTIONS[process]:
+                continue
+            if await conn.fetchval(_VERIFY_FUNCTION, names[process], function):
+                raise RolesError(f"role {names[process]} could still execute {function}")
+    for row in await conn.fetch(_VERIFY, [names[p] for p in PROCESSES]):
         if row["schema_create"] or row["database_create"]:
             raise RolesError(
                 f"role {row['name']} could still CREATE in this database (granted to PUBLIC?); "
@@ -269,12 +490,17 @@ async def apply_roles(
     passwords: Mapping[Process, str | None] | None = None,
     *,
     dry_run: bool = False,
+    lock_timeout: str = LOCK_TIMEOUT,
 ) -> Plan:
-    """Create or update the roles and their grants in one transaction; returns what ran."""
+    """Create or update the roles and their grants in one transaction; returns what ran.
+    Raises asyncpg.LockNotAvailableError, having changed nothing, when a lock it needs
+    is held longer than ``lock_timeout``."""
     async with conn.transaction():
+        await conn.execute("SELECT set_config('lock_timeout', $1, true)", lock_timeout)
         plan = await plan_roles(conn, names, passwords or {})
         if not dry_run:
             for step in plan.steps:
                 await conn.execute(step.sql)
-            await _verify(conn, [names[p] for p in PROCESSES])
+            await _verify(conn, names)
+        plan.connect_advice = await _connect_advice(conn, [names[p] for p in PROCESSES])
     return plan

@@ -1,8 +1,10 @@
 """The task state machine: which status may follow which.
 
 Every SQL transition in ``db/`` is a conditional UPDATE whose ``WHERE status ...``
-guard must be one of the edges listed here; the unit tests pin the table down, and the
-cancel query takes its guards from it directly.
+guard must be one of the edges listed here; the unit tests pin the table down. The
+cancel is a function of migration 0004 (the api role may run it but update nothing
+itself), which spells out CANCEL_NOW and CANCEL_LATER; tests/integration/test_roles.py
+holds it to them for every status.
 """
 
 from __future__ import annotations

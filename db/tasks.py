@@ -17,7 +17,7 @@ import asyncpg
 import orjson
 
 from db.sql import Parameters
-from db.states import CANCEL_LATER, CANCEL_NOW, TaskStatus
+from db.states import TaskStatus
 
 TASK_COLUMNS = (
     "id, type, payload, status, priority, attempts, max_attempts, result, error, "
@@ -115,17 +115,12 @@ _GET_STATUS = "SELECT id, status, updated_at FROM tasks WHERE id = $1"
 # A task cancelled before it was published keeps its outbox row: the relay's claim
 # closes it unsent once due (see db.outbox), so cancelling never touches the outbox,
 # and the api needs no right to delete outbox rows.
-_CANCEL = f"""
-UPDATE tasks
-SET status = CASE WHEN status = ANY($2::text[]) THEN 'CANCELLED' ELSE status END,
-    cancel_requested = cancel_requested OR status = ANY($3::text[]),
-    finished_at = CASE WHEN status = ANY($2::text[]) THEN now() ELSE finished_at END,
-    updated_at = now()
-WHERE id = $1 AND status = ANY($4::text[])
-RETURNING {TASK_COLUMNS}
-"""  # noqa: S608 - TASK_COLUMNS is a constant
-
-_CANCELLABLE = sorted(CANCEL_NOW | CANCEL_LATER)
+#
+# The cancel is cancel_task() of migration 0004: NEW/PENDING become CANCELLED,
+# PROCESSING gets cancel_requested, anything else is left alone (db.states.CANCEL_NOW
+# and CANCEL_LATER, written out there). It runs as the tables' owner, so the api role
+# may cancel without any UPDATE right on tasks, and so without any other status change.
+_CANCEL = f"SELECT {TASK_COLUMNS} FROM cancel_task($1)"  # noqa: S608 - a constant
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,9 +260,7 @@ class CancelOutcome:
 
 async def cancel_task(conn: asyncpg.Connection | asyncpg.Pool, task_id: uuid.UUID) -> CancelOutcome:
     """NEW/PENDING become CANCELLED at once; PROCESSING is flagged ``cancel_requested``."""
-    row = await conn.fetchrow(
-        _CANCEL, task_id, sorted(CANCEL_NOW), sorted(CANCEL_LATER), _CANCELLABLE
-    )
+    row = await conn.fetchrow(_CANCEL, task_id)
     if row is not None:
         return CancelOutcome(row, True)
     return CancelOutcome(await get_task(conn, task_id), False)

@@ -15,6 +15,7 @@ import signal
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,11 +31,12 @@ from db.outbox import PublishRefusal, claim_batch, notify, record_publish_outcom
 from db.pool import connect
 from db.roles import RolesError, apply_roles
 from db.settings import DatabaseSettings
-from db.states import TaskStatus
+from db.states import CANCEL_LATER, CANCEL_NOW, TaskStatus
 from db.tasks import (
     NewTask,
     TaskFilter,
     cancel_task,
+    create_group,
     create_task,
     create_task_once,
     create_tasks,
@@ -163,6 +165,7 @@ MAY_NOT: dict[Process, list[str]] = {
         "UPDATE tasks SET worker_id = 'me'",
         "UPDATE outbox SET published_at = now()",
         "DELETE FROM outbox",  # a cancel leaves the unsent row to the relay
+        "SELECT headers FROM outbox",  # it only ever adds rows
     ],
     "relay": [
         INSERT_TASK,
@@ -181,6 +184,7 @@ MAY_NOT: dict[Process, list[str]] = {
         "UPDATE tasks SET type = 'sleep'",
         "UPDATE tasks SET max_attempts = 9",
         "UPDATE outbox SET published_at = now()",
+        INSERT_OUTBOX,
     ],
 }
 
@@ -195,6 +199,175 @@ async def test_a_role_is_refused_what_its_process_never_does(
         assert not await conn.fetchval(
             "SELECT has_database_privilege(current_database(), 'CREATE')"
         )
+
+
+# -- what README claims a compromised process cannot do, one test per claim -----------
+
+FORGED_RESULT = '{"forged": true}'
+FORGED_AUDIT = '{"who": "someone-else", "why": "forged"}'
+
+# Every column of a task that its attempts, its outcome or the clock own: a create sets
+# none of them, so a task can only be born NEW, unclaimed and unfinished.
+NOT_SET_BY_A_CREATE = {
+    "status": "'DONE'",
+    "result": f"'{FORGED_RESULT}'",
+    "error": "'{}'",
+    "attempts": "1",
+    "lease": "7",
+    "worker_id": "'w1'",
+    "started_at": "now()",
+    "heartbeat_at": "now()",
+    "finished_at": "now()",
+    "cancel_requested": "true",
+    "created_at": "now() - interval '30 days'",
+    "updated_at": "now()",
+}
+
+
+async def owned_task(owner_dsn: str, status: TaskStatus, **columns: Any) -> uuid.UUID:
+    """A task (with its task.created row) put in ``status`` by the owner."""
+    owner = await connect(DatabaseSettings(database_url=owner_dsn))
+    try:
+        [task_id] = await make_tasks(owner, 1)
+        sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(columns, start=3))
+        await owner.execute(
+            f"UPDATE tasks SET status = $2{', ' + sets if sets else ''} WHERE id = $1",
+            task_id,
+            status.value,
+            *columns.values(),
+        )
+    finally:
+        await owner.close()
+    return task_id
+
+
+async def test_the_api_cannot_create_a_task_that_is_already_running_or_finished(
+    roles: Roles,
+) -> None:
+    async with connected(roles, "api") as conn:
+        forged = [
+            f"INSERT INTO tasks (type, payload, {column}) VALUES ('echo', '{{}}', {value})"
+            for column, value in NOT_SET_BY_A_CREATE.items()
+        ]
+        assert await refused(conn, forged) == []
+        # What a create does set is still allowed, and the task is born NEW.
+        born = await conn.fetchrow(
+            "INSERT INTO tasks (id, type, payload, priority, max_attempts, run_at, "
+            "idempotency_key, request_digest) VALUES (gen_random_uuid(), 'echo', '{}', 1, 2, "
+            "now(), 'k', '\\x00') RETURNING status, attempts, result"
+        )
+        assert tuple(born) == ("NEW", 0, None)
+
+
+async def test_the_api_changes_a_status_only_by_cancelling(roles: Roles, database_url: str) -> None:
+    fresh = await owned_task(database_url, TaskStatus.NEW)
+    done = await owned_task(
+        database_url, TaskStatus.DONE, result={"ok": True}, finished_at=datetime.now(UTC)
+    )
+    async with connected(roles, "api") as conn:
+        assert (
+            await refused(
+                conn,
+                [
+                    f"UPDATE tasks SET status = 'DONE', result = '{FORGED_RESULT}' "
+                    f"WHERE id = '{fresh}'",
+                    f"UPDATE tasks SET status = 'NEW' WHERE id = '{done}'",  # run it again
+                    f"UPDATE tasks SET status = 'CANCELLED' WHERE id = '{done}'",
+                    f"UPDATE tasks SET status = 'PROCESSING' WHERE id = '{fresh}'",
+                    f"UPDATE tasks SET cancel_requested = true WHERE id = '{fresh}'",
+                    f"UPDATE tasks SET finished_at = now() WHERE id = '{done}'",
+                    "UPDATE tasks SET updated_at = now()",
+                    # A row lock would hold off the relay and the consumers.
+                    f"SELECT 1 FROM tasks WHERE id = '{fresh}' FOR UPDATE",
+                ],
+            )
+            == []
+        )
+        # The cancel is the one change it may make, and only to a task not finished.
+        finished = await cancel_task(conn, done)
+        assert not finished.changed and finished.task is not None
+        assert (finished.task["status"], finished.task["result"]) == ("DONE", {"ok": True})
+        cancelled = await cancel_task(conn, fresh)
+        assert cancelled.changed and cancelled.task is not None
+        assert cancelled.task["status"] == "CANCELLED"
+
+
+@pytest.mark.parametrize("status", list(TaskStatus))
+async def test_the_api_cancels_as_the_state_machine_says(
+    roles: Roles, database_url: str, status: TaskStatus
+) -> None:
+    task_id = await owned_task(database_url, status)
+    async with connected(roles, "api") as conn:
+        outcome = await cancel_task(conn, task_id)
+        missing = await cancel_task(conn, uuid.uuid4())
+    assert outcome.task is not None
+    assert outcome.changed == (status in CANCEL_NOW | CANCEL_LATER)
+    expected = TaskStatus.CANCELLED if status in CANCEL_NOW else status
+    assert outcome.task["status"] == expected
+    assert outcome.task["cancel_requested"] == (status in CANCEL_LATER)
+    assert (outcome.task["finished_at"] is not None) == (status in CANCEL_NOW)
+    assert (missing.task, missing.changed) == (None, False)
+
+
+async def test_the_api_adds_only_task_created_outbox_rows(roles: Roles, database_url: str) -> None:
+    task_id = await owned_task(database_url, TaskStatus.FAILED)
+    columns = "task_id, kind, body, headers"
+    async with connected(roles, "api") as conn:
+        forged = [
+            # A replay in someone else's name, or a retry the task never asked for.
+            f"INSERT INTO outbox ({columns}) "
+            f"VALUES ('{task_id}', 'task.replay', '{{}}', '{FORGED_AUDIT}')",
+            f"INSERT INTO outbox ({columns}) VALUES ('{task_id}', 'task.retry', '{{}}', '{{}}')",
+            # Bookkeeping that is the relay's, and an id that would jump the order.
+            f"INSERT INTO outbox (task_id, kind, body, published_at) "
+            f"VALUES ('{task_id}', 'task.created', '{{}}', now())",
+            f"INSERT INTO outbox (task_id, kind, body, publish_attempts) "
+            f"VALUES ('{task_id}', 'task.created', '{{}}', 5)",
+            f"INSERT INTO outbox (task_id, kind, body, last_error) "
+            f"VALUES ('{task_id}', 'task.created', '{{}}', 'x')",
+            f"INSERT INTO outbox (task_id, kind, body, created_at) "
+            f"VALUES ('{task_id}', 'task.created', '{{}}', now() - interval '30 days')",
+            f"INSERT INTO outbox (id, task_id, kind, body) "
+            f"VALUES (9000000000000000000, '{task_id}', 'task.created', '{{}}')",
+        ]
+        assert await refused(conn, forged) == []
+    owner = await asyncpg.connect(database_url)
+    try:
+        kinds = await owner.fetch("SELECT kind FROM outbox WHERE task_id = $1", task_id)
+    finally:
+        await owner.close()
+    assert [row["kind"] for row in kinds] == ["task.created"]
+
+
+async def test_the_consumer_adds_only_task_retry_outbox_rows(
+    roles: Roles, database_url: str
+) -> None:
+    task_id = await owned_task(database_url, TaskStatus.FAILED)
+    columns = "task_id, kind, body, headers"
+    async with connected(roles, "consumer") as conn:
+        forged = [
+            f"INSERT INTO outbox ({columns}) "
+            f"VALUES ('{task_id}', 'task.replay', '{{}}', '{FORGED_AUDIT}')",
+            f"INSERT INTO outbox ({columns}) VALUES ('{task_id}', 'task.created', '{{}}', '{{}}')",
+            f"INSERT INTO outbox (task_id, kind, body, published_at) "
+            f"VALUES ('{task_id}', 'task.retry', '{{}}', now())",
+            f"INSERT INTO outbox (id, task_id, kind, body) "
+            f"VALUES (9000000000000000000, '{task_id}', 'task.retry', '{{}}')",
+        ]
+        assert await refused(conn, forged) == []
+
+
+@pytest.mark.parametrize("process", ["relay", "consumer"])
+async def test_only_the_api_may_cancel(roles: Roles, database_url: str, process: Process) -> None:
+    task_id = await owned_task(database_url, TaskStatus.PENDING)
+    async with connected(roles, process) as conn:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await cancel_task(conn, task_id)
+    owner = await asyncpg.connect(database_url)
+    try:
+        assert await owner.fetchval("SELECT status FROM tasks WHERE id = $1", task_id) == "PENDING"
+    finally:
+        await owner.close()
 
 
 async def test_the_api_role_creates_reads_lists_and_cancels(
@@ -224,30 +397,41 @@ async def test_the_api_role_creates_reads_lists_and_cancels(
         assert later.task is not None and later.task["cancel_requested"] is True
         await notify(conn, roles.channel)
 
-        # Cancelling the NEW task left its outbox row for the relay to close unsent.
-        left = await conn.fetchval("SELECT count(*) FROM outbox WHERE task_id = $1", plain["id"])
-        assert left == 1
-
-        # Batch and scheduled creates are inserts like any other.
+        # Batch, grouped and scheduled creates are inserts like any other.
         batch = await create_tasks(conn, [new_task(n=4), new_task(n=5)], {})
         assert [row["payload"] for row in batch] == [{"n": 4}, {"n": 5}]
+        group = await create_group(conn, [(new_task(n=7), {"traceparent": "00-ef-01-01"})])
+        assert [row["payload"] for row in group] == [{"n": 7}]
         scheduled = NewTask("echo", {"n": 6}, 0, 3, delay=60.0)
         assert (await create_task(conn, scheduled, {}))["run_at"] is not None
 
-
-async def test_a_nullable_column_added_later_is_insertable_without_a_rerun(
-    roles: Roles, database_url: str
-) -> None:
     owner = await asyncpg.connect(database_url)
     try:
-        await owner.execute("ALTER TABLE tasks ADD COLUMN note text")
+        # Cancelling the NEW task left its outbox row for the relay to close unsent, and
+        # every create wrote its task.created row.
+        left = await owner.fetchval("SELECT count(*) FROM outbox WHERE task_id = $1", plain["id"])
+        kinds = await owner.fetch("SELECT DISTINCT kind FROM outbox")
+    finally:
+        await owner.close()
+    assert left == 1
+    assert [row["kind"] for row in kinds] == ["task.created"]
+
+
+async def test_a_column_added_later_leaves_creates_working_but_is_not_insertable(
+    roles: Roles, database_url: str
+) -> None:
+    """INSERT is granted per column: a migration's new defaulted column breaks no create,
+    and the api may write it only once db/grants.py names it and the command reruns."""
+    owner = await asyncpg.connect(database_url)
+    try:
+        await owner.execute("ALTER TABLE tasks ADD COLUMN note text DEFAULT 'none'")
     finally:
         await owner.close()
     async with connected(roles, "api") as conn:
-        note = await conn.fetchval(
-            "INSERT INTO tasks (type, payload, note) VALUES ('echo', '{}', 'later') RETURNING note"
-        )
-    assert note == "later"
+        created = await create_task(conn, new_task(n=1))
+        assert await conn.fetchval("SELECT note FROM tasks WHERE id = $1", created["id"]) == "none"
+        statement = "INSERT INTO tasks (type, payload, note) VALUES ('echo', '{}', 'later')"
+        assert await refused(conn, [statement]) == []
 
 
 async def test_the_relay_role_claims_records_sweeps_and_reports(
@@ -335,7 +519,7 @@ async def test_the_relay_role_cannot_replay_which_runs_as_the_owner(
         await owner.close()
 
 
-async def test_the_consumer_role_claims_heartbeats_finishes_and_rescues(
+async def test_the_consumer_role_claims_heartbeats_finishes_rescues_and_requeues(
     roles: Roles, database_url: str
 ) -> None:
     owner = await connect(DatabaseSettings(database_url=database_url))
@@ -387,9 +571,23 @@ async def test_the_consumer_role_claims_heartbeats_finishes_and_rescues(
             rescued = await execution.rescue_stale(conn, 60)
             assert [(row["id"], row["status"]) for row in rescued] == [(retried, "NEW")]
             await notify(conn, roles.channel)
+
+            # The broker dead-lettered the message of the rescued task's newest row after
+            # the relay had made it PENDING: the watch sends it again.
+            await owner.execute("UPDATE tasks SET status = 'PENDING' WHERE id = $1", retried)
+            dead = await delivery(retried)
+            decision = await execution.requeue_dead_lettered(conn, dead)
+            assert decision.outbox_id is not None and decision.outbox_id > dead.outbox_id
+            assert decision.status == "PENDING"  # as found
+        assert await owner.fetchval("SELECT status FROM tasks WHERE id = $1", retried) == "NEW"
         assert await owner.fetchval("SELECT result FROM tasks WHERE id = $1", done) == {"ok": True}
         kinds = await owner.fetch("SELECT kind FROM outbox WHERE task_id = $1 ORDER BY id", retried)
-        assert [row["kind"] for row in kinds] == ["task.created", "task.retry", "task.retry"]
+        assert [row["kind"] for row in kinds] == [
+            "task.created",
+            "task.retry",
+            "task.retry",
+            "task.retry",
+        ]
     finally:
         await owner.close()
 
@@ -419,6 +617,20 @@ FROM pg_roles WHERE rolname = ANY($1::text[])
 UNION ALL
 SELECT 'member of ' || m.roleid::regrole::text, m.member::regrole::text, ''
 FROM pg_auth_members AS m WHERE m.member::regrole::text = ANY($1::text[])
+UNION ALL
+SELECT 'function ' || p.oid::regprocedure::text,
+       CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
+       a.privilege_type
+FROM pg_proc AS p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) AS a
+WHERE p.pronamespace = 'public'::regnamespace
+  AND (a.grantee = 0 OR a.grantee::regrole::text = ANY($1::text[]))
+UNION ALL
+SELECT 'row security ' || c.relname, '', c.relrowsecurity::text
+FROM pg_class AS c WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'
+UNION ALL
+SELECT 'policy ' || tablename || '.' || policyname, array_to_string(roles, ','),
+       concat_ws(' ', permissive, cmd, qual, with_check)
+FROM pg_policies WHERE schemaname = 'public'
 ORDER BY 1, 2, 3
 """
 
@@ -435,16 +647,22 @@ async def test_a_rerun_changes_nothing_and_takes_back_what_was_added(
     try:
         database = await conn.fetchval("SELECT current_database()")
         granted = await privileges(conn, roles)
-        assert ("table tasks", api, "INSERT") in granted
-        assert ("table tasks", api, "UPDATE") not in granted
-        assert ("column tasks.status", api, "UPDATE") in granted
+        assert ("column tasks.type", api, "INSERT") in granted
+        assert ("column tasks.status", api, "INSERT") not in granted
+        assert not [p for p in granted if p[1] == api and p[2] in ("UPDATE", "DELETE")]
+        assert ("table tasks", api, "INSERT") not in granted
+        assert ("function cancel_task(uuid)", api, "EXECUTE") in granted
+        assert not [p for p in granted if p[0].startswith("function") and p[1] != api]
+        assert ("row security outbox", "", "true") in granted
         assert ("column tasks.result", consumer, "UPDATE") in granted
         assert not [
             p for p in granted if p[0] == "table tasks" and p[2] == "DELETE" and p[1] != relay
         ]
 
-        await apply_roles(conn, roles.names)
+        # Nothing to change, so no policy is made again (which would lock the outbox).
+        again = await apply_roles(conn, roles.names)
         assert await privileges(conn, roles) == granted
+        assert not [step for step in again.steps if "POLICY" in step.sql or "ROW LEVEL" in step.sql]
 
         for extra in (
             f"GRANT ALL ON tasks, outbox, alembic_version TO {api}",
@@ -454,13 +672,67 @@ async def test_a_rerun_changes_nothing_and_takes_back_what_was_added(
             f"GRANT UPDATE ON SEQUENCE outbox_id_seq TO {consumer}",
             f"ALTER ROLE {api} CREATEDB NOLOGIN",
             f"GRANT pg_read_all_data TO {consumer}",
+            f"GRANT EXECUTE ON FUNCTION cancel_task(uuid) TO {consumer}",
+            "GRANT EXECUTE ON FUNCTION cancel_task(uuid) TO PUBLIC",
+            "ALTER TABLE outbox DISABLE ROW LEVEL SECURITY",
+            "DROP POLICY taskbox_api_inserts ON outbox",
+            "ALTER POLICY taskbox_consumer_inserts ON outbox WITH CHECK (kind <> '')",
+            f"CREATE POLICY taskbox_stray ON outbox AS RESTRICTIVE FOR DELETE TO {relay} "
+            "USING (false)",
         ):
             await conn.execute(extra)
         assert await privileges(conn, roles) != granted
-        await apply_roles(conn, roles.names)
+        plan = await apply_roles(conn, roles.names)
+        assert plan.public_revoked == ["EXECUTE on function cancel_task(uuid)"]
         assert await privileges(conn, roles) == granted
     finally:
         await conn.close()
+
+
+async def test_a_permissive_policy_added_later_does_not_widen_what_a_role_may_insert(
+    roles: Roles, database_url: str
+) -> None:
+    task_id = await owned_task(database_url, TaskStatus.FAILED)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            f"CREATE POLICY anything ON outbox FOR INSERT TO {roles.names['api']} WITH CHECK (true)"
+        )
+    finally:
+        await conn.close()
+    async with connected(roles, "api") as api:
+        forged = (
+            "INSERT INTO outbox (task_id, kind, body, headers) "
+            f"VALUES ('{task_id}', 'task.replay', '{{}}', '{FORGED_AUDIT}')"
+        )
+        assert await refused(api, [forged]) == []
+
+
+async def test_a_policy_change_waits_for_the_outbox_lock_only_so_long(
+    role_names: dict[Process, str], database_url: str
+) -> None:
+    """Making the policies locks the outbox: behind a long transaction the command gives
+    up (changing nothing) instead of stalling every process; a rerun that finds them in
+    place needs no such lock."""
+    reader = await asyncpg.connect(database_url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with reader.transaction():
+            await reader.execute("LOCK TABLE outbox IN ACCESS SHARE MODE")  # any reader
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await apply_roles(conn, role_names, lock_timeout="200ms")
+            made = await conn.fetchval(
+                "SELECT count(*) FROM pg_roles WHERE rolname = ANY($1::text[])",
+                list(role_names.values()),
+            )
+            assert made == 0
+        await apply_roles(conn, role_names)
+        async with reader.transaction():
+            await reader.execute("LOCK TABLE outbox, tasks IN ROW EXCLUSIVE MODE")  # writers
+            await apply_roles(conn, role_names, lock_timeout="200ms")
+    finally:
+        await conn.close()
+        await reader.close()
 
 
 async def test_create_on_schema_public_granted_to_public_is_revoked(
@@ -504,11 +776,18 @@ async def test_the_checks_refuse_before_changing_anything(
             await conn.execute(f'ALTER DATABASE "{database}" OWNER TO {owner}')
             with pytest.raises(RolesError, match="may create roles"):
                 await apply_roles(owner_conn, role_names)
+            # Granting EXECUTE on the cancel function needs its owner too.
+            await conn.execute(f"ALTER ROLE {owner} CREATEROLE")
+            with pytest.raises(RolesError, match=r"owner of function\(s\) cancel_task\(uuid\)"):
+                await apply_roles(owner_conn, role_names)
         finally:
             await owner_conn.close()
         with pytest.raises(RolesError, match=f"role {owner} owns objects"):
             await apply_roles(conn, {**role_names, "api": owner})
 
+        await conn.execute("DROP FUNCTION cancel_task(uuid)")
+        with pytest.raises(RolesError, match=r"cancel_task\(uuid\) missing .* migrate first"):
+            await apply_roles(conn, role_names)
         await conn.execute("DROP TABLE outbox")
         with pytest.raises(RolesError, match="run python -m db migrate first"):
             await apply_roles(conn, role_names)
@@ -533,6 +812,7 @@ async def test_an_owner_with_createrole_needs_no_superuser(
         await conn.execute(f"CREATE ROLE {owner} LOGIN CREATEROLE")
         for table in ("tasks", "outbox", "alembic_version"):
             await conn.execute(f"ALTER TABLE {table} OWNER TO {owner}")
+        await conn.execute(f"ALTER FUNCTION cancel_task(uuid) OWNER TO {owner}")
         await conn.execute(f'ALTER DATABASE "{database}" OWNER TO {owner}')
     finally:
         await conn.close()
@@ -546,7 +826,8 @@ async def test_an_owner_with_createrole_needs_no_superuser(
     assert [o.created for o in again.outcomes] == [False, False, False]
     roles = Roles(role_names, database_url, db_settings.outbox_channel)
     async with connected(roles, "api") as api:
-        await create_task(api, new_task(by="api"))
+        created = await create_task(api, new_task(by="api"))
+        assert (await cancel_task(api, created["id"])).changed
     async with connected(roles, "consumer") as consumer:
         assert await refused(consumer, MAY_NOT["consumer"] + NO_ROLE_MAY) == []
 
@@ -592,6 +873,49 @@ async def test_the_command_creates_then_updates_and_sets_passwords(
         role_names["relay"]: False,
         role_names["consumer"]: False,
     }
+
+
+async def test_the_command_advises_keeping_the_roles_out_of_other_databases(
+    role_names: dict[Process, str], database_url: str, template_database: str
+) -> None:
+    """It changes nothing outside its database, but says which REVOKE CONNECT would keep
+    its roles there: from PUBLIC on the other databases (the session's template is one),
+    here as well, and from a role granted CONNECT elsewhere by name."""
+    args = ["roles", *name_args(role_names)]
+    conn = await asyncpg.connect(database_url)
+    try:
+        database = await conn.fetchval("SELECT current_database()")
+        dry = await run_command("db", [*args, "--dry-run"], command_env(database_url))
+        assert dry.code == 0, dry
+        assert f'--     REVOKE CONNECT ON DATABASE "{template_database}" FROM PUBLIC;' in dry.stdout
+
+        first = await run_command("db", args, command_env(database_url))
+        assert first.code == 0, first
+        assert "a leaked password would reach beyond Taskbox" in first.stdout
+        assert f'    REVOKE CONNECT ON DATABASE "{template_database}" FROM PUBLIC;' in first.stdout
+        assert f'    REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC;' in first.stdout
+        assert await conn.fetchval(
+            "SELECT has_database_privilege('public', $1, 'CONNECT')", template_database
+        ), "the command itself leaves other databases alone"
+
+        # Done as advised here; and a grant by name elsewhere is advised away.
+        api = role_names["api"]
+        await conn.execute(f'REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC')
+        await conn.execute(f'GRANT CONNECT ON DATABASE "{template_database}" TO {api}')
+        try:
+            second = await run_command("db", args, command_env(database_url))
+        finally:
+            await conn.execute(f'REVOKE CONNECT ON DATABASE "{template_database}" FROM {api}')
+        assert second.code == 0, second
+        assert f'REVOKE CONNECT ON DATABASE "{database}"' not in second.stdout
+        assert f'REVOKE CONNECT ON DATABASE "{template_database}" FROM "{api}";' in second.stdout
+    finally:
+        await conn.close()
+    # The roles still connect here on CONNECT of their own.
+    roles = Roles(role_names, database_url, "unused")
+    for process in PROCESSES:
+        async with connected(roles, process) as conn:
+            assert await conn.fetchval("SELECT 1") == 1
 
 
 async def test_the_command_explains_what_to_fix_and_exits_2(
