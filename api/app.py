@@ -55,6 +55,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             metrics=api_metrics,
             max_payload_string=settings.max_payload_string,
             max_schedule_delay=settings.max_schedule_delay,
+            max_page_bytes=settings.max_page_bytes,
         )
         if not app.state.api_keys:
             log.warning(

@@ -14,6 +14,7 @@ from api.deps import Service
 from api.params import IsoDatetime
 from api.schemas import (
     MAX_BATCH,
+    ListView,
     Problem,
     Task,
     TaskBatch,
@@ -21,6 +22,7 @@ from api.schemas import (
     TaskCreate,
     TaskPage,
     TaskStatusView,
+    TaskSummaryPage,
 )
 from api.service import InvalidRequest, TaskService
 from db.states import TaskStatus
@@ -187,10 +189,23 @@ async def create_batch(
 
 @router.get(
     "",
-    response_model=TaskPage,
+    # The document's 200 is either page: a summary page unless the request asked for
+    # view=full. The route renders the rows itself (api.rendering).
+    response_model=TaskSummaryPage | TaskPage,
     summary="List tasks, newest first",
-    description="Keyset-paginated: pass `next_cursor` back as `cursor` for the next page.",
-    responses={**_INVALID, **_UNAVAILABLE},
+    description=(
+        "Keyset-paginated: pass `next_cursor` back as `cursor` for the next page. Each "
+        "item is a summary, the task without its `payload` and `result` "
+        "(`GET /api/v1/tasks/{task_id}` has them), so a page stays small whatever the "
+        "tasks hold. `view=full` lists whole tasks instead, in pages that end early, "
+        "with a `next_cursor`, once their payloads, results and errors would pass "
+        "MAX_PAGE_BYTES (1 MiB by default)."
+    ),
+    responses={
+        200: {"description": "A page of summaries; of whole tasks with `view=full`"},
+        **_INVALID,
+        **_UNAVAILABLE,
+    },
 )
 async def list_tasks(
     service: Service,
@@ -204,6 +219,13 @@ async def list_tasks(
     cursor: Annotated[
         str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
     ] = None,
+    view: Annotated[
+        ListView,
+        Query(
+            description="`summary`: tasks without payload and result. `full`: whole tasks, "
+            "at most MAX_PAGE_BYTES of them a page."
+        ),
+    ] = "summary",
 ) -> Response:
     listing = await service.list(
         statuses=status_,
@@ -212,8 +234,9 @@ async def list_tasks(
         created_before=created_before,
         limit=limit,
         cursor=cursor,
+        view=view,
     )
-    return rendering.page_response(listing.rows, listing.next_cursor)
+    return rendering.page_response(listing.rows, listing.next_cursor, full=listing.full)
 
 
 @router.get(
