@@ -41,6 +41,13 @@ _UNAUTHORIZED: Responses = {
 _TOO_LARGE: Responses = {
     413: {"model": Problem, "description": "The request body is larger than MAX_BODY_BYTES"}
 }
+_NOT_JSON: Responses = {
+    415: {
+        "model": Problem,
+        "description": "The body is not declared JSON: its Content-Type is missing, or is "
+        "not application/json or a +json type",
+    }
+}
 
 router = APIRouter(
     prefix="/api/v1/tasks",
@@ -111,6 +118,7 @@ def _header_parameter(name: str, description: str, schema: dict[str, Any]) -> di
         200: {"model": Task, "description": "This Idempotency-Key already created this task"},
         409: {"model": Problem, "description": "The Idempotency-Key was used for another request"},
         **_TOO_LARGE,
+        **_NOT_JSON,
         **_INVALID,
         **_UNAVAILABLE,
     },
@@ -152,7 +160,7 @@ async def create_task(body: TaskCreate, request: Request) -> Response:
         '(`loc` like `["body", "tasks", 3, "type"]`). Tasks come back in the order '
         "sent. `Idempotency-Key` is not supported here."
     ),
-    responses={**_TOO_LARGE, **_INVALID, **_UNAVAILABLE},
+    responses={**_TOO_LARGE, **_NOT_JSON, **_INVALID, **_UNAVAILABLE},
     # The body is read by api.batch (to report every invalid task at once), so the
     # schema FastAPI would derive from a body parameter is declared here instead.
     openapi_extra={

@@ -11,7 +11,7 @@ from pydantic import SecretStr
 from starlette.types import Message, Receive, Scope, Send
 
 from api.auth import key_bytes, key_matches
-from api.middleware import ContentLengthLimit
+from api.middleware import ContentLengthLimit, JsonBodiesOnly, json_media_type_refusal
 from api.settings import ApiSettings
 from db.storable import MAX_STRING, UnstorablePayload, check_storable
 
@@ -107,7 +107,11 @@ def test_the_limit_counts_characters_not_bytes() -> None:
 # ------------------------------------------------------------- declared-length gate
 
 
-async def call_gate(headers: list[tuple[bytes, bytes]], limit: int) -> tuple[bool, list[Message]]:
+async def call_gate(
+    headers: list[tuple[bytes, bytes]], limit: int | None, method: str = "POST"
+) -> tuple[bool, list[Message]]:
+    """Run a request with ``headers`` through the declared-length gate (``limit``) or,
+    with ``limit`` None, the JSON media type gate; whether the app ran, what was sent."""
     called = False
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -124,7 +128,7 @@ async def call_gate(headers: list[tuple[bytes, bytes]], limit: int) -> tuple[boo
 
     scope: Scope = {
         "type": "http",
-        "method": "POST",
+        "method": method,
         "path": "/api/v1/tasks",
         "raw_path": b"/api/v1/tasks",
         "query_string": b"",
@@ -133,7 +137,8 @@ async def call_gate(headers: list[tuple[bytes, bytes]], limit: int) -> tuple[boo
         "server": ("test", 80),
         "headers": headers,
     }
-    await ContentLengthLimit(app, limit)(scope, receive, send)
+    gate = JsonBodiesOnly(app) if limit is None else ContentLengthLimit(app, limit)
+    await gate(scope, receive, send)
     return called, sent
 
 
@@ -159,5 +164,96 @@ async def test_a_declared_length_over_the_limit_is_answered_without_the_app() ->
 )
 async def test_other_requests_pass_the_gate(headers: list[tuple[bytes, bytes]]) -> None:
     called, sent = await call_gate(headers, 10)
+    assert called
+    assert sent == []
+
+
+# ------------------------------------------------------------------ JSON media type
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        b"application/json",
+        b"application/json; charset=utf-8",
+        b"APPLICATION/JSON",
+        b" application/json ;charset=UTF-8",
+        b"application/problem+json",
+        b"application/vnd.example.task+json; version=2",
+    ],
+)
+def test_json_media_types_pass(content_type: bytes) -> None:
+    assert json_media_type_refusal(content_type) is None
+
+
+@pytest.mark.parametrize(
+    ("content_type", "named"),
+    [
+        (None, "no Content-Type"),
+        (b"", "no Content-Type"),
+        (b"  ", "no Content-Type"),
+        (b"application/x-www-form-urlencoded", "'application/x-www-form-urlencoded'"),
+        (b"multipart/form-data; boundary=b", "'multipart/form-data'"),
+        (b"text/plain;charset=utf-8", "'text/plain'"),
+        (b"text/json", "'text/json'"),
+        (b"application/json-seq", "'application/json-seq'"),
+        (b"application/jsonp", "'application/jsonp'"),
+        (b"json", "'json'"),
+        (b"application/+jsonx", "'application/+jsonx'"),
+    ],
+)
+def test_other_media_types_are_refused_by_name(content_type: bytes | None, named: str) -> None:
+    refusal = json_media_type_refusal(content_type)
+    assert refusal is not None
+    assert named in refusal
+    assert "application/json" in refusal
+    assert "--json" in refusal  # what to do with curl, whose -d sends a form type
+
+
+def test_a_long_media_type_is_cut_in_the_refusal() -> None:
+    refusal = json_media_type_refusal(b"text/" + b"x" * 5000)
+    assert refusal is not None
+    assert len(refusal) < 300
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"content-length", b"2"), (b"content-type", b"text/plain")],
+        [(b"content-length", b"2")],
+        [(b"transfer-encoding", b"chunked")],
+        [
+            (b"transfer-encoding", b"chunked"),
+            (b"content-type", b"application/x-www-form-urlencoded"),
+        ],
+        [(b"content-length", b"junk"), (b"content-type", b"text/plain")],
+    ],
+)
+async def test_a_body_not_declared_json_is_a_415_without_the_app(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    called, sent = await call_gate(headers, None)
+    assert not called
+    start, body = sent
+    assert start["status"] == 415
+    assert (b"content-type", b"application/problem+json") in start["headers"]
+    assert json.loads(body["body"])["status"] == 415
+
+
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [
+        ("POST", [(b"content-length", b"2"), (b"content-type", b"application/json")]),
+        ("POST", []),  # no body: nothing to type (FastAPI answers 422 for the missing body)
+        ("POST", [(b"content-length", b"0")]),
+        ("POST", [(b"content-length", b"0"), (b"content-type", b"text/plain")]),
+        ("GET", [(b"content-length", b"2"), (b"content-type", b"text/plain")]),
+        ("DELETE", [(b"content-length", b"2")]),
+    ],
+)
+async def test_json_bodies_and_requests_without_one_pass(
+    method: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    called, sent = await call_gate(headers, None, method)
     assert called
     assert sent == []
