@@ -29,6 +29,11 @@ class ApiSettings(DatabaseSettings, ProcessSettings):
             "keys rotate. Empty turns authentication off."
         ),
     )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve without API keys on an address beyond loopback (API_HOST); "
+        "without it such an api refuses to start.",
+    )
     metrics_require_auth: bool = Field(False, description="/metrics asks for an API key too.")
     max_body_bytes: int = Field(
         1_048_576, ge=0, description="Largest request body in bytes; past it, 413."

@@ -10,7 +10,7 @@ import pytest
 from pydantic import SecretStr
 from starlette.types import Message, Receive, Scope, Send
 
-from api.auth import key_bytes, key_matches
+from api.auth import exposure_refusal, key_bytes, key_matches, loopback_only
 from api.middleware import ContentLengthLimit, JsonBodiesOnly, json_media_type_refusal
 from api.settings import ApiSettings
 from db.storable import MAX_STRING, UnstorablePayload, check_storable
@@ -40,6 +40,48 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_empty_api_keys_turn_auth_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("API_KEYS", "")
     assert key_bytes(ApiSettings()) == ()
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.1.2.3", False),
+        ("192.168.0.10", False),
+        ("fe80::1", False),
+        ("api.example.com", False),
+        ("", False),
+    ],
+)
+def test_loopback_only(host: str, loopback: bool) -> None:
+    assert loopback_only(host) is loopback
+
+
+def test_without_keys_only_loopback_or_an_explicit_allowance_may_start() -> None:
+    def refusal(**settings: Any) -> str | None:
+        return exposure_refusal(ApiSettings.model_validate(settings))
+
+    assert refusal(api_host="127.0.0.1", api_keys="") is None
+    assert refusal(api_host="0.0.0.0", api_keys="k") is None
+    assert refusal(api_host="0.0.0.0", api_keys="", allow_unauthenticated=True) is None
+    message = refusal(api_host="0.0.0.0", api_keys="")
+    assert message is not None
+    assert message.startswith("API_KEYS is empty and API_HOST=0.0.0.0 listens beyond loopback")
+    for remedy in ("Set API_KEYS", "API_HOST=127.0.0.1", "ALLOW_UNAUTHENTICATED=true"):
+        assert remedy in message
+    assert refusal(api_host="10.0.0.5", api_keys="") is not None
+
+
+def test_allow_unauthenticated_is_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ALLOW_UNAUTHENTICATED", raising=False)
+    assert ApiSettings(_env_file=None).allow_unauthenticated is False
 
 
 def test_keys_are_utf8_bytes() -> None:
