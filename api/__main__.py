@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
-import uvicorn
+import logging
+import sys
 
+import uvicorn
+from pydantic import ValidationError
+
+from api.auth import exposure_refusal
 from api.settings import ApiSettings
 from runtime.logs import configure
+from runtime.settings import describe_invalid
+
+log = logging.getLogger("api")
+
+EXIT_USAGE = 2  # refused to start; the message says which setting to change
 
 
-def main() -> None:
-    settings = ApiSettings()
+def main() -> int:
+    try:
+        settings = ApiSettings()
+    except ValidationError as exc:
+        print(describe_invalid(exc), file=sys.stderr)
+        return EXIT_USAGE
     configure(settings.log_level, settings.log_format)
+    refusal = exposure_refusal(settings)
+    if refusal is not None:
+        log.critical("%s", refusal)
+        return EXIT_USAGE
     uvicorn.run(
         "api.asgi:app",
         host=settings.api_host,
@@ -21,7 +39,8 @@ def main() -> None:
         proxy_headers=True,
         server_header=False,
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

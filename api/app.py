@@ -14,7 +14,7 @@ from api import errors
 from api.auth import BEARER, key_bytes
 from api.errors import PROBLEM_JSON, REQUEST_ID_HEADER
 from api.metrics import ApiMetrics
-from api.middleware import ApiKeyGate, ContentLengthLimit, JsonBodies, RequestIds
+from api.middleware import ApiKeyGate, ContentLengthLimit, JsonBodiesOnly, RequestIds
 from api.notifier import OutboxNotifier
 from api.routes import health, metrics, tasks
 from api.service import PostgresTaskStore, TaskService
@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = """
 Create tasks over REST; Taskbox runs them through a transactional outbox, RabbitMQ and
-its consumers. Every error is an RFC 9457 problem document. Every response carries an
+its consumers. Request bodies are JSON and must be sent as `application/json` (or a
+`+json` type); any other Content-Type, or none, is a 415. Every error is an RFC 9457
+problem document. Every response carries an
 `X-Request-ID` header (the client's own, when well formed), which problem documents
 repeat as `request_id` and the server's log lines for the request carry.
 """
@@ -55,6 +57,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             metrics=api_metrics,
             max_payload_string=settings.max_payload_string,
             max_schedule_delay=settings.max_schedule_delay,
+            max_page_bytes=settings.max_page_bytes,
         )
         if not app.state.api_keys:
             log.warning(
@@ -81,7 +84,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.api_keys = key_bytes(settings)
     app.state.metrics_require_auth = settings.metrics_require_auth
     errors.install(app)
-    app.add_middleware(JsonBodies)
     app.include_router(tasks.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
@@ -92,19 +94,22 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
 
 def _gate_before_the_app(app: FastAPI, max_body_bytes: int) -> None:
-    """Put the request id, the API key gate and the declared length check outside the
-    whole stack, FastAPI's body limit included, in that order.
+    """Put the request id, the API key gate, the media type check and the declared
+    length check outside the whole stack, FastAPI's body limit included, in that order.
 
     A user middleware would sit inside FastAPI's limit, which replaces any answer to
     a request declaring too long a body with its own plain-text 413. The id comes
     first so that every answer, the gates' own included, carries it; the key gate
-    comes next so that a stranger hears 401 whatever their request looks like.
+    comes next so that a stranger hears 401 whatever their request looks like; then a
+    body that is not JSON is a 415 whatever its size.
     """
     build = app.build_middleware_stack
     keys = app.state.api_keys
 
     def build_middleware_stack() -> Any:
-        return RequestIds(ApiKeyGate(ContentLengthLimit(build(), max_body_bytes), keys))
+        return RequestIds(
+            ApiKeyGate(JsonBodiesOnly(ContentLengthLimit(build(), max_body_bytes)), keys)
+        )
 
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 

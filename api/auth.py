@@ -16,6 +16,7 @@ dependency serves ``/metrics``, which the gate does not cover.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -79,3 +80,37 @@ async def require_metrics_key(request: Request, credentials: Credentials) -> Non
     """Dependency of /metrics: a valid key only when METRICS_REQUIRE_AUTH is set."""
     if request.app.state.metrics_require_auth:
         _check(request, credentials)
+
+
+def loopback_only(host: str) -> bool:
+    """Whether listening on ``host`` (API_HOST) reaches this machine alone.
+
+    A loopback address (127.0.0.0/8, ::1) or ``localhost``; anything else, the wildcard
+    addresses 0.0.0.0 and ``::``, an interface's address and host names, may be reached
+    from the network.
+    """
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_refusal(settings: ApiSettings) -> str | None:
+    """Why the api must not start with these settings, or None.
+
+    Without API keys, anyone who reaches the port can create, read and cancel tasks.
+    On loopback that is this machine's users; beyond it, the network, which only an
+    explicit ALLOW_UNAUTHENTICATED=true accepts (authentication done in front of the
+    api, say).
+    """
+    if settings.api_keys or settings.allow_unauthenticated or loopback_only(settings.api_host):
+        return None
+    return (
+        f"API_KEYS is empty and API_HOST={settings.api_host} listens beyond loopback: anyone "
+        "who can reach the port could create, read and cancel tasks. Set API_KEYS "
+        "(comma-separated keys, sent as Authorization: Bearer <key>), or listen on "
+        "API_HOST=127.0.0.1, or set ALLOW_UNAUTHENTICATED=true if something in front of "
+        "the api authenticates its clients"
+    )

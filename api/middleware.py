@@ -17,28 +17,66 @@ from api.auth import CHALLENGE, bearer_token, refusal
 from api.errors import REQUEST_ID_HEADER, problem, route_path
 from runtime.logs import bind_request_id, unbind
 
-_JSON = (b"content-type", b"application/json")
-# What `curl -d` sends when no -H is given; this API takes no forms, so the body is JSON.
-_READ_AS_JSON = {b"application/x-www-form-urlencoded", b""}
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_CURL_HINT = "with curl: --json '{...}', or -H 'Content-Type: application/json' -d '{...}'"
 
 
-class JsonBodies:
-    """Treat bodies sent without a JSON content type as JSON.
+def json_media_type_refusal(content_type: bytes | None) -> str | None:
+    """Why a body declared ``content_type`` is refused, or None for a JSON one.
 
-    Every body this API accepts is JSON; rejecting ``curl -d '{...}'`` for its default
-    form content type would be pedantry at the user's expense.
+    JSON is ``application/json`` or any ``application/<subtype>+json`` (RFC 6839),
+    parameters such as ``charset`` aside, case-insensitively. Everything else is
+    refused, a missing Content-Type included: a web page can send form-encoded,
+    multipart, text/plain and untyped bodies to any origin without a CORS preflight,
+    and only those.
+    """
+    if content_type is None or not content_type.strip():
+        return f"the request body has no Content-Type; send it as application/json ({_CURL_HINT})"
+    media_type = content_type.split(b";", 1)[0].strip().lower()
+    kind, _, subtype = media_type.partition(b"/")
+    if kind == b"application" and (subtype == b"json" or subtype.endswith(b"+json")):
+        return None
+    shown = media_type[:100].decode("latin-1")
+    return (
+        f"the request body must be JSON, sent as application/json (or a +json type), "
+        f"not {shown!r} ({_CURL_HINT})"
+    )
+
+
+class JsonBodiesOnly:
+    """Answer a request whose body is not declared JSON with a 415, body unread.
+
+    Every body this API accepts is JSON. It once read form-encoded and untyped bodies as
+    JSON too, for ``curl -d``'s sake, which let any web page create tasks on an api
+    without keys: a browser sends such a body cross-origin without asking first. Only a
+    POST, PUT or PATCH that carries a body is checked (a declared length above zero, or
+    chunked): with no body there is nothing to type, and the request fails, or is
+    answered, on its own merits (a 422 for the missing body, a 405 for the method).
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            declared = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
-            if declared.split(b";", 1)[0].strip().lower() in _READ_AS_JSON:
-                scope = dict(scope, headers=[*headers, _JSON])
+        if scope["type"] == "http" and scope["method"] in _BODY_METHODS and _has_body(scope):
+            detail = json_media_type_refusal(_header(scope, b"content-type"))
+            if detail is not None:
+                response = problem(Request(scope), 415, detail)
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)
+
+
+def _has_body(scope: Scope) -> bool:
+    if _header(scope, b"transfer-encoding") is not None:
+        return True
+    length = _header(scope, b"content-length")
+    if length is None:
+        return False
+    try:
+        return int(length) > 0
+    except ValueError:  # the server refuses these; a body for all this gate knows
+        return True
 
 
 class ContentLengthLimit:

@@ -16,15 +16,16 @@ import orjson
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from api.schemas import Task, TaskStatusView
+from api.schemas import Task, TaskStatusView, TaskSummary
 
 TASK_FIELDS = tuple(Task.model_fields)
+SUMMARY_FIELDS = tuple(TaskSummary.model_fields)
 STATUS_FIELDS = tuple(TaskStatusView.model_fields)
 _OPTIONS = orjson.OPT_UTC_Z  # "...Z", as pydantic writes UTC timestamps
 
 
-def task_document(row: Mapping[str, Any]) -> dict[str, Any]:
-    document = {field: row[field] for field in TASK_FIELDS}
+def task_document(row: Mapping[str, Any], fields: tuple[str, ...] = TASK_FIELDS) -> dict[str, Any]:
+    document = {field: row[field] for field in fields}
     # asyncpg's own UUID class is not one orjson knows
     document["id"] = str(document["id"])
     return document
@@ -65,7 +66,12 @@ def batch_response(rows: Iterable[Mapping[str, Any]]) -> Response:
     return json_response({"items": [task_document(row) for row in rows]}, 201)
 
 
-def page_response(rows: Iterable[Mapping[str, Any]], next_cursor: str | None) -> Response:
+def page_response(
+    rows: Iterable[Mapping[str, Any]], next_cursor: str | None, *, full: bool = False
+) -> Response:
+    """A page of the list: summaries (``TaskSummaryPage``), or whole tasks with ``full``
+    (``TaskPage``)."""
+    fields = TASK_FIELDS if full else SUMMARY_FIELDS
     return json_response(
-        {"items": [task_document(row) for row in rows], "next_cursor": next_cursor}
+        {"items": [task_document(row, fields) for row in rows], "next_cursor": next_cursor}
     )

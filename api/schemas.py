@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -80,29 +80,32 @@ class TaskError(BaseModel):
     message: str
 
 
-class Task(BaseModel):
+_EXAMPLE_TASK: dict[str, Any] = {
+    "id": "0b6f5a8e-3c1d-4a51-9d7e-2f1c9b0e7a11",
+    "type": "echo",
+    "status": "DONE",
+    "priority": 0,
+    "payload": {"x": 1},
+    "result": {"x": 1},
+    "error": None,
+    "attempts": 1,
+    "max_attempts": 3,
+    "cancel_requested": False,
+    "created_at": "2026-11-26T12:00:00.000001Z",
+    "updated_at": "2026-11-26T12:00:00.004000Z",
+    "started_at": "2026-11-26T12:00:00.002000Z",
+    "finished_at": "2026-11-26T12:00:00.004000Z",
+    "run_at": None,
+}
+
+
+class TaskSummary(BaseModel):
+    """A task as the list shows it: everything but its payload and its result."""
+
     model_config = ConfigDict(
         from_attributes=True,
         json_schema_extra={
-            "examples": [
-                {
-                    "id": "0b6f5a8e-3c1d-4a51-9d7e-2f1c9b0e7a11",
-                    "type": "echo",
-                    "status": "DONE",
-                    "priority": 0,
-                    "payload": {"x": 1},
-                    "result": {"x": 1},
-                    "error": None,
-                    "attempts": 1,
-                    "max_attempts": 3,
-                    "cancel_requested": False,
-                    "created_at": "2026-11-26T12:00:00.000001Z",
-                    "updated_at": "2026-11-26T12:00:00.004000Z",
-                    "started_at": "2026-11-26T12:00:00.002000Z",
-                    "finished_at": "2026-11-26T12:00:00.004000Z",
-                    "run_at": None,
-                }
-            ]
+            "examples": [{k: v for k, v in _EXAMPLE_TASK.items() if k not in ("payload", "result")}]
         },
     )
 
@@ -110,9 +113,9 @@ class Task(BaseModel):
     type: str
     status: TaskStatus
     priority: int
-    payload: dict[str, Any]
-    result: Any = Field(None, description="The handler's return value once DONE.")
-    error: TaskError | None = Field(None, description="The last attempt's error.")
+    error: TaskError | None = Field(
+        None, description="The last attempt's error (its message cut to about 2,000 characters)."
+    )
     attempts: int
     max_attempts: int
     cancel_requested: bool
@@ -125,6 +128,15 @@ class Task(BaseModel):
     )
 
 
+class Task(TaskSummary):
+    """The whole task."""
+
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [_EXAMPLE_TASK]})
+
+    payload: dict[str, Any]
+    result: Any = Field(None, description="The handler's return value once DONE.")
+
+
 class TaskBatch(BaseModel):
     items: list[Task] = Field(description="The created tasks, in the order they were sent.")
 
@@ -135,8 +147,27 @@ class TaskStatusView(BaseModel):
     updated_at: datetime
 
 
+ListView = Literal["summary", "full"]
+
+
+class TaskSummaryPage(BaseModel):
+    """A page of the list (the default, `view=summary`)."""
+
+    items: list[TaskSummary] = Field(description="Up to `limit` tasks, newest first.")
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next page; null on the last page."
+    )
+
+
 class TaskPage(BaseModel):
-    items: list[Task]
+    """A page of the list with `view=full`: whole tasks, within MAX_PAGE_BYTES."""
+
+    items: list[Task] = Field(
+        description="Up to `limit` tasks, newest first, whose payloads, results and errors "
+        "come to at most MAX_PAGE_BYTES (1 MiB by default) of JSON; the first task comes "
+        "even when it alone is larger. A page may hold fewer than `limit` tasks and still "
+        "have a `next_cursor`."
+    )
     next_cursor: str | None = Field(
         None, description="Pass as `cursor` for the next page; null on the last page."
     )

@@ -21,7 +21,7 @@ from api import pagination
 from api.batch import read_batch
 from api.grouping import GroupCommit
 from api.metrics import ApiMetrics
-from api.schemas import TaskCreate
+from api.schemas import ListView, TaskCreate
 from db import tasks as task_store
 from db.errors import nothing_committed
 from db.states import TERMINAL, TaskStatus
@@ -86,6 +86,13 @@ class TaskStore(Protocol):
         limit: int,
         after: tuple[datetime, uuid.UUID] | None,
     ) -> task_store.Page: ...
+    async def list_full(
+        self,
+        filters: task_store.TaskFilter,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None,
+        max_bytes: int,
+    ) -> task_store.Page: ...
     async def cancel(self, task_id: uuid.UUID) -> task_store.CancelOutcome: ...
 
 
@@ -140,6 +147,15 @@ class PostgresTaskStore:
     ) -> task_store.Page:
         return await task_store.list_tasks(self._pool, filters, limit, after)
 
+    async def list_full(
+        self,
+        filters: task_store.TaskFilter,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None,
+        max_bytes: int,
+    ) -> task_store.Page:
+        return await task_store.list_full_tasks(self._pool, filters, limit, after, max_bytes)
+
     async def cancel(self, task_id: uuid.UUID) -> task_store.CancelOutcome:
         return await task_store.cancel_task(self._pool, task_id)
 
@@ -148,6 +164,7 @@ class PostgresTaskStore:
 class Listing:
     rows: list[TaskRow]
     next_cursor: str | None
+    full: bool = False  # whole tasks (view=full), not summaries
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +198,9 @@ class TaskService:
         metrics: ApiMetrics | None = None,
         max_payload_string: int = MAX_STRING,
         max_schedule_delay: float = 365 * 86400.0,
+        max_page_bytes: int = 1_048_576,
     ) -> None:
+        self._max_page_bytes = max_page_bytes
         self._max_payload_string = max_payload_string
         self._max_schedule_delay = max_schedule_delay
         self._store = store
@@ -359,7 +378,10 @@ class TaskService:
         created_before: datetime | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        view: ListView = "summary",
     ) -> Listing:
+        """A page of summaries; with ``view="full"``, of whole tasks, ended early (with
+        a cursor) where their payloads, results and errors would pass MAX_PAGE_BYTES."""
         after = None
         if cursor is not None:
             try:
@@ -372,12 +394,16 @@ class TaskService:
             created_after=_aware(created_after),
             created_before=_aware(created_before),
         )
-        page = await self._store.list(filters, limit, after)
+        full = view == "full"
+        if full:
+            page = await self._store.list_full(filters, limit, after, self._max_page_bytes)
+        else:
+            page = await self._store.list(filters, limit, after)
         next_cursor = None
         if page.has_more:
             last = page.rows[-1]
             next_cursor = pagination.encode(last["created_at"], last["id"])
-        return Listing(list(page.rows), next_cursor)
+        return Listing(list(page.rows), next_cursor, full)
 
     async def cancel(self, task_id: uuid.UUID) -> Cancellation:
         outcome = await self._store.cancel(task_id)

@@ -29,9 +29,20 @@ class ApiSettings(DatabaseSettings, ProcessSettings):
             "keys rotate. Empty turns authentication off."
         ),
     )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve without API keys on an address beyond loopback (API_HOST); "
+        "without it such an api refuses to start.",
+    )
     metrics_require_auth: bool = Field(False, description="/metrics asks for an API key too.")
     max_body_bytes: int = Field(
         1_048_576, ge=0, description="Largest request body in bytes; past it, 413."
+    )
+    max_page_bytes: int = Field(
+        1_048_576,
+        ge=1,
+        description="Most bytes of payload, result and error (JSON) in one page of "
+        "`GET /api/v1/tasks?view=full`; the first task of a page comes even when larger.",
     )
     max_payload_string: int = Field(
         65_536, ge=1, description="Longest string (value or key) in a payload, in characters."

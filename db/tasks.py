@@ -280,21 +280,23 @@ class TaskFilter:
     created_before: datetime | None = None
 
 
+# What a listing shows of each task: everything but the payload and the result, which
+# are unbounded in number across a page (up to MAX_BODY_BYTES and MAX_RESULT_BYTES each)
+# and which only GET /api/v1/tasks/{id} and the budgeted full listing return. The error
+# stays: its message is cut at 2,000 characters (consumer.attempt.error_of).
+SUMMARY_COLUMNS = (
+    "id, type, status, priority, attempts, max_attempts, error, cancel_requested, "
+    "created_at, updated_at, started_at, finished_at, run_at"
+)
+
+
 # Each filter maps to a fixed SQL fragment and its values travel as parameters, so
 # nothing a client sends is ever spliced into the statement text.
-async def list_tasks(
-    conn: asyncpg.Connection | asyncpg.Pool,
-    filters: TaskFilter,
-    limit: int,
-    after: tuple[datetime, uuid.UUID] | None = None,
-) -> Page:
-    """Newest first, keyset-paginated on (created_at, id), which never changes for a row.
-
-    ``after`` is the (created_at, id) of the last row of the previous page.
-    """
+def _page_conditions(
+    filters: TaskFilter, after: tuple[datetime, uuid.UUID] | None, param: Parameters
+) -> str:
+    """The WHERE clause of a listing: the filters, and the keyset position ``after``."""
     conditions: list[str] = []
-    param = Parameters()
-
     if filters.statuses:
         conditions.append(f"status = ANY({param([s.value for s in filters.statuses])}::text[])")
     if filters.type is not None:
@@ -306,10 +308,68 @@ async def list_tasks(
     if after is not None:
         created_at, task_id = after
         conditions.append(f"(created_at, id) < ({param(created_at)}, {param(task_id)})")
-    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    return f"WHERE {' AND '.join(conditions)}" if conditions else ""
+
+
+async def list_tasks(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    filters: TaskFilter,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None = None,
+) -> Page:
+    """Task summaries (``SUMMARY_COLUMNS``), newest first, keyset-paginated on
+    (created_at, id), which never changes for a row.
+
+    ``after`` is the (created_at, id) of the last row of the previous page.
+    """
+    param = Parameters()
+    where = _page_conditions(filters, after, param)
     query = (
-        f"SELECT {TASK_COLUMNS} FROM tasks {where} "  # noqa: S608 - fragments are constants
+        f"SELECT {SUMMARY_COLUMNS} FROM tasks {where} "  # noqa: S608 - fragments are constants
         f"ORDER BY created_at DESC, id DESC LIMIT {param(limit + 1)}"
     )
     rows = await conn.fetch(query, *param.values)
     return Page(rows=rows[:limit], has_more=len(rows) > limit)
+
+
+async def list_full_tasks(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    filters: TaskFilter,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None,
+    max_bytes: int,
+) -> Page:
+    """Whole tasks, in the order and with the keyset of ``list_tasks``, up to ``limit``
+    of them and no more than ``max_bytes`` of payload, result and error (as JSON text)
+    in all; the first task comes even when it alone is larger, so a walk always moves.
+
+    One statement, so the sizes are those of the rows it returns: Postgres measures the
+    page's candidates (``page``, sizes only), keeps the longest prefix within the budget
+    (``kept``) and only then reads the whole rows, so a page past the budget never
+    reaches this process. ``has_more`` is true when the page ended early, for the budget
+    or the limit, with tasks left behind it.
+    """
+    param = Parameters()
+    where = _page_conditions(filters, after, param)
+    query = f"""
+WITH page AS (
+    SELECT id, created_at,
+           octet_length(payload::text) + coalesce(octet_length(result::text), 0)
+               + coalesce(octet_length(error::text), 0) AS bytes
+    FROM tasks {where}
+    ORDER BY created_at DESC, id DESC
+    LIMIT {param(limit + 1)}
+), running AS (
+    SELECT id, row_number() OVER w AS position, sum(bytes) OVER w AS total
+    FROM page
+    WINDOW w AS (ORDER BY created_at DESC, id DESC)
+), kept AS (
+    SELECT id, position FROM running
+    WHERE position <= {param(limit)} AND (position = 1 OR total <= {param(max_bytes)})
+)
+SELECT {TASK_COLUMNS}, (SELECT count(*) FROM page) > (SELECT count(*) FROM kept) AS has_more
+FROM kept JOIN tasks USING (id)
+ORDER BY kept.position
+"""  # noqa: S608 - every fragment is a constant
+    rows = await conn.fetch(query, *param.values)
+    return Page(rows=rows, has_more=bool(rows) and rows[0]["has_more"])

@@ -14,6 +14,7 @@ from api.deps import Service
 from api.params import IsoDatetime
 from api.schemas import (
     MAX_BATCH,
+    ListView,
     Problem,
     Task,
     TaskBatch,
@@ -21,6 +22,7 @@ from api.schemas import (
     TaskCreate,
     TaskPage,
     TaskStatusView,
+    TaskSummaryPage,
 )
 from api.service import InvalidRequest, TaskService
 from db.states import TaskStatus
@@ -38,6 +40,13 @@ _UNAUTHORIZED: Responses = {
 }
 _TOO_LARGE: Responses = {
     413: {"model": Problem, "description": "The request body is larger than MAX_BODY_BYTES"}
+}
+_NOT_JSON: Responses = {
+    415: {
+        "model": Problem,
+        "description": "The body is not declared JSON: its Content-Type is missing, or is "
+        "not application/json or a +json type",
+    }
 }
 
 router = APIRouter(
@@ -109,6 +118,7 @@ def _header_parameter(name: str, description: str, schema: dict[str, Any]) -> di
         200: {"model": Task, "description": "This Idempotency-Key already created this task"},
         409: {"model": Problem, "description": "The Idempotency-Key was used for another request"},
         **_TOO_LARGE,
+        **_NOT_JSON,
         **_INVALID,
         **_UNAVAILABLE,
     },
@@ -150,7 +160,7 @@ async def create_task(body: TaskCreate, request: Request) -> Response:
         '(`loc` like `["body", "tasks", 3, "type"]`). Tasks come back in the order '
         "sent. `Idempotency-Key` is not supported here."
     ),
-    responses={**_TOO_LARGE, **_INVALID, **_UNAVAILABLE},
+    responses={**_TOO_LARGE, **_NOT_JSON, **_INVALID, **_UNAVAILABLE},
     # The body is read by api.batch (to report every invalid task at once), so the
     # schema FastAPI would derive from a body parameter is declared here instead.
     openapi_extra={
@@ -187,10 +197,23 @@ async def create_batch(
 
 @router.get(
     "",
-    response_model=TaskPage,
+    # The document's 200 is either page: a summary page unless the request asked for
+    # view=full. The route renders the rows itself (api.rendering).
+    response_model=TaskSummaryPage | TaskPage,
     summary="List tasks, newest first",
-    description="Keyset-paginated: pass `next_cursor` back as `cursor` for the next page.",
-    responses={**_INVALID, **_UNAVAILABLE},
+    description=(
+        "Keyset-paginated: pass `next_cursor` back as `cursor` for the next page. Each "
+        "item is a summary, the task without its `payload` and `result` "
+        "(`GET /api/v1/tasks/{task_id}` has them), so a page stays small whatever the "
+        "tasks hold. `view=full` lists whole tasks instead, in pages that end early, "
+        "with a `next_cursor`, once their payloads, results and errors would pass "
+        "MAX_PAGE_BYTES (1 MiB by default)."
+    ),
+    responses={
+        200: {"description": "A page of summaries; of whole tasks with `view=full`"},
+        **_INVALID,
+        **_UNAVAILABLE,
+    },
 )
 async def list_tasks(
     service: Service,
@@ -204,6 +227,13 @@ async def list_tasks(
     cursor: Annotated[
         str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
     ] = None,
+    view: Annotated[
+        ListView,
+        Query(
+            description="`summary`: tasks without payload and result. `full`: whole tasks, "
+            "at most MAX_PAGE_BYTES of them a page."
+        ),
+    ] = "summary",
 ) -> Response:
     listing = await service.list(
         statuses=status_,
@@ -212,8 +242,9 @@ async def list_tasks(
         created_before=created_before,
         limit=limit,
         cursor=cursor,
+        view=view,
     )
-    return rendering.page_response(listing.rows, listing.next_cursor)
+    return rendering.page_response(listing.rows, listing.next_cursor, full=listing.full)
 
 
 @router.get(

@@ -57,7 +57,8 @@ class ServiceProcess:
                     async with asyncio.timeout(0.2):
                         await self._seen.wait()
 
-    async def start(self, timeout: float = 20.0) -> ServiceProcess:
+    async def launch(self) -> ServiceProcess:
+        """Start the process without waiting for it to be ready (see ``start``)."""
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -68,6 +69,10 @@ class ServiceProcess:
             stderr=asyncio.subprocess.STDOUT,
         )
         self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def start(self, timeout: float = 20.0) -> ServiceProcess:
+        await self.launch()
         try:
             await self.wait_for(READY[self.module], timeout)
         except TimeoutError:

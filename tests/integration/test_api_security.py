@@ -40,6 +40,9 @@ def settings_with(api_settings: ApiSettings, **changes: Any) -> ApiSettings:
     )
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -177,7 +180,7 @@ async def test_an_unauthenticated_bad_body_is_a_401_not_a_422(
 
 
 async def test_with_a_valid_key_a_bad_body_is_still_a_422(keyed: httpx.AsyncClient) -> None:
-    response = await keyed.post(TASKS, content=b"{not json", headers=bearer(KEY_ONE))
+    response = await keyed.post(TASKS, content=b"{not json", headers={**JSON, **bearer(KEY_ONE)})
     assert_problem(response, 422)
 
 
@@ -189,7 +192,7 @@ async def test_an_unauthenticated_body_is_never_read(keyed: httpx.AsyncClient) -
             read.append(chunk)
             yield chunk
 
-    assert_unauthorized(await keyed.post(TASKS, content=body()))
+    assert_unauthorized(await keyed.post(TASKS, content=body(), headers=JSON))
     assert read == []
 
 
@@ -209,7 +212,7 @@ async def test_behind_a_prefix_an_unauthenticated_body_is_still_never_read(
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, root_path="/taskbox")
         async with httpx.AsyncClient(transport=transport, base_url="http://test/taskbox") as client:
-            assert_unauthorized(await client.post(TASKS, content=body()))
+            assert_unauthorized(await client.post(TASKS, content=body(), headers=JSON))
             assert read == []
             # The prefix is really in use: with the key, the route answers.
             response = await client.post(TASKS, json={"type": "echo"}, headers=bearer(KEY_ONE))
@@ -223,8 +226,9 @@ async def test_the_key_is_checked_before_the_declared_length(api_settings: ApiSe
     settings = settings_with(api_settings, api_keys=KEY_ONE, max_body_bytes=LIMIT)
     async with app_client_for(settings) as client:
         too_long = json_body_of_size(LIMIT + 1)
-        assert_unauthorized(await client.post(TASKS, content=too_long))
-        assert_problem(await client.post(TASKS, content=too_long, headers=bearer(KEY_ONE)), 413)
+        assert_unauthorized(await client.post(TASKS, content=too_long, headers=JSON))
+        authorized = {**JSON, **bearer(KEY_ONE)}
+        assert_problem(await client.post(TASKS, content=too_long, headers=authorized), 413)
 
 
 async def test_unknown_api_paths_ask_for_a_key_before_saying_404(
@@ -235,7 +239,7 @@ async def test_unknown_api_paths_ask_for_a_key_before_saying_404(
 
 
 async def test_without_keys_a_bad_body_is_a_422(client: httpx.AsyncClient) -> None:
-    assert_problem(await client.post(TASKS, content=b"{not json"), 422)
+    assert_problem(await client.post(TASKS, content=b"{not json", headers=JSON), 422)
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
@@ -318,6 +322,117 @@ async def test_openapi_declares_the_bearer_scheme_and_the_401(
     assert "application/problem+json" in create["413"]["content"]
 
 
+# ---------------------------------------------------------------------- content type
+
+# A web page can POST to the api from any origin without a CORS preflight when the body
+# is form-encoded, multipart, text/plain or untyped, and the api once read such bodies
+# as JSON: with API_KEYS empty, any page a user opened could create tasks. A body must
+# be declared JSON now, which a browser sends cross-origin only after a preflight that
+# this api never grants.
+NOT_JSON = [
+    "application/x-www-form-urlencoded",  # an HTML form, and `curl -d` without -H
+    "application/x-www-form-urlencoded; charset=utf-8",
+    "multipart/form-data; boundary=x",
+    "text/plain",  # a form with enctype="text/plain", fetch() with a string body
+    "text/plain; charset=utf-8",
+    "application/xml",
+    "application/jsonx",
+    "text/json",
+    None,  # fetch() with a Blob body, or any client that declares nothing
+]
+BODIES = [
+    (TASKS, b'{"type": "echo", "payload": {"x": 1}}'),
+    (f"{TASKS}/batch", b'{"tasks": [{"type": "echo"}]}'),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), BODIES, ids=["create", "batch"])
+@pytest.mark.parametrize("content_type", NOT_JSON)
+async def test_a_body_not_declared_json_is_a_415_and_creates_nothing(
+    client: httpx.AsyncClient,
+    pool: asyncpg.Pool,
+    path: str,
+    body: bytes,
+    content_type: str | None,
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+
+    response = await client.post(path, content=body, headers=headers)
+
+    assert response.request.headers.get("content-type") == content_type
+    problem = assert_problem(response, 415)
+    assert "application/json" in problem["detail"]
+    if content_type is None:
+        assert "no Content-Type" in problem["detail"]
+    else:
+        assert repr(content_type.split(";")[0]) in problem["detail"]
+    assert await row_counts(pool) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+        "application/vnd.taskbox+json",
+        "application/merge-patch+json; charset=UTF-8",
+    ],
+)
+async def test_json_and_plus_json_bodies_are_accepted(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, content_type: str
+) -> None:
+    for path, body in BODIES:
+        response = await client.post(path, content=body, headers={"Content-Type": content_type})
+        assert response.status_code == 201, (path, response.text)
+    assert await row_counts(pool) == (2, 2)
+
+
+async def test_a_body_not_declared_json_is_refused_before_it_is_read(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    read: list[bytes] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        for chunk in (b'{"type": ', b'"echo"}'):
+            read.append(chunk)
+            yield chunk
+
+    response = await client.post(TASKS, content=body(), headers={"Content-Type": "text/plain"})
+    assert_problem(response, 415)
+    assert read == []
+    assert await row_counts(pool) == (0, 0)
+
+
+async def test_the_key_is_checked_before_the_content_type(keyed: httpx.AsyncClient) -> None:
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    assert_unauthorized(await keyed.post(TASKS, content=b'{"type": "echo"}', headers=form))
+    response = await keyed.post(
+        TASKS, content=b'{"type": "echo"}', headers={**form, **bearer(KEY_ONE)}
+    )
+    assert_problem(response, 415)
+
+
+async def test_a_post_without_a_body_needs_no_content_type(client: httpx.AsyncClient) -> None:
+    # Nothing to read, so nothing to type: the request fails on what is missing.
+    assert_field_errors(await client.post(TASKS), [(["body"], "Field required", "missing")])
+    assert_problem(await client.post(f"{TASKS}/{uuid.UUID(int=1)}"), 405)
+
+
+async def test_openapi_documents_the_415_on_the_operations_that_take_a_body(
+    client: httpx.AsyncClient,
+) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    for path, methods in paths.items():
+        for method, operation in methods.items():
+            takes_a_body = "requestBody" in operation
+            assert ("415" in operation["responses"]) == takes_a_body, (path, method)
+            if takes_a_body:
+                assert set(operation["requestBody"]["content"]) == {"application/json"}
+                content = operation["responses"]["415"]["content"]
+                assert set(content) == {"application/problem+json"}, (path, method)
+
+
 # ------------------------------------------------------------------------ body limit
 
 
@@ -332,14 +447,14 @@ def json_body_of_size(size: int) -> bytes:
 async def test_a_body_at_the_limit_is_accepted(api_settings: ApiSettings) -> None:
     settings = settings_with(api_settings, max_body_bytes=LIMIT)
     async with app_client_for(settings) as client:
-        response = await client.post(TASKS, content=json_body_of_size(LIMIT))
+        response = await client.post(TASKS, content=json_body_of_size(LIMIT), headers=JSON)
         assert response.status_code == 201, response.text
 
 
 async def test_a_declared_length_over_the_limit_is_a_413(
     limited: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
-    response = await limited.post(TASKS, content=json_body_of_size(LIMIT + 1))
+    response = await limited.post(TASKS, content=json_body_of_size(LIMIT + 1), headers=JSON)
     assert response.request.headers["content-length"] == str(LIMIT + 1)
     problem = assert_problem(response, 413)
     assert str(LIMIT) in problem["detail"]
@@ -357,7 +472,9 @@ async def test_a_declared_length_over_the_limit_is_refused_before_the_body_is_re
             yield chunk
 
     # The header claims more than the limit: refused on the header alone, no byte read.
-    response = await limited.post(TASKS, content=body(), headers={"Content-Length": str(LIMIT + 1)})
+    response = await limited.post(
+        TASKS, content=body(), headers={**JSON, "Content-Length": str(LIMIT + 1)}
+    )
     assert_problem(response, 413)
     assert read == []
     assert await row_counts(pool) == (0, 0)
@@ -372,7 +489,7 @@ async def test_a_chunked_body_over_the_limit_is_a_413(
             yield b"x" * 100
         yield b'"}}'
 
-    response = await limited.post(TASKS, content=body())
+    response = await limited.post(TASKS, content=body(), headers=JSON)
     assert "content-length" not in response.request.headers
     assert response.request.headers["transfer-encoding"] == "chunked"
     problem = assert_problem(response, 413)
@@ -387,7 +504,7 @@ async def test_a_chunked_body_under_the_limit_is_accepted(
         yield b'{"type": "echo", '
         yield b'"payload": {"p": "ok"}}'
 
-    response = await limited.post(TASKS, content=body())
+    response = await limited.post(TASKS, content=body(), headers=JSON)
     assert response.status_code == 201, response.text
     assert await row_counts(pool) == (1, 1)
 
@@ -395,10 +512,12 @@ async def test_a_chunked_body_under_the_limit_is_accepted(
 async def test_the_default_body_limit_is_one_mebibyte(
     client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
-    assert_problem(await client.post(TASKS, content=json_body_of_size(1_048_577)), 413)
+    assert_problem(
+        await client.post(TASKS, content=json_body_of_size(1_048_577), headers=JSON), 413
+    )
     assert await row_counts(pool) == (0, 0)
     # Just under it, the body is read, then refused for its long string, not its size.
-    response = await client.post(TASKS, content=json_body_of_size(1_048_576))
+    response = await client.post(TASKS, content=json_body_of_size(1_048_576), headers=JSON)
     assert_problem(response, 422)
 
 

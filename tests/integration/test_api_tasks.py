@@ -22,6 +22,7 @@ import pytest
 from api.settings import ApiSettings
 from db.settings import DatabaseSettings
 from tasktypes import default_registry
+from tests.integration.conftest import app_client_for
 
 TASKS = "/api/v1/tasks"
 PROBLEM_KEYS = {"type", "title", "status", "detail", "instance", "request_id"}
@@ -42,6 +43,8 @@ TASK_KEYS = {
     "started_at",
     "finished_at",
 }
+# A listed task: everything but the two unbounded fields, which only GET /tasks/{id} has.
+SUMMARY_KEYS = TASK_KEYS - {"payload", "result"}
 BUILTIN_TYPES = {"echo", "fail", "sha256", "sleep"}
 # Leaks a problem body must never contain.
 INTERNALS = ("Traceback", "asyncpg", "SELECT", "INSERT", "postgresql://", 'File "')
@@ -112,6 +115,24 @@ async def insert_task(
         created_at,
     )
     return str(task_id)
+
+
+async def insert_large_tasks(
+    pool: asyncpg.Pool, count: int, payload_bytes: int, *, result_bytes: int = 0
+) -> None:
+    """``count`` DONE tasks whose payload (and result, if asked) is a JSON object of
+    about that many bytes, written with SQL (the API's own limits would refuse them)."""
+    await pool.execute(
+        "INSERT INTO tasks (type, payload, result, status, created_at, updated_at)"
+        " SELECT 'echo', jsonb_build_object('blob', repeat('p', $2)),"
+        "        CASE WHEN $3 > 0 THEN jsonb_build_object('blob', repeat('r', $3)) END,"
+        "        'DONE', t, t"
+        " FROM (SELECT now() - n * interval '1 second' AS t"
+        "       FROM generate_series(1, $1) AS n) AS moments",
+        count,
+        payload_bytes,
+        result_bytes,
+    )
 
 
 async def set_status(pool: asyncpg.Pool, task_id: str, status: str) -> None:
@@ -206,30 +227,6 @@ async def test_create_stores_the_task_and_exactly_one_unpublished_outbox_event(
     assert event["body"] == {"task_id": str(task_id), "type": "sleep", "priority": 7}
     assert event["published_at"] is None
     assert event["publish_attempts"] == 0
-    assert await row_counts(pool) == (1, 1)
-
-
-@pytest.mark.parametrize(
-    "content_type",
-    [
-        "application/x-www-form-urlencoded",
-        "application/x-www-form-urlencoded; charset=utf-8",
-        None,
-    ],
-    ids=["curl-d-form", "form-with-charset", "no-content-type"],
-)
-async def test_create_reads_form_or_untyped_bodies_as_json(
-    client: httpx.AsyncClient, pool: asyncpg.Pool, content_type: str | None
-) -> None:
-    headers = {"content-type": content_type} if content_type else {}
-    body = b'{"type": "sha256", "payload": {"text": "curl"}, "priority": 3}'
-
-    response = await client.post(TASKS, content=body, headers=headers)
-
-    assert response.request.headers.get("content-type") == content_type
-    assert response.status_code == 201, response.text
-    task = response.json()
-    assert (task["type"], task["payload"], task["priority"]) == ("sha256", {"text": "curl"}, 3)
     assert await row_counts(pool) == (1, 1)
 
 
@@ -413,13 +410,13 @@ async def test_create_accepts_the_bounds(client: httpx.AsyncClient, field: str, 
 
 
 @pytest.mark.parametrize(
-    "content_type", ["application/json", "application/x-www-form-urlencoded", None]
+    "content_type", ["application/json", "application/json; charset=utf-8", "application/x+json"]
 )
 async def test_create_rejects_malformed_json_with_a_422_and_writes_nothing(
-    client: httpx.AsyncClient, pool: asyncpg.Pool, content_type: str | None
+    client: httpx.AsyncClient, pool: asyncpg.Pool, content_type: str
 ) -> None:
     text = '{"type": "echo",'
-    headers = {"content-type": content_type} if content_type else {}
+    headers = {"content-type": content_type}
 
     response = await client.post(TASKS, content=text.encode(), headers=headers)
 
@@ -494,7 +491,7 @@ async def test_list_is_newest_first(client: httpx.AsyncClient, pool: asyncpg.Poo
     assert page.keys() == {"items", "next_cursor"}
     assert [item["id"] for item in page["items"]] == created[::-1]
     assert page["next_cursor"] is None
-    assert all(item.keys() == TASK_KEYS for item in page["items"])
+    assert all(item.keys() == SUMMARY_KEYS for item in page["items"])
     times = [parse_time(item["created_at"]) for item in page["items"]]
     assert times == sorted(times, reverse=True)
 
@@ -775,6 +772,150 @@ async def test_list_rejects_an_overlong_cursor(client: httpx.AsyncClient) -> Non
         response,
         [(["query", "cursor"], "String should have at most 200 characters", "string_too_long")],
     )
+
+
+# ------------------------------------------------------- GET list: summaries, full view
+
+# What one page of the default listing may weigh: 100 summaries are about 40 KiB.
+LIST_BOUND = 64 * 1024
+
+
+def listed_bytes(item: dict[str, Any]) -> int:
+    """The bytes a full-view item counts against MAX_PAGE_BYTES: its payload, result and
+    error as JSON text (Postgres writes jsonb as json.dumps does, for ASCII)."""
+    return sum(
+        len(json.dumps(item[field]))
+        for field in ("payload", "result", "error")
+        if item[field] is not None
+    )
+
+
+async def test_list_items_are_summaries_without_payload_or_result(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    task = await create(client, payload={"x": "the payload"})
+    await pool.execute(
+        "UPDATE tasks SET status = 'FAILED', result = $2, error = $3 WHERE id = $1",
+        uuid.UUID(task["id"]),
+        {"partial": "result"},
+        {"type": "Boom", "message": "the last attempt failed"},
+    )
+
+    response = await client.get(TASKS)
+
+    assert response.status_code == 200, response.text
+    (item,) = response.json()["items"]
+    assert item.keys() == SUMMARY_KEYS
+    assert item["error"] == {"type": "Boom", "message": "the last attempt failed"}
+    whole = (await client.get(f"{TASKS}/{task['id']}")).json()
+    assert (whole["payload"], whole["result"]) == ({"x": "the payload"}, {"partial": "result"})
+    assert {key: whole[key] for key in SUMMARY_KEYS} == item
+
+
+async def test_a_list_of_large_tasks_stays_small(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    # 100 tasks of 1 MB payloads once made one listing of 100 MB.
+    await insert_large_tasks(pool, 100, 1_000_000)
+
+    response = await client.get(TASKS, params={"limit": 100})
+
+    assert response.status_code == 200, response.text
+    assert len(response.json()["items"]) == 100
+    assert len(response.content) < LIST_BOUND, f"{len(response.content)} bytes"
+
+
+async def test_the_full_view_lists_whole_tasks(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    created = [(await create(client, payload={"n": n}))["id"] for n in range(3)]
+    await pool.execute(
+        "UPDATE tasks SET status = 'DONE', result = payload WHERE id = $1",
+        uuid.UUID(created[0]),
+    )
+
+    response = await client.get(TASKS, params={"view": "full"})
+
+    assert response.status_code == 200, response.text
+    page = response.json()
+    assert page["next_cursor"] is None
+    assert [item["id"] for item in page["items"]] == created[::-1]
+    for item in page["items"]:
+        assert item.keys() == TASK_KEYS
+        assert item == (await client.get(f"{TASKS}/{item['id']}")).json()
+    assert page["items"][-1]["result"] == {"n": 0}
+
+
+async def test_the_full_view_ends_a_page_at_the_byte_budget(
+    api_settings: ApiSettings, pool: asyncpg.Pool
+) -> None:
+    budget = 10_000
+    # Ten tasks of 3,012 bytes (payload and result together): three fit in the budget.
+    await insert_large_tasks(pool, 10, 1_500, result_bytes=1_488)
+    expected = [
+        str(r["id"])
+        for r in await pool.fetch("SELECT id FROM tasks ORDER BY created_at DESC, id DESC")
+    ]
+    settings = ApiSettings(
+        database_url=api_settings.database_url,
+        outbox_channel=api_settings.outbox_channel,
+        max_page_bytes=budget,
+    )
+    async with app_client_for(settings) as limited:
+        pages: list[list[dict[str, Any]]] = []
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"view": "full", "limit": 100}
+            if cursor:
+                params["cursor"] = cursor
+            response = await limited.get(TASKS, params=params)
+            assert response.status_code == 200, response.text
+            pages.append(response.json()["items"])
+            cursor = response.json()["next_cursor"]
+            if cursor is None:
+                break
+            assert len(pages) < 20, "the walk does not end"
+
+        assert [len(page) for page in pages] == [3, 3, 3, 1]
+        assert [item["id"] for page in pages for item in page] == expected
+        assert all(listed_bytes(item) == 3_012 for page in pages for item in page)
+        assert all(sum(map(listed_bytes, page)) <= budget for page in pages)
+
+        # A task larger than the whole budget still comes, alone on its page, so a walk
+        # never stalls; the summaries are not budgeted.
+        await pool.execute(
+            "INSERT INTO tasks (type, payload, status, created_at, updated_at)"
+            " VALUES ('echo', jsonb_build_object('blob', repeat('x', 20000)), 'NEW',"
+            "         now() + interval '1 minute', now() + interval '1 minute')"
+        )
+        first = (await limited.get(TASKS, params={"view": "full", "limit": 100})).json()
+        assert len(first["items"]) == 1
+        assert listed_bytes(first["items"][0]) > budget
+        assert first["next_cursor"] is not None
+        summaries = (await limited.get(TASKS, params={"limit": 100})).json()
+        assert len(summaries["items"]) == 11
+
+
+async def test_a_full_page_of_large_tasks_stays_within_the_default_budget(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    await insert_large_tasks(pool, 5, 1_000_000)
+
+    response = await client.get(TASKS, params={"view": "full", "limit": 100})
+
+    assert response.status_code == 200, response.text
+    page = response.json()
+    assert len(page["items"]) == 1  # two of them would pass the 1 MiB budget
+    assert page["next_cursor"] is not None
+    assert len(response.content) < 1_048_576 + LIST_BOUND
+
+
+async def test_list_rejects_an_unknown_view(client: httpx.AsyncClient) -> None:
+    response = await client.get(TASKS, params={"view": "everything"})
+
+    body = assert_problem(response, 422)
+    assert [error["loc"] for error in body["errors"]] == [["query", "view"]]
+    assert "'summary' or 'full'" in body["errors"][0]["msg"]
 
 
 # --------------------------------------------------------------------------- GET one
@@ -1059,6 +1200,7 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
         "401": "Problem",
         "409": "Problem",
         "413": "Problem",
+        "415": "Problem",  # a body not declared JSON
         "422": "Problem",
         "503": "Problem",
     },
@@ -1067,10 +1209,17 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
         "400": "Problem",  # a body JSON cannot read, as on POST /api/v1/tasks
         "401": "Problem",
         "413": "Problem",
+        "415": "Problem",
         "422": "Problem",
         "503": "Problem",
     },
-    (TASKS, "get"): {"200": "TaskPage", "401": "Problem", "422": "Problem", "503": "Problem"},
+    # summaries by default, whole tasks with view=full
+    (TASKS, "get"): {
+        "200": "TaskSummaryPage | TaskPage",
+        "401": "Problem",
+        "422": "Problem",
+        "503": "Problem",
+    },
     # No 422 on the task id's operations: an id that is no UUID matches no route (404).
     (f"{TASKS}/{{task_id}}", "get"): {
         "200": "Task",
@@ -1106,10 +1255,13 @@ async def openapi(client: httpx.AsyncClient) -> dict[str, Any]:
 
 
 def _ref(content: dict[str, Any]) -> str:
+    """The schema name a body refers to; ``A | B`` for either of two."""
     schema = content["schema"]
-    ref: str = schema["$ref"]
-    assert ref.startswith("#/components/schemas/")
-    return ref.removeprefix("#/components/schemas/")
+    refs: list[str] = (
+        [s["$ref"] for s in schema["anyOf"]] if "anyOf" in schema else [schema["$ref"]]
+    )
+    assert all(ref.startswith("#/components/schemas/") for ref in refs)
+    return " | ".join(ref.removeprefix("#/components/schemas/") for ref in refs)
 
 
 async def test_openapi_lists_every_endpoint_with_its_schemas_and_errors(
@@ -1144,8 +1296,18 @@ async def test_openapi_lists_every_endpoint_with_its_schemas_and_errors(
     assert batch_schema["additionalProperties"] is False
 
     params = {p["name"]: p for p in paths[TASKS]["get"]["parameters"]}
-    assert set(params) == {"status", "type", "created_after", "created_before", "limit", "cursor"}
+    assert set(params) == {
+        "status",
+        "type",
+        "created_after",
+        "created_before",
+        "limit",
+        "cursor",
+        "view",
+    }
     assert all(p["in"] == "query" for p in params.values())
+    assert params["view"]["schema"]["enum"] == ["summary", "full"]
+    assert params["view"]["schema"]["default"] == "summary"
     assert params["limit"]["schema"]["minimum"] == 1
     assert params["limit"]["schema"]["maximum"] == 100
     assert params["status"]["schema"]["anyOf"][0]["type"] == "array"
@@ -1164,8 +1326,16 @@ async def test_openapi_lists_every_endpoint_with_its_schemas_and_errors(
     assert set(schemas["TaskCreate"]["required"]) == {"type"}
     assert schemas["TaskCreate"]["properties"]["priority"]["maximum"] == 9
     assert set(schemas["Task"]["properties"]) == TASK_KEYS
+    assert set(schemas["TaskSummary"]["properties"]) == SUMMARY_KEYS
+    assert schemas["TaskSummaryPage"]["properties"]["items"]["items"] == {
+        "$ref": "#/components/schemas/TaskSummary"
+    }
+    assert schemas["TaskPage"]["properties"]["items"]["items"] == {
+        "$ref": "#/components/schemas/Task"
+    }
     assert set(schemas["TaskStatusView"]["properties"]) == {"id", "status", "updated_at"}
     assert set(schemas["TaskPage"]["properties"]) == {"items", "next_cursor"}
+    assert set(schemas["TaskSummaryPage"]["properties"]) == {"items", "next_cursor"}
     assert PROBLEM_KEYS | {"errors"} == set(schemas["Problem"]["properties"])
     assert set(schemas["TaskStatus"]["enum"]) == {
         "NEW",

@@ -29,6 +29,7 @@ import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
+from api.auth import exposure_refusal
 from api.settings import ApiSettings
 from broker.settings import BrokerSettings
 from consumer.settings import ConsumerSettings
@@ -130,8 +131,14 @@ def substitutions(value: object) -> list[tuple[str, str]]:
     return []
 
 
+class MissingVariable(Exception):
+    """A ``${VAR:?message}`` whose variable is unset or empty: Compose stops with the
+    message before it creates anything."""
+
+
 def interpolate(value: str, variables: dict[str, str]) -> str:
-    """Compose's ``$VAR``, ``${VAR}``, ``${VAR:-default}`` and ``$$`` (enough for this file)."""
+    """Compose's ``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR:?message}`` and ``$$``
+    (enough for this file)."""
 
     def replace(match: re.Match[str]) -> str:
         if match["bare"] is not None:
@@ -141,6 +148,10 @@ def interpolate(value: str, variables: dict[str, str]) -> str:
         name, rest = match["name"], match["rest"]
         if rest.startswith(":-"):
             return variables.get(name) or rest[2:]
+        if rest.startswith(":?"):
+            if not variables.get(name):
+                raise MissingVariable(f"{name}: {rest[2:]}")
+            return variables[name]
         assert not rest, f"unsupported substitution ${{{name}{rest}}}"
         return variables.get(name, "")
 
@@ -219,13 +230,13 @@ def test_settings_without_a_container_default_are_provided(name: str) -> None:
     # Whatever .env holds for the host, the containers reach the compose services.
     if "DATABASE_URL" in needed:
         assert re.fullmatch(
-            r"postgresql://\$\{POSTGRES_USER:-\w+\}:\$\{POSTGRES_PASSWORD:-[^}]+\}"
+            r"postgresql://\$\{POSTGRES_USER:-\w+\}:\$\{POSTGRES_PASSWORD:\?[^}]+\}"
             r"@postgres:5432/\$\{POSTGRES_DB:-\w+\}",
             environment["DATABASE_URL"],
         ), environment["DATABASE_URL"]
     if "AMQP_URL" in needed:
         assert re.fullmatch(
-            r"amqp://\$\{RABBITMQ_DEFAULT_USER:-\w+\}:\$\{RABBITMQ_DEFAULT_PASS:-[^}]+\}"
+            r"amqp://\$\{RABBITMQ_DEFAULT_USER:-\w+\}:\$\{RABBITMQ_DEFAULT_PASS:\?[^}]+\}"
             r"@rabbitmq:5672/",
             environment["AMQP_URL"],
         ), environment["AMQP_URL"]
@@ -240,14 +251,107 @@ def test_app_services_read_an_optional_env_file(name: str) -> None:
     assert service(name)["env_file"] == [{"path": ".env", "required": False}]
 
 
-def test_compose_file_needs_no_env_file_to_parse() -> None:
-    """Every substitution has a default, and names a variable that .env.example documents."""
+# What an operator must set (in .env, or the environment) before Compose starts
+# anything: no password and no open api by default.
+REQUIRED = {"API_KEYS", "POSTGRES_PASSWORD", "RABBITMQ_DEFAULT_PASS"}
+
+
+def test_every_substitution_has_a_default_or_is_required_with_a_message() -> None:
+    """A default for everything but REQUIRED, which stop Compose with a message saying
+    where to set them; every variable is one .env.example documents."""
     settings, docker = env_example()
     found = substitutions(compose())
     assert found
+    required = set()
     for name, rest in found:
-        assert re.fullmatch(r":-.+", rest), f"${{{name}{rest}}} has no default"
+        if rest.startswith(":?"):
+            required.add(name)
+            assert ".env" in rest, f"${{{name}{rest}}} does not say where to set it"
+        else:
+            assert re.fullmatch(r":-.+", rest), f"${{{name}{rest}}} has no default"
         assert name in settings or name in docker, f"{name} is not in .env.example"
+    assert required == REQUIRED
+
+
+def test_no_password_or_key_has_a_default() -> None:
+    secret = re.compile(r"PASS|KEY|SECRET|TOKEN")
+    for name, rest in substitutions(compose()):
+        if secret.search(name):
+            assert rest.startswith(":?"), f"${{{name}{rest}}}: a secret with a default"
+    for name in ("postgres", "rabbitmq", *APP_SETTINGS):
+        for key, value in service_environment(name).items():
+            if secret.search(key):
+                assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", value), (name, key, value)
+    # .env.example leaves them empty, so a copy nobody edited is refused, not run with
+    # a password everybody knows.
+    settings, docker = env_example()
+    assert {name: {**settings, **docker}[name] for name in REQUIRED} == dict.fromkeys(REQUIRED, "")
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_compose_refuses_to_start_without_each_required_variable(name: str) -> None:
+    settings, docker = env_example()
+    operator = {**settings, **docker, **dict.fromkeys(REQUIRED, "set-by-the-operator")}
+    texts = _string_values(compose())
+    for text in texts:
+        interpolate(text, operator)  # everything set: nothing missing
+    unset = {**operator, name: ""}
+    with pytest.raises(MissingVariable, match=rf"^{name}: .*\.env"):
+        interpolate("\n".join(texts), unset)
+
+
+def _string_values(value: object) -> list[str]:
+    """Every string value of the parsed compose file (what Compose interpolates)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [found for item in value for found in _string_values(item)]
+    return []
+
+
+def published_ports(variables: dict[str, str]) -> list[tuple[str, str]]:
+    """(service, "host_ip:published:target") of every published port, interpolated."""
+    published = []
+    for name, spec in compose()["services"].items():
+        for port in spec.get("ports", []):
+            if isinstance(port, dict):  # the long syntax
+                port = f"{port.get('host_ip', '')}:{port['published']}:{port['target']}"
+            published.append((name, interpolate(str(port), variables)))
+    return published
+
+
+def test_published_ports_bind_loopback_unless_the_operator_says_otherwise() -> None:
+    # Docker publishes a port past the host's firewall: the default must be this host.
+    ports = published_ports({})
+    assert {name for name, _ in ports} == {"api", "rabbitmq"}
+    for name, port in ports:
+        host, _, _ = port.rpartition(":")[0].rpartition(":")
+        assert host == "127.0.0.1", (name, port)
+    # Each address is a variable the operator may change, documented in .env.example.
+    _, docker = env_example()
+    assert docker["API_BIND"] == docker["RABBITMQ_MANAGEMENT_BIND"] == "127.0.0.1"
+    exposed = dict(published_ports({"API_BIND": "0.0.0.0", "API_PORT": "8080"}))
+    assert exposed["api"] == "0.0.0.0:8080:8080"
+    assert exposed["rabbitmq"] == "127.0.0.1:15672:15672"
+
+
+def test_the_api_container_gets_the_keys_compose_requires() -> None:
+    """Inside its container the api listens on 0.0.0.0, which it refuses without keys
+    (api.auth.exposure_refusal); compose passes API_KEYS, which it requires."""
+    environment = service_environment("api")
+    assert environment["API_HOST"] == "0.0.0.0"
+    assert environment["API_KEYS"].startswith("${API_KEYS:?")
+    assert "ALLOW_UNAUTHENTICATED" not in environment
+    settings, docker = env_example()
+    dotenv = {**settings, **docker, **dict.fromkeys(REQUIRED, "k1")}
+    env = {
+        k: interpolate(v, dotenv) for k, v in environment.items() if k in ("API_HOST", "API_KEYS")
+    }
+    assert (
+        exposure_refusal(ApiSettings.model_validate({k.lower(): v for k, v in env.items()})) is None
+    )
 
 
 def test_env_example_documents_settings_and_the_compose_variables() -> None:
@@ -402,15 +506,24 @@ def test_every_first_party_package_the_processes_import_ships() -> None:
 # --- smoke test: the containers' commands as local processes ----------------------------
 
 
+# What an operator fills in a copy of .env.example before `make run` (REQUIRED).
+OPERATOR_VALUES = {
+    "API_KEYS": "smoke-test-key-5b1e",
+    "POSTGRES_PASSWORD": "smoke-test-postgres",
+    "RABBITMQ_DEFAULT_PASS": "smoke-test-rabbitmq",
+}
+
+
 def container_environment(name: str, local: dict[str, str]) -> dict[str, str]:
     """What the ``name`` container's process sees, with ``local`` for the host-bound values.
 
-    The image's ENV, then ``.env`` (a copy of .env.example) through env_file, then the
+    The image's ENV, then ``.env`` (a copy of .env.example with OPERATOR_VALUES filled
+    in) through env_file, then the
     service's ``environment`` interpolated from that same .env; finally the values that
     name the compose hosts are replaced by the local servers, databases and queues.
     """
     settings, docker = env_example()
-    dotenv = {**settings, **docker}
+    dotenv = {**settings, **docker, **OPERATOR_VALUES}
     image_env = dockerfile_env(dockerfile_stages()[-1])
     image_env.pop("PATH")
     env = {k: v for k, v in os.environ.items() if k not in ALL_SETTINGS}
@@ -479,8 +592,12 @@ async def test_container_commands_run_a_task_to_done(
             env = container_environment(name, local)
             assert env["DATABASE_URL"] == local["DATABASE_URL"]
             processes[name] = await ServiceProcess(command[2], env).start()
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        key = {"Authorization": f"Bearer {OPERATOR_VALUES['API_KEYS']}"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=key) as client:
             assert (await client.get("/healthz")).json() == {"status": "ok"}
+            # the keys compose requires are the api's
+            anonymous = await client.get("/api/v1/tasks", headers={"Authorization": ""})
+            assert anonymous.status_code == 401, anonymous.text
             created = await client.post(
                 "/api/v1/tasks", json={"type": "echo", "payload": {"from": "containers"}}
             )

@@ -91,12 +91,14 @@ async def test_problem_documents_carry_the_id_of_their_request(
     settings = settings_with(api_settings, api_keys="k1", max_body_bytes=64)
     async with app_client_for(settings) as client:
         authorized = bearer("k1")
+        json_body = {**authorized, "Content-Type": "application/json"}
         answers = {
             401: await client.get(TASKS),
             404: await client.get(MISSING_TASK, headers=authorized),
             405: await client.put(TASKS, headers=authorized),
-            413: await client.post(TASKS, content=b"x" * 65, headers=authorized),
-            422: await client.post(TASKS, content=b"{", headers=authorized),
+            413: await client.post(TASKS, content=b"x" * 65, headers=json_body),
+            415: await client.post(TASKS, content=b"{}", headers=authorized),
+            422: await client.post(TASKS, content=b"{", headers=json_body),
         }
     ids = set()
     for status, response in answers.items():

@@ -42,6 +42,7 @@ from db.tasks import (
     create_tasks,
     get_status,
     get_task,
+    list_full_tasks,
     list_tasks,
 )
 from relay.housekeeping import Housekeeper
@@ -385,6 +386,8 @@ async def test_the_api_role_creates_reads_lists_and_cancels(
         assert status is not None and status["status"] == "NEW"
         page = await list_tasks(conn, TaskFilter(statuses=[TaskStatus.NEW]), limit=10)
         assert {row["id"] for row in page.rows} == {plain["id"], keyed["id"]}
+        full = await list_full_tasks(conn, TaskFilter(statuses=[TaskStatus.NEW]), 10, None, 4096)
+        assert [row["payload"] for row in full.rows] == [{"n": 2}, {"n": 1}]
 
         now = await cancel_task(conn, plain["id"])
         assert now.changed and now.task is not None and now.task["status"] == "CANCELLED"

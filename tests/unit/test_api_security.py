@@ -10,8 +10,8 @@ import pytest
 from pydantic import SecretStr
 from starlette.types import Message, Receive, Scope, Send
 
-from api.auth import key_bytes, key_matches
-from api.middleware import ContentLengthLimit
+from api.auth import exposure_refusal, key_bytes, key_matches, loopback_only
+from api.middleware import ContentLengthLimit, JsonBodiesOnly, json_media_type_refusal
 from api.settings import ApiSettings
 from db.storable import MAX_STRING, UnstorablePayload, check_storable
 
@@ -40,6 +40,48 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_empty_api_keys_turn_auth_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("API_KEYS", "")
     assert key_bytes(ApiSettings()) == ()
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.1.2.3", False),
+        ("192.168.0.10", False),
+        ("fe80::1", False),
+        ("api.example.com", False),
+        ("", False),
+    ],
+)
+def test_loopback_only(host: str, loopback: bool) -> None:
+    assert loopback_only(host) is loopback
+
+
+def test_without_keys_only_loopback_or_an_explicit_allowance_may_start() -> None:
+    def refusal(**settings: Any) -> str | None:
+        return exposure_refusal(ApiSettings.model_validate(settings))
+
+    assert refusal(api_host="127.0.0.1", api_keys="") is None
+    assert refusal(api_host="0.0.0.0", api_keys="k") is None
+    assert refusal(api_host="0.0.0.0", api_keys="", allow_unauthenticated=True) is None
+    message = refusal(api_host="0.0.0.0", api_keys="")
+    assert message is not None
+    assert message.startswith("API_KEYS is empty and API_HOST=0.0.0.0 listens beyond loopback")
+    for remedy in ("Set API_KEYS", "API_HOST=127.0.0.1", "ALLOW_UNAUTHENTICATED=true"):
+        assert remedy in message
+    assert refusal(api_host="10.0.0.5", api_keys="") is not None
+
+
+def test_allow_unauthenticated_is_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ALLOW_UNAUTHENTICATED", raising=False)
+    assert ApiSettings(_env_file=None).allow_unauthenticated is False
 
 
 def test_keys_are_utf8_bytes() -> None:
@@ -107,7 +149,11 @@ def test_the_limit_counts_characters_not_bytes() -> None:
 # ------------------------------------------------------------- declared-length gate
 
 
-async def call_gate(headers: list[tuple[bytes, bytes]], limit: int) -> tuple[bool, list[Message]]:
+async def call_gate(
+    headers: list[tuple[bytes, bytes]], limit: int | None, method: str = "POST"
+) -> tuple[bool, list[Message]]:
+    """Run a request with ``headers`` through the declared-length gate (``limit``) or,
+    with ``limit`` None, the JSON media type gate; whether the app ran, what was sent."""
     called = False
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -124,7 +170,7 @@ async def call_gate(headers: list[tuple[bytes, bytes]], limit: int) -> tuple[boo
 
     scope: Scope = {
         "type": "http",
-        "method": "POST",
+        "method": method,
         "path": "/api/v1/tasks",
         "raw_path": b"/api/v1/tasks",
         "query_string": b"",
@@ -133,7 +179,8 @@ async def call_gate(headers: list[tuple[bytes, bytes]], limit: int) -> tuple[boo
         "server": ("test", 80),
         "headers": headers,
     }
-    await ContentLengthLimit(app, limit)(scope, receive, send)
+    gate = JsonBodiesOnly(app) if limit is None else ContentLengthLimit(app, limit)
+    await gate(scope, receive, send)
     return called, sent
 
 
@@ -159,5 +206,96 @@ async def test_a_declared_length_over_the_limit_is_answered_without_the_app() ->
 )
 async def test_other_requests_pass_the_gate(headers: list[tuple[bytes, bytes]]) -> None:
     called, sent = await call_gate(headers, 10)
+    assert called
+    assert sent == []
+
+
+# ------------------------------------------------------------------ JSON media type
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        b"application/json",
+        b"application/json; charset=utf-8",
+        b"APPLICATION/JSON",
+        b" application/json ;charset=UTF-8",
+        b"application/problem+json",
+        b"application/vnd.example.task+json; version=2",
+    ],
+)
+def test_json_media_types_pass(content_type: bytes) -> None:
+    assert json_media_type_refusal(content_type) is None
+
+
+@pytest.mark.parametrize(
+    ("content_type", "named"),
+    [
+        (None, "no Content-Type"),
+        (b"", "no Content-Type"),
+        (b"  ", "no Content-Type"),
+        (b"application/x-www-form-urlencoded", "'application/x-www-form-urlencoded'"),
+        (b"multipart/form-data; boundary=b", "'multipart/form-data'"),
+        (b"text/plain;charset=utf-8", "'text/plain'"),
+        (b"text/json", "'text/json'"),
+        (b"application/json-seq", "'application/json-seq'"),
+        (b"application/jsonp", "'application/jsonp'"),
+        (b"json", "'json'"),
+        (b"application/+jsonx", "'application/+jsonx'"),
+    ],
+)
+def test_other_media_types_are_refused_by_name(content_type: bytes | None, named: str) -> None:
+    refusal = json_media_type_refusal(content_type)
+    assert refusal is not None
+    assert named in refusal
+    assert "application/json" in refusal
+    assert "--json" in refusal  # what to do with curl, whose -d sends a form type
+
+
+def test_a_long_media_type_is_cut_in_the_refusal() -> None:
+    refusal = json_media_type_refusal(b"text/" + b"x" * 5000)
+    assert refusal is not None
+    assert len(refusal) < 300
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"content-length", b"2"), (b"content-type", b"text/plain")],
+        [(b"content-length", b"2")],
+        [(b"transfer-encoding", b"chunked")],
+        [
+            (b"transfer-encoding", b"chunked"),
+            (b"content-type", b"application/x-www-form-urlencoded"),
+        ],
+        [(b"content-length", b"junk"), (b"content-type", b"text/plain")],
+    ],
+)
+async def test_a_body_not_declared_json_is_a_415_without_the_app(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    called, sent = await call_gate(headers, None)
+    assert not called
+    start, body = sent
+    assert start["status"] == 415
+    assert (b"content-type", b"application/problem+json") in start["headers"]
+    assert json.loads(body["body"])["status"] == 415
+
+
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [
+        ("POST", [(b"content-length", b"2"), (b"content-type", b"application/json")]),
+        ("POST", []),  # no body: nothing to type (FastAPI answers 422 for the missing body)
+        ("POST", [(b"content-length", b"0")]),
+        ("POST", [(b"content-length", b"0"), (b"content-type", b"text/plain")]),
+        ("GET", [(b"content-length", b"2"), (b"content-type", b"text/plain")]),
+        ("DELETE", [(b"content-length", b"2")]),
+    ],
+)
+async def test_json_bodies_and_requests_without_one_pass(
+    method: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    called, sent = await call_gate(headers, None, method)
     assert called
     assert sent == []

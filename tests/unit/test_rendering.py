@@ -10,7 +10,7 @@ import pytest
 from asyncpg.pgproto import pgproto
 
 from api import rendering
-from api.schemas import Task, TaskPage, TaskStatusView
+from api.schemas import Task, TaskPage, TaskStatusView, TaskSummary, TaskSummaryPage
 
 
 def row(**overrides: Any) -> dict[str, Any]:
@@ -66,10 +66,31 @@ def test_status_and_page_render_as_their_models() -> None:
     task = row()
     status = orjson.loads(rendering.status_response(task).body)
     assert status == TaskStatusView.model_validate(task).model_dump(mode="json")
-    page = orjson.loads(rendering.page_response([task, row(type="sleep")], "abc").body)
-    assert page == TaskPage.model_validate(
-        {"items": [task, row(type="sleep")], "next_cursor": "abc"}
-    ).model_dump(mode="json")
+    rows = [task, row(type="sleep")]
+    page = orjson.loads(rendering.page_response(rows, "abc").body)
+    assert page == TaskSummaryPage.model_validate({"items": rows, "next_cursor": "abc"}).model_dump(
+        mode="json"
+    )
+    full = orjson.loads(rendering.page_response(rows, None, full=True).body)
+    assert full == TaskPage.model_validate({"items": rows, "next_cursor": None}).model_dump(
+        mode="json"
+    )
+
+
+def test_a_summary_is_the_task_without_payload_and_result() -> None:
+    summary = orjson.loads(rendering.page_response([row()], None).body)["items"][0]
+    assert (
+        set(summary)
+        == set(TaskSummary.model_fields)
+        == set(Task.model_fields)
+        - {
+            "payload",
+            "result",
+        }
+    )
+    # A summary row from the database has no payload or result to render.
+    bare = {k: v for k, v in row().items() if k not in ("payload", "result")}
+    assert orjson.loads(rendering.page_response([bare], None).body)["items"] == [summary]
 
 
 def test_headers_and_status_code_pass_through() -> None:

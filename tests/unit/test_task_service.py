@@ -75,6 +75,7 @@ class FakeTaskStore:
     list_calls: list[tuple[TaskFilter, int, tuple[datetime, uuid.UUID] | None]] = field(
         default_factory=list
     )
+    full_list_calls: list[int] = field(default_factory=list)  # the budget of each
     fail_create: Exception | None = None
     headers: list[dict[str, Any]] = field(default_factory=list)
     keys: dict[str, TaskRow] = field(default_factory=dict)
@@ -152,6 +153,16 @@ class FakeTaskStore:
         if after is not None:
             rows = [r for r in rows if (r["created_at"], r["id"]) < after]
         return Page(rows=rows[:limit], has_more=len(rows) > limit)
+
+    async def list_full(
+        self,
+        filters: TaskFilter,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None,
+        max_bytes: int,
+    ) -> Page:
+        self.full_list_calls.append(max_bytes)
+        return await self.list(filters, limit, after)
 
     async def cancel(self, task_id: uuid.UUID) -> CancelOutcome:
         row = self.rows.get(task_id)
@@ -476,6 +487,32 @@ async def test_list_gives_next_cursor_only_when_there_is_more(
     assert [r["id"] for r in second.rows] == [utc_rows[1]["id"], utc_rows[0]["id"]]
     assert second.next_cursor is None
     assert h.store.list_calls[1][2] == (last["created_at"], last["id"])
+
+
+async def test_list_asks_for_summaries_unless_the_full_view_is_asked_for(
+    h: Harness, utc_rows: list[dict[str, Any]]
+) -> None:
+    summaries = await h.service.list(limit=3)
+    assert (summaries.full, h.store.full_list_calls) == (False, [])
+
+    full = await h.service.list(limit=3, view="full")
+    assert full.full is True
+    assert h.store.full_list_calls == [1_048_576]  # MAX_PAGE_BYTES' default
+    assert full.next_cursor == summaries.next_cursor
+
+
+async def test_the_full_view_passes_the_configured_budget(registry: TaskRegistry) -> None:
+    store = FakeTaskStore([])
+    service = TaskService(
+        store,
+        registry,
+        default_max_attempts=3,
+        max_max_attempts=10,
+        wake_relay=lambda: None,
+        max_page_bytes=4096,
+    )
+    await service.list(view="full")
+    assert store.full_list_calls == [4096]
 
 
 async def test_list_exactly_one_full_page_has_no_next_cursor(
