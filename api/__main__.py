@@ -18,7 +18,10 @@ def main() -> None:
         workers=settings.api_workers,
         log_config=None,  # keep the logging configured above
         access_log=settings.api_access_log,
-        proxy_headers=True,
+        # X-Forwarded-For/-Proto only from the proxies named; uvicorn itself would
+        # believe any local peer (FORWARDED_ALLOW_IPS' default there is 127.0.0.1).
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         server_header=False,
     )
 

@@ -28,6 +28,7 @@ SETTINGS_ENV = (
     "TASK_STALE_AFTER",
     "LOG_LEVEL",
     "LOG_FORMAT",
+    "FORWARDED_ALLOW_IPS",
 )
 
 
@@ -363,3 +364,43 @@ def test_the_scheduling_horizon_is_a_duration_up_to_a_century() -> None:
     assert ApiSettings().max_schedule_delay == 365 * 86400
     with pytest.raises(ValidationError, match="less than or equal"):
         ApiSettings(max_schedule_delay="40000d")  # past it, date arithmetic overflows
+
+
+# -- FORWARDED_ALLOW_IPS ------------------------------------------------------------------
+
+
+def test_no_proxy_is_believed_by_default() -> None:
+    assert ApiSettings(_env_file=None).forwarded_allow_ips == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("127.0.0.1", ["127.0.0.1"]),
+        (" 10.0.0.5 , 10.1.0.0/16,::1,, ", ["10.0.0.5", "10.1.0.0/16", "::1"]),
+        ("*", ["*"]),
+        ("", []),
+    ],
+)
+def test_forwarded_allow_ips_lists_addresses_and_networks(
+    monkeypatch: pytest.MonkeyPatch, raw: str, expected: list[str]
+) -> None:
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", raw)
+    assert ApiSettings(_env_file=None).forwarded_allow_ips == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ("proxy.internal", "'proxy.internal' is not an IP address or network"),
+        ("10.0.0.1/8", "'10.0.0.1/8' is not an IP address or network"),
+        ("10.0.0.1,*", "\\* trusts every peer; give it alone"),
+    ],
+    ids=["hostname", "host-bits-set", "star-among-others"],
+)
+def test_forwarded_allow_ips_refuses_what_uvicorn_would_silently_ignore(
+    monkeypatch: pytest.MonkeyPatch, raw: str, why: str
+) -> None:
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", raw)
+    with pytest.raises(ValidationError, match=f"FORWARDED_ALLOW_IPS: {why}"):
+        ApiSettings(_env_file=None)
