@@ -6,10 +6,11 @@ import uvicorn
 
 from api.settings import ApiSettings
 from runtime.logs import configure
+from runtime.settings import settings_or_exit
 
 
 def main() -> None:
-    settings = ApiSettings()
+    settings = settings_or_exit(ApiSettings)
     configure(settings.log_level, settings.log_format)
     uvicorn.run(
         "api.asgi:app",

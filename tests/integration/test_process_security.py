@@ -7,12 +7,13 @@ and RabbitMQ.
 
 from __future__ import annotations
 
+import os
 import signal
 
 import httpx
 import pytest
 
-from tests.integration.processes import ServiceProcess, free_port
+from tests.integration.processes import ServiceProcess, free_port, run_command
 
 CLIENT = "203.0.113.7"  # what a client claims to be, in X-Forwarded-For
 
@@ -57,3 +58,74 @@ async def test_the_api_believes_x_forwarded_for_from_a_configured_proxy(
 ) -> None:
     line = await access_line(service_env, FORWARDED_ALLOW_IPS="127.0.0.1")
     assert f" {CLIENT}:" in line, line
+
+
+# -- secrets in the message of a process refusing its settings -------------------------
+
+DB_PASSWORD = "Db-S3cret-pw"
+SECRETS = (DB_PASSWORD,)
+
+WRONG_SCHEME = {"DATABASE_URL": f"mysql://admin:{DB_PASSWORD}@db.internal/taskbox"}
+DATABASE_URL_REASON = (
+    "invalid setting DATABASE_URL='mysql://admin:***@db.internal/taskbox': "
+    "DATABASE_URL must start with one of postgresql://, postgres://, postgresql+asyncpg://; "
+    "got 'mysql'"
+)
+
+
+def refusing_env(settings: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TASKBOX_FAILPOINTS", *settings)}
+    return {**env, **settings, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.parametrize(
+    ("command", "settings", "reasons"),
+    [
+        (
+            ["api"],
+            WRONG_SCHEME,
+            [DATABASE_URL_REASON],
+        ),
+        # what each uvicorn worker does: import the app, which reads the settings
+        (
+            ["uvicorn", "api.asgi:app", "--port", "0"],
+            WRONG_SCHEME,
+            [DATABASE_URL_REASON],
+        ),
+        (
+            ["relay"],
+            WRONG_SCHEME,
+            [DATABASE_URL_REASON],
+        ),
+        (
+            ["relay", "status"],
+            WRONG_SCHEME,
+            [DATABASE_URL_REASON],
+        ),
+        (
+            ["consumer"],
+            WRONG_SCHEME,
+            [DATABASE_URL_REASON],
+        ),
+        (
+            ["db", "migrate"],
+            WRONG_SCHEME,
+            # db prints no value at all
+            ["invalid setting DATABASE_URL: DATABASE_URL must start with one of"],
+        ),
+    ],
+    ids=["api", "api-asgi-import", "relay", "relay-status", "consumer", "db-migrate"],
+)
+async def test_a_process_refusing_its_settings_says_why_without_a_secret(
+    command: list[str], settings: dict[str, str], reasons: list[str]
+) -> None:
+    module, *args = command
+    result = await run_command(module, args, refusing_env(settings), timeout=30)
+    output = result.stdout + result.stderr
+    for secret in SECRETS:
+        assert secret not in output, result
+    assert "input_value" not in output, result  # pydantic's own text, value and all
+    assert "Traceback" not in output, result
+    for reason in reasons:
+        assert reason in result.stderr, result
+    assert result.code == 2, result

@@ -17,8 +17,9 @@ from broker.settings import BrokerSettings
 from broker.topology import queue_arguments
 from consumer.settings import ConsumerSettings
 from db.settings import DatabaseSettings, plain_dsn
+from relay.settings import RelaySettings
 from runtime.backoff import backoff_delay
-from runtime.settings import ProcessSettings, describe_invalid
+from runtime.settings import ProcessSettings, describe_invalid, mask_url
 
 # Variables a developer's shell or CI might export; each test starts without them.
 SETTINGS_ENV = (
@@ -404,3 +405,63 @@ def test_forwarded_allow_ips_refuses_what_uvicorn_would_silently_ignore(
     monkeypatch.setenv("FORWARDED_ALLOW_IPS", raw)
     with pytest.raises(ValidationError, match=f"FORWARDED_ALLOW_IPS: {why}"):
         ApiSettings(_env_file=None)
+
+
+# -- secrets in settings errors ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("mysql://admin:S3cretPW@db/x", "mysql://admin:***@db/x"),
+        ("amqp://u:S3cretPW@h:5672/vhost", "amqp://u:***@h:5672/vhost"),
+        # unescaped @ / : in the password: the last @ ends it
+        ("amqp://u:S3c@ret/P:W@h:5672/", "amqp://u:***@h:5672/"),
+        ("redis://:S3cretPW@h", "redis://:***@h"),
+        ("admin:S3cretPW@db:5432/x", "admin:***@db:5432/x"),
+        (
+            "postgresql://db/x?user=u&password=S3cretPW&ssl=1",
+            "postgresql://db/x?user=u&password=***&ssl=1",
+        ),
+        ("postgresql://u@db/x", "postgresql://u@db/x"),
+        ("amqp://h:5672/", "amqp://h:5672/"),
+        ("not a url", "not a url"),
+    ],
+)
+def test_mask_url_hides_the_password_and_keeps_what_locates_the_server(
+    url: str, masked: str
+) -> None:
+    assert mask_url(url) == masked
+    assert "S3c" not in mask_url(url)
+
+
+def test_a_wrong_database_url_is_described_with_its_password_masked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "mysql://admin:S3cretPW@db/x")
+    with pytest.raises(ValidationError) as caught:
+        RelaySettings(_env_file=None)
+    assert describe_invalid(caught.value) == (
+        "invalid setting DATABASE_URL='mysql://admin:***@db/x': DATABASE_URL must start with "
+        "one of postgresql://, postgres://, postgresql+asyncpg://; got 'mysql'"
+    )
+
+
+def test_any_setting_named_like_a_secret_is_masked_whole() -> None:
+    class WithToken(ProcessSettings):
+        webhook_token: int = 0
+
+    with pytest.raises(ValidationError) as caught:
+        WithToken(webhook_token="S3cretPW", _env_file=None)
+    assert describe_invalid(caught.value).startswith("invalid setting WEBHOOK_TOKEN=***: ")
+
+
+def test_a_url_with_a_password_is_masked_in_any_setting_and_other_values_shown() -> None:
+    with pytest.raises(ValidationError) as caught:
+        ProcessSettings(log_level="amqp://u:S3cretPW@h/", _env_file=None)
+    assert describe_invalid(caught.value).startswith(
+        "invalid setting LOG_LEVEL='amqp://u:***@h/': String should match pattern"
+    )
+    with pytest.raises(ValidationError) as caught:
+        BrokerSettings(exchange_name="", _env_file=None)
+    assert describe_invalid(caught.value).startswith("invalid setting EXCHANGE_NAME='': ")
