@@ -60,6 +60,18 @@ class ApiSettings(DatabaseSettings, ProcessSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_fit_a_header(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for number, key in enumerate(value, 1):
+            if any(char.isspace() or not char.isprintable() for char in key.get_secret_value()):
+                # Which key, never what it holds.
+                raise ValueError(
+                    f"API_KEYS: key {number} of {len(value)} holds whitespace or a control "
+                    "character, which a bearer key in an Authorization header cannot carry"
+                )
+        return value
+
     @field_validator("forwarded_allow_ips")
     @classmethod
     def _proxies_are_addresses(cls, value: list[str]) -> list[str]:

@@ -63,7 +63,9 @@ async def test_the_api_believes_x_forwarded_for_from_a_configured_proxy(
 # -- secrets in the message of a process refusing its settings -------------------------
 
 DB_PASSWORD = "Db-S3cret-pw"
-SECRETS = (DB_PASSWORD,)
+AMQP_PASSWORD = "Mq-S3cret-pw"
+API_KEY = "Key-S3cret"
+SECRETS = (DB_PASSWORD, AMQP_PASSWORD, API_KEY)
 
 WRONG_SCHEME = {"DATABASE_URL": f"mysql://admin:{DB_PASSWORD}@db.internal/taskbox"}
 DATABASE_URL_REASON = (
@@ -71,6 +73,14 @@ DATABASE_URL_REASON = (
     "DATABASE_URL must start with one of postgresql://, postgres://, postgresql+asyncpg://; "
     "got 'mysql'"
 )
+# A port that is not one: aio-pika would fail on it only when it connects.
+MALFORMED_AMQP_URL = {"AMQP_URL": f"amqp://taskbox:{AMQP_PASSWORD}@rabbitmq:notaport/"}
+AMQP_URL_REASON = (
+    "invalid setting AMQP_URL='amqp://taskbox:***@rabbitmq:notaport/': AMQP_URL is not a valid URL"
+)
+# A key pasted with a line break in it: no Authorization header can carry it.
+MALFORMED_API_KEYS = {"API_KEYS": f"first-key,{API_KEY}\r\nsecond-half"}
+API_KEYS_REASON = "invalid setting API_KEYS=***: API_KEYS: key 2 of 2 holds whitespace"
 
 
 def refusing_env(settings: dict[str, str]) -> dict[str, str]:
@@ -83,29 +93,29 @@ def refusing_env(settings: dict[str, str]) -> dict[str, str]:
     [
         (
             ["api"],
-            WRONG_SCHEME,
-            [DATABASE_URL_REASON],
+            {**WRONG_SCHEME, **MALFORMED_API_KEYS},
+            [DATABASE_URL_REASON, API_KEYS_REASON],
         ),
         # what each uvicorn worker does: import the app, which reads the settings
         (
             ["uvicorn", "api.asgi:app", "--port", "0"],
-            WRONG_SCHEME,
-            [DATABASE_URL_REASON],
+            {**WRONG_SCHEME, **MALFORMED_API_KEYS},
+            [DATABASE_URL_REASON, API_KEYS_REASON],
         ),
         (
             ["relay"],
-            WRONG_SCHEME,
-            [DATABASE_URL_REASON],
+            {**WRONG_SCHEME, **MALFORMED_AMQP_URL},
+            [DATABASE_URL_REASON, AMQP_URL_REASON],
         ),
         (
             ["relay", "status"],
-            WRONG_SCHEME,
-            [DATABASE_URL_REASON],
+            {**WRONG_SCHEME, **MALFORMED_AMQP_URL},
+            [DATABASE_URL_REASON, AMQP_URL_REASON],
         ),
         (
             ["consumer"],
-            WRONG_SCHEME,
-            [DATABASE_URL_REASON],
+            {**WRONG_SCHEME, **MALFORMED_AMQP_URL},
+            [DATABASE_URL_REASON, AMQP_URL_REASON],
         ),
         (
             ["db", "migrate"],

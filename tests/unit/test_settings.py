@@ -30,6 +30,8 @@ SETTINGS_ENV = (
     "LOG_LEVEL",
     "LOG_FORMAT",
     "FORWARDED_ALLOW_IPS",
+    "API_KEYS",
+    "AMQP_URL",
 )
 
 
@@ -445,6 +447,52 @@ def test_a_wrong_database_url_is_described_with_its_password_masked(
         "invalid setting DATABASE_URL='mysql://admin:***@db/x': DATABASE_URL must start with "
         "one of postgresql://, postgres://, postgresql+asyncpg://; got 'mysql'"
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://u:S3cretPW@h/", "AMQP_URL must start with amqp:// or amqps://; got 'http'"),
+        ("u:S3cretPW@h:5672/", "AMQP_URL must start with amqp:// or amqps://; got 'no scheme'"),
+        ("amqp://u:S3cretPW@h:notaport/", "AMQP_URL is not a valid URL: a port that is not"),
+        ("amqp://u:S3cretPW@h:99999/", "AMQP_URL is not a valid URL: a port that is not"),
+        ("amqp://u:S3c/retPW@h/", "AMQP_URL is not a valid URL: a port that is not"),
+        ("amqp://u:S3cretPW@[::1/", "AMQP_URL is not a valid URL: a port that is not"),
+    ],
+    ids=["wrong-scheme", "no-scheme", "port-not-a-number", "port-too-large", "slash", "ipv6"],
+)
+def test_a_malformed_amqp_url_is_refused_and_described_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, url: str, why: str
+) -> None:
+    monkeypatch.setenv("AMQP_URL", url)
+    with pytest.raises(ValidationError) as caught:
+        BrokerSettings(_env_file=None)
+    described = describe_invalid(caught.value)
+    assert described.startswith("invalid setting AMQP_URL=")
+    assert why in described
+    assert "S3c" not in described
+
+
+@pytest.mark.parametrize(
+    "url", ["amqp://guest:guest@127.0.0.1:5672/", "amqps://u:p%2Fq@rabbit/vhost", "amqp://"]
+)
+def test_amqp_urls_aio_pika_reads_are_accepted(url: str) -> None:
+    assert BrokerSettings(amqp_url=url, _env_file=None).amqp_url == url
+
+
+@pytest.mark.parametrize("bad", ["S3cret key", "S3cret\tkey", "S3cret\x07", "S3\u2028cret"])
+def test_an_api_key_no_header_can_carry_is_refused_and_never_shown(
+    monkeypatch: pytest.MonkeyPatch, bad: str
+) -> None:
+    monkeypatch.setenv("API_KEYS", f"first-key, {bad}")
+    with pytest.raises(ValidationError) as caught:
+        ApiSettings(_env_file=None)
+    described = describe_invalid(caught.value)
+    assert described == (
+        "invalid setting API_KEYS=***: API_KEYS: key 2 of 2 holds whitespace or a control "
+        "character, which a bearer key in an Authorization header cannot carry"
+    )
+    assert "first-key" not in described
 
 
 def test_any_setting_named_like_a_secret_is_masked_whole() -> None:
