@@ -57,7 +57,8 @@ class ServiceProcess:
                     async with asyncio.timeout(0.2):
                         await self._seen.wait()
 
-    async def start(self, timeout: float = 20.0) -> ServiceProcess:
+    async def start(self, timeout: float = 20.0, until: str | None = None) -> ServiceProcess:
+        """Start the process and wait for its ready line, or for ``until``."""
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -69,7 +70,7 @@ class ServiceProcess:
         )
         self._reader = asyncio.create_task(self._read())
         try:
-            await self.wait_for(READY[self.module], timeout)
+            await self.wait_for(until or READY[self.module], timeout)
         except TimeoutError:
             self.kill()
             raise AssertionError(f"{self.module} did not start:\n{self.output}") from None

@@ -139,3 +139,26 @@ async def test_a_process_refusing_its_settings_says_why_without_a_secret(
     for reason in reasons:
         assert reason in result.stderr, result
     assert result.code == 2, result
+
+
+@pytest.mark.parametrize("module", ["relay", "consumer"])
+async def test_a_process_retrying_its_broker_logs_no_password(
+    service_env: dict[str, str], module: str
+) -> None:
+    # Trust authentication lets the password in DATABASE_URL through; the broker refuses
+    # the one in AMQP_URL, so the process logs its retries (aio-pika names the URL).
+    database_url = service_env["DATABASE_URL"].replace("//postgres@", f"//postgres:{DB_PASSWORD}@")
+    assert DB_PASSWORD in database_url
+    process = ServiceProcess(
+        module,
+        service_env,
+        DATABASE_URL=database_url,
+        AMQP_URL=f"amqp://guest:{AMQP_PASSWORD}@127.0.0.1:5672/",
+        LOG_LEVEL="DEBUG",
+    )
+    await process.start(until="cannot reach RabbitMQ yet")
+    process.kill()
+    await process.wait(timeout=10)
+    assert "amqp://guest:******@127.0.0.1:5672/" in process.output  # the URL was logged
+    for secret in SECRETS:
+        assert secret not in process.output, process.output
