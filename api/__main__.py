@@ -6,12 +6,11 @@ import logging
 import sys
 
 import uvicorn
-from pydantic import ValidationError
 
 from api.auth import exposure_refusal
 from api.settings import ApiSettings
 from runtime.logs import configure
-from runtime.settings import describe_invalid
+from runtime.settings import settings_or_exit
 
 log = logging.getLogger("api")
 
@@ -19,11 +18,7 @@ EXIT_USAGE = 2  # refused to start; the message says which setting to change
 
 
 def main() -> int:
-    try:
-        settings = ApiSettings()
-    except ValidationError as exc:
-        print(describe_invalid(exc), file=sys.stderr)
-        return EXIT_USAGE
+    settings = settings_or_exit(ApiSettings)
     configure(settings.log_level, settings.log_format)
     refusal = exposure_refusal(settings)
     if refusal is not None:
@@ -36,7 +31,10 @@ def main() -> int:
         workers=settings.api_workers,
         log_config=None,  # keep the logging configured above
         access_log=settings.api_access_log,
-        proxy_headers=True,
+        # X-Forwarded-For/-Proto only from the proxies named; uvicorn itself would
+        # believe any local peer (FORWARDED_ALLOW_IPS' default there is 127.0.0.1).
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         server_header=False,
     )
     return 0

@@ -1,13 +1,15 @@
 """ASGI entry point (``uvicorn api.asgi:app``).
 
 Each uvicorn worker imports this module on its own, so it configures its own logging
-and builds its app from the environment.
+and builds its app from the environment. Invalid settings end the import with their
+reasons, secrets masked, not with pydantic's error, which uvicorn would print whole.
 """
 
 from api.app import create_app
 from api.settings import ApiSettings
 from runtime.logs import configure
+from runtime.settings import settings_or_exit
 
-_settings = ApiSettings()
+_settings = settings_or_exit(ApiSettings)
 configure(_settings.log_level, _settings.log_format)
 app = create_app(_settings)

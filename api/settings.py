@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
@@ -20,6 +21,14 @@ class ApiSettings(DatabaseSettings, ProcessSettings):
         0.002, ge=0, le=1, description="Seconds between two wake-ups this process sends."
     )
     api_access_log: bool = Field(True, description="Log one line per request.")
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated addresses or networks (CIDR) of the proxies whose "
+            "X-Forwarded-For and X-Forwarded-Proto the api believes, or * for any peer. "
+            "Empty believes no one: the headers are ignored."
+        ),
+    )
     default_max_attempts: int = Field(3, ge=1, le=100)
     max_max_attempts: int = Field(25, ge=1, description="Upper bound a client may ask for.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
@@ -55,9 +64,41 @@ class ApiSettings(DatabaseSettings, ProcessSettings):
         description="How far ahead `run_at`/`delay_seconds` may schedule a task (e.g. 30d).",
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "forwarded_allow_ips", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_lists(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_fit_a_header(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for number, key in enumerate(value, 1):
+            if any(char.isspace() or not char.isprintable() for char in key.get_secret_value()):
+                # Which key, never what it holds.
+                raise ValueError(
+                    f"API_KEYS: key {number} of {len(value)} holds whitespace or a control "
+                    "character, which a bearer key in an Authorization header cannot carry"
+                )
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies_are_addresses(cls, value: list[str]) -> list[str]:
+        # uvicorn takes an entry that is not an address for a literal it compares the
+        # peer with, and * beside other entries for such a literal too: either mistake
+        # would silently believe no proxy.
+        if "*" in value and value != ["*"]:
+            raise ValueError("FORWARDED_ALLOW_IPS: * trusts every peer; give it alone")
+        for entry in value:
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry)  # an address is a network of one
+            except ValueError:
+                raise ValueError(
+                    f"FORWARDED_ALLOW_IPS: {entry!r} is not an IP address or network "
+                    "(e.g. 10.0.0.5 or 10.0.0.0/24)"
+                ) from None
         return value

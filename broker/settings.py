@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings
 
 from db.settings import ENV_CONFIG
+
+_AMQP_SCHEMES = ("amqp", "amqps")
+
+
+def check_amqp_url(url: str) -> str:
+    """``url`` if aio-pika can connect with it; else a ValueError that names what is
+    wrong without repeating any part of the URL but its scheme (it may hold a password)."""
+    scheme = url.split("://", 1)[0] if "://" in url else "no scheme"
+    if scheme.lower() not in _AMQP_SCHEMES:
+        raise ValueError(f"AMQP_URL must start with amqp:// or amqps://; got {scheme!r}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsed on access: raises for a port that is not one
+    except ValueError:
+        # urlsplit's own message quotes the port, which may be a piece of a password
+        # with an unescaped / or @ in it.
+        raise ValueError(
+            "AMQP_URL is not a valid URL: a port that is not a number up to 65535, an "
+            "unclosed [IPv6 host], or a / ? # in the password (percent-encode them)"
+        ) from None
+    return url
 
 
 class BrokerSettings(BaseSettings):
@@ -35,6 +57,11 @@ class BrokerSettings(BaseSettings):
         description="Priority levels of the task queue (x-max-priority): 9 for a classic "
         "queue unless set; 0 turns priorities off. RabbitMQ 3.x quorum queues have none.",
     )
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        return check_amqp_url(value)
 
     @field_validator("queue_max_priority", "queue_delivery_limit", mode="before")
     @classmethod

@@ -170,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = DatabaseSettings()
     except ValidationError as exc:
-        # Only the messages: the rejected DATABASE_URL may hold a password.
+        # The setting and the reason, never the value: a rejected DATABASE_URL may hold
+        # a password (the processes show it masked, runtime.settings.describe_invalid).
         for error in exc.errors(include_url=False):
-            print(f"invalid setting: {error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+            message = error["msg"].removeprefix("Value error, ")
+            print(f"invalid setting {name}: {message}", file=sys.stderr)
         return EXIT_ERROR
     if args.command == "roles":
         names: dict[Process, str] = {p: getattr(args, f"{p}_role") for p in PROCESSES}

@@ -5,6 +5,11 @@ ways: ``extra=`` on the call, or ``bind_task`` for everything logged while one t
 runs, including lines its handler logs itself. The API's ``request_id`` comes the same
 way, from ``bind_request_id`` for everything logged while one request is served. Either
 way they become JSON keys, or ``key=value`` pairs after a text line.
+
+A record is one line whatever a client put in it (a task's error message, a handler's
+fields, a header uvicorn logs), so no one can forge a line that looks like ours: the
+JSON encoder escapes C0 (newlines included) in its strings, and the text format shows
+every control character as an escape (``\\n``, ``\\x1b``, ``\\u2028``), tracebacks too.
 """
 
 from __future__ import annotations
@@ -81,7 +86,27 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+# Every character that ends a line for some reader (str.splitlines, a terminal, an
+# editor) or steers a terminal: C0, DEL, C1, and the Unicode line and paragraph
+# separators. Written as Python writes them in a string literal.
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPES.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped: it prints as a single line."""
+    # None of the escaped characters is printable: most lines are returned as they are.
+    return text if text.isprintable() else text.translate(_ESCAPES)
+
+
 class TextFormatter(logging.Formatter):
+    """``time level logger: message key=value...``, one line a record.
+
+    The whole line is escaped, not a chosen part: the message's arguments, the fields,
+    a traceback and uvicorn's access log (a client's path and headers) all end up
+    here, from any logger.
+    """
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
@@ -90,7 +115,7 @@ class TextFormatter(logging.Formatter):
         context = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
         if context:
             line += " " + " ".join(f"{k}={v}" for k, v in context.items())
-        return line
+        return one_line(line)
 
 
 def configure(level: str = "INFO", fmt: LogFormat = "text") -> None:

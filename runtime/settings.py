@@ -1,8 +1,11 @@
-"""Settings every process shares: logging and task modules."""
+"""Settings every process shares: logging and task modules; and how a process that
+refuses its settings says why without printing a secret."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import re
+import sys
+from typing import Annotated, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode
@@ -39,8 +42,50 @@ class MetricsSettings(BaseSettings):
     )
 
 
+EXIT_INVALID_SETTINGS = 2
+
+# Settings that are URLs with a password in them: shown with the password masked, the
+# rest (scheme, user, host) saying what is wrong.
+_SECRET_URLS = frozenset({"DATABASE_URL", "AMQP_URL"})
+# Settings whose whole value is secret (API_KEYS), by name so that a new one is covered.
+_SECRET_NAME = re.compile(r"KEY|PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL")
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pwd|token|secret)=)[^&#]*")
+MASK = "***"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password as ***: ``scheme://user:***@host/...``, and the value
+    of a ``password=`` (or token, secret) query parameter too.
+
+    Made for the URLs a setting rejects, so it assumes nothing is well formed:
+    everything between ``://`` and the last ``@`` is the user and password, even when
+    it holds an unescaped ``@``, ``/`` or ``:``.
+    """
+    start = url.find("://")
+    start = 0 if start < 0 else start + 3
+    at = url.rfind("@")
+    if at >= start:
+        user, colon, _ = url[start:at].partition(":")
+        if colon:
+            url = f"{url[:start]}{user}:{MASK}{url[at:]}"
+    return _QUERY_SECRET.sub(rf"\g<1>{MASK}", url)
+
+
+def shown_value(name: str, value: object) -> str:
+    """How an error shows the value of setting ``name``: masked where it can hold a
+    secret. Any text is read as a URL that may hold a password, whatever the
+    setting: a URL pasted into the wrong one is still a secret."""
+    if name not in _SECRET_URLS and _SECRET_NAME.search(name):
+        return MASK
+    if isinstance(value, str):
+        return repr(mask_url(value))
+    return repr(value)
+
+
 def describe_invalid(exc: ValidationError) -> str:
-    """Settings errors as the environment variables an operator sets, one per line."""
+    """Settings errors as the environment variables an operator sets, one per line,
+    secrets masked (see ``shown_value``). Print this, never ``str(exc)``: pydantic
+    repeats every rejected value there (``input_value=...``) as it was given."""
     lines = []
     for error in exc.errors(include_url=False):
         message = error["msg"].removeprefix("Value error, ")
@@ -50,5 +95,19 @@ def describe_invalid(exc: ValidationError) -> str:
             lines.append(f"invalid settings: {message}")
             continue
         name = ".".join(str(part) for part in error["loc"]).upper()
-        lines.append(f"invalid setting {name}={error.get('input')!r}: {message}")
+        shown = shown_value(str(error["loc"][0]).upper(), error.get("input"))
+        lines.append(f"invalid setting {name}={shown}: {message}")
     return "\n".join(lines)
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def settings_or_exit(settings_class: type[SettingsT]) -> SettingsT:
+    """``settings_class()`` from the environment; when a setting is invalid, the
+    reasons (``describe_invalid``) on stderr and exit 2, not pydantic's traceback."""
+    try:
+        return settings_class()
+    except ValidationError as exc:
+        print(describe_invalid(exc), file=sys.stderr)
+        raise SystemExit(EXIT_INVALID_SETTINGS) from None

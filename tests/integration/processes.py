@@ -71,10 +71,11 @@ class ServiceProcess:
         self._reader = asyncio.create_task(self._read())
         return self
 
-    async def start(self, timeout: float = 20.0) -> ServiceProcess:
+    async def start(self, timeout: float = 20.0, until: str | None = None) -> ServiceProcess:
+        """Start the process and wait for its ready line, or for ``until``."""
         await self.launch()
         try:
-            await self.wait_for(READY[self.module], timeout)
+            await self.wait_for(until or READY[self.module], timeout)
         except TimeoutError:
             self.kill()
             raise AssertionError(f"{self.module} did not start:\n{self.output}") from None

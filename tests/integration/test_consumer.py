@@ -702,3 +702,30 @@ async def test_a_cancel_requested_before_its_consumer_died_is_honoured_by_the_re
 
     await stop_cleanly(survivor, relay)
     await assert_queues_empty(broker_settings)
+
+
+# -- 9. log lines a task cannot forge -------------------------------------------------
+
+FORGED_LINE = "2026-01-01 00:00:00,000 CRITICAL consumer.worker: attempt committed: DONE"
+
+
+async def test_a_task_error_message_cannot_forge_a_text_log_line(
+    pool: asyncpg.Pool, broker_settings: BrokerSettings, stack: Stack
+) -> None:
+    # The fail type's message is the client's text, logged by "attempt failed, no
+    # attempts left: <message>"; with its newlines kept, a client writes its own lines.
+    relay = await stack.relay()
+    consumer = await stack.consumer(LOG_FORMAT="text")
+    message = f"drill\n{FORGED_LINE}\r\n{FORGED_LINE}\u2028{FORGED_LINE}"
+    task_id = await new_task(pool, "fail", {"message": message}, max_attempts=1)
+
+    row = await wait_status(pool, task_id, "FAILED", stack=stack)
+    assert row["error"]["message"] == message  # stored as given; only the log escapes
+    await consumer.wait_for("attempt failed, no attempts left", timeout=10)
+    await stop_cleanly(consumer, relay)
+
+    forged = [line for line in consumer.output.splitlines() if line.startswith(FORGED_LINE)]
+    assert forged == [], consumer.output
+    (logged,) = [line for line in consumer.lines if "no attempts left" in line]
+    assert f"drill\\n{FORGED_LINE}\\r\\n{FORGED_LINE}\\u2028{FORGED_LINE}" in logged
+    assert f"task_id={task_id}" in logged  # the fields still follow, on the same line

@@ -1,10 +1,12 @@
-"""Task context on log lines: bound per asyncio task, rendered as JSON keys or key=value."""
+"""Log lines: task context bound per asyncio task, rendered as JSON keys or key=value;
+text lines a client cannot forge (control characters escaped)."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import logging
+import sys
 from collections.abc import Iterator
 
 import orjson
@@ -79,3 +81,52 @@ async def test_explicit_extra_wins_over_the_bound_context(
 
     await asyncio.create_task(text())
     assert stream.getvalue().splitlines()[-1].endswith("plain task_id=t1 trace_id=abc")
+
+
+# -- text lines cannot be forged --------------------------------------------------------
+
+FORGED = "2026-01-01 00:00:00,000 CRITICAL consumer.worker: attempt committed: DONE"
+
+
+def text_lines(record: logging.LogRecord) -> list[str]:
+    return TextFormatter().format(record).splitlines()
+
+
+@pytest.mark.parametrize(
+    "breaker", ["\n", "\r", "\r\n", "\v", "\f", "\x1c", "\x85", "\u2028", "\u2029"]
+)
+def test_a_text_line_is_one_line_whatever_the_message_and_fields_hold(breaker: str) -> None:
+    record = logging.makeLogRecord(
+        {
+            "name": "consumer.attempt",
+            "levelno": logging.WARNING,
+            "levelname": "WARNING",
+            "msg": "attempt failed, no attempts left: %s",
+            "args": (f"drill{breaker}{FORGED}",),
+            # a field a client can fill, e.g. a handler's own extra=
+            "task_id": f"t1{breaker}{FORGED} task_id=forged",
+        }
+    )
+    (line,) = text_lines(record)
+    assert FORGED in line  # shown, escaped, not dropped
+    assert line.endswith(
+        f"task_id=t1{breaker.encode('unicode_escape').decode()}{FORGED} task_id=forged"
+    )
+
+
+def test_control_characters_are_shown_as_escapes_and_the_rest_is_untouched() -> None:
+    record = logging.makeLogRecord(
+        {"msg": "a\tb\x00c\x1b[31md\x7fe\x9bf\u2028g é ü 任务 \\n", "levelname": "INFO"}
+    )
+    (line,) = text_lines(record)
+    assert line.endswith(": a\\tb\\x00c\\x1b[31md\\x7fe\\x9bf\\u2028g é ü 任务 \\n")
+
+
+def test_a_traceback_stays_on_its_records_line() -> None:
+    try:
+        raise ValueError(f"bad\n{FORGED}")
+    except ValueError:
+        record = logging.makeLogRecord({"msg": "handler crashed", "exc_info": sys.exc_info()})
+    (line,) = text_lines(record)
+    assert "handler crashed\\nTraceback (most recent call last):\\n" in line
+    assert f"ValueError: bad\\n{FORGED}" in line

@@ -17,8 +17,9 @@ from broker.settings import BrokerSettings
 from broker.topology import queue_arguments
 from consumer.settings import ConsumerSettings
 from db.settings import DatabaseSettings, plain_dsn
+from relay.settings import RelaySettings
 from runtime.backoff import backoff_delay
-from runtime.settings import ProcessSettings, describe_invalid
+from runtime.settings import ProcessSettings, describe_invalid, mask_url
 
 # Variables a developer's shell or CI might export; each test starts without them.
 SETTINGS_ENV = (
@@ -28,6 +29,9 @@ SETTINGS_ENV = (
     "TASK_STALE_AFTER",
     "LOG_LEVEL",
     "LOG_FORMAT",
+    "FORWARDED_ALLOW_IPS",
+    "API_KEYS",
+    "AMQP_URL",
 )
 
 
@@ -363,3 +367,149 @@ def test_the_scheduling_horizon_is_a_duration_up_to_a_century() -> None:
     assert ApiSettings().max_schedule_delay == 365 * 86400
     with pytest.raises(ValidationError, match="less than or equal"):
         ApiSettings(max_schedule_delay="40000d")  # past it, date arithmetic overflows
+
+
+# -- FORWARDED_ALLOW_IPS ------------------------------------------------------------------
+
+
+def test_no_proxy_is_believed_by_default() -> None:
+    assert ApiSettings(_env_file=None).forwarded_allow_ips == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("127.0.0.1", ["127.0.0.1"]),
+        (" 10.0.0.5 , 10.1.0.0/16,::1,, ", ["10.0.0.5", "10.1.0.0/16", "::1"]),
+        ("*", ["*"]),
+        ("", []),
+    ],
+)
+def test_forwarded_allow_ips_lists_addresses_and_networks(
+    monkeypatch: pytest.MonkeyPatch, raw: str, expected: list[str]
+) -> None:
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", raw)
+    assert ApiSettings(_env_file=None).forwarded_allow_ips == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ("proxy.internal", "'proxy.internal' is not an IP address or network"),
+        ("10.0.0.1/8", "'10.0.0.1/8' is not an IP address or network"),
+        ("10.0.0.1,*", "\\* trusts every peer; give it alone"),
+    ],
+    ids=["hostname", "host-bits-set", "star-among-others"],
+)
+def test_forwarded_allow_ips_refuses_what_uvicorn_would_silently_ignore(
+    monkeypatch: pytest.MonkeyPatch, raw: str, why: str
+) -> None:
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", raw)
+    with pytest.raises(ValidationError, match=f"FORWARDED_ALLOW_IPS: {why}"):
+        ApiSettings(_env_file=None)
+
+
+# -- secrets in settings errors ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("mysql://admin:S3cretPW@db/x", "mysql://admin:***@db/x"),
+        ("amqp://u:S3cretPW@h:5672/vhost", "amqp://u:***@h:5672/vhost"),
+        # unescaped @ / : in the password: the last @ ends it
+        ("amqp://u:S3c@ret/P:W@h:5672/", "amqp://u:***@h:5672/"),
+        ("redis://:S3cretPW@h", "redis://:***@h"),
+        ("admin:S3cretPW@db:5432/x", "admin:***@db:5432/x"),
+        (
+            "postgresql://db/x?user=u&password=S3cretPW&ssl=1",
+            "postgresql://db/x?user=u&password=***&ssl=1",
+        ),
+        ("postgresql://u@db/x", "postgresql://u@db/x"),
+        ("amqp://h:5672/", "amqp://h:5672/"),
+        ("not a url", "not a url"),
+    ],
+)
+def test_mask_url_hides_the_password_and_keeps_what_locates_the_server(
+    url: str, masked: str
+) -> None:
+    assert mask_url(url) == masked
+    assert "S3c" not in mask_url(url)
+
+
+def test_a_wrong_database_url_is_described_with_its_password_masked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "mysql://admin:S3cretPW@db/x")
+    with pytest.raises(ValidationError) as caught:
+        RelaySettings(_env_file=None)
+    assert describe_invalid(caught.value) == (
+        "invalid setting DATABASE_URL='mysql://admin:***@db/x': DATABASE_URL must start with "
+        "one of postgresql://, postgres://, postgresql+asyncpg://; got 'mysql'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://u:S3cretPW@h/", "AMQP_URL must start with amqp:// or amqps://; got 'http'"),
+        ("u:S3cretPW@h:5672/", "AMQP_URL must start with amqp:// or amqps://; got 'no scheme'"),
+        ("amqp://u:S3cretPW@h:notaport/", "AMQP_URL is not a valid URL: a port that is not"),
+        ("amqp://u:S3cretPW@h:99999/", "AMQP_URL is not a valid URL: a port that is not"),
+        ("amqp://u:S3c/retPW@h/", "AMQP_URL is not a valid URL: a port that is not"),
+        ("amqp://u:S3cretPW@[::1/", "AMQP_URL is not a valid URL: a port that is not"),
+    ],
+    ids=["wrong-scheme", "no-scheme", "port-not-a-number", "port-too-large", "slash", "ipv6"],
+)
+def test_a_malformed_amqp_url_is_refused_and_described_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, url: str, why: str
+) -> None:
+    monkeypatch.setenv("AMQP_URL", url)
+    with pytest.raises(ValidationError) as caught:
+        BrokerSettings(_env_file=None)
+    described = describe_invalid(caught.value)
+    assert described.startswith("invalid setting AMQP_URL=")
+    assert why in described
+    assert "S3c" not in described
+
+
+@pytest.mark.parametrize(
+    "url", ["amqp://guest:guest@127.0.0.1:5672/", "amqps://u:p%2Fq@rabbit/vhost", "amqp://"]
+)
+def test_amqp_urls_aio_pika_reads_are_accepted(url: str) -> None:
+    assert BrokerSettings(amqp_url=url, _env_file=None).amqp_url == url
+
+
+@pytest.mark.parametrize("bad", ["S3cret key", "S3cret\tkey", "S3cret\x07", "S3\u2028cret"])
+def test_an_api_key_no_header_can_carry_is_refused_and_never_shown(
+    monkeypatch: pytest.MonkeyPatch, bad: str
+) -> None:
+    monkeypatch.setenv("API_KEYS", f"first-key, {bad}")
+    with pytest.raises(ValidationError) as caught:
+        ApiSettings(_env_file=None)
+    described = describe_invalid(caught.value)
+    assert described == (
+        "invalid setting API_KEYS=***: API_KEYS: key 2 of 2 holds whitespace or a control "
+        "character, which a bearer key in an Authorization header cannot carry"
+    )
+    assert "first-key" not in described
+
+
+def test_any_setting_named_like_a_secret_is_masked_whole() -> None:
+    class WithToken(ProcessSettings):
+        webhook_token: int = 0
+
+    with pytest.raises(ValidationError) as caught:
+        WithToken(webhook_token="S3cretPW", _env_file=None)
+    assert describe_invalid(caught.value).startswith("invalid setting WEBHOOK_TOKEN=***: ")
+
+
+def test_a_url_with_a_password_is_masked_in_any_setting_and_other_values_shown() -> None:
+    with pytest.raises(ValidationError) as caught:
+        ProcessSettings(log_level="amqp://u:S3cretPW@h/", _env_file=None)
+    assert describe_invalid(caught.value).startswith(
+        "invalid setting LOG_LEVEL='amqp://u:***@h/': String should match pattern"
+    )
+    with pytest.raises(ValidationError) as caught:
+        BrokerSettings(exchange_name="", _env_file=None)
+    assert describe_invalid(caught.value).startswith("invalid setting EXCHANGE_NAME='': ")
