@@ -8,6 +8,7 @@ import sys
 import uvicorn
 
 from api.auth import exposure_refusal
+from api.connection_limits import ConnectionLimits, limited_protocol
 from api.settings import ApiSettings
 from runtime.logs import configure
 from runtime.settings import settings_or_exit
@@ -36,6 +37,15 @@ def main() -> int:
         proxy_headers=bool(settings.forwarded_allow_ips),
         forwarded_allow_ips=settings.forwarded_allow_ips,
         server_header=False,
+        http=limited_protocol(
+            ConnectionLimits(
+                max_header_bytes=settings.api_max_header_bytes,
+                header_timeout=settings.api_header_timeout,
+                body_timeout=settings.api_body_timeout,
+                keep_alive_timeout=settings.api_keep_alive_timeout,
+            )
+        ),
+        limit_concurrency=settings.api_concurrency_limit,
     )
     return 0
 

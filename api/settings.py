@@ -29,6 +29,35 @@ class ApiSettings(DatabaseSettings, ProcessSettings):
             "Empty believes no one: the headers are ignored."
         ),
     )
+    # Connection limits (api.connection_limits): what a client can hold before its
+    # request reaches the app, and so before its API key is checked.
+    api_max_header_bytes: int = Field(
+        16_384,
+        ge=1024,
+        description="Largest request head (request line and headers) in bytes; past it, 431.",
+    )
+    api_header_timeout: Duration = Field(
+        5.0,
+        gt=0,
+        description=(
+            "Time a connection has to send a complete request head, from its opening (or "
+            "the head's first byte on a kept-alive connection); then 408 and closed."
+        ),
+    )
+    api_body_timeout: Duration = Field(
+        30.0, gt=0, description="Time a request body has to arrive in full after its head."
+    )
+    api_keep_alive_timeout: Duration = Field(
+        5.0, gt=0, description="Idle time after a response before the connection is closed."
+    )
+    api_concurrency_limit: int = Field(
+        512,
+        ge=1,
+        description=(
+            "Connections (idle ones included) and requests in flight per worker past "
+            "which a request is answered 503 (uvicorn's limit_concurrency)."
+        ),
+    )
     default_max_attempts: int = Field(3, ge=1, le=100)
     max_max_attempts: int = Field(25, ge=1, description="Upper bound a client may ask for.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
 from api.auth import exposure_refusal, key_bytes, key_matches, loopback_only
@@ -35,6 +35,40 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.metrics_require_auth is False
     assert settings.max_body_bytes == 1_048_576
     assert settings.max_payload_string == 65_536 == MAX_STRING
+
+
+def test_connection_limits_have_bounded_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "API_MAX_HEADER_BYTES",
+        "API_HEADER_TIMEOUT",
+        "API_BODY_TIMEOUT",
+        "API_KEEP_ALIVE_TIMEOUT",
+        "API_CONCURRENCY_LIMIT",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    settings = ApiSettings(_env_file=None)
+    assert settings.api_max_header_bytes == 16_384
+    assert settings.api_header_timeout == 5.0
+    assert settings.api_body_timeout == 30.0
+    assert settings.api_keep_alive_timeout == 5.0
+    assert settings.api_concurrency_limit == 512
+
+
+def test_connection_timeouts_are_durations_and_never_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("API_HEADER_TIMEOUT", "500ms")
+    monkeypatch.setenv("API_BODY_TIMEOUT", "1m")
+    settings = ApiSettings(_env_file=None)
+    assert (settings.api_header_timeout, settings.api_body_timeout) == (0.5, 60.0)
+    for name in ("API_HEADER_TIMEOUT", "API_BODY_TIMEOUT", "API_KEEP_ALIVE_TIMEOUT"):
+        monkeypatch.setenv(name, "0")
+        with pytest.raises(ValidationError):
+            ApiSettings(_env_file=None)
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("API_MAX_HEADER_BYTES", "100")
+    with pytest.raises(ValidationError):
+        ApiSettings(_env_file=None)
 
 
 def test_empty_api_keys_turn_auth_off(monkeypatch: pytest.MonkeyPatch) -> None:
