@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from pydantic import BeforeValidator
 
 _EXAMPLE = "e.g. 2026-12-24T18:00:00Z"
+
+
+def out_of_range(moment: datetime) -> str | None:
+    """Why ``moment`` cannot be sent to Postgres, or None when it can.
+
+    asyncpg converts a timestamptz to UTC before sending it, and Python's datetimes end
+    at years 1 and 9999: year 1 at +14:00 is year 0 in UTC, and the conversion raises
+    OverflowError (Postgres itself would take it). A moment without an offset is read as
+    UTC, so it always fits.
+    """
+    if moment.tzinfo is None:
+        return None
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:
+        if (moment.utcoffset() or timedelta(0)) > timedelta(0):
+            return "in UTC it falls before 0001-01-01T00:00:00Z, the earliest moment accepted"
+        return "in UTC it falls after 9999-12-31T23:59:59.999999Z, the latest moment accepted"
+    return None
 
 
 def _iso_8601(value: object) -> object:
@@ -18,13 +37,18 @@ def _iso_8601(value: object) -> object:
     for a datetime at all (FastAPI validates a body as Python objects).
     """
     if isinstance(value, datetime):
-        return value
-    if not isinstance(value, str):
+        moment, text = value, value.isoformat()
+    elif isinstance(value, str):
+        try:
+            moment, text = datetime.fromisoformat(value), value
+        except ValueError:
+            raise ValueError(f"{value[:40]!r} is not an ISO 8601 timestamp, {_EXAMPLE}") from None
+    else:
         raise ValueError(f"expected an ISO 8601 timestamp, {_EXAMPLE}")
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"{value[:40]!r} is not an ISO 8601 timestamp, {_EXAMPLE}") from None
+    problem = out_of_range(moment)
+    if problem is not None:
+        raise ValueError(f"{text[:40]!r} is out of range: {problem}")
+    return moment
 
 
 IsoDatetime = Annotated[datetime, BeforeValidator(_iso_8601)]

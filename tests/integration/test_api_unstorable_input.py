@@ -1,0 +1,87 @@
+"""Client input that Postgres, asyncpg or the JSON encoder cannot take: a precise 4xx.
+
+Each of these reached the database and came back as a 500 (a review reproduced them
+against a running api): moments whose offset carries them out of years 1-9999 in UTC
+(asyncpg's ``OverflowError``), in a filter or a forged cursor.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.integration.test_api_tasks import (
+    TASKS,
+    assert_field_errors,
+    row_counts,
+)
+
+BATCH = f"{TASKS}/batch"
+
+# Year 1 at +14:00 is year 0 in UTC, year 9999 at -14:00 is year 10000.
+TOO_EARLY = "0001-01-01T00:00:00+14:00"
+TOO_LATE = "9999-12-31T23:59:59-14:00"
+TOO_EARLY_MSG = (
+    f"Value error, {TOO_EARLY!r} is out of range: in UTC it falls before "
+    "0001-01-01T00:00:00Z, the earliest moment accepted"
+)
+TOO_LATE_MSG = (
+    f"Value error, {TOO_LATE!r} is out of range: in UTC it falls after "
+    "9999-12-31T23:59:59.999999Z, the latest moment accepted"
+)
+OUT_OF_RANGE = [
+    pytest.param(TOO_EARLY, TOO_EARLY_MSG, id="before-year-1"),
+    pytest.param(TOO_LATE, TOO_LATE_MSG, id="after-year-9999"),
+]
+
+
+@pytest.mark.parametrize("name", ["created_after", "created_before"])
+@pytest.mark.parametrize(("moment", "msg"), OUT_OF_RANGE)
+async def test_a_filter_moment_out_of_range_in_utc_is_a_422_naming_the_parameter(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, name: str, moment: str, msg: str
+) -> None:
+    response = await client.get(TASKS, params={name: moment})
+
+    assert_field_errors(response, [(["query", name], msg, "value_error")])
+    assert await row_counts(pool) == (0, 0)
+
+
+@pytest.mark.parametrize("moment", [TOO_EARLY, TOO_LATE])
+async def test_a_forged_cursor_holding_a_moment_out_of_range_is_a_malformed_cursor(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, moment: str
+) -> None:
+    raw = json.dumps([moment, str(uuid.uuid4())]).encode()
+    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    response = await client.get(TASKS, params={"cursor": cursor})
+
+    assert_field_errors(
+        response,
+        [
+            (
+                ["query", "cursor"],
+                "cursor is not one this API issued; use next_cursor as given",
+                "value_error",
+            )
+        ],
+    )
+    assert await row_counts(pool) == (0, 0)
+
+
+@pytest.mark.parametrize(("moment", "msg"), OUT_OF_RANGE)
+async def test_run_at_out_of_range_in_utc_says_so_on_create_and_batch(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, moment: str, msg: str
+) -> None:
+    # These were already refused ("run_at is out of range"); one check for every moment
+    # now says which end of the range was crossed, as the filters do.
+    single = await client.post(TASKS, json={"type": "echo", "run_at": moment})
+    assert_field_errors(single, [(["body", "run_at"], msg, "value_error")])
+
+    batch = await client.post(BATCH, json={"tasks": [{"type": "echo", "run_at": moment}]})
+    assert_field_errors(batch, [(["body", "tasks", 0, "run_at"], msg, "value_error")])
+    assert await row_counts(pool) == (0, 0)
