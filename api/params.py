@@ -1,11 +1,17 @@
-"""Moments a client sends, in a query parameter or a body: ISO 8601 text only."""
+"""Values a client sends, in a query parameter or a body, checked before they reach Postgres.
+
+Moments are ISO 8601 text only, and must be ones asyncpg can send; text may hold no
+character that Postgres refuses.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from pydantic import BeforeValidator
+from pydantic import AfterValidator, BeforeValidator
+
+from db.storable import unstorable_character
 
 _EXAMPLE = "e.g. 2026-12-24T18:00:00Z"
 
@@ -52,3 +58,17 @@ def _iso_8601(value: object) -> object:
 
 
 IsoDatetime = Annotated[datetime, BeforeValidator(_iso_8601)]
+
+
+def _storable(text: str) -> str:
+    # Postgres refuses a NUL in text with an error of its own (a 500 here, not the
+    # client's 422); a lone surrogate cannot even be encoded to send. A query string
+    # cannot carry one (it is decoded with replacement), but a caller other than
+    # FastAPI's query parser could.
+    found = unstorable_character(text)
+    if found is not None:
+        raise ValueError(f"text may not contain NUL characters or lone surrogates ({found})")
+    return text
+
+
+StorableText = Annotated[str, AfterValidator(_storable)]

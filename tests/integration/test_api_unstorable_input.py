@@ -2,7 +2,8 @@
 
 Each of these reached the database and came back as a 500 (a review reproduced them
 against a running api): moments whose offset carries them out of years 1-9999 in UTC
-(asyncpg's ``OverflowError``), in a filter or a forged cursor.
+(asyncpg's ``OverflowError``), in a filter or a forged cursor; a NUL character in the
+``type`` filter (Postgres' ``CharacterNotInRepertoireError``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,25 @@ async def test_a_forged_cursor_holding_a_moment_out_of_range_is_a_malformed_curs
             (
                 ["query", "cursor"],
                 "cursor is not one this API issued; use next_cursor as given",
+                "value_error",
+            )
+        ],
+    )
+    assert await row_counts(pool) == (0, 0)
+
+
+async def test_a_nul_in_the_type_filter_is_a_422_naming_the_parameter(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    response = await client.get(f"{TASKS}?type=ec%00ho")
+
+    assert_field_errors(
+        response,
+        [
+            (
+                ["query", "type"],
+                "Value error, text may not contain NUL characters or lone surrogates "
+                "(U+0000 at index 2)",
                 "value_error",
             )
         ],
