@@ -1,9 +1,10 @@
 """Client input that Postgres, asyncpg or the JSON encoder cannot take: a precise 4xx.
 
-Each of these reached the database and came back as a 500 (a review reproduced them
-against a running api): moments whose offset carries them out of years 1-9999 in UTC
-(asyncpg's ``OverflowError``), in a filter or a forged cursor; a NUL character in the
-``type`` filter (Postgres' ``CharacterNotInRepertoireError``).
+Each of these came back as a 500 (a review reproduced them against a running api):
+moments whose offset carries them out of years 1-9999 in UTC (asyncpg's
+``OverflowError``), in a filter or a forged cursor; a NUL character in the ``type``
+filter (Postgres' ``CharacterNotInRepertoireError``); a payload key that is a lone
+surrogate, whose 422 could not be encoded as JSON.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import uuid
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
 from tests.integration.test_api_tasks import (
@@ -89,6 +91,36 @@ async def test_a_nul_in_the_type_filter_is_a_422_naming_the_parameter(
                 "value_error",
             )
         ],
+    )
+    assert await row_counts(pool) == (0, 0)
+
+
+KEY_MSG = "keys may not contain NUL characters or lone surrogates (U+D800 at index 0)"
+
+
+async def test_a_lone_surrogate_payload_key_is_a_422_that_renders_on_create(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    body = b'{"type": "echo", "payload": {"\\ud800": 1}}'
+
+    response = await client.post(TASKS, content=body, headers={"content-type": "application/json"})
+
+    # The key is written as its escape, so a strict parser reads the 422 too.
+    orjson.loads(response.content)
+    assert_field_errors(response, [(["body", "payload", "\\ud800"], KEY_MSG, "unstorable_value")])
+    assert await row_counts(pool) == (0, 0)
+
+
+async def test_a_lone_surrogate_payload_key_is_a_422_that_renders_on_batch(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    body = b'{"tasks": [{"type": "echo"}, {"type": "echo", "payload": {"\\ud800": 1}}]}'
+
+    response = await client.post(BATCH, content=body, headers={"content-type": "application/json"})
+
+    orjson.loads(response.content)
+    assert_field_errors(
+        response, [(["body", "tasks", 1, "payload", "\\ud800"], KEY_MSG, "unstorable_value")]
     )
     assert await row_counts(pool) == (0, 0)
 
