@@ -21,6 +21,7 @@ import pytest
 from tests.integration.test_api_tasks import (
     TASKS,
     assert_field_errors,
+    assert_problem,
     row_counts,
 )
 
@@ -136,4 +137,46 @@ async def test_run_at_out_of_range_in_utc_says_so_on_create_and_batch(
 
     batch = await client.post(BATCH, json={"tasks": [{"type": "echo", "run_at": moment}]})
     assert_field_errors(batch, [(["body", "tasks", 0, "run_at"], msg, "value_error")])
+    assert await row_counts(pool) == (0, 0)
+
+
+# The other text a client sends, each checked (or ignored) before it could reach
+# Postgres or the renderer. They were never 500s; they stay so.
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status"),
+    [
+        pytest.param("GET", f"{TASKS}/%00", None, {}, 404, id="nul-task-id"),
+        pytest.param("GET", f"{TASKS}?status=%00", None, {}, 422, id="nul-status"),
+        pytest.param("POST", TASKS, b'{"type": "ec\\u0000ho"}', {}, 422, id="nul-type"),
+        pytest.param("POST", TASKS, b'{"type": "\\ud800"}', {}, 422, id="surrogate-type"),
+        pytest.param(
+            "POST", TASKS, b'{"type": "echo", "\\ud800": 1}', {}, 422, id="surrogate-field"
+        ),
+        pytest.param(
+            "POST", BATCH, b'{"tasks": [{"type": "ec\\u0000ho"}]}', {}, 422, id="batch-nul-type"
+        ),
+        pytest.param(
+            "POST",
+            TASKS,
+            b'{"type": "echo"}',
+            {"idempotency-key": "a\x00b"},
+            422,
+            id="nul-idempotency-key",
+        ),
+    ],
+)
+async def test_other_text_inputs_are_refused_before_the_database(
+    client: httpx.AsyncClient,
+    pool: asyncpg.Pool,
+    method: str,
+    path: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    response = await client.request(
+        method, path, content=body, headers={"content-type": "application/json", **headers}
+    )
+
+    assert_problem(response, status)
     assert await row_counts(pool) == (0, 0)
