@@ -16,23 +16,36 @@ from db.storable import unstorable_character
 _EXAMPLE = "e.g. 2026-12-24T18:00:00Z"
 
 
-def out_of_range(moment: datetime) -> str | None:
-    """Why ``moment`` cannot be sent to Postgres, or None when it can.
+# The range a moment must lie in, once in UTC. Python's datetimes end at years 1 and
+# 9999, and asyncpg sends their first and last microsecond as -infinity and infinity
+# (reading those back as datetimes without an offset), so both ends are left out.
+EARLIEST = datetime.min.replace(tzinfo=UTC) + timedelta(microseconds=1)
+LATEST = datetime.max.replace(tzinfo=UTC) - timedelta(microseconds=1)
 
-    asyncpg converts a timestamptz to UTC before sending it, and Python's datetimes end
-    at years 1 and 9999: year 1 at +14:00 is year 0 in UTC, and the conversion raises
-    OverflowError (Postgres itself would take it). A moment without an offset is read as
-    UTC, so it always fits.
+
+def _z(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def out_of_range(moment: datetime) -> str | None:
+    """Why ``moment`` cannot be sent to Postgres as itself, or None when it can.
+
+    asyncpg converts a timestamptz to UTC before sending it: year 1 at +14:00 is year 0
+    in UTC, and the conversion raises OverflowError (Postgres itself would take it). A
+    moment without an offset is read as UTC.
     """
-    if moment.tzinfo is None:
-        return None
+    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
     try:
-        moment.astimezone(UTC)
+        in_utc = aware.astimezone(UTC)
     except OverflowError:
-        if (moment.utcoffset() or timedelta(0)) > timedelta(0):
-            return "in UTC it falls before 0001-01-01T00:00:00Z, the earliest moment accepted"
-        return "in UTC it falls after 9999-12-31T23:59:59.999999Z, the latest moment accepted"
-    return None
+        too_early = (aware.utcoffset() or timedelta(0)) > timedelta(0)
+    else:
+        if EARLIEST <= in_utc <= LATEST:
+            return None
+        too_early = in_utc < EARLIEST
+    if too_early:
+        return f"in UTC it falls before {_z(EARLIEST)}, the earliest moment accepted"
+    return f"in UTC it falls after {_z(LATEST)}, the latest moment accepted"
 
 
 def _iso_8601(value: object) -> object:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Callable
 
 import asyncpg
 import httpx
@@ -22,6 +23,7 @@ from tests.integration.test_api_tasks import (
     TASKS,
     assert_field_errors,
     assert_problem,
+    create,
     row_counts,
 )
 
@@ -30,14 +32,24 @@ BATCH = f"{TASKS}/batch"
 # Year 1 at +14:00 is year 0 in UTC, year 9999 at -14:00 is year 10000.
 TOO_EARLY = "0001-01-01T00:00:00+14:00"
 TOO_LATE = "9999-12-31T23:59:59-14:00"
-TOO_EARLY_MSG = (
-    f"Value error, {TOO_EARLY!r} is out of range: in UTC it falls before "
-    "0001-01-01T00:00:00Z, the earliest moment accepted"
-)
-TOO_LATE_MSG = (
-    f"Value error, {TOO_LATE!r} is out of range: in UTC it falls after "
-    "9999-12-31T23:59:59.999999Z, the latest moment accepted"
-)
+
+
+def too_early(moment: str) -> str:
+    return (
+        f"Value error, {moment!r} is out of range: in UTC it falls before "
+        "0001-01-01T00:00:00.000001Z, the earliest moment accepted"
+    )
+
+
+def too_late(moment: str) -> str:
+    return (
+        f"Value error, {moment!r} is out of range: in UTC it falls after "
+        "9999-12-31T23:59:59.999998Z, the latest moment accepted"
+    )
+
+
+TOO_EARLY_MSG = too_early(TOO_EARLY)
+TOO_LATE_MSG = too_late(TOO_LATE)
 OUT_OF_RANGE = [
     pytest.param(TOO_EARLY, TOO_EARLY_MSG, id="before-year-1"),
     pytest.param(TOO_LATE, TOO_LATE_MSG, id="after-year-9999"),
@@ -138,6 +150,37 @@ async def test_run_at_out_of_range_in_utc_says_so_on_create_and_batch(
     batch = await client.post(BATCH, json={"tasks": [{"type": "echo", "run_at": moment}]})
     assert_field_errors(batch, [(["body", "tasks", 0, "run_at"], msg, "value_error")])
     assert await row_counts(pool) == (0, 0)
+
+
+# asyncpg sends the first and the last moment Python has as -infinity and infinity, and
+# reads those back as datetimes without an offset: a task with run_at
+# 0001-01-01T00:00:00Z was stored as -infinity and answered 201 with a run_at the
+# document does not allow ("0001-01-01T00:00:00"). Found by make fuzz.
+THE_ENDS = [
+    pytest.param("0001-01-01T00:00:00Z", too_early, id="first-moment"),
+    pytest.param("0001-01-01T05:00:00+05:00", too_early, id="first-moment-at-an-offset"),
+    pytest.param("0001-01-01T00:00:00", too_early, id="first-moment-without-an-offset"),
+    pytest.param("9999-12-31T23:59:59.999999Z", too_late, id="last-moment"),
+]
+
+
+@pytest.mark.parametrize(("moment", "msg"), THE_ENDS)
+async def test_the_first_and_last_moments_are_refused_as_asyncpg_sends_them_as_infinities(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, moment: str, msg: Callable[[str], str]
+) -> None:
+    created = await client.post(TASKS, json={"type": "echo", "run_at": moment})
+    assert_field_errors(created, [(["body", "run_at"], msg(moment), "value_error")])
+
+    listed = await client.get(TASKS, params={"created_after": moment})
+    assert_field_errors(listed, [(["query", "created_after"], msg(moment), "value_error")])
+    assert await row_counts(pool) == (0, 0)
+
+
+async def test_a_microsecond_inside_the_ends_is_accepted(client: httpx.AsyncClient) -> None:
+    created = await create(client, run_at="0001-01-01T00:00:00.000001Z")
+    assert created["run_at"] == "0001-01-01T00:00:00.000001Z"
+    listed = await client.get(TASKS, params={"created_before": "9999-12-31T23:59:59.999998Z"})
+    assert [task["id"] for task in listed.json()["items"]] == [created["id"]]
 
 
 # The other text a client sends, each checked (or ignored) before it could reach
