@@ -11,6 +11,7 @@ to the server's log lines about it.
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -55,6 +56,28 @@ def route_path(scope: Scope) -> str:
     return path[len(root) :] if path[len(root)] == "/" else path
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _renderable(value: Any) -> Any:
+    """``value`` with each lone surrogate in its strings written as its escape.
+
+    A 422 may point at the client's own text: a payload key "\\ud800" is the location
+    ``["body", "payload", "\\ud800"]``. UTF-8 has no form for that character, so the
+    problem document could not be encoded (a 500 in place of the 422). The escape is
+    what the client wrote in its JSON: six plain characters any parser reads.
+    """
+    if isinstance(value, str):
+        if _LONE_SURROGATE.search(value) is None:
+            return value
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list | tuple):
+        return [_renderable(item) for item in value]
+    if isinstance(value, dict):
+        return {_renderable(key): _renderable(item) for key, item in value.items()}
+    return value
+
+
 def problem(
     request: Request,
     status: int,
@@ -72,7 +95,9 @@ def problem(
     }
     if errors is not None:
         body["errors"] = errors
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    return JSONResponse(
+        _renderable(body), status_code=status, media_type=PROBLEM_JSON, headers=headers
+    )
 
 
 def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:

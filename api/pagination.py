@@ -9,6 +9,8 @@ from datetime import datetime
 
 import orjson
 
+from api.params import out_of_range
+
 
 class InvalidCursor(ValueError):
     pass
@@ -31,6 +33,7 @@ def decode(cursor: str) -> tuple[datetime, uuid.UUID]:
         position = datetime.fromisoformat(created_at), uuid.UUID(task_id)
     except (binascii.Error, ValueError, TypeError) as exc:
         raise InvalidCursor(_NOT_OURS) from exc
-    if position[0].tzinfo is None:
+    # A cursor we issued holds a created_at Postgres gave us: aware, and in range.
+    if position[0].tzinfo is None or out_of_range(position[0]) is not None:
         raise InvalidCursor(_NOT_OURS)
     return position

@@ -18,6 +18,15 @@ _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what the JSON encoder can write
 _UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
+def unstorable_character(text: str) -> str | None:
+    """The first character of ``text`` that Postgres text and jsonb refuse (a NUL, or a
+    lone surrogate, which UTF-8 cannot encode), as "U+0000 at index 2"; None if none."""
+    found = _UNSTORABLE_TEXT.search(text)
+    if found is None:
+        return None
+    return f"U+{ord(found.group()):04X} at index {found.start()}"
+
+
 class UnstorablePayload(ValueError):
     def __init__(self, loc: list[str | int], msg: str) -> None:
         super().__init__(msg)
@@ -40,8 +49,10 @@ def check_storable(
     if isinstance(value, str):
         if len(value) > max_string:
             raise UnstorablePayload(loc, f"string longer than {max_string} characters")
-        if _UNSTORABLE_TEXT.search(value):
-            raise UnstorablePayload(loc, "text may not contain NUL characters or lone surrogates")
+        if (found := unstorable_character(value)) is not None:
+            raise UnstorablePayload(
+                loc, f"text may not contain NUL characters or lone surrogates ({found})"
+            )
     elif isinstance(value, bool) or value is None:
         return
     elif isinstance(value, int):
@@ -58,9 +69,10 @@ def check_storable(
                 if len(key) > max_string:
                     # The location is the object: a key that long makes a poor path part.
                     raise UnstorablePayload(loc, f"a key is longer than {max_string} characters")
-                if _UNSTORABLE_TEXT.search(key):
+                if (found := unstorable_character(key)) is not None:
                     raise UnstorablePayload(
-                        [*loc, key], "keys may not contain NUL characters or lone surrogates"
+                        [*loc, key],
+                        f"keys may not contain NUL characters or lone surrogates ({found})",
                     )
                 check_storable(item, [*loc, key], depth + 1, max_string=max_string)
         else:

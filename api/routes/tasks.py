@@ -11,7 +11,7 @@ from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from api import rendering
 from api.deps import Service
-from api.params import IsoDatetime
+from api.params import IsoDatetime, StorableText
 from api.schemas import (
     MAX_BATCH,
     ListView,
@@ -220,7 +220,7 @@ async def list_tasks(
     status_: Annotated[
         list[TaskStatus] | None, Query(alias="status", description="Repeat to match several.")
     ] = None,
-    type_: Annotated[str | None, Query(alias="type", max_length=200)] = None,
+    type_: Annotated[StorableText | None, Query(alias="type", max_length=200)] = None,
     created_after: Annotated[IsoDatetime | None, Query(description="ISO 8601, exclusive.")] = None,
     created_before: Annotated[IsoDatetime | None, Query(description="ISO 8601, exclusive.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,

@@ -2,8 +2,10 @@
 
 The API runs as ``python -m api`` (uvicorn, as in production) with an API key set, on
 a database created for this run alone and dropped afterwards. Schemathesis generates
-requests from the app's own OpenAPI document, valid and invalid ones, and checks every
-answer against it. A run fails when schemathesis reports a failure, or when the API
+requests from the app's own OpenAPI document, valid and invalid ones, with what
+Postgres, asyncpg and the encoder refuse mixed in (``hooks.py``: NULs, lone surrogates,
+moments at and past the ends of the range, forged cursors), and checks every answer
+against it. A run fails when schemathesis reports a failure, or when the API
 logged an error (a 5xx that schemathesis' checks might not pin on one request).
 
 Options go to ``schemathesis run`` (after the driver's): ``make fuzz FUZZ_ARGS='--seed 42'``;
