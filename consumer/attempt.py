@@ -122,7 +122,8 @@ def _json_result(result: Any, max_bytes: int) -> orjson.Fragment:
 
 def stopped_outcome(claimed: ClaimedTask, reason: StopReason) -> Outcome:
     """How an attempt the consumer stopped ends: CANCELLED on request, handed back
-    (PENDING, its attempt given back) at shutdown. A lost attempt's outcome is never
+    at shutdown (outcome PENDING: the task goes out again through a new outbox row,
+    its attempt given back). A lost attempt's outcome is never
     written (the fence would refuse it anyway); PENDING stands in for it."""
     if reason == "cancel":
         return Outcome(

@@ -23,9 +23,9 @@ class against the real SQL.
                            FINISHED <──────────────────────────────────┘
                                │ committed(recorded)
                                v
-                           SETTLED (removed): recorded -> own message acked (requeued
-                           after a release), held ones claimed again; refused -> own
-                           message and held ones claimed again
+                           SETTLED (removed): recorded -> own message acked (a retry
+                           or a release has a new outbox row), held ones claimed again;
+                           refused -> own message and held ones claimed again
 
 A delivery of a task that has an Execution is held by it, never acked on the spot:
 only the database can prove a delivery redundant (its task terminal, owned by another
@@ -44,7 +44,6 @@ from enum import StrEnum
 from typing import Generic, Literal, TypeVar
 
 from db.execution import Outcome
-from db.states import TaskStatus
 
 StopReason = Literal["cancel", "shutdown", "lost"]
 
@@ -207,8 +206,9 @@ class Executions(Generic[M]):
             # Someone else changed the task meanwhile: only the claim can tell whether
             # this message still has work to bring.
             return Settled([], [execution.message, *held])
-        how: Settlement = "requeue" if recorded == TaskStatus.PENDING else "ack"
-        return Settled([(execution.message, how)], held)
+        # Recorded: the task is finished, or (a retry, a release) has a new outbox row
+        # of its own, so this message has nothing more to bring.
+        return Settled([(execution.message, "ack")], held)
 
     def drain_held(self) -> list[M]:
         """At shutdown: every held delivery, to be handed back to the broker."""

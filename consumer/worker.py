@@ -548,7 +548,9 @@ class TaskConsumer:
                     extra=fields,
                 )
                 continue
-            self.metrics.outcome(claimed.type, status)
+            # A release is recorded as NEW, like a retry; the metric tells them apart.
+            released = outcome.status == TaskStatus.PENDING and status == TaskStatus.NEW
+            self.metrics.outcome(claimed.type, TaskStatus.PENDING if released else status)
             if status in TERMINAL and claimed.created_at is not None:
                 self.metrics.end_to_end_seconds.labels(claimed.type).observe(
                     max(0.0, now - claimed.created_at.timestamp())

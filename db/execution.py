@@ -73,8 +73,13 @@ LEFT JOIN tasks AS t ON t.id = d.id
 # The retry row carries the attempt's trace context, so the next attempt logs the same
 # trace id. A cancel accepted while the attempt ran (cancel_requested, read from the
 # locked row) wins over a retry and over a release: the task ends CANCELLED rather
-# than starting another attempt. A release (PENDING) gives its attempt back; the lease
-# is what fences it, so a release retried after its reply was lost matches nothing.
+# than starting another attempt. A release (outcome PENDING: handed back unfinished at
+# shutdown) gives its attempt back and goes out like a retry due at once: NEW with a new
+# outbox row. It must not count on its own message going back to the queue: that
+# delivery may be stale (its channel closed meanwhile, the broker redelivered it and
+# another consumer dropped it while this one still owned the task), and a PENDING task
+# with no message would wait for ever. The lease is what fences a release, so one
+# retried after its reply was lost matches nothing.
 _FINISH = """
 WITH outcome AS (
     SELECT o.*,
@@ -85,7 +90,9 @@ WITH outcome AS (
              traceparent text)
 ), updated AS (
     UPDATE tasks AS t
-    SET status = CASE WHEN t.cancel_requested THEN o.if_cancelled ELSE o.status END,
+    SET status = CASE WHEN t.cancel_requested THEN o.if_cancelled
+                      WHEN o.status = 'PENDING' THEN 'NEW'
+                      ELSE o.status END,
         result = o.result,
         error = CASE WHEN t.cancel_requested AND o.if_cancelled <> o.status
                      THEN jsonb_build_object('type', 'Cancelled', 'message',
@@ -199,7 +206,8 @@ SELECT (SELECT id FROM queued) AS outbox_id, (SELECT status FROM tasks WHERE id 
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """How one attempt ended. ``status`` is DONE, FAILED, CANCELLED, NEW (retry in
-    ``retry_in`` seconds) or PENDING (released unfinished at shutdown). ``lease`` is
+    ``retry_in`` seconds) or PENDING (released unfinished at shutdown: written as NEW
+    with a new outbox row, the attempt given back). ``lease`` is
     the fencing token its claim returned: the outcome is written only under it."""
 
     task_id: uuid.UUID
@@ -261,8 +269,8 @@ async def finish_tasks(
     conn: asyncpg.Connection | asyncpg.Pool, outcomes: Sequence[Outcome]
 ) -> dict[uuid.UUID, str]:
     """Write the outcomes; returns the status written for each task whose outcome was
-    recorded (still owned under its lease). CANCELLED where a cancel overrode a retry or
-    a release."""
+    recorded (still owned under its lease): NEW for a release, CANCELLED where a cancel
+    overrode a retry or a release."""
     rows = await conn.fetch(_FINISH, orjson.Fragment(outcome_document(outcomes)))
     return {row["id"]: row["status"] for row in rows}
 

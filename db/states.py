@@ -25,10 +25,10 @@ S = TaskStatus
 
 # target status -> the statuses it may be reached from
 _SOURCES: dict[TaskStatus, frozenset[TaskStatus]] = {
-    # the relay's publish was refused (undoing its flip); operator replay; retry or
-    # rescue of a running task
+    # the relay's publish was refused (undoing its flip); operator replay; retry,
+    # graceful release at shutdown or rescue of a running task; the dead-letter watch
     S.NEW: frozenset({S.PENDING, S.PROCESSING, S.FAILED, S.DONE, S.CANCELLED}),
-    S.PENDING: frozenset({S.NEW, S.PROCESSING}),  # publish confirmed; graceful release
+    S.PENDING: frozenset({S.NEW}),  # publish confirmed
     # a consumer claims a published task (NEW while the relay's commit is in flight),
     # or re-claims one whose heartbeat went stale
     S.PROCESSING: frozenset({S.NEW, S.PENDING, S.PROCESSING}),

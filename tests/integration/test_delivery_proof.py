@@ -128,7 +128,7 @@ async def test_a_release_retried_after_its_reply_was_lost_cannot_touch_the_next_
     first = await claim(pool, task_id, "w1")
     release = Outcome(task_id, first["attempts"], "PENDING", lease=first["lease"])
     # The release commits; its reply is lost, so w1 will send it again.
-    assert await execution.finish_tasks(pool, [release]) == {task_id: "PENDING"}
+    assert await execution.finish_tasks(pool, [release]) == {task_id: "NEW"}
     second = await claim(pool, task_id, "w2")
     assert second["attempts"] == first["attempts"]  # the released attempt was given back
     assert second["lease"] > first["lease"]
@@ -140,6 +140,28 @@ async def test_a_release_retried_after_its_reply_was_lost_cannot_touch_the_next_
     assert await execution.heartbeat(pool, [(task_id, first["lease"])]) == {}
     done = Outcome(task_id, second["attempts"], "DONE", result={"ok": 2}, lease=second["lease"])
     assert await execution.finish_tasks(pool, [done]) == {task_id: "DONE"}
+
+
+async def test_a_release_does_not_count_on_its_own_message(pool: asyncpg.Pool) -> None:
+    # w1 runs the task; its channel closes, the broker redelivers the message to w2,
+    # whose claim finds the task owned by a live consumer and rightly drops it. Then w1
+    # shuts down and hands the task back: with only the (gone) message to requeue, the
+    # task stayed PENDING with nothing to run it. The release must bring its own row.
+    task_id = await new_task(pool, "echo", {})
+    message = await delivery(pool, task_id)
+    first = await claim(pool, task_id, "w1")
+    [refused] = await execution.claim_tasks(pool, [message], "w2", 30)
+    assert (refused["claimed"], refused["seen_status"]) == (False, "PROCESSING")
+
+    release = Outcome(task_id, first["attempts"], "PENDING", lease=first["lease"])
+    assert await execution.finish_tasks(pool, [release]) == {task_id: "NEW"}
+
+    row = await fetch_task(pool, task_id)
+    assert (row["status"], row["attempts"]) == ("NEW", 0)
+    newer = await pool.fetchval(
+        "SELECT max(id) FROM outbox WHERE task_id = $1 AND published_at IS NULL", task_id
+    )
+    assert newer is not None and newer > message.outbox_id  # the relay's way forward
 
 
 async def test_a_stale_owner_cannot_overwrite_the_current_owners_outcome(
@@ -311,8 +333,10 @@ async def test_a_handler_ignoring_the_shutdown_is_abandoned_and_its_task_handed_
     assert consumer.proc is not None
     consumer.proc.send_signal(signal.SIGTERM)
     assert await consumer.wait(timeout=10) == 0, consumer.output
-    row = await fetch_task(pool, task_id)
-    assert (row["status"], row["attempts"]) == ("PENDING", 0)  # its attempt given back
+    # Handed back through a new outbox row, which the relay publishes.
+    row = await wait_status(pool, task_id, "PENDING", stack=stack)
+    assert row["attempts"] == 0  # its attempt given back
+    assert await retry_rows(pool, task_id) == 1
     assert await queue_depth(broker_settings, broker_settings.queue_name) == 1
 
 
