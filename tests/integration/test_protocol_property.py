@@ -354,6 +354,7 @@ class Effects:
 
     created: set[uuid.UUID] = field(default_factory=set)
     claims: Counter[uuid.UUID] = field(default_factory=Counter)
+    claimed_by: list[tuple[uuid.UUID, int]] = field(default_factory=list)  # task, outbox row
     finished: dict[uuid.UUID, int] = field(default_factory=dict)  # task -> the outcome's lease
     rescued: set[uuid.UUID] = field(default_factory=set)
     replayed: set[uuid.UUID] = field(default_factory=set)
@@ -480,13 +481,15 @@ class ProtocolMachine(RuleBasedStateMachine):
     def _claim(self, consumer: Consumer, batch: Sequence[Envelope]) -> list[asyncpg.Record]:
         deliveries = [Delivery(e.parsed.task_id, e.parsed.outbox_id) for e in batch]
         rows = self.db(claim_tasks(self.pool, deliveries, consumer.worker_id, STALE_AFTER))
-        self._count_claims(rows)
+        self._count_claims(rows, batch)
         return rows
 
-    def _count_claims(self, rows: Sequence[asyncpg.Record]) -> None:
+    def _count_claims(self, rows: Sequence[asyncpg.Record], batch: Sequence[Envelope]) -> None:
+        by_task = {e.parsed.task_id: e.parsed.outbox_id for e in batch}
         for row in rows:
             if row["claimed"]:
                 self.effects.claims[row["id"]] += 1
+                self.effects.claimed_by.append((row["id"], by_task[row["id"]]))
 
     def _finish(
         self, consumer: Consumer, batch: Sequence[Execution[Envelope]]
@@ -755,7 +758,7 @@ class ProtocolMachine(RuleBasedStateMachine):
                     self.db(transaction.rollback())
                 if future is not None:
                     rows = future.result(timeout=CALL_TIMEOUT)
-                    self._count_claims(rows)
+                    self._count_claims(rows, batch)
                     self._claimed(consumer, batch, rows)
             finally:
                 self.db(self.pool.release(conn))
@@ -1105,6 +1108,23 @@ class ProtocolMachine(RuleBasedStateMachine):
                 self.fail(f"{said}; it is {row.status}")
 
     @invariant()
+    def a_retry_waits_for_its_own_row(self) -> None:
+        """A NEW task is claimed only by the message of its newest outbox row: an older
+        message (the attempt before a retry, redelivered) must not start the retry
+        before its backoff is over."""
+        if self.previous is None:
+            return
+        for task_id, outbox_id in self.effects.claimed_by:
+            before = self.previous.tasks.get(task_id)
+            newest = self.previous.newest.get(task_id, 0)
+            if before is not None and before.status == S.NEW and outbox_id < newest:
+                self.fail(
+                    f"task {task_id} was claimed while NEW by the message of outbox row "
+                    f"{outbox_id}, older than its newest row {newest}; history "
+                    f"{self.history.get(task_id)}"
+                )
+
+    @invariant()
     def acks_have_proof(self) -> None:
         now = self.current()
         for s in self.effects.settled:
@@ -1160,6 +1180,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.terminal_is_never_overwritten()
         self.outcome_written_only_by_owner()
         self.answered_cancel_is_honoured()
+        self.a_retry_waits_for_its_own_row()
         self.acks_have_proof()
         self.every_task_has_a_way_forward()
 
