@@ -77,6 +77,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # Every path is exact. Starlette would answer `/metrics/` with a redirect to
+        # `/metrics` on the host the request's Host header names (an open redirect);
+        # a trailing slash is an unknown path instead (api.errors: 404).
+        redirect_slashes=False,
         # FastAPI counts every body's bytes as they arrive (streamed ones too) and
         # raises a 413 that api.errors answers as a problem document.
         max_body_size=settings.max_body_bytes,
