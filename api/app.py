@@ -36,7 +36,7 @@ repeat as `request_id` and the server's log lines for the request carry.
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
-    registry = load_registry(settings.task_modules)
+    registry = load_registry(settings.task_modules, builtin_types=settings.builtin_task_types)
     api_metrics = ApiMetrics()
 
     @asynccontextmanager
