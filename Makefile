@@ -11,14 +11,16 @@ STAMP := $(VENV)/.installed
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# The lock as constraints: the runtime dependencies at exactly the versions the image
+# installs (tests/unit/test_lock.py fails on any drift); the dev tools resolve freely.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
 .PHONY: install
-install: $(STAMP) ## create .venv and install Taskbox with its dev tools
+install: $(STAMP) ## create .venv and install Taskbox with its dev tools (runtime dependencies as locked)
 
 .PHONY: migrate
 migrate: $(STAMP) ## create the database if missing and apply migrations (DATABASE_URL)

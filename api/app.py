@@ -16,7 +16,7 @@ from api.errors import PROBLEM_JSON, REQUEST_ID_HEADER
 from api.metrics import ApiMetrics
 from api.middleware import ApiKeyGate, ContentLengthLimit, JsonBodiesOnly, RequestIds
 from api.notifier import OutboxNotifier
-from api.routes import health, metrics, tasks
+from api.routes import docs, health, metrics, tasks
 from api.service import PostgresTaskStore, TaskService
 from api.settings import ApiSettings
 from db.pool import create_pool
@@ -36,7 +36,7 @@ repeat as `request_id` and the server's log lines for the request carry.
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
-    registry = load_registry(settings.task_modules)
+    registry = load_registry(settings.task_modules, builtin_types=settings.builtin_task_types)
     api_metrics = ApiMetrics()
 
     @asynccontextmanager
@@ -77,6 +77,16 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # Every path is exact. Starlette would answer `/metrics/` with a redirect to
+        # `/metrics` on the host the request's Host header names (an open redirect);
+        # a trailing slash is an unknown path instead (api.errors: 404).
+        redirect_slashes=False,
+        # FastAPI's /docs and /redoc load their scripts from a CDN; api.routes.docs
+        # serves Swagger UI from the api itself, and ReDoc not at all. The bearer key
+        # needs no OAuth2 redirect page.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
         # FastAPI counts every body's bytes as they arrive (streamed ones too) and
         # raises a 413 that api.errors answers as a problem document.
         max_body_size=settings.max_body_bytes,
@@ -87,6 +97,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(docs.router)
     app.state.metrics = api_metrics
     _document_responses(app)
     _gate_before_the_app(app, settings.max_body_bytes)

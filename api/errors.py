@@ -171,7 +171,10 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 405:
             headers["Allow"] = _allowed_methods(request, app.router.routes)
         path = route_path(request.scope)
-        if exc.status_code == 404 and path.startswith(TASK_PATH):
+        if exc.status_code == 404 and len(path) > 1 and path.endswith("/"):
+            # No redirect to the path without it (api.app: redirect_slashes=False).
+            detail = "no route has this path: this API's paths never end with a trailing slash"
+        elif exc.status_code == 404 and path.startswith(TASK_PATH):
             # Task routes match only UUIDs, so a task path that reached no route names
             # no task; say so rather than a bare "Not Found".
             name = path.removeprefix(TASK_PATH).split("/", 1)[0]

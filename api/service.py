@@ -213,7 +213,7 @@ class TaskService:
     def validate(self, request: TaskCreate) -> task_store.NewTask:
         task_type = self._registry.get(request.type)
         if task_type is None:
-            known = ", ".join(self._registry.names())
+            known = ", ".join(self._registry.names()) or "none"
             raise InvalidRequest.at(
                 ["body", "type"],
                 f"unknown task type {request.type!r}; registered: {known}",

@@ -10,10 +10,10 @@ from pydantic_settings import NoDecode
 
 from db.settings import DatabaseSettings
 from runtime.durations import Duration
-from runtime.settings import ProcessSettings
+from runtime.settings import ProcessSettings, TaskTypeSettings
 
 
-class ApiSettings(DatabaseSettings, ProcessSettings):
+class ApiSettings(DatabaseSettings, ProcessSettings, TaskTypeSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     api_workers: int = Field(1, ge=1, description="uvicorn worker processes.")

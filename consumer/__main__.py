@@ -59,7 +59,7 @@ async def open_queue(
 
 
 async def serve(settings: ConsumerSettings) -> None:
-    registry = load_registry(settings.task_modules)
+    registry = load_registry(settings.task_modules, builtin_types=settings.builtin_task_types)
     shutdown = Shutdown()
     shutdown.install()
     metrics = ConsumerMetrics()

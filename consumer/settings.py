@@ -9,10 +9,12 @@ from pydantic import Field, model_validator
 from broker.settings import BrokerSettings
 from consumer.attempt import DEFAULT_MAX_RESULT_BYTES
 from db.settings import DatabaseSettings
-from runtime.settings import MetricsSettings, ProcessSettings
+from runtime.settings import MetricsSettings, ProcessSettings, TaskTypeSettings
 
 
-class ConsumerSettings(DatabaseSettings, BrokerSettings, ProcessSettings, MetricsSettings):
+class ConsumerSettings(
+    DatabaseSettings, BrokerSettings, ProcessSettings, TaskTypeSettings, MetricsSettings
+):
     consumer_prefetch: int = Field(200, ge=1, le=65535, description="Unacked messages held.")
     consumer_concurrency: int = Field(100, ge=1, description="Handlers running at once.")
     handler_timeout: float = Field(300.0, gt=0, description="Default seconds per attempt.")

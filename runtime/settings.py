@@ -1,5 +1,5 @@
-"""Settings every process shares: logging and task modules; and how a process that
-refuses its settings says why without printing a secret."""
+"""Settings every process shares (logging), the task types the api and the consumer
+know, and how a process that refuses its settings says why without printing a secret."""
 
 from __future__ import annotations
 
@@ -19,9 +19,22 @@ class ProcessSettings(BaseSettings):
 
     log_level: str = Field("INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     log_format: LogFormat = "text"
+
+
+class TaskTypeSettings(BaseSettings):
+    """Which task types a process knows: the api's (what it accepts) and the
+    consumer's (what it runs). The relay moves tasks of any type and reads neither."""
+
+    model_config = ENV_CONFIG
+
     task_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated modules that register extra task types.",
+    )
+    builtin_task_types: bool = Field(
+        True,
+        description="Register the built-in demo types echo, sleep, sha256 and fail; "
+        "false in production.",
     )
 
     @field_validator("task_modules", mode="before")

@@ -1,4 +1,8 @@
-"""Built-in task types: echo, sleep, sha256 and fail (for drills)."""
+"""Built-in task types: echo, sleep, sha256 and fail, for demos and drills.
+
+Every process that loads the registry imports them; ``BUILTIN_TASK_TYPES=false`` leaves
+them out of what the api accepts and the consumer runs (``tasktypes.load_registry``).
+"""
 
 from __future__ import annotations
 
@@ -21,9 +25,17 @@ async def echo(payload: EchoPayload, ctx: TaskContext) -> dict[str, Any]:
     return payload.root
 
 
+# Below the consumer's default HANDLER_TIMEOUT (300 s): a longer sleep could only time
+# out and be retried until its attempts ran out. A lower HANDLER_TIMEOUT still applies
+# (the tests drill timeouts with it).
+MAX_SLEEP_SECONDS = 60
+
+
 class SleepPayload(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    seconds: float = Field(ge=0, le=3600, description="How long to sleep.")
+    seconds: float = Field(
+        ge=0, le=MAX_SLEEP_SECONDS, description=f"How long to sleep, at most {MAX_SLEEP_SECONDS} s."
+    )
 
 
 @task("sleep", SleepPayload)
@@ -62,3 +74,7 @@ async def fail(payload: FailPayload, ctx: TaskContext) -> dict[str, int]:
     if not payload.retryable:
         raise PermanentError(payload.message)
     raise DrillFailure(payload.message)
+
+
+# The types this module registers, which BUILTIN_TASK_TYPES=false leaves out.
+NAMES = frozenset({"echo", "sleep", "sha256", "fail"})

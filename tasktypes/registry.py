@@ -69,6 +69,13 @@ class TaskRegistry:
     def __len__(self) -> int:
         return len(self._types)
 
+    def without(self, names: Iterable[str]) -> TaskRegistry:
+        """A new registry with every type of this one but ``names``."""
+        excluded = set(names)
+        registry = TaskRegistry()
+        registry._types = {name: t for name, t in self._types.items() if name not in excluded}
+        return registry
+
 
 default_registry = TaskRegistry()
 
@@ -89,9 +96,15 @@ def task(
     return decorate
 
 
-def load_registry(modules: Iterable[str]) -> TaskRegistry:
-    """Import the built-ins and every module in ``modules``; their decorators register."""
-    importlib.import_module("tasktypes.builtins")
+def load_registry(modules: Iterable[str], *, builtin_types: bool = True) -> TaskRegistry:
+    """Import the built-ins and every module in ``modules``; their decorators register
+    in ``default_registry``, which is returned.
+
+    Without ``builtin_types`` (BUILTIN_TASK_TYPES=false) the result is a copy without
+    the built-in demo types. They are still imported, so their names stay taken: a
+    module cannot register an ``echo`` of its own either way.
+    """
+    builtins = importlib.import_module("tasktypes.builtins")
     for module in modules:
         try:
             importlib.import_module(module)
@@ -99,4 +112,6 @@ def load_registry(modules: Iterable[str]) -> TaskRegistry:
             raise RuntimeError(
                 f"TASK_MODULES names {module!r}, which cannot be imported: {exc}"
             ) from exc
-    return default_registry
+    if builtin_types:
+        return default_registry
+    return default_registry.without(builtins.NAMES)

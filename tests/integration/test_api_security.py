@@ -238,6 +238,36 @@ async def test_unknown_api_paths_ask_for_a_key_before_saying_404(
     assert_problem(await keyed.get("/api/v2/anything", headers=bearer(KEY_ONE)), 404)
 
 
+# A trailing-slash redirect built its Location from the Host header, so a request saying
+# `Host: evil.example` was sent to http://evil.example/... (an open redirect for anyone
+# who can get a link or a cached response in front of a user). There are no such
+# redirects: every path is exact, and a trailing slash is an unknown path.
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/metrics/"),
+        ("GET", "/healthz/"),
+        ("GET", f"{TASKS}/"),
+        ("POST", f"{TASKS}/"),
+        ("GET", f"{TASKS}/{uuid.UUID(int=1)}/"),
+        ("GET", "/openapi.json/"),
+    ],
+)
+async def test_a_trailing_slash_is_a_404_never_a_redirect_to_the_host_header(
+    keyed: httpx.AsyncClient, method: str, path: str
+) -> None:
+    response = await keyed.request(
+        method,
+        path,
+        headers={"Host": "evil.example", **bearer(KEY_ONE), **JSON},
+        content=b"{}" if method == "POST" else None,
+    )
+    assert "location" not in response.headers, response.headers
+    body = assert_problem(response, 404)
+    assert "evil.example" not in response.text
+    assert "trailing slash" in body["detail"], body
+
+
 async def test_without_keys_a_bad_body_is_a_422(client: httpx.AsyncClient) -> None:
     assert_problem(await client.post(TASKS, content=b"{not json", headers=JSON), 422)
 

@@ -275,6 +275,18 @@ REJECTED_BODIES: list[Any] = [
         id="sleep-negative-seconds",
     ),
     pytest.param(
+        # capped below HANDLER_TIMEOUT's default: a longer sleep could only time out
+        {"type": "sleep", "payload": {"seconds": 3600}},
+        [
+            (
+                ["body", "payload", "seconds"],
+                "Input should be less than or equal to 60",
+                "less_than_equal",
+            )
+        ],
+        id="sleep-over-60-seconds",
+    ),
+    pytest.param(
         {"type": "echo", "payload": [1, 2]},
         [(["body", "payload"], "Input should be a valid dictionary", "dict_type")],
         id="payload-list",
@@ -382,6 +394,29 @@ async def test_create_rejects_an_unknown_type_naming_the_registered_ones(
         response,
         [(["body", "type"], f"unknown task type 'nope'; registered: {known}", "unknown_task_type")],
     )
+    assert await row_counts(pool) == (0, 0)
+
+
+@pytest.mark.parametrize("body", [{"type": name, "payload": {}} for name in sorted(BUILTIN_TYPES)])
+async def test_with_builtin_task_types_off_a_builtin_type_is_unknown(
+    api_settings: ApiSettings, pool: asyncpg.Pool, body: dict[str, Any]
+) -> None:
+    settings = ApiSettings(
+        database_url=api_settings.database_url,
+        outbox_channel=api_settings.outbox_channel,
+        builtin_task_types=False,
+    )
+    async with app_client_for(settings) as client:
+        response = await client.post(TASKS, json=body)
+        (error,) = assert_problem(response, 422)["errors"]
+        assert (error["loc"], error["type"]) == (["body", "type"], "unknown_task_type")
+        # What is registered depends on the modules this test run imported; no built-in.
+        prefix = f"unknown task type {body['type']!r}; registered: "
+        assert error["msg"].startswith(prefix), error
+        assert not BUILTIN_TYPES & set(error["msg"].removeprefix(prefix).split(", ")), error
+        batch = await client.post(f"{TASKS}/batch", json={"tasks": [body]})
+        assert_problem(batch, 422)
+        assert batch.json()["errors"][0]["type"] == "unknown_task_type"
     assert await row_counts(pool) == (0, 0)
 
 

@@ -459,6 +459,25 @@ async def test_retries_go_through_the_outbox_until_success_or_exhaustion(
     await assert_queues_empty(broker_settings)
 
 
+async def test_with_builtin_task_types_off_the_consumer_runs_no_builtin(
+    pool: asyncpg.Pool, broker_settings: BrokerSettings, stack: Stack
+) -> None:
+    """BUILTIN_TASK_TYPES=false: the consumer registers none of the demo types, so a
+    task of one (created before the api stopped accepting them) fails as unknown."""
+    relay = await stack.relay()
+    consumer = await stack.consumer(BUILTIN_TASK_TYPES="false")
+    (started,) = [line for line in consumer.lines if "task types:" in line]
+    listed = started.split("task types:", 1)[1].strip()
+    assert not {"echo", "sleep", "sha256", "fail"} & set(listed.split(", ")), started
+    task_id = await new_task(pool, "echo", {"x": 1}, max_attempts=1)
+    row = await wait_status(pool, task_id, *TERMINAL, stack=stack)
+    assert (row["status"], row["attempts"]) == ("FAILED", 1)
+    assert row["error"]["type"] == "UnknownTaskType"
+    assert row["result"] is None
+    await stop_cleanly(consumer, relay)
+    await assert_queues_empty(broker_settings)
+
+
 # -- 6. cancel while running ----------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -33,6 +34,8 @@ from api.auth import exposure_refusal
 from api.settings import ApiSettings
 from broker.settings import BrokerSettings
 from consumer.settings import ConsumerSettings
+from db.grants import Process
+from db.roles import DEFAULT_NAMES, PASSWORD_VARIABLES
 from db.settings import DatabaseSettings
 from relay.settings import RelaySettings
 from tests.conftest import ADMIN_DSN, AMQP_URL, database_dsn
@@ -47,12 +50,16 @@ ENV_EXAMPLE = ROOT / ".env.example"
 # The application services and the settings class each one's process reads.
 APP_SETTINGS: dict[str, type[BaseSettings]] = {
     "migrate": DatabaseSettings,
+    "roles": DatabaseSettings,
     "api": ApiSettings,
     "relay": RelaySettings,
     "consumer": ConsumerSettings,
 }
+# What a process reads from its environment besides its settings class.
+OTHER_VARIABLES = {"roles": set(PASSWORD_VARIABLES.values())}
 COMMANDS = {
     "migrate": ["python", "-m", "db", "migrate"],
+    "roles": ["python", "-m", "db", "roles"],
     "api": ["python", "-m", "api"],
     "relay": ["python", "-m", "relay"],
     "consumer": ["python", "-m", "consumer"],
@@ -83,11 +90,16 @@ def setting_names(settings: type[BaseSettings]) -> set[str]:
 ALL_SETTINGS = set().union(*(setting_names(s) for s in APP_SETTINGS.values()))
 
 
-def service_environment(name: str) -> dict[str, str]:
+def service_environment(name: str) -> dict[str, str | None]:
+    """The service's ``environment``; None for a variable passed through by name (the
+    value Compose finds in the shell or .env, or none at all)."""
     environment = service(name).get("environment", {})
     if isinstance(environment, list):  # the KEY=VALUE list form
-        return dict(_key_value(item) for item in environment)
-    return {key: str(value) for key, value in environment.items()}
+        return {
+            key: value if sep else None
+            for key, sep, value in (item.partition("=") for item in environment)
+        }
+    return {key: None if value is None else str(value) for key, value in environment.items()}
 
 
 def _key_value(item: str) -> tuple[str, str]:
@@ -218,7 +230,8 @@ def test_service_command_is_the_process_entry_point(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(APP_SETTINGS))
 def test_compose_sets_only_settings_the_process_reads(name: str) -> None:
-    ignored = set(service_environment(name)) - setting_names(APP_SETTINGS[name])
+    reads = setting_names(APP_SETTINGS[name]) | OTHER_VARIABLES.get(name, set())
+    ignored = set(service_environment(name)) - reads
     assert not ignored, f"{name} gets {sorted(ignored)}, which its process does not read"
 
 
@@ -227,18 +240,21 @@ def test_settings_without_a_container_default_are_provided(name: str) -> None:
     environment = service_environment(name)
     needed = NEED_CONTAINER_VALUE & setting_names(APP_SETTINGS[name])
     assert needed <= set(environment), f"{name} lacks {sorted(needed - set(environment))}"
-    # Whatever .env holds for the host, the containers reach the compose services.
+    # Whatever .env holds for the host, the containers reach the compose services: the
+    # one-shots as the database owner, the others as their roles (see below).
+    user = r"\$\{POSTGRES_USER:-\w+\}:\$\{POSTGRES_PASSWORD:\?[^}]+\}"
+    if name not in ("migrate", "roles"):
+        user = rf"taskbox_{name}:\$\{{TASKBOX_{name.upper()}_PASSWORD:\?[^}}]+\}}"
     if "DATABASE_URL" in needed:
         assert re.fullmatch(
-            r"postgresql://\$\{POSTGRES_USER:-\w+\}:\$\{POSTGRES_PASSWORD:\?[^}]+\}"
-            r"@postgres:5432/\$\{POSTGRES_DB:-\w+\}",
-            environment["DATABASE_URL"],
+            rf"postgresql://{user}@postgres:5432/\$\{{POSTGRES_DB:-\w+\}}",
+            environment["DATABASE_URL"] or "",
         ), environment["DATABASE_URL"]
     if "AMQP_URL" in needed:
         assert re.fullmatch(
             r"amqp://\$\{RABBITMQ_DEFAULT_USER:-\w+\}:\$\{RABBITMQ_DEFAULT_PASS:\?[^}]+\}"
             r"@rabbitmq:5672/",
-            environment["AMQP_URL"],
+            environment["AMQP_URL"] or "",
         ), environment["AMQP_URL"]
     if "API_HOST" in needed:
         assert environment["API_HOST"] == "0.0.0.0"  # inside the container
@@ -246,14 +262,89 @@ def test_settings_without_a_container_default_are_provided(name: str) -> None:
         assert environment["METRICS_HOST"] == "0.0.0.0"  # scraped from other containers
 
 
-@pytest.mark.parametrize("name", sorted(APP_SETTINGS))
-def test_app_services_read_an_optional_env_file(name: str) -> None:
-    assert service(name)["env_file"] == [{"path": ".env", "required": False}]
+# -- secrets: each service sees the ones it needs, and no other ---------------------
+
+# Every secret an operator sets for the stack.
+SECRETS = {
+    "API_KEYS",
+    "POSTGRES_PASSWORD",
+    "RABBITMQ_DEFAULT_PASS",
+    "TASKBOX_API_PASSWORD",
+    "TASKBOX_RELAY_PASSWORD",
+    "TASKBOX_CONSUMER_PASSWORD",
+}
+NEEDED_SECRETS = {
+    "postgres": {"POSTGRES_PASSWORD"},
+    "rabbitmq": {"RABBITMQ_DEFAULT_PASS"},
+    # the database owner's: migrations, and the roles and their passwords
+    "migrate": {"POSTGRES_PASSWORD"},
+    "roles": {
+        "POSTGRES_PASSWORD",
+        "TASKBOX_API_PASSWORD",
+        "TASKBOX_RELAY_PASSWORD",
+        "TASKBOX_CONSUMER_PASSWORD",
+    },
+    # each its own role's password; the api its keys, relay and consumer the broker's
+    "api": {"TASKBOX_API_PASSWORD", "API_KEYS"},
+    "relay": {"TASKBOX_RELAY_PASSWORD", "RABBITMQ_DEFAULT_PASS"},
+    "consumer": {"TASKBOX_CONSUMER_PASSWORD", "RABBITMQ_DEFAULT_PASS"},
+}
+
+
+def secrets_seen(name: str) -> set[str]:
+    """The secrets the ``name`` container can read: those its definition interpolates
+    (environment, command, health check, anything), those passed through by name, and
+    every one if it reads an env_file (an operator's .env holds them all)."""
+    spec = service(name)
+    if "env_file" in spec:
+        return set(SECRETS)
+    interpolated = {variable for variable, _ in substitutions(spec)}
+    passed = {key for key, value in service_environment(name).items() if value is None}
+    return (interpolated | passed) & SECRETS
+
+
+def test_no_service_reads_an_env_file() -> None:
+    for name, spec in compose()["services"].items():
+        assert "env_file" not in spec, f"{name} reads an env_file: every secret in .env"
+
+
+@pytest.mark.parametrize("name", sorted(NEEDED_SECRETS))
+def test_each_service_sees_only_the_secrets_it_needs(name: str) -> None:
+    assert secrets_seen(name) == NEEDED_SECRETS[name]
+
+
+@pytest.mark.parametrize("process", ["api", "relay", "consumer"])
+def test_api_relay_and_consumer_connect_as_their_own_roles(process: Process) -> None:
+    """Not as the database owner (a superuser in the postgres image): as the role
+    ``python -m db roles`` made for the process, with that role's password."""
+    url = service_environment(process)["DATABASE_URL"]
+    assert url == (
+        f"postgresql://{DEFAULT_NAMES[process]}:${{{PASSWORD_VARIABLES[process]}:?"
+        f"set {PASSWORD_VARIABLES[process]} in .env}}@postgres:5432/${{POSTGRES_DB:-taskbox}}"
+    )
+    roles = service_environment("roles")
+    assert roles["DATABASE_URL"] == service_environment("migrate")["DATABASE_URL"]
+    assert roles[PASSWORD_VARIABLES[process]] == (
+        f"${{{PASSWORD_VARIABLES[process]}:?set {PASSWORD_VARIABLES[process]} in .env}}"
+    )
+
+
+@pytest.mark.parametrize("name", ["api", "relay", "consumer"])
+def test_every_setting_the_process_reads_can_be_set_in_dotenv(name: str) -> None:
+    """Without an env_file, a setting reaches a container only when its service names
+    it: the container-bound ones with a value, every other passed through by name (the
+    value from .env or the shell, or none, and the process's own default)."""
+    environment = service_environment(name)
+    left_out = {"api": {"ALLOW_UNAUTHENTICATED"}}.get(name, set())
+    assert setting_names(APP_SETTINGS[name]) - left_out == set(environment)
+    for key, value in environment.items():
+        if value is None:
+            assert key not in SECRETS | NEED_CONTAINER_VALUE, (name, key)
 
 
 # What an operator must set (in .env, or the environment) before Compose starts
 # anything: no password and no open api by default.
-REQUIRED = {"API_KEYS", "POSTGRES_PASSWORD", "RABBITMQ_DEFAULT_PASS"}
+REQUIRED = SECRETS
 
 
 def test_every_substitution_has_a_default_or_is_required_with_a_message() -> None:
@@ -281,7 +372,7 @@ def test_no_password_or_key_has_a_default() -> None:
     for name in ("postgres", "rabbitmq", *APP_SETTINGS):
         for key, value in service_environment(name).items():
             if secret.search(key):
-                assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", value), (name, key, value)
+                assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", value or ""), (name, key, value)
     # .env.example leaves them empty, so a copy nobody edited is refused, not run with
     # a password everybody knows.
     settings, docker = env_example()
@@ -342,12 +433,14 @@ def test_the_api_container_gets_the_keys_compose_requires() -> None:
     (api.auth.exposure_refusal); compose passes API_KEYS, which it requires."""
     environment = service_environment("api")
     assert environment["API_HOST"] == "0.0.0.0"
-    assert environment["API_KEYS"].startswith("${API_KEYS:?")
+    assert (environment["API_KEYS"] or "").startswith("${API_KEYS:?")
     assert "ALLOW_UNAUTHENTICATED" not in environment
     settings, docker = env_example()
     dotenv = {**settings, **docker, **dict.fromkeys(REQUIRED, "k1")}
     env = {
-        k: interpolate(v, dotenv) for k, v in environment.items() if k in ("API_HOST", "API_KEYS")
+        k: interpolate(v, dotenv)
+        for k, v in environment.items()
+        if k in ("API_HOST", "API_KEYS") and v is not None
     }
     assert (
         exposure_refusal(ApiSettings.model_validate({k.lower(): v for k, v in env.items()})) is None
@@ -386,14 +479,17 @@ def test_start_order_migrations_once_before_the_api_and_workers() -> None:
         return {dep: spec["condition"] for dep, spec in service(name)["depends_on"].items()}
 
     assert conditions("migrate") == {"postgres": "service_healthy"}
-    assert conditions("api")["migrate"] == "service_completed_successfully"
+    # the roles after every migration, and the processes only once their roles are
+    assert conditions("roles") == {"migrate": "service_completed_successfully"}
+    assert conditions("api")["roles"] == "service_completed_successfully"
     for name in ("relay", "consumer"):
         assert conditions(name) == {
-            "migrate": "service_completed_successfully",
+            "roles": "service_completed_successfully",
             "rabbitmq": "service_healthy",
         }
-    assert "deploy" not in service("migrate")  # one container, never one per replica
-    assert service("migrate")["restart"] == "no"
+    for name in ("migrate", "roles"):
+        assert "deploy" not in service(name)  # one container, never one per replica
+        assert service(name)["restart"] == "no"
 
 
 def test_api_healthcheck_uses_its_health_endpoint() -> None:
@@ -511,27 +607,47 @@ OPERATOR_VALUES = {
     "API_KEYS": "smoke-test-key-5b1e",
     "POSTGRES_PASSWORD": "smoke-test-postgres",
     "RABBITMQ_DEFAULT_PASS": "smoke-test-rabbitmq",
+    "TASKBOX_API_PASSWORD": "smoke-test-api",
+    "TASKBOX_RELAY_PASSWORD": "smoke-test-relay",
+    "TASKBOX_CONSUMER_PASSWORD": "smoke-test-consumer",
 }
+assert set(OPERATOR_VALUES) == REQUIRED
 
 
-def container_environment(name: str, local: dict[str, str]) -> dict[str, str]:
+def with_user(dsn: str, user: str) -> str:
+    """``dsn`` with ``user`` and no password (the local server trusts 127.0.0.1)."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rsplit('@', 1)[-1]}"))
+
+
+def container_environment(
+    name: str, local: dict[str, str], local_roles: dict[str, str] | None = None
+) -> dict[str, str]:
     """What the ``name`` container's process sees, with ``local`` for the host-bound values.
 
-    The image's ENV, then ``.env`` (a copy of .env.example with OPERATOR_VALUES filled
-    in) through env_file, then the
-    service's ``environment`` interpolated from that same .env; finally the values that
-    name the compose hosts are replaced by the local servers, databases and queues.
+    The image's ENV, then the service's ``environment``: each value interpolated from
+    ``.env`` (a copy of .env.example with OPERATOR_VALUES filled in), each variable
+    passed through by name taken from it (none if .env lacks it). Nothing else: no
+    env_file. Finally the values that name the compose hosts are replaced by the local
+    servers, databases and queues, and the database user by ``local_roles``' name for
+    it (the test's own role names: roles are shared by every database on the server).
     """
     settings, docker = env_example()
     dotenv = {**settings, **docker, **OPERATOR_VALUES}
     image_env = dockerfile_env(dockerfile_stages()[-1])
     image_env.pop("PATH")
-    env = {k: v for k, v in os.environ.items() if k not in ALL_SETTINGS}
+    env = {k: v for k, v in os.environ.items() if k not in ALL_SETTINGS | set(dotenv)}
     env.pop("TASKBOX_FAILPOINTS", None)
     env.update(image_env)
-    env.update(dotenv)
-    env.update({k: interpolate(v, dotenv) for k, v in service_environment(name).items()})
+    for key, value in service_environment(name).items():
+        if value is not None:
+            env[key] = interpolate(value, dotenv)
+        elif key in dotenv:
+            env[key] = dotenv[key]
+    user = urlsplit(env.get("DATABASE_URL", "")).username
     env.update({k: v for k, v in local.items() if k in env})
+    if local_roles and user in local_roles:
+        env["DATABASE_URL"] = with_user(env["DATABASE_URL"], local_roles[user])
     return env
 
 
@@ -552,8 +668,40 @@ async def fresh_database() -> AsyncIterator[str]:
         await conn.close()
 
 
+@pytest.fixture
+async def local_roles(fresh_database: str) -> AsyncIterator[dict[str, str]]:
+    """The compose role names (taskbox_api...), each mapped to a name of this test's
+    own; the roles go at teardown, after the database that holds their grants."""
+    suffix = uuid.uuid4().hex[:10]
+    names = {DEFAULT_NAMES[p]: f"tbx_ctr_{p}_{suffix}" for p in DEFAULT_NAMES}
+    yield names
+    conn = await asyncpg.connect(ADMIN_DSN)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{fresh_database}" WITH (FORCE)')
+        for role in names.values():
+            await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+    finally:
+        await conn.close()
+
+
+async def run_one_shot(name: str, env: dict[str, str], *extra: str) -> str:
+    """Run the ``name`` service's command to completion (a one-shot: migrate, roles)."""
+    process = await asyncio.create_subprocess_exec(
+        *run_command(service(name)["command"]),
+        *extra,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(60):
+        output, _ = await process.communicate()
+    assert process.returncode == 0, (name, output.decode())
+    return output.decode()
+
+
 async def test_container_commands_run_a_task_to_done(
-    fresh_database: str, broker_settings: BrokerSettings
+    fresh_database: str, local_roles: dict[str, str], broker_settings: BrokerSettings
 ) -> None:
     port = free_port()
     local = {
@@ -570,18 +718,15 @@ async def test_container_commands_run_a_task_to_done(
         "RELAY_METRICS_PORT": str(free_port()),
         "CONSUMER_METRICS_PORT": str(free_port()),
     }
-    # the migrate service, run to completion first (depends_on: service_completed_successfully)
-    migrate = await asyncio.create_subprocess_exec(
-        *run_command(service("migrate")["command"]),
-        cwd=ROOT,
-        env=container_environment("migrate", local),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    async with asyncio.timeout(60):
-        output, _ = await migrate.communicate()
-    assert migrate.returncode == 0, output.decode()
-    assert "database is at the latest migration" in output.decode()
+    # the migrate service, then the roles one, each run to completion first
+    # (depends_on: service_completed_successfully); the roles get the test's own names
+    output = await run_one_shot("migrate", container_environment("migrate", local))
+    assert "database is at the latest migration" in output
+    names = [f"--{p}-role={local_roles[DEFAULT_NAMES[p]]}" for p in DEFAULT_NAMES]
+    output = await run_one_shot("roles", container_environment("roles", local), *names)
+    for process, role in DEFAULT_NAMES.items():
+        variable = PASSWORD_VARIABLES[process]
+        assert f"{local_roles[role]} ({process}): created, password set from {variable}" in output
 
     processes: dict[str, ServiceProcess] = {}
     try:
@@ -589,8 +734,10 @@ async def test_container_commands_run_a_task_to_done(
             command = service(name)["command"]
             assert command[:2] == ["python", "-m"]
             assert len(command) == 3
-            env = container_environment(name, local)
-            assert env["DATABASE_URL"] == local["DATABASE_URL"]
+            env = container_environment(name, local, local_roles)
+            # as its own role, on the test's database
+            role = local_roles[DEFAULT_NAMES[name]]
+            assert env["DATABASE_URL"] == with_user(local["DATABASE_URL"], role)
             processes[name] = await ServiceProcess(command[2], env).start()
         key = {"Authorization": f"Bearer {OPERATOR_VALUES['API_KEYS']}"}
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=key) as client:
@@ -611,7 +758,7 @@ async def test_container_commands_run_a_task_to_done(
             assert kind == "CMD"
             probe = await asyncio.create_subprocess_exec(
                 *run_command(command),
-                env=container_environment(name, local),
+                env=container_environment(name, local, local_roles),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
             )

@@ -19,7 +19,7 @@ from consumer.settings import ConsumerSettings
 from db.settings import DatabaseSettings, plain_dsn
 from relay.settings import RelaySettings
 from runtime.backoff import backoff_delay
-from runtime.settings import ProcessSettings, describe_invalid, mask_url
+from runtime.settings import ProcessSettings, TaskTypeSettings, describe_invalid, mask_url
 
 # Variables a developer's shell or CI might export; each test starts without them.
 SETTINGS_ENV = (
@@ -125,15 +125,15 @@ def test_task_modules_is_comma_separated(
     monkeypatch: pytest.MonkeyPatch, raw: str, expected: list[str]
 ) -> None:
     monkeypatch.setenv("TASK_MODULES", raw)
-    assert ProcessSettings(_env_file=None).task_modules == expected
+    assert TaskTypeSettings(_env_file=None).task_modules == expected
 
 
 def test_task_modules_defaults_to_empty() -> None:
-    assert ProcessSettings(_env_file=None).task_modules == []
+    assert TaskTypeSettings(_env_file=None).task_modules == []
 
 
 def test_task_modules_given_as_a_list_is_kept() -> None:
-    settings = ProcessSettings(task_modules=["a.b", "c"], _env_file=None)
+    settings = TaskTypeSettings(task_modules=["a.b", "c"], _env_file=None)
     assert settings.task_modules == ["a.b", "c"]
 
 
