@@ -68,7 +68,7 @@ test-faults: $(STAMP) ## the fault-injection suite alone: chaos run and crash wi
 	$(BIN)/pytest tests/faults
 
 .PHONY: fuzz
-fuzz: $(STAMP) ## schemathesis against the API on a fresh database (about a minute); FUZZ_ARGS='--seed 1'
+fuzz: $(STAMP) ## schemathesis against the API on a fresh database (one to two minutes); FUZZ_ARGS='--seed 1'
 	$(BIN)/python -m tests.fuzz.run $(FUZZ_ARGS)
 
 .PHONY: bench
