@@ -63,7 +63,9 @@ CREATE TABLE fault_audit (
     source text NOT NULL,
     at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
-CREATE FUNCTION fault_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION fault_audit() RETURNS trigger LANGUAGE plpgsql
+-- Its own search_path: the api's cancel_task() runs with only pg_catalog on its path.
+SET search_path = public AS $$
 DECLARE
     q text := current_query();
 BEGIN
@@ -77,7 +79,7 @@ BEGIN
              WHEN strpos(q, 'claimed AS') > 0 THEN 'claim'
              WHEN strpos(q, 'flipped AS') > 0 THEN 'relay'
              WHEN strpos(q, 'refused AS') > 0 THEN 'refused'
-             WHEN strpos(q, 'cancel_requested OR') > 0 THEN 'cancel'
+             WHEN strpos(q, 'cancel_task(') > 0 THEN 'cancel'
              ELSE 'other' END);
     RETURN NULL;
 END

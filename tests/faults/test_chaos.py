@@ -208,7 +208,8 @@ class Load:
         self._client = client
         self._plan = plan
         self.acknowledged: list[Acknowledged] = []
-        self.api_errors: Counter[str] = Counter()  # a POST not answered 201, a DELETE unanswered
+        # a POST not answered 201, a DELETE unanswered or answered other than 200/202/409
+        self.api_errors: Counter[str] = Counter()
 
     async def run(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -246,6 +247,8 @@ class Load:
                 task.cancel_answer = UNANSWERED
                 return
             task.cancel_answer = cancelled.status_code
+            if cancelled.status_code not in (200, 202, 409):  # cancelled, requested, finished
+                self.api_errors[f"DELETE {cancelled.status_code}"] += 1
 
     async def _until_running(self, task: Acknowledged) -> None:
         """Poll (a while) until the task is PROCESSING; cancel it anyway after that."""
