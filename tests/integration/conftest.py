@@ -13,7 +13,7 @@ import pytest
 from api.app import create_app
 from api.settings import ApiSettings
 from db.settings import DatabaseSettings
-from tests.integration.processes import free_port
+from tests.integration.processes import ServiceProcess, free_port
 
 
 async def poll_until_done(
@@ -65,3 +65,14 @@ async def down_client(unreachable_database_url: str) -> AsyncIterator[httpx.Asyn
     settings = ApiSettings(database_url=unreachable_database_url, outbox_channel="outbox_down")
     async with app_client_for(settings) as client:
         yield client
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[ServiceProcess]]:
+    """Processes a test started; whatever is still running is killed afterwards."""
+    started: list[ServiceProcess] = []
+    yield started
+    for proc in started:
+        proc.kill()
+        if proc.proc is not None:
+            await proc.wait(timeout=10)

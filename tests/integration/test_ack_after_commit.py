@@ -9,19 +9,16 @@ the message back, and another consumer runs the task to DONE.
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import asyncpg
-import pytest
 
 from broker.settings import BrokerSettings
 from db.tasks import NewTask, create_task
 from tests.integration.helpers_broker import queue_depth
 from tests.integration.processes import ServiceProcess
+from tests.integration.test_consumer import eventually
 
 T = TypeVar("T")
 
@@ -42,31 +39,6 @@ _BLOCKED_BY = """
 SELECT pid FROM pg_stat_activity
 WHERE datname = current_database() AND $1 = ANY(pg_blocking_pids(pid))
 """
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T]], accept: Callable[[T], bool], what: str, within: float
-) -> T:
-    """Poll ``check`` until ``accept`` holds; fail with the last value at the deadline."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await check()
-        if accept(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}; last: {value!r}")
-        await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-async def processes() -> AsyncIterator[list[ServiceProcess]]:
-    """Processes a test started; whatever is still running is killed afterwards."""
-    started: list[ServiceProcess] = []
-    yield started
-    for proc in started:
-        proc.kill()
-        if proc.proc is not None:
-            await proc.wait(timeout=10)
 
 
 async def test_a_message_is_not_acked_while_its_outcome_commit_waits(

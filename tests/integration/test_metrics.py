@@ -7,7 +7,7 @@ import asyncio
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import aio_pika
 import asyncpg
@@ -50,16 +50,6 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, within: float =
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {within}s: {what}")
         await asyncio.sleep(0.1)
-
-
-@pytest.fixture
-async def processes() -> AsyncIterator[list[ServiceProcess]]:
-    started: list[ServiceProcess] = []
-    yield started
-    for proc in started:
-        proc.kill()
-        if proc.proc is not None:
-            await proc.wait()
 
 
 async def test_api_counts_created_tasks_by_type(client: httpx.AsyncClient) -> None:
