@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import httpx
@@ -137,3 +139,13 @@ def test_the_sync_client_has_the_async_clients_methods() -> None:
     assert ours.keys() == theirs.keys()
     for name, signature in ours.items():
         assert signature.parameters.keys() == theirs[name].parameters.keys(), name
+
+
+def test_the_client_imports_nothing_of_the_server() -> None:
+    server = ("api", "db", "relay", "consumer", "broker", "runtime", "tasktypes")
+    code = (
+        "import sys, taskbox.client; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {server!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
