@@ -82,10 +82,11 @@ bench-quick: $(STAMP) ## the benchmarks with tiny counts: a check that the suite
 	$(MAKE) bench BENCH_ARGS=--quick
 
 .PHONY: lint
-lint: $(STAMP) lint-containers ## ruff, mypy, hadolint and the compose file against the Compose spec
+lint: $(STAMP) lint-containers ## ruff, mypy, the layering contracts (lint-imports), hadolint, the compose file
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+	$(BIN)/lint-imports
 
 .PHONY: lint-containers
 lint-containers: $(STAMP) ## hadolint the Dockerfile; validate docker-compose.yml (no engine needed)
@@ -113,4 +114,4 @@ format: $(STAMP) ## apply ruff's formatting and fixes
 
 .PHONY: clean
 clean: ## remove the virtual environment and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .schemathesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .schemathesis .import_linter_cache

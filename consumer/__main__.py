@@ -20,12 +20,12 @@ from consumer.metrics import ConsumerMetrics
 from consumer.monitoring import observe
 from consumer.settings import ConsumerSettings
 from consumer.worker import TaskConsumer
+from db.pool import open_pool
 from runtime.lifecycle import (
     EXIT_LOOP_DIED,
     LoopDied,
     Shutdown,
     connect_with_retry,
-    open_pool,
     run_service,
     supervise,
 )

@@ -7,7 +7,9 @@ from typing import Any
 import asyncpg
 import orjson
 
+from db.errors import TRANSIENT_DB_ERRORS
 from db.settings import DatabaseSettings
+from runtime.lifecycle import connect_with_retry
 
 
 def _encode_jsonb(value: Any) -> bytes:
@@ -65,3 +67,13 @@ async def create_pool(settings: DatabaseSettings, **overrides: Any) -> asyncpg.P
     pool = await asyncpg.create_pool(settings.database_url, **options)
     assert pool is not None
     return pool
+
+
+async def open_pool(settings: DatabaseSettings) -> asyncpg.Pool:
+    """The relay's and the consumer's pool, waiting for Postgres as long as
+    ``connect_with_retry`` does, so a process may start before its database."""
+    return await connect_with_retry(
+        "Postgres",
+        lambda: create_pool(settings),
+        (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError),
+    )

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
-ENV_CONFIG = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+from runtime.settings import ENV_CONFIG
 
 _ACCEPTED_SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
 

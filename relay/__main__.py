@@ -19,6 +19,7 @@ import aio_pika
 from pydantic import ValidationError
 
 from broker.topology import TopologyMismatch
+from db.pool import open_pool
 from relay import replay, status
 from relay.housekeeping import Housekeeper, cleanup
 from relay.listener import OutboxListener
@@ -31,7 +32,6 @@ from runtime.lifecycle import (
     LoopDied,
     Shutdown,
     connect_with_retry,
-    open_pool,
     run_service,
     supervise,
 )

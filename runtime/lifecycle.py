@@ -16,7 +16,6 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-import asyncpg
 import uvloop
 from tenacity import (
     AsyncRetrying,
@@ -24,10 +23,6 @@ from tenacity import (
     stop_after_delay,
     wait_exponential_jitter,
 )
-
-from db.errors import TRANSIENT_DB_ERRORS
-from db.pool import create_pool
-from db.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +156,3 @@ async def connect_with_retry(
         with attempt:
             return await factory()
     raise AssertionError("unreachable")
-
-
-async def open_pool(settings: DatabaseSettings) -> asyncpg.Pool:
-    """The process's pool, waiting for Postgres as long as ``connect_with_retry`` does."""
-    return await connect_with_retry(
-        "Postgres",
-        lambda: create_pool(settings),
-        (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError),
-    )

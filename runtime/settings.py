@@ -1,5 +1,9 @@
-"""Settings every process shares (logging), the task types the api and the consumer
-know, and how a process that refuses its settings says why without printing a secret."""
+"""Settings every process shares (where they are read from, logging), the task types
+the api and the consumer know, and how a process that refuses its settings says why
+without printing a secret.
+
+The base of the settings plumbing: db and broker build their settings on ENV_CONFIG
+from here, so this module imports neither."""
 
 from __future__ import annotations
 
@@ -8,10 +12,13 @@ import sys
 from typing import Annotated, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from db.settings import ENV_CONFIG
 from runtime.logs import LogFormat
+
+# Every settings class reads the environment and, when present, .env; names not its
+# own are other processes' settings, not mistakes.
+ENV_CONFIG = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
 
 class ProcessSettings(BaseSettings):
