@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PROCESS_PACKAGES = ("api", "relay", "consumer", "db", "broker", "runtime", "tasktypes")
-LOCAL = frozenset({*PROCESS_PACKAGES, "tests", "bench"})
+LOCAL = frozenset({*PROCESS_PACKAGES, "taskbox", "tests", "bench"})
 
 
 def normalise(name: str) -> str:
