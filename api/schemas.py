@@ -34,7 +34,10 @@ class TaskCreate(BaseModel):
     )
     priority: int = Field(0, ge=0, le=9, description="0 (lowest) to 9.")
     max_attempts: int | None = Field(
-        None, ge=1, description="Attempts before the task fails; the server default when absent."
+        None,
+        ge=1,
+        description="Attempts before the task fails; when absent, the task type's default, "
+        "else the server's (DEFAULT_MAX_ATTEMPTS).",
     )
     run_at: IsoDatetime | None = Field(
         None,

@@ -238,7 +238,8 @@ class TaskService:
                     for e in exc.errors(include_url=False, include_input=False)
                 ]
             ) from None
-        max_attempts = request.max_attempts or self._default_max_attempts
+        # The request's own, else the type's (registered with it), else DEFAULT_MAX_ATTEMPTS.
+        max_attempts = request.max_attempts or task_type.max_attempts or self._default_max_attempts
         if max_attempts > self._max_max_attempts:
             raise InvalidRequest.at(
                 ["body", "max_attempts"],

@@ -1,12 +1,23 @@
-"""One attempt of one task: run its handler under a timeout and turn the end into an Outcome."""
+"""One attempt of one task: run its handler under a timeout, call the registry's hooks
+around it, and turn the end into an Outcome.
+
+An ``async def`` handler runs on the event loop; a plain ``def`` in the consumer's thread
+pool (HANDLER_THREADS), in a copy of the caller's context so its log lines carry the
+task's fields. A timeout or a stop ends the attempt, not the thread: Python cannot kill
+a thread, so it runs on, holding its pool slot, until the handler returns; what it
+returns then is dropped."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
+import inspect
 import logging
 import re
 import sys
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,8 +30,17 @@ from db.execution import Outcome
 from db.states import TaskStatus
 from db.storable import UnstorablePayload, check_storable
 from runtime import tracing
+from runtime.backoff import backoff_delay
 from runtime.logs import task_fields
-from tasktypes import PermanentError, TaskContext, TaskRegistry
+from tasktypes import (
+    AttemptEvent,
+    HookEvent,
+    PermanentError,
+    Retry,
+    TaskContext,
+    TaskRegistry,
+    TaskType,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +168,10 @@ def failed_outcome(
     if isinstance(exc, AttemptTimedOut):
         error["type"] = "HandlerTimeout"
     if attempt < claimed.max_attempts:
-        delay = retry_delay(attempt)
+        if isinstance(exc, Retry) and exc.in_seconds is not None:
+            delay = exc.in_seconds
+        else:
+            delay = retry_delay(attempt)
         log.info(
             "attempt failed, retrying in %.1fs: %s",
             delay,
@@ -172,6 +195,54 @@ def failed_outcome(
     return Outcome(task_id, attempt, TaskStatus.FAILED, error=error, lease=claimed.lease)
 
 
+def type_retry_delay(
+    task_type: TaskType | None, *, base: float, cap: float
+) -> Callable[[int], float]:
+    """The backoff of ``task_type``'s retries: its own ``retry_base``/``retry_max`` where
+    it sets them, else the consumer's RETRY_BASE_DELAY/RETRY_MAX_DELAY (``base``, ``cap``)."""
+    if task_type is not None:
+        base = task_type.retry_base or base
+        cap = task_type.retry_max or cap
+    return functools.partial(backoff_delay, base=base, cap=cap)
+
+
+async def _call_hooks(registry: TaskRegistry, event: AttemptEvent, claimed: ClaimedTask) -> None:
+    """Call every hook for ``event`` in turn. A hook that raises is logged and skipped:
+    error reporting and tracing must never change how an attempt ends."""
+    for hook in registry.hooks[event.event]:
+        try:
+            returned = hook(event)
+            if inspect.isawaitable(returned):
+                await returned
+        except Exception:
+            log.exception(
+                "%s hook %s raised; ignored",
+                event.event,
+                getattr(hook, "__qualname__", repr(hook)),
+                extra=claimed.log_fields(),
+            )
+
+
+async def _run_handler(
+    task_type: TaskType, payload: BaseModel, ctx: TaskContext, executor: Executor | None
+) -> Any:
+    if task_type.is_async:
+        return await task_type.handler(payload, ctx)
+    # run_in_executor does not carry contextvars over; the copy brings the task's log
+    # fields (and a tracer's span) into the thread.
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(
+        executor, context.run, task_type.handler, payload, ctx
+    )
+
+
+_END_EVENTS: dict[str, HookEvent] = {
+    TaskStatus.DONE: "success",
+    TaskStatus.NEW: "retry",
+    TaskStatus.FAILED: "failure",
+}
+
+
 async def run_attempt(
     claimed: ClaimedTask,
     registry: TaskRegistry,
@@ -179,14 +250,21 @@ async def run_attempt(
     retry_delay: Callable[[int], float],
     stop_reason: Callable[[], StopReason | None] = _never_stopped,
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+    executor: Executor | None = None,
 ) -> Outcome:
     """Run the handler and say how the attempt ended; never raises.
 
     ``stop_reason`` tells a cancellation the consumer asked for (and why) from one it
     did not: that one is an ordinary failed attempt, so a run always ends in an outcome.
+    A plain ``def`` handler runs in ``executor`` (the loop's default one when None).
+    The registry's hooks are told of the start and of a success, retry or failure.
     """
     task_id, attempt = claimed.task_id, claimed.attempt
+    context = TaskContext(task_id, attempt, claimed.max_attempts)
+    result: Any = None
+    error: Exception | None = None
     try:
+        await _call_hooks(registry, AttemptEvent("start", claimed.type, context), claimed)
         task_type = registry.get(claimed.type)
         if task_type is None:
             raise UnknownTaskType(f"no handler for task type {claimed.type!r} in this consumer")
@@ -198,14 +276,12 @@ async def run_attempt(
         deadline = asyncio.timeout(limit)
         try:
             async with deadline:
-                result = await task_type.handler(
-                    payload, TaskContext(task_id, attempt, claimed.max_attempts)
-                )
+                result = await _run_handler(task_type, payload, context, executor)
         except TimeoutError:
             if deadline.expired():
                 raise AttemptTimedOut(f"the attempt exceeded its {limit:g}s timeout") from None
             raise  # the handler's own TimeoutError: an ordinary failure
-        return Outcome(
+        outcome = Outcome(
             task_id,
             attempt,
             TaskStatus.DONE,
@@ -217,12 +293,28 @@ async def run_attempt(
         if current is not None and current.cancelling():
             current.uncancel()
         reason = stop_reason()
-        if reason is None:
-            return failed_outcome(
-                claimed,
-                HandlerCancelled("the handler was cancelled, not by the consumer"),
-                retry_delay,
-            )
-        return stopped_outcome(claimed, reason)
+        if reason is not None:
+            return stopped_outcome(claimed, reason)  # the consumer stopped it: no end hook
+        error = HandlerCancelled("the handler was cancelled, not by the consumer")
+        outcome = failed_outcome(claimed, error, retry_delay)
     except Exception as exc:
-        return failed_outcome(claimed, exc, retry_delay)
+        error = exc
+        outcome = failed_outcome(claimed, exc, retry_delay)
+    end = _END_EVENTS.get(outcome.status)
+    if end is not None:
+        event = AttemptEvent(
+            end,
+            claimed.type,
+            context,
+            result=result if end == "success" else None,
+            error=error,
+            retry_in=outcome.retry_in if end == "retry" else None,
+        )
+        try:
+            await _call_hooks(registry, event, claimed)
+        except asyncio.CancelledError:
+            # The outcome is known: a stop that lands during the hooks does not lose it.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                current.uncancel()
+    return outcome

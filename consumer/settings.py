@@ -18,6 +18,12 @@ class ConsumerSettings(
     consumer_prefetch: int = Field(200, ge=1, le=65535, description="Unacked messages held.")
     consumer_concurrency: int = Field(100, ge=1, description="Handlers running at once.")
     handler_timeout: float = Field(300.0, gt=0, description="Default seconds per attempt.")
+    handler_threads: int = Field(
+        16,
+        ge=1,
+        description="Threads that run plain def handlers; a sync task waits for a free "
+        "one (its timeout running). A thread past its timeout runs on, holding its slot.",
+    )
     handler_cancel_grace: float = Field(
         10.0,
         gt=0,

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,6 +37,7 @@ from consumer.attempt import (
     failed_outcome,
     run_attempt,
     stopped_outcome,
+    type_retry_delay,
 )
 from consumer.lifecycle import Execution, Executions, StopReason
 from consumer.metrics import ConsumerMetrics
@@ -66,6 +68,7 @@ class Handler:
     """The asyncio side of an execution: its handler's task and its grace timer."""
 
     claimed: ClaimedTask
+    retry_delay: Callable[[int], float]  # the task type's backoff
     task: asyncio.Task[None] | None = None
     watchdog: asyncio.TimerHandle | None = None
 
@@ -212,8 +215,10 @@ class TaskConsumer:
         self._registry = registry
         self._settings = settings
         self.worker_id = worker_id
-        self._retry_delay = functools.partial(
-            backoff_delay, base=settings.retry_base_delay, cap=settings.retry_max_delay
+        # Plain ``def`` handlers run here. A thread past its timeout or stop cannot be
+        # killed: it keeps its slot until the handler returns (README, Guarantees).
+        self._threads = ThreadPoolExecutor(
+            max_workers=settings.handler_threads, thread_name_prefix="handler"
         )
         self._inbox: deque[Inbound] = deque()
         self._work = asyncio.Event()  # the inbox got a message or a slot came free
@@ -341,10 +346,13 @@ class TaskConsumer:
             created_at=row["created_at"],
         )
         execution = self._executions.start(claimed.task_id, claimed.lease, delivery)
-        handler = Handler(claimed)
+        task_type = self._registry.get(claimed.type)
+        retry_delay = type_retry_delay(
+            task_type, base=self._settings.retry_base_delay, cap=self._settings.retry_max_delay
+        )
+        handler = Handler(claimed, retry_delay)
         self._handlers[execution] = handler
         handler.task = asyncio.create_task(self._execute(execution, handler))
-        task_type = self._registry.get(claimed.type)
         limit = (task_type.timeout if task_type is not None else None) or (
             self._settings.handler_timeout
         )
@@ -363,9 +371,10 @@ class TaskConsumer:
             claimed,
             self._registry,
             self._settings.handler_timeout,
-            self._retry_delay,
+            handler.retry_delay,
             lambda: execution.stop_reason,
             self._settings.max_result_bytes,
+            self._threads,
         )
         self.metrics.handler_seconds.labels(claimed.type).observe(time.perf_counter() - started)
         if self._handlers.get(execution) is handler:
@@ -411,7 +420,7 @@ class TaskConsumer:
                     "the handler ignored its timeout and was abandoned after "
                     f"{self._settings.handler_cancel_grace:g}s more"
                 ),
-                self._retry_delay,
+                handler.retry_delay,
             )
         else:
             outcome = stopped_outcome(claimed, execution.stop_reason or "shutdown")
@@ -614,7 +623,12 @@ class TaskConsumer:
         try:
             await self.claim_loop(stop)
         finally:
-            await self._shut_down(queue, tag)
+            try:
+                await self._shut_down(queue, tag)
+            finally:
+                # Threads still running a handler (abandoned after its timeout or stop)
+                # cannot be stopped; the interpreter waits for them before it exits.
+                self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def _requeue_waiting(self) -> None:
         """Hand every delivery not running here back to the broker."""

@@ -325,6 +325,15 @@ async def test_create_applies_the_default_max_attempts(h: Harness) -> None:
     assert h.store.created[0].max_attempts == 3
 
 
+async def test_create_applies_the_types_own_max_attempts_when_the_request_omits_it(
+    h: Harness,
+) -> None:
+    h.registry.register("stubborn", NoPayload, noop, max_attempts=7)
+    await h.service.create(TaskCreate(type="stubborn"))
+    await h.service.create(TaskCreate(type="stubborn", max_attempts=2))
+    assert [t.max_attempts for t in h.store.created] == [7, 2]
+
+
 async def test_create_keeps_an_explicit_max_attempts_up_to_the_cap(h: Harness) -> None:
     await h.service.create(TaskCreate(type="noop", max_attempts=1))
     await h.service.create(TaskCreate(type="noop", max_attempts=10))
