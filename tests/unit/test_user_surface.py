@@ -1,0 +1,57 @@
+"""The ``taskbox`` import root as handler authors use it: the handler API re-exported
+without loading the server for a program that only imports the client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import taskbox
+import tasktypes
+
+SERVER = ("api", "db", "relay", "consumer", "broker", "runtime", "tasktypes")
+
+
+def test_the_handler_api_is_tasktypes_own_objects() -> None:
+    from taskbox import PermanentError, Retry, TaskContext, task
+
+    assert task is tasktypes.task
+    assert TaskContext is tasktypes.TaskContext
+    assert PermanentError is tasktypes.PermanentError
+    assert Retry is tasktypes.Retry
+
+
+@pytest.mark.parametrize("name", taskbox.__all__)
+def test_every_exported_name_is_the_tasktypes_one(name: str) -> None:
+    assert getattr(taskbox, name) is getattr(tasktypes, name)
+
+
+def test_an_unknown_name_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'load_registry'"):
+        _ = taskbox.load_registry  # type: ignore[attr-defined]
+    with pytest.raises(ImportError):
+        from taskbox import nothing_here  # type: ignore[attr-defined]  # noqa: F401
+
+
+def _loaded_after(code: str) -> list[str]:
+    """The server modules a fresh interpreter has loaded after running ``code``."""
+    probe = (
+        f"import json, sys; {code}; "
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {SERVER!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    loaded: list[str] = json.loads(out.stdout)
+    return loaded
+
+
+def test_importing_taskbox_or_its_client_loads_no_server_package() -> None:
+    assert _loaded_after("import taskbox") == []
+    assert _loaded_after("import taskbox.client") == []
+    assert _loaded_after("from taskbox.client import Client") == []
+
+
+def test_the_handler_api_loads_tasktypes_on_first_use() -> None:
+    assert "tasktypes.registry" in _loaded_after("from taskbox import task")
