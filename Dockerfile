@@ -29,12 +29,13 @@ COPY db/ db/
 COPY relay/ relay/
 COPY runtime/ runtime/
 COPY tasktypes/ tasktypes/
+COPY taskbox/ taskbox/
 
 # A regular (non-editable) install: the packages, the alembic migrations (package data)
 # and the dependencies land in the venv's site-packages. Then prove that every entry
 # point imports from the installed copy (-I: /src is not on sys.path).
 RUN pip --python /opt/venv/bin/python install --no-cache-dir --no-deps . \
-    && /opt/venv/bin/python -I -c "import api.__main__, relay.__main__, consumer.__main__, db.__main__"
+    && /opt/venv/bin/python -I -c "import api.__main__, relay.__main__, consumer.__main__, db.__main__, taskbox.cli"
 
 # --- final: the venv only, run as an unprivileged user -----------------------------------
 FROM ${PYTHON_IMAGE}

@@ -24,7 +24,7 @@ install: $(STAMP) ## create .venv and install Taskbox with its dev tools (runtim
 
 .PHONY: migrate
 migrate: $(STAMP) ## create the database if missing and apply migrations (DATABASE_URL)
-	$(BIN)/python -m db migrate
+	$(BIN)/taskbox migrate
 
 .PHONY: dev
 dev: migrate ## run api, relay and consumer locally until Ctrl-C
@@ -33,19 +33,19 @@ dev: migrate ## run api, relay and consumer locally until Ctrl-C
 # Operator commands (see README, "Operating Taskbox"); ARGS passes their options.
 .PHONY: roles
 roles: $(STAMP) ## least-privilege roles for api, relay, consumer: make roles ARGS='--dry-run'
-	$(BIN)/python -m db roles $(ARGS)
+	$(BIN)/taskbox roles $(ARGS)
 
 .PHONY: replay
 replay: $(STAMP) ## re-send tasks through the outbox: make replay ARGS='--stale-for 10m --dry-run'
-	$(BIN)/python -m relay replay $(ARGS)
+	$(BIN)/taskbox replay $(ARGS)
 
 .PHONY: status
 status: $(STAMP) ## one screen: tasks by status, outbox backlog and lag, queue depths
-	$(BIN)/python -m relay status $(ARGS)
+	$(BIN)/taskbox status $(ARGS)
 
 .PHONY: cleanup
 cleanup: $(STAMP) ## one retention sweep now (OUTBOX_RETENTION, TASK_RETENTION)
-	$(BIN)/python -m relay cleanup
+	$(BIN)/taskbox cleanup $(ARGS)
 
 .PHONY: run
 run: ## build and start the container stack (needs a Docker engine)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
@@ -18,7 +19,12 @@ log = logging.getLogger("api")
 EXIT_USAGE = 2  # refused to start; the message says which setting to change
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m api",
+        description="Serve the Taskbox REST API with uvicorn on API_HOST:API_PORT; "
+        "the settings come from the environment (see README, Configuration).",
+    ).parse_args(argv)
     settings = settings_or_exit(ApiSettings)
     configure(settings.log_level, settings.log_format)
     refusal = exposure_refusal(settings)

@@ -1,4 +1,4 @@
-"""Real taskbox processes started by tests: ``python -m api|relay|consumer``."""
+"""Real taskbox processes started by tests: ``python -m api|relay|consumer``, or any argv."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,10 +28,21 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """One process; its combined output is kept in ``lines`` for assertions."""
+    """One process; its combined output is kept in ``lines`` for assertions.
 
-    def __init__(self, module: str, env: dict[str, str], **extra_env: str) -> None:
+    It runs ``python -m module`` unless ``argv`` names another command (``taskbox relay``,
+    say); ``module`` still picks the ready line.
+    """
+
+    def __init__(
+        self,
+        module: str,
+        env: dict[str, str],
+        argv: Sequence[str] | None = None,
+        **extra_env: str,
+    ) -> None:
         self.module = module
+        self.argv = list(argv) if argv is not None else [sys.executable, "-m", module]
         self.env = {**env, **extra_env}
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
@@ -60,9 +72,7 @@ class ServiceProcess:
     async def launch(self) -> ServiceProcess:
         """Start the process without waiting for it to be ready (see ``start``)."""
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            self.module,
+            *self.argv,
             cwd=ROOT,
             env=self.env,
             stdout=asyncio.subprocess.PIPE,

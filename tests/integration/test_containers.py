@@ -577,7 +577,7 @@ def test_every_first_party_package_the_processes_import_ships() -> None:
     """In the wheel (packages.find), in the build context (.dockerignore) and COPYed."""
     probe = (
         "import sys, api.asgi, api.__main__, relay.__main__, consumer.__main__, db.__main__, "
-        "db.migrations\n"
+        "db.migrations, taskbox.cli\n"
         f"root = {str(ROOT)!r}\n"
         "import json\n"
         "tops = {n.split('.')[0]: getattr(m, '__file__', None) or '' for n, m in"
@@ -588,7 +588,7 @@ def test_every_first_party_package_the_processes_import_ships() -> None:
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
     )
     packages = set(json.loads(found.stdout))
-    assert {"api", "relay", "consumer", "db", "runtime"} <= packages
+    assert {"api", "relay", "consumer", "db", "runtime", "taskbox"} <= packages
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     include = config["tool"]["setuptools"]["packages"]["find"]["include"]
     allowed = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
