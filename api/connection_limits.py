@@ -17,6 +17,11 @@ that protocol with the bounds added:
 - a body must arrive complete within ``body_timeout`` of its head; past it the app sees
   the client as gone, and the client gets a 408 if no response has started.
 
+Neither deadline runs out while uvicorn itself has stopped reading the connection (a
+pipelined request queued behind one still running, or a body the app has not read
+yet): the bytes then wait on the server, and a 408 would also have gone out as the
+answer to the earlier request.
+
 The concurrency cap is uvicorn's own ``limit_concurrency`` (``api.__main__``). The
 httptools parser is kept, not swapped for h11 (which bounds a head, but not its time):
 h11's protocol costs four times httptools' CPU a request (figures in README, "Authentication and
@@ -139,9 +144,20 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     # Deadlines.
 
+    def _held_by_the_server(self) -> bool:
+        """Whether uvicorn has stopped reading this connection (a pipelined request
+        waits behind one still running, or the app has not read the body buffered so
+        far): bytes the client sent sit unread, so no deadline of the client's runs."""
+        return bool(self.flow.read_paused or self.pipeline)
+
     def _head_timed_out(self) -> None:
         self._head_deadline = None
         if self.transport.is_closing():
+            return
+        if self._held_by_the_server():
+            self._head_deadline = self.loop.call_later(
+                self.limits.header_timeout, self._head_timed_out
+            )
             return
         log.debug("no complete request head from %s in time", _peer(self.client))
         if self._head_begun:
@@ -152,6 +168,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _body_timed_out(self) -> None:
         self._body_deadline = None
         if self.transport.is_closing():
+            return
+        if self._held_by_the_server():
+            self._body_deadline = self.loop.call_later(
+                self.limits.body_timeout, self._body_timed_out
+            )
             return
         log.debug("request body from %s incomplete in time", _peer(self.client))
         cycle = self.cycle

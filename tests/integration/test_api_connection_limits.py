@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
@@ -355,3 +356,41 @@ async def test_past_the_concurrency_limit_the_api_answers_503(
             await asyncio.sleep(0.1)
         else:
             raise AssertionError("still refused after the held connections closed")
+
+
+# --------------------------------------------------------------------- pipelining
+
+
+async def test_a_pipelined_request_waiting_behind_a_slow_one_is_not_timed_out(
+    api_env: dict[str, str], db_settings: DatabaseSettings
+) -> None:
+    # The first create waits on a table lock; a second request, pipelined behind it,
+    # sends its body a moment later. uvicorn stops reading while the first runs, so the
+    # second's body sits unread: that is the server's doing, not the client's, and
+    # must not cost it a 408 (which went out as the answer to the first request).
+    body = b'{"type":"echo","payload":{"n":1}}'
+    head = (
+        b"POST /api/v1/tasks HTTP/1.1\r\nHost: taskbox\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    locker = await asyncpg.connect(db_settings.database_url)
+    try:
+        async with (
+            running_api(api_env, API_BODY_TIMEOUT="1", API_HEADER_TIMEOUT="60") as api,
+            connections(api, 1) as (conn,),
+        ):
+            transaction = locker.transaction()
+            await transaction.start()
+            await locker.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+            await conn.send(head + body)
+            await asyncio.sleep(0.2)
+            await conn.send(head)
+            await asyncio.sleep(0.3)
+            await conn.send(body)
+            await asyncio.sleep(2.5)  # past API_BODY_TIMEOUT, the first still waiting
+            await transaction.rollback()
+            first = await conn.read_response(within=10)
+            second = await conn.read_response(within=10)
+            assert (first[0], second[0]) == (201, 201), (first[1][:200], second[1][:200])
+    finally:
+        await locker.close()
