@@ -93,6 +93,11 @@ class TcpProxy:
         except OSError:
             _reset(writer)
             return
+        if self._server is None:
+            # pause() ran while this connection was being made: it must not outlive it.
+            _reset(writer)
+            up_writer.transport.abort()
+            return
         link = _Link(writer, up_writer)
         self._links.add(link)
         link.pumps = [
