@@ -1,5 +1,5 @@
 # Taskbox: one image for every process; the command picks it.
-#   python -m api (default)  |  python -m relay  |  python -m consumer  |  python -m db migrate
+#   taskbox api (default)  |  taskbox relay  |  taskbox consumer  |  taskbox migrate  |  ...
 # Configuration comes from the environment at run time (docker-compose.yml, .env); the
 # image holds no settings but API_HOST.
 
@@ -22,20 +22,20 @@ WORKDIR /src
 COPY requirements.lock ./
 RUN pip --python /opt/venv/bin/python install --no-cache-dir --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
+# taskbox/api, relay, consumer and db are links to the folders at the root (README,
+# "Development"): the build follows them, so all of it installs under taskbox.*.
 COPY api/ api/
-COPY broker/ broker/
 COPY consumer/ consumer/
 COPY db/ db/
 COPY relay/ relay/
-COPY runtime/ runtime/
-COPY tasktypes/ tasktypes/
 COPY taskbox/ taskbox/
+COPY tasktypes/ tasktypes/
 
 # A regular (non-editable) install: the packages, the alembic migrations (package data)
 # and the dependencies land in the venv's site-packages. Then prove that every entry
 # point imports from the installed copy (-I: /src is not on sys.path).
 RUN pip --python /opt/venv/bin/python install --no-cache-dir --no-deps . \
-    && /opt/venv/bin/python -I -c "import api.__main__, relay.__main__, consumer.__main__, db.__main__, taskbox.cli"
+    && /opt/venv/bin/python -I -c "import taskbox.api.__main__, taskbox.relay.__main__, taskbox.consumer.__main__, taskbox.db.__main__, taskbox.cli"
 
 # --- final: the venv only, run as an unprivileged user -----------------------------------
 FROM ${PYTHON_IMAGE}
@@ -63,4 +63,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('API_PORT', '8000'), timeout=2)"]
 
-CMD ["python", "-m", "api"]
+CMD ["taskbox", "api"]

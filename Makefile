@@ -28,7 +28,7 @@ migrate: $(STAMP) ## create the database if missing and apply migrations (DATABA
 
 .PHONY: dev
 dev: migrate ## run api, relay and consumer locally until Ctrl-C
-	$(BIN)/python -m runtime.dev
+	$(BIN)/python -m taskbox.runtime.dev
 
 # Operator commands (see README, "Operating Taskbox"); ARGS passes their options.
 .PHONY: roles

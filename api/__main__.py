@@ -8,11 +8,11 @@ import sys
 
 import uvicorn
 
-from api.auth import exposure_refusal
-from api.connection_limits import ConnectionLimits, limited_protocol
-from api.settings import ApiSettings
-from runtime.logs import configure
-from runtime.settings import settings_or_exit
+from taskbox.api.auth import exposure_refusal
+from taskbox.api.connection_limits import ConnectionLimits, limited_protocol
+from taskbox.api.settings import ApiSettings
+from taskbox.runtime.logs import configure
+from taskbox.runtime.settings import settings_or_exit
 
 log = logging.getLogger("api")
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         log.critical("%s", refusal)
         return EXIT_USAGE
     uvicorn.run(
-        "api.asgi:app",
+        "taskbox.api.asgi:app",
         host=settings.api_host,
         port=settings.api_port,
         workers=settings.api_workers,

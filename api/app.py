@@ -10,17 +10,17 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api import errors
-from api.auth import BEARER, key_bytes
-from api.errors import PROBLEM_JSON, REQUEST_ID_HEADER
-from api.metrics import ApiMetrics
-from api.middleware import ApiKeyGate, ContentLengthLimit, JsonBodiesOnly, RequestIds
-from api.notifier import OutboxNotifier
-from api.routes import docs, health, metrics, tasks
-from api.service import PostgresTaskStore, TaskService
-from api.settings import ApiSettings
-from db.pool import create_pool
-from tasktypes import load_registry
+from taskbox.api import errors
+from taskbox.api.auth import BEARER, key_bytes
+from taskbox.api.errors import PROBLEM_JSON, REQUEST_ID_HEADER
+from taskbox.api.metrics import ApiMetrics
+from taskbox.api.middleware import ApiKeyGate, ContentLengthLimit, JsonBodiesOnly, RequestIds
+from taskbox.api.notifier import OutboxNotifier
+from taskbox.api.routes import docs, health, metrics, tasks
+from taskbox.api.service import PostgresTaskStore, TaskService
+from taskbox.api.settings import ApiSettings
+from taskbox.db.pool import create_pool
+from taskbox.tasktypes import load_registry
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ and builds its app from the environment. Invalid settings end the import with th
 reasons, secrets masked, not with pydantic's error, which uvicorn would print whole.
 """
 
-from api.app import create_app
-from api.settings import ApiSettings
-from runtime.logs import configure
-from runtime.settings import settings_or_exit
+from taskbox.api.app import create_app
+from taskbox.api.settings import ApiSettings
+from taskbox.runtime.logs import configure
+from taskbox.runtime.settings import settings_or_exit
 
 _settings = settings_or_exit(ApiSettings)
 configure(_settings.log_level, _settings.log_format)

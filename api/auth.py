@@ -25,7 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.exceptions import HTTPException
 
-from api.settings import ApiSettings
+from taskbox.api.settings import ApiSettings
 
 BEARER = HTTPBearer(
     auto_error=False,

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api.schemas import TaskBatchCreate, TaskCreate
+from taskbox.api.schemas import TaskBatchCreate, TaskCreate
 
 Problems = list[dict[str, Any]]
 

@@ -11,7 +11,7 @@ from typing import Annotated
 import asyncpg
 from fastapi import Depends, Request
 
-from api.service import TaskService
+from taskbox.api.service import TaskService
 
 
 async def _pool(request: Request) -> asyncpg.Pool:

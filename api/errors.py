@@ -22,9 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
-from api.batch import UnreadableBody
-from api.service import IdempotencyConflict, InvalidRequest, TaskFinished, TaskNotFound
-from db.errors import TRANSIENT_DB_ERRORS
+from taskbox.api.batch import UnreadableBody
+from taskbox.api.service import IdempotencyConflict, InvalidRequest, TaskFinished, TaskNotFound
+from taskbox.db.errors import TRANSIENT_DB_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter
 
-from runtime.probes import new_registry
+from taskbox.runtime.probes import new_registry
 
 
 class ApiMetrics:

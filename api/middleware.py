@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import CHALLENGE, bearer_token, refusal
-from api.errors import REQUEST_ID_HEADER, problem, route_path
-from runtime.logs import bind_request_id, unbind
+from taskbox.api.auth import CHALLENGE, bearer_token, refusal
+from taskbox.api.errors import REQUEST_ID_HEADER, problem, route_path
+from taskbox.runtime.logs import bind_request_id, unbind
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _CURL_HINT = "with curl: --json '{...}', or -H 'Content-Type: application/json' -d '{...}'"

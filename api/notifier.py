@@ -18,7 +18,7 @@ import logging
 
 import asyncpg
 
-from db.outbox import notify
+from taskbox.db.outbox import notify
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from datetime import datetime
 
 import orjson
 
-from api.params import out_of_range
+from taskbox.api.params import out_of_range
 
 
 class InvalidCursor(ValueError):

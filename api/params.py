@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BeforeValidator
 
-from db.storable import unstorable_character
+from taskbox.db.storable import unstorable_character
 
 _EXAMPLE = "e.g. 2026-12-24T18:00:00Z"
 

@@ -16,7 +16,7 @@ import orjson
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from api.schemas import Task, TaskStatusView, TaskSummary
+from taskbox.api.schemas import Task, TaskStatusView, TaskSummary
 
 TASK_FIELDS = tuple(Task.model_fields)
 SUMMARY_FIELDS = tuple(TaskSummary.model_fields)

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.params import IsoDatetime
-from db.states import TaskStatus
+from taskbox.api.params import IsoDatetime
+from taskbox.db.states import TaskStatus
 
 
 class TaskCreate(BaseModel):

@@ -17,18 +17,18 @@ from typing import Any, Protocol
 import asyncpg
 from pydantic import ValidationError
 
-from api import pagination
-from api.batch import read_batch
-from api.grouping import GroupCommit
-from api.metrics import ApiMetrics
-from api.schemas import ListView, TaskCreate
-from db import tasks as task_store
-from db.errors import nothing_committed
-from db.states import TERMINAL, TaskStatus
-from db.storable import MAX_STRING, UnstorablePayload, check_storable
-from runtime import tracing
-from runtime.durations import format_duration
-from tasktypes import TaskRegistry
+from taskbox.api import pagination
+from taskbox.api.batch import read_batch
+from taskbox.api.grouping import GroupCommit
+from taskbox.api.metrics import ApiMetrics
+from taskbox.api.schemas import ListView, TaskCreate
+from taskbox.db import tasks as task_store
+from taskbox.db.errors import nothing_committed
+from taskbox.db.states import TERMINAL, TaskStatus
+from taskbox.db.storable import MAX_STRING, UnstorablePayload, check_storable
+from taskbox.runtime import tracing
+from taskbox.runtime.durations import format_duration
+from taskbox.tasktypes import TaskRegistry
 
 TaskRow = Mapping[str, Any]
 

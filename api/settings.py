@@ -8,9 +8,9 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
-from db.settings import DatabaseSettings
-from runtime.durations import Duration
-from runtime.settings import ProcessSettings, TaskTypeSettings
+from taskbox.db.settings import DatabaseSettings
+from taskbox.runtime.durations import Duration
+from taskbox.runtime.settings import ProcessSettings, TaskTypeSettings
 
 
 class ApiSettings(DatabaseSettings, ProcessSettings, TaskTypeSettings):

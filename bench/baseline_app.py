@@ -17,8 +17,8 @@ import asyncpg
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from db.pool import init_connection
-from db.settings import DatabaseSettings
+from taskbox.db.pool import init_connection
+from taskbox.db.settings import DatabaseSettings
 
 CREATE_TABLE = """
 CREATE TABLE IF NOT EXISTS bench_baseline (

@@ -21,8 +21,8 @@ from typing import Any
 import aio_pika
 import asyncpg
 
-from broker.settings import BrokerSettings
-from db.settings import plain_dsn
+from taskbox.broker.settings import BrokerSettings
+from taskbox.db.settings import plain_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = plain_dsn(

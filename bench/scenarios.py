@@ -16,11 +16,11 @@ from typing import Any
 import asyncpg
 import httpx
 
-from api.notifier import OutboxNotifier
 from bench.harness import ROOT, Process, Stage, percentile, stage, taskbox, wait_until
-from db.pool import create_pool
-from db.settings import DatabaseSettings
-from db.tasks import NewTask, create_task
+from taskbox.api.notifier import OutboxNotifier
+from taskbox.db.pool import create_pool
+from taskbox.db.settings import DatabaseSettings
+from taskbox.db.tasks import NewTask, create_task
 
 Result = dict[str, Any]
 

@@ -13,15 +13,15 @@ import aio_pika
 from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 from pydantic import ValidationError
 
-from broker import pipeline, topology
-from broker.topology import TopologyMismatch
-from consumer.dead_letters import DeadLetterWatch
-from consumer.metrics import ConsumerMetrics
-from consumer.monitoring import observe
-from consumer.settings import ConsumerSettings
-from consumer.worker import TaskConsumer
-from db.pool import open_pool
-from runtime.lifecycle import (
+from taskbox.broker import pipeline, topology
+from taskbox.broker.topology import TopologyMismatch
+from taskbox.consumer.dead_letters import DeadLetterWatch
+from taskbox.consumer.metrics import ConsumerMetrics
+from taskbox.consumer.monitoring import observe
+from taskbox.consumer.settings import ConsumerSettings
+from taskbox.consumer.worker import TaskConsumer
+from taskbox.db.pool import open_pool
+from taskbox.runtime.lifecycle import (
     EXIT_LOOP_DIED,
     LoopDied,
     Shutdown,
@@ -29,10 +29,10 @@ from runtime.lifecycle import (
     run_service,
     supervise,
 )
-from runtime.logs import configure
-from runtime.probes import PortUnavailable, Probes, start_probe_server
-from runtime.settings import describe_invalid
-from tasktypes import load_registry
+from taskbox.runtime.logs import configure
+from taskbox.runtime.probes import PortUnavailable, Probes, start_probe_server
+from taskbox.runtime.settings import describe_invalid
+from taskbox.tasktypes import load_registry
 
 log = logging.getLogger("consumer")
 

@@ -25,14 +25,14 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from consumer.lifecycle import StopReason
-from db.execution import Outcome
-from db.states import TaskStatus
-from db.storable import UnstorablePayload, check_storable
-from runtime import tracing
-from runtime.backoff import backoff_delay
-from runtime.logs import task_fields
-from tasktypes import (
+from taskbox.consumer.lifecycle import StopReason
+from taskbox.db.execution import Outcome
+from taskbox.db.states import TaskStatus
+from taskbox.db.storable import UnstorablePayload, check_storable
+from taskbox.runtime import tracing
+from taskbox.runtime.backoff import backoff_delay
+from taskbox.runtime.logs import task_fields
+from taskbox.tasktypes import (
     AttemptEvent,
     HookEvent,
     PermanentError,

@@ -26,15 +26,15 @@ from typing import Any
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from broker import messages
-from consumer.metrics import ConsumerMetrics
-from consumer.worker import consume
-from db import execution as task_execution
-from db.errors import TRANSIENT_DB_ERRORS
-from db.execution import Delivery
-from db.outbox import notify
-from runtime.backoff import backoff_delay
-from runtime.logs import task_fields
+from taskbox.broker import messages
+from taskbox.consumer.metrics import ConsumerMetrics
+from taskbox.consumer.worker import consume
+from taskbox.db import execution as task_execution
+from taskbox.db.errors import TRANSIENT_DB_ERRORS
+from taskbox.db.execution import Delivery
+from taskbox.db.outbox import notify
+from taskbox.runtime.backoff import backoff_delay
+from taskbox.runtime.logs import task_fields
 
 log = logging.getLogger(__name__)
 

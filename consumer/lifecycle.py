@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, Literal, TypeVar
 
-from db.execution import Outcome
+from taskbox.db.execution import Outcome
 
 StopReason = Literal["cancel", "shutdown", "lost"]
 

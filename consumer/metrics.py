@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from runtime.probes import new_registry
+from taskbox.runtime.probes import new_registry
 
 # Handlers run from milliseconds to HANDLER_TIMEOUT (300 s by default) and beyond.
 DURATION_BUCKETS = (

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncpg
 from aio_pika.abc import AbstractConnection, AbstractQueue
 
-from consumer.settings import ConsumerSettings
-from consumer.worker import TaskConsumer
-from runtime.probes import AttributeCollector, Probes, ReadCounter, ReadGauge
-from runtime.readiness import broker_check, database_check
+from taskbox.consumer.settings import ConsumerSettings
+from taskbox.consumer.worker import TaskConsumer
+from taskbox.runtime.probes import AttributeCollector, Probes, ReadCounter, ReadGauge
+from taskbox.runtime.readiness import broker_check, database_check
 
 
 def observe(

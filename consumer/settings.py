@@ -6,10 +6,10 @@ from typing import Self
 
 from pydantic import Field, model_validator
 
-from broker.settings import BrokerSettings
-from consumer.attempt import DEFAULT_MAX_RESULT_BYTES
-from db.settings import DatabaseSettings
-from runtime.settings import MetricsSettings, ProcessSettings, TaskTypeSettings
+from taskbox.broker.settings import BrokerSettings
+from taskbox.consumer.attempt import DEFAULT_MAX_RESULT_BYTES
+from taskbox.db.settings import DatabaseSettings
+from taskbox.runtime.settings import MetricsSettings, ProcessSettings, TaskTypeSettings
 
 
 class ConsumerSettings(

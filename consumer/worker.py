@@ -29,8 +29,8 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pamqp.commands import Basic
 
-from broker import messages, pipeline
-from consumer.attempt import (
+from taskbox.broker import messages, pipeline
+from taskbox.consumer.attempt import (
     AttemptTimedOut,
     ClaimedTask,
     error_of,
@@ -39,19 +39,19 @@ from consumer.attempt import (
     stopped_outcome,
     type_retry_delay,
 )
-from consumer.lifecycle import Execution, Executions, StopReason
-from consumer.metrics import ConsumerMetrics
-from consumer.settings import ConsumerSettings
-from db import execution as task_execution
-from db.errors import TRANSIENT_DB_ERRORS, nothing_committed
-from db.execution import Delivery, Outcome
-from db.outbox import notify
-from db.states import TERMINAL, TaskStatus
-from runtime import failpoints, tracing
-from runtime.backoff import backoff_delay
-from runtime.lifecycle import being_cancelled, wait_first
-from runtime.logs import bind_task, task_fields
-from tasktypes import TaskRegistry
+from taskbox.consumer.lifecycle import Execution, Executions, StopReason
+from taskbox.consumer.metrics import ConsumerMetrics
+from taskbox.consumer.settings import ConsumerSettings
+from taskbox.db import execution as task_execution
+from taskbox.db.errors import TRANSIENT_DB_ERRORS, nothing_committed
+from taskbox.db.execution import Delivery, Outcome
+from taskbox.db.outbox import notify
+from taskbox.db.states import TERMINAL, TaskStatus
+from taskbox.runtime import failpoints, tracing
+from taskbox.runtime.backoff import backoff_delay
+from taskbox.runtime.lifecycle import being_cancelled, wait_first
+from taskbox.runtime.logs import bind_task, task_fields
+from taskbox.tasktypes import TaskRegistry
 
 log = logging.getLogger(__name__)
 

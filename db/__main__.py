@@ -17,10 +17,10 @@ from typing import TextIO
 import asyncpg
 from pydantic import ValidationError
 
-from db.errors import TRANSIENT_DB_ERRORS
-from db.grants import FUNCTIONS, GRANTS, PROCESSES, Process
-from db.migrations import migrate
-from db.roles import (
+from taskbox.db.errors import TRANSIENT_DB_ERRORS
+from taskbox.db.grants import FUNCTIONS, GRANTS, PROCESSES, Process
+from taskbox.db.migrations import migrate
+from taskbox.db.roles import (
     DEFAULT_NAMES,
     LOCK_TIMEOUT,
     PASSWORD_VARIABLES,
@@ -29,7 +29,7 @@ from db.roles import (
     apply_roles,
     describe,
 )
-from db.settings import DatabaseSettings
+from taskbox.db.settings import DatabaseSettings
 
 EXIT_ERROR = 2  # nothing was changed; the message says what to fix
 

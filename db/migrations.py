@@ -9,7 +9,7 @@ import asyncpg
 from alembic import command
 from alembic.config import Config
 
-from db.settings import DatabaseSettings
+from taskbox.db.settings import DatabaseSettings
 
 _SCRIPTS = Path(__file__).parent / "alembic"
 

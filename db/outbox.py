@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from db.states import TERMINAL
+from taskbox.db.states import TERMINAL
 
 # Claim a batch and, in the same statement, flip the tasks NEW -> PENDING. The flip
 # takes the task rows' locks for the rest of the relay's transaction: a consumer that

@@ -7,9 +7,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from db.errors import TRANSIENT_DB_ERRORS
-from db.settings import DatabaseSettings
-from runtime.lifecycle import connect_with_retry
+from taskbox.db.errors import TRANSIENT_DB_ERRORS
+from taskbox.db.settings import DatabaseSettings
+from taskbox.runtime.lifecycle import connect_with_retry
 
 
 def _encode_jsonb(value: Any) -> bytes:

@@ -20,8 +20,8 @@ from typing import Any
 
 import asyncpg
 
-from db.sql import Parameters
-from db.states import REPLAYABLE, REPLAYABLE_FORCED, TaskStatus
+from taskbox.db.sql import Parameters
+from taskbox.db.states import REPLAYABLE, REPLAYABLE_FORCED, TaskStatus
 
 CANDIDATE_COLUMNS = (
     "id, type, status, attempts, max_attempts, created_at, updated_at, "

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from db.states import TERMINAL
+from taskbox.db.states import TERMINAL
 
 # Any constant works as long as nothing else in this database uses it; pg_locks shows it
 # as an advisory lock with classid 0 and objid 2052849665.

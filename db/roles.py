@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from db.grants import FUNCTIONS, GRANTS, PROCESSES, TABLES, Process, TableGrant
+from taskbox.db.grants import FUNCTIONS, GRANTS, PROCESSES, TABLES, Process, TableGrant
 
 DEFAULT_NAMES: dict[Process, str] = {p: f"taskbox_{p}" for p in PROCESSES}
 PASSWORD_VARIABLES: dict[Process, str] = {p: f"TASKBOX_{p.upper()}_PASSWORD" for p in PROCESSES}

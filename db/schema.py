@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from db.states import TaskStatus
+from taskbox.db.states import TaskStatus
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings
 
-from runtime.settings import ENV_CONFIG
+from taskbox.runtime.settings import ENV_CONFIG
 
 _ACCEPTED_SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
 

@@ -16,8 +16,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from db.sql import Parameters
-from db.states import TaskStatus
+from taskbox.db.sql import Parameters
+from taskbox.db.states import TaskStatus
 
 TASK_COLUMNS = (
     "id, type, payload, status, priority, attempts, max_attempts, result, error, "

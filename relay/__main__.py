@@ -18,16 +18,16 @@ from typing import Any
 import aio_pika
 from pydantic import ValidationError
 
-from broker.topology import TopologyMismatch
-from db.pool import open_pool
-from relay import replay, status
-from relay.housekeeping import Housekeeper, cleanup
-from relay.listener import OutboxListener
-from relay.metrics import RelayMetrics
-from relay.monitoring import observe, refresh_backlog
-from relay.relay import OutboxRelay, open_broker
-from relay.settings import RelaySettings
-from runtime.lifecycle import (
+from taskbox.broker.topology import TopologyMismatch
+from taskbox.db.pool import open_pool
+from taskbox.relay import replay, status
+from taskbox.relay.housekeeping import Housekeeper, cleanup
+from taskbox.relay.listener import OutboxListener
+from taskbox.relay.metrics import RelayMetrics
+from taskbox.relay.monitoring import observe, refresh_backlog
+from taskbox.relay.relay import OutboxRelay, open_broker
+from taskbox.relay.settings import RelaySettings
+from taskbox.runtime.lifecycle import (
     EXIT_LOOP_DIED,
     LoopDied,
     Shutdown,
@@ -35,9 +35,9 @@ from runtime.lifecycle import (
     run_service,
     supervise,
 )
-from runtime.logs import configure
-from runtime.probes import PortUnavailable, Probes, start_probe_server
-from runtime.settings import describe_invalid
+from taskbox.runtime.logs import configure
+from taskbox.runtime.probes import PortUnavailable, Probes, start_probe_server
+from taskbox.runtime.settings import describe_invalid
 
 log = logging.getLogger("relay")
 

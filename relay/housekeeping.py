@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from db import retention
-from db.errors import TRANSIENT_DB_ERRORS
-from db.pool import connect
-from relay.metrics import RelayMetrics
-from relay.settings import RelaySettings
-from runtime.durations import format_duration
+from taskbox.db import retention
+from taskbox.db.errors import TRANSIENT_DB_ERRORS
+from taskbox.db.pool import connect
+from taskbox.relay.metrics import RelayMetrics
+from taskbox.relay.settings import RelaySettings
+from taskbox.runtime.durations import format_duration
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Any
 import asyncpg
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential_jitter
 
-from db.errors import TRANSIENT_DB_ERRORS
-from db.pool import connect
-from db.settings import DatabaseSettings
+from taskbox.db.errors import TRANSIENT_DB_ERRORS
+from taskbox.db.pool import connect
+from taskbox.db.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
 

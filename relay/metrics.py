@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from db.overview import Backlog
-from runtime.probes import new_registry
+from taskbox.db.overview import Backlog
+from taskbox.runtime.probes import new_registry
 
 # Publishing a batch takes milliseconds when the broker is well and up to
 # RELAY_PUBLISH_TIMEOUT (10 s) when it is not.

@@ -9,14 +9,14 @@ import logging
 import asyncpg
 from aio_pika.abc import AbstractConnection
 
-from db import overview
-from db.errors import TRANSIENT_DB_ERRORS
-from relay.listener import OutboxListener
-from relay.metrics import RelayMetrics
-from relay.relay import OutboxRelay
-from relay.settings import RelaySettings
-from runtime.probes import AttributeCollector, Probes, ReadCounter, ReadGauge
-from runtime.readiness import broker_check, database_check
+from taskbox.db import overview
+from taskbox.db.errors import TRANSIENT_DB_ERRORS
+from taskbox.relay.listener import OutboxListener
+from taskbox.relay.metrics import RelayMetrics
+from taskbox.relay.relay import OutboxRelay
+from taskbox.relay.settings import RelaySettings
+from taskbox.runtime.probes import AttributeCollector, Probes, ReadCounter, ReadGauge
+from taskbox.runtime.readiness import broker_check, database_check
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from typing import Any, Protocol
 
 import aiormq
 
-from broker import messages, pipeline
-from db.outbox import PublishRefusal
-from runtime.lifecycle import being_cancelled
+from taskbox.broker import messages, pipeline
+from taskbox.db.outbox import PublishRefusal
+from taskbox.runtime.lifecycle import being_cancelled
 
 
 class BrokerUnavailable(ConnectionError):

@@ -17,14 +17,14 @@ import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 
-from broker import pipeline, topology
-from db import outbox
-from db.errors import TRANSIENT_DB_ERRORS
-from relay.metrics import RelayMetrics
-from relay.publisher import BrokerUnavailable, OutboxPublisher, PublishReport
-from relay.settings import RelaySettings
-from runtime.backoff import backoff_delay
-from runtime.lifecycle import wait_first
+from taskbox.broker import pipeline, topology
+from taskbox.db import outbox
+from taskbox.db.errors import TRANSIENT_DB_ERRORS
+from taskbox.relay.metrics import RelayMetrics
+from taskbox.relay.publisher import BrokerUnavailable, OutboxPublisher, PublishReport
+from taskbox.relay.settings import RelaySettings
+from taskbox.runtime.backoff import backoff_delay
+from taskbox.runtime.lifecycle import wait_first
 
 log = logging.getLogger(__name__)
 

@@ -23,14 +23,14 @@ from typing import TextIO
 
 import asyncpg
 
-from db import outbox
-from db import replay as store
-from db.errors import TRANSIENT_DB_ERRORS
-from db.pool import connect
-from db.states import TaskStatus
-from relay.settings import RelaySettings
-from runtime import tracing
-from runtime.durations import InvalidDuration, format_duration, parse_duration
+from taskbox.db import outbox
+from taskbox.db import replay as store
+from taskbox.db.errors import TRANSIENT_DB_ERRORS
+from taskbox.db.pool import connect
+from taskbox.db.states import TaskStatus
+from taskbox.relay.settings import RelaySettings
+from taskbox.runtime import tracing
+from taskbox.runtime.durations import InvalidDuration, format_duration, parse_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from broker.settings import BrokerSettings
-from db.settings import DatabaseSettings
-from runtime.durations import Duration, OptionalDuration
-from runtime.settings import MetricsSettings, ProcessSettings
+from taskbox.broker.settings import BrokerSettings
+from taskbox.db.settings import DatabaseSettings
+from taskbox.runtime.durations import Duration, OptionalDuration
+from taskbox.runtime.settings import MetricsSettings, ProcessSettings
 
 _WEEK = 7 * 86400.0
 

@@ -17,12 +17,12 @@ import aio_pika
 import asyncpg
 import orjson
 
-from db import overview
-from db.errors import TRANSIENT_DB_ERRORS
-from db.pool import connect
-from db.states import TaskStatus
-from relay.settings import RelaySettings
-from runtime.durations import format_duration
+from taskbox.db import overview
+from taskbox.db.errors import TRANSIENT_DB_ERRORS
+from taskbox.db.pool import connect
+from taskbox.db.states import TaskStatus
+from taskbox.relay.settings import RelaySettings
+from taskbox.runtime.durations import format_duration
 
 _BROKER_TIMEOUT = 5.0
 

@@ -17,7 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tasktypes.registry import (
+    from taskbox.tasktypes.registry import (
         AttemptEvent,
         HookEvent,
         PermanentError,
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 # Where each lazily imported name lives.
-_HANDLER_API = "tasktypes.registry"
+_HANDLER_API = "taskbox.tasktypes.registry"
 
 if not TYPE_CHECKING:
     # Hidden from type checkers: to them the names are the imports above, and a name

@@ -16,25 +16,25 @@ from dataclasses import dataclass
 
 
 def _api(args: list[str]) -> int:
-    from api.__main__ import main
+    from taskbox.api.__main__ import main
 
     return main(args)
 
 
 def _relay(args: list[str]) -> int:
-    from relay.__main__ import main
+    from taskbox.relay.__main__ import main
 
     return main(args)
 
 
 def _consumer(args: list[str]) -> int:
-    from consumer.__main__ import main
+    from taskbox.consumer.__main__ import main
 
     return main(args)
 
 
 def _db(args: list[str]) -> int:
-    from db.__main__ import main
+    from taskbox.db.__main__ import main
 
     return main(args)
 

@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 import orjson
 
-from consumer.attempt import ClaimedTask, UnknownTaskType, run_attempt, type_retry_delay
-from consumer.settings import ConsumerSettings
-from db.states import TaskStatus
-from tasktypes.registry import TaskRegistry, default_registry
+from taskbox.consumer.attempt import ClaimedTask, UnknownTaskType, run_attempt, type_retry_delay
+from taskbox.consumer.settings import ConsumerSettings
+from taskbox.db.states import TaskStatus
+from taskbox.tasktypes.registry import TaskRegistry, default_registry
 
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "AttemptOutcome", "UnknownTaskType", "run", "run_sync"]
 

@@ -18,9 +18,9 @@ import aio_pika
 import asyncpg
 import pytest
 
-from broker.settings import BrokerSettings
-from db.pool import create_pool
-from db.settings import DatabaseSettings, plain_dsn
+from taskbox.broker.settings import BrokerSettings
+from taskbox.db.pool import create_pool
+from taskbox.db.settings import DatabaseSettings, plain_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
 

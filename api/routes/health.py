@@ -7,8 +7,8 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from api.deps import Pool
-from db.errors import TRANSIENT_DB_ERRORS
+from taskbox.api.deps import Pool
+from taskbox.db.errors import TRANSIENT_DB_ERRORS
 
 router = APIRouter(tags=["health"])
 

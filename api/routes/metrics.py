@@ -6,8 +6,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api.auth import require_metrics_key
-from api.metrics import ApiMetrics
+from taskbox.api.auth import require_metrics_key
+from taskbox.api.metrics import ApiMetrics
 
 router = APIRouter()
 

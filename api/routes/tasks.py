@@ -9,10 +9,10 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
-from api import rendering
-from api.deps import Service
-from api.params import IsoDatetime, StorableText
-from api.schemas import (
+from taskbox.api import rendering
+from taskbox.api.deps import Service
+from taskbox.api.params import IsoDatetime, StorableText
+from taskbox.api.schemas import (
     MAX_BATCH,
     ListView,
     Problem,
@@ -24,8 +24,8 @@ from api.schemas import (
     TaskStatusView,
     TaskSummaryPage,
 )
-from api.service import InvalidRequest, TaskService
-from db.states import TaskStatus
+from taskbox.api.service import InvalidRequest, TaskService
+from taskbox.db.states import TaskStatus
 
 Responses = dict[int | str, dict[str, Any]]
 

@@ -14,8 +14,8 @@ import dataclasses
 import os
 from typing import Any
 
-from tasktypes import TaskContext, default_registry
-from tasktypes.registry import Handler
+from taskbox.tasktypes import TaskContext, default_registry
+from taskbox.tasktypes.registry import Handler
 
 ENV = "TASKBOX_EXECUTION_LOG"
 

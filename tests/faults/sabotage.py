@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from relay.listener import OutboxListener
+from taskbox.relay.listener import OutboxListener
 
 _listen = OutboxListener.run
 

@@ -63,8 +63,8 @@ import asyncpg
 import httpx
 import pytest
 
-from broker.settings import BrokerSettings
-from db.settings import DatabaseSettings
+from taskbox.broker.settings import BrokerSettings
+from taskbox.db.settings import DatabaseSettings
 from tests.conftest import AMQP_URL
 from tests.faults import recorder
 from tests.faults.cluster import (

@@ -31,10 +31,10 @@ from typing import Any
 import asyncpg
 import httpx
 
-from broker.settings import BrokerSettings
-from db.settings import DatabaseSettings
-from db.tasks import NewTask, create_task
-from runtime.lifecycle import EXIT_LOOP_DIED
+from taskbox.broker.settings import BrokerSettings
+from taskbox.db.settings import DatabaseSettings
+from taskbox.db.tasks import NewTask, create_task
+from taskbox.runtime.lifecycle import EXIT_LOOP_DIED
 from tests.conftest import ROOT
 from tests.faults.cluster import (
     FAST_CONSUMER,

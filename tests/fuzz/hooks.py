@@ -34,9 +34,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from schemathesis import HookContext
 
-from api import pagination
-from api.schemas import TaskCreate
-from tasktypes import load_registry
+from taskbox.api import pagination
+from taskbox.api.schemas import TaskCreate
+from taskbox.tasktypes import load_registry
 
 NUL = "\x00"
 # A high and a low surrogate, each alone: neither has a UTF-8 form.

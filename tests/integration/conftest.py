@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from api.app import create_app
-from api.settings import ApiSettings
-from db.settings import DatabaseSettings
+from taskbox.api.app import create_app
+from taskbox.api.settings import ApiSettings
+from taskbox.db.settings import DatabaseSettings
 from tests.integration.processes import ServiceProcess, free_port
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasktypes import Retry, TaskContext, task
+from taskbox.tasktypes import Retry, TaskContext, task
 
 
 class Nap(BaseModel):

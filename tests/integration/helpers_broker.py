@@ -17,8 +17,8 @@ from contextlib import asynccontextmanager
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from broker import topology as broker_topology
-from broker.settings import BrokerSettings
+from taskbox.broker import topology as broker_topology
+from taskbox.broker.settings import BrokerSettings
 
 
 @asynccontextmanager

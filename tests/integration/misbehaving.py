@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasktypes import TaskContext, task
+from taskbox.tasktypes import TaskContext, task
 
 
 class Stall(BaseModel):

@@ -30,7 +30,7 @@ def free_port() -> int:
 class ServiceProcess:
     """One process; its combined output is kept in ``lines`` for assertions.
 
-    It runs ``python -m module`` unless ``argv`` names another command (``taskbox relay``,
+    It runs ``python -m taskbox.module`` unless ``argv`` names another command (``taskbox relay``,
     say); ``module`` still picks the ready line.
     """
 
@@ -42,7 +42,7 @@ class ServiceProcess:
         **extra_env: str,
     ) -> None:
         self.module = module
-        self.argv = list(argv) if argv is not None else [sys.executable, "-m", module]
+        self.argv = list(argv) if argv is not None else [sys.executable, "-m", f"taskbox.{module}"]
         self.env = {**env, **extra_env}
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
@@ -129,11 +129,11 @@ class CommandResult:
 async def run_command(
     module: str, args: list[str], env: dict[str, str], timeout: float = 60.0
 ) -> CommandResult:
-    """``python -m module args...`` to completion, as an operator runs a command."""
+    """``python -m taskbox.module args...`` to completion, as an operator runs a command."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        module,
+        f"taskbox.{module}",
         *args,
         cwd=ROOT,
         env=env,

@@ -14,8 +14,8 @@ from typing import TypeVar
 
 import asyncpg
 
-from broker.settings import BrokerSettings
-from db.tasks import NewTask, create_task
+from taskbox.broker.settings import BrokerSettings
+from taskbox.db.tasks import NewTask, create_task
 from tests.integration.helpers_broker import queue_depth
 from tests.integration.processes import ServiceProcess
 from tests.integration.test_consumer import eventually

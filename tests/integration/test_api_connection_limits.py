@@ -19,7 +19,7 @@ import asyncpg
 import httpx
 import pytest
 
-from db.settings import DatabaseSettings
+from taskbox.db.settings import DatabaseSettings
 from tests.integration.processes import ServiceProcess, free_port
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: taskbox\r\n\r\n"

@@ -9,7 +9,7 @@ import re
 
 import httpx
 
-from api.settings import ApiSettings
+from taskbox.api.settings import ApiSettings
 from tests.integration.conftest import app_client_for
 
 # Every URL the page makes the browser fetch: src=, href=, and Swagger UI's `url:` (the

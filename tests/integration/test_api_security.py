@@ -16,8 +16,8 @@ import asyncpg
 import httpx
 import pytest
 
-from api.app import create_app
-from api.settings import ApiSettings
+from taskbox.api.app import create_app
+from taskbox.api.settings import ApiSettings
 from tests.integration.conftest import app_client_for
 from tests.integration.test_api_tasks import (
     TASKS,
@@ -297,7 +297,7 @@ async def test_metrics_can_require_a_key(api_settings: ApiSettings) -> None:
 async def test_without_keys_the_api_is_open_and_says_so_loudly(
     api_settings: ApiSettings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="api.app"):
+    with caplog.at_level(logging.WARNING, logger="taskbox.api.app"):
         async with app_client_for(api_settings) as client:
             response = await client.post(TASKS, json={"type": "echo"})
             assert response.status_code == 201, response.text
@@ -311,7 +311,7 @@ async def test_without_keys_the_api_is_open_and_says_so_loudly(
 async def test_with_keys_there_is_no_unauthenticated_warning(
     api_settings: ApiSettings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="api.app"):
+    with caplog.at_level(logging.WARNING, logger="taskbox.api.app"):
         async with app_client_for(settings_with(api_settings, api_keys=KEY_ONE)):
             pass
     assert "UNAUTHENTICATED" not in caplog.text

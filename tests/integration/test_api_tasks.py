@@ -19,9 +19,9 @@ import asyncpg
 import httpx
 import pytest
 
-from api.settings import ApiSettings
-from db.settings import DatabaseSettings
-from tasktypes import default_registry
+from taskbox.api.settings import ApiSettings
+from taskbox.db.settings import DatabaseSettings
+from taskbox.tasktypes import default_registry
 from tests.integration.conftest import app_client_for
 
 TASKS = "/api/v1/tasks"

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.settings import ApiSettings
-from runtime import tracing
+from taskbox.api.settings import ApiSettings
+from taskbox.runtime import tracing
 from tests.integration.conftest import app_client_for
 
 BATCH = "/api/v1/tasks/batch"

@@ -142,13 +142,14 @@ async def test_invalid_database_url_exits_2_with_the_url_masked(name: str) -> No
 
 
 async def test_help_loads_no_server_code() -> None:
-    server = {"api", "relay", "consumer", "db", "broker", "runtime", "tasktypes"}
+    server = ("api", "relay", "consumer", "db", "broker", "runtime", "tasktypes")
+    prefixes = [("taskbox", name) for name in server]
     script = (
         "import contextlib, io, sys\n"
         "from taskbox.cli import main\n"
         "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
         "    main(['--help'])\n"
-        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {server!r}))"
+        f"print(sorted(m for m in sys.modules if tuple(m.split('.')[:2]) in {prefixes!r}))"
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", script, cwd=ROOT, stdout=asyncio.subprocess.PIPE

@@ -20,8 +20,8 @@ import httpx
 import pytest
 from pydantic import BaseModel, SecretStr
 
-from api.app import create_app
-from api.settings import ApiSettings
+from taskbox.api.app import create_app
+from taskbox.api.settings import ApiSettings
 from taskbox.client import (
     AsyncClient,
     Client,

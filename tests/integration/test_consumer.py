@@ -20,9 +20,9 @@ import asyncpg
 import orjson
 import pytest
 
-from broker import messages, topology
-from broker.settings import BrokerSettings
-from db.tasks import NewTask, cancel_task, create_task, get_task
+from taskbox.broker import messages, topology
+from taskbox.broker.settings import BrokerSettings
+from taskbox.db.tasks import NewTask, cancel_task, create_task, get_task
 from tests.integration.processes import ServiceProcess
 
 T = TypeVar("T")

@@ -30,14 +30,14 @@ import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
-from api.auth import exposure_refusal
-from api.settings import ApiSettings
-from broker.settings import BrokerSettings
-from consumer.settings import ConsumerSettings
-from db.grants import Process
-from db.roles import DEFAULT_NAMES, PASSWORD_VARIABLES
-from db.settings import DatabaseSettings
-from relay.settings import RelaySettings
+from taskbox.api.auth import exposure_refusal
+from taskbox.api.settings import ApiSettings
+from taskbox.broker.settings import BrokerSettings
+from taskbox.consumer.settings import ConsumerSettings
+from taskbox.db.grants import Process
+from taskbox.db.roles import DEFAULT_NAMES, PASSWORD_VARIABLES
+from taskbox.db.settings import DatabaseSettings
+from taskbox.relay.settings import RelaySettings
 from tests.conftest import ADMIN_DSN, AMQP_URL, database_dsn
 from tests.integration.conftest import poll_until_done
 from tests.integration.processes import ServiceProcess, free_port
@@ -58,11 +58,11 @@ APP_SETTINGS: dict[str, type[BaseSettings]] = {
 # What a process reads from its environment besides its settings class.
 OTHER_VARIABLES = {"roles": set(PASSWORD_VARIABLES.values())}
 COMMANDS = {
-    "migrate": ["python", "-m", "db", "migrate"],
-    "roles": ["python", "-m", "db", "roles"],
-    "api": ["python", "-m", "api"],
-    "relay": ["python", "-m", "relay"],
-    "consumer": ["python", "-m", "consumer"],
+    "migrate": ["taskbox", "migrate"],
+    "roles": ["taskbox", "roles"],
+    "api": ["taskbox", "api"],
+    "relay": ["taskbox", "relay"],
+    "consumer": ["taskbox", "consumer"],
 }
 # The settings whose default (127.0.0.1) cannot work in a container: compose must set them.
 NEED_CONTAINER_VALUE = {"DATABASE_URL", "AMQP_URL", "API_HOST", "METRICS_HOST"}
@@ -316,7 +316,7 @@ def test_each_service_sees_only_the_secrets_it_needs(name: str) -> None:
 @pytest.mark.parametrize("process", ["api", "relay", "consumer"])
 def test_api_relay_and_consumer_connect_as_their_own_roles(process: Process) -> None:
     """Not as the database owner (a superuser in the postgres image): as the role
-    ``python -m db roles`` made for the process, with that role's password."""
+    ``taskbox roles`` made for the process, with that role's password."""
     url = service_environment(process)["DATABASE_URL"]
     assert url == (
         f"postgresql://{DEFAULT_NAMES[process]}:${{{PASSWORD_VARIABLES[process]}:?"
@@ -652,7 +652,10 @@ def container_environment(
 
 
 def run_command(command: list[str]) -> list[str]:
-    assert command[0] == "python"
+    """The image's command run here: its console script or its python, from this venv."""
+    assert command[0] in {"python", "taskbox"}, command
+    if command[0] == "taskbox":
+        return [str(Path(sys.executable).parent / "taskbox"), *command[1:]]
     return [sys.executable, *command[1:]]
 
 
@@ -732,13 +735,12 @@ async def test_container_commands_run_a_task_to_done(
     try:
         for name in ("api", "relay", "consumer"):
             command = service(name)["command"]
-            assert command[:2] == ["python", "-m"]
-            assert len(command) == 3
+            assert command == ["taskbox", name]
             env = container_environment(name, local, local_roles)
             # as its own role, on the test's database
             role = local_roles[DEFAULT_NAMES[name]]
             assert env["DATABASE_URL"] == with_user(local["DATABASE_URL"], role)
-            processes[name] = await ServiceProcess(command[2], env).start()
+            processes[name] = await ServiceProcess(name, env, argv=run_command(command)).start()
         key = {"Authorization": f"Bearer {OPERATOR_VALUES['API_KEYS']}"}
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=key) as client:
             assert (await client.get("/healthz")).json() == {"status": "ok"}

@@ -15,10 +15,10 @@ import aio_pika
 import asyncpg
 import pytest
 
-from broker.settings import BrokerSettings
-from db import outbox
-from db.execution import Delivery, requeue_dead_lettered
-from db.tasks import NewTask, create_task
+from taskbox.broker.settings import BrokerSettings
+from taskbox.db import outbox
+from taskbox.db.execution import Delivery, requeue_dead_lettered
+from taskbox.db.tasks import NewTask, create_task
 from tests.integration.helpers_broker import queue_depth, topology
 from tests.integration.test_consumer import Stack, eventually, fetch_task, wait_status
 from tests.integration.test_delivery_proof import claim

@@ -17,15 +17,15 @@ import asyncpg
 import orjson
 import pytest
 
-from broker.settings import BrokerSettings
-from consumer.settings import ConsumerSettings
-from consumer.worker import TaskConsumer
-from db import execution
-from db.execution import Delivery, Outcome
-from db.pool import create_pool
-from db.settings import DatabaseSettings
-from db.tasks import NewTask, cancel_task, create_task
-from tasktypes import TaskRegistry
+from taskbox.broker.settings import BrokerSettings
+from taskbox.consumer.settings import ConsumerSettings
+from taskbox.consumer.worker import TaskConsumer
+from taskbox.db import execution
+from taskbox.db.execution import Delivery, Outcome
+from taskbox.db.pool import create_pool
+from taskbox.db.settings import DatabaseSettings
+from taskbox.db.tasks import NewTask, cancel_task, create_task
+from taskbox.tasktypes import TaskRegistry
 from tests.integration.helpers_broker import queue_depth
 from tests.integration.test_consumer import (
     Stack,

@@ -11,7 +11,7 @@ import asyncio
 import asyncpg
 import httpx
 
-from runtime import tracing
+from taskbox.runtime import tracing
 
 TASKS = "/api/v1/tasks"
 

@@ -8,7 +8,7 @@ import uuid
 import asyncpg
 import httpx
 
-from db.replay import replay_chunk
+from taskbox.db.replay import replay_chunk
 
 TASKS = "/api/v1/tasks"
 BODY = {"type": "echo", "payload": {"order": 42}}

@@ -16,9 +16,9 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.settings import BrokerSettings
-from db.settings import DatabaseSettings
-from db.tasks import NewTask, create_task
+from taskbox.broker.settings import BrokerSettings
+from taskbox.db.settings import DatabaseSettings
+from taskbox.db.tasks import NewTask, create_task
 from tests.integration.processes import ServiceProcess, free_port
 
 

@@ -24,11 +24,11 @@ import asyncpg
 import httpx
 import pytest
 
-from db import outbox
-from db.tasks import NewTask, create_group, create_task, create_task_once, create_tasks
-from relay.housekeeping import sweep
-from relay.settings import RelaySettings
-from runtime import tracing
+from taskbox.db import outbox
+from taskbox.db.tasks import NewTask, create_group, create_task, create_task_once, create_tasks
+from taskbox.relay.housekeeping import sweep
+from taskbox.relay.settings import RelaySettings
+from taskbox.runtime import tracing
 
 TASKS = "/api/v1/tasks"
 BATCH = "/api/v1/tasks/batch"

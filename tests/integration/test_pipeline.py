@@ -16,8 +16,8 @@ import aiormq
 import pytest
 from pamqp.commands import Basic
 
-from broker import pipeline
-from broker.settings import BrokerSettings
+from taskbox.broker import pipeline
+from taskbox.broker.settings import BrokerSettings
 from tests.conftest import AMQP_URL
 
 

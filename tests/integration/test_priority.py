@@ -8,10 +8,10 @@ import aio_pika
 import asyncpg
 import pytest
 
-from broker import messages
-from broker.settings import BrokerSettings
-from broker.topology import TopologyMismatch, declare
-from db.tasks import NewTask, create_task
+from taskbox.broker import messages
+from taskbox.broker.settings import BrokerSettings
+from taskbox.broker.topology import TopologyMismatch, declare
+from taskbox.db.tasks import NewTask, create_task
 from tests.integration.helpers_broker import queue_depth, take_all
 from tests.integration.processes import ServiceProcess, run_command
 from tests.integration.test_relay import eventually

@@ -98,7 +98,7 @@ def refusing_env(settings: dict[str, str]) -> dict[str, str]:
         ),
         # what each uvicorn worker does: import the app, which reads the settings
         (
-            ["uvicorn", "api.asgi:app", "--port", "0"],
+            ["uvicorn", "taskbox.api.asgi:app", "--port", "0"],
             {**WRONG_SCHEME, **MALFORMED_API_KEYS},
             [DATABASE_URL_REASON, API_KEYS_REASON],
         ),

@@ -93,11 +93,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from broker import messages
-from consumer.attempt import ClaimedTask, failed_outcome, stopped_outcome
-from consumer.lifecycle import Execution, Executions, Phase, Settlement
-from db import outbox, replay, retention
-from db.execution import (
+from taskbox.broker import messages
+from taskbox.consumer.attempt import ClaimedTask, failed_outcome, stopped_outcome
+from taskbox.consumer.lifecycle import Execution, Executions, Phase, Settlement
+from taskbox.db import outbox, replay, retention
+from taskbox.db.execution import (
     Delivery,
     Outcome,
     claim_tasks,
@@ -106,11 +106,11 @@ from db.execution import (
     requeue_dead_lettered,
     rescue_stale,
 )
-from db.pool import create_pool
-from db.settings import DatabaseSettings
-from db.states import TERMINAL, TaskStatus
-from db.tasks import NewTask, cancel_task, create_task
-from tasktypes import PermanentError
+from taskbox.db.pool import create_pool
+from taskbox.db.settings import DatabaseSettings
+from taskbox.db.states import TERMINAL, TaskStatus
+from taskbox.db.tasks import NewTask, cancel_task, create_task
+from taskbox.tasktypes import PermanentError
 
 T = TypeVar("T")
 S = TaskStatus

@@ -22,15 +22,15 @@ import aio_pika
 import asyncpg
 import pytest
 
-from broker import messages
-from broker.settings import BrokerSettings
-from db import outbox
-from db.pool import create_pool
-from db.settings import DatabaseSettings
-from db.tasks import NewTask, cancel_task, create_task
-from relay.publisher import BrokerUnavailable, OutboxPublisher
-from relay.relay import OutboxRelay, open_broker
-from relay.settings import RelaySettings
+from taskbox.broker import messages
+from taskbox.broker.settings import BrokerSettings
+from taskbox.db import outbox
+from taskbox.db.pool import create_pool
+from taskbox.db.settings import DatabaseSettings
+from taskbox.db.tasks import NewTask, cancel_task, create_task
+from taskbox.relay.publisher import BrokerUnavailable, OutboxPublisher
+from taskbox.relay.relay import OutboxRelay, open_broker
+from taskbox.relay.settings import RelaySettings
 from tests.conftest import ADMIN_DSN
 from tests.integration.helpers_broker import queue_depth, take_all, topology
 from tests.integration.processes import ServiceProcess

@@ -19,10 +19,10 @@ import aio_pika
 import asyncpg
 import pytest
 
-from broker.settings import BrokerSettings
-from db import replay as store
-from db.settings import DatabaseSettings
-from db.tasks import NewTask, create_task
+from taskbox.broker.settings import BrokerSettings
+from taskbox.db import replay as store
+from taskbox.db.settings import DatabaseSettings
+from taskbox.db.tasks import NewTask, create_task
 from tests.integration.helpers_broker import queue_depth
 from tests.integration.processes import CommandResult, ServiceProcess, run_command
 

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from api.app import create_app
-from api.settings import ApiSettings
-from runtime.logs import TaskContextFilter
+from taskbox.api.app import create_app
+from taskbox.api.settings import ApiSettings
+from taskbox.runtime.logs import TaskContextFilter
 from tests.integration.conftest import app_client_for
 from tests.integration.test_api_security import bearer, settings_with
 from tests.integration.test_api_tasks import INTERNALS, TASKS, assert_problem
@@ -142,7 +142,7 @@ async def test_a_500_is_logged_with_its_request_id_and_leaks_nothing(
     for leak in INTERNALS:
         assert leak not in response.text
 
-    (logged,) = [r for r in caplog.records if r.name == "api.errors"]
+    (logged,) = [r for r in caplog.records if r.name == "taskbox.api.errors"]
     assert logged.levelno == logging.ERROR
     assert logged.__dict__["request_id"] == "trace-me-500"
     (handler_line,) = [r for r in caplog.records if r.name == "tests.broken"]
@@ -167,11 +167,11 @@ async def test_the_id_is_unbound_once_the_request_is_answered(
 async def test_a_503_is_logged_with_its_request_id(
     down_client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="api.errors"):
+    with caplog.at_level(logging.WARNING, logger="taskbox.api.errors"):
         response = await down_client.get(TASKS, headers={"X-Request-ID": "db-down-1"})
     problem = assert_problem(response, 503)
     assert problem["request_id"] == "db-down-1"
-    logged = [r for r in caplog.records if r.name == "api.errors"]
+    logged = [r for r in caplog.records if r.name == "taskbox.api.errors"]
     assert logged, caplog.text
     assert all(r.__dict__["request_id"] == "db-down-1" for r in logged)
 

@@ -11,13 +11,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from db import retention
-from db.pool import connect
-from db.settings import DatabaseSettings
-from db.tasks import NewTask, create_task
-from relay.housekeeping import Housekeeper, sweep
-from relay.metrics import RelayMetrics
-from relay.settings import RelaySettings
+from taskbox.db import retention
+from taskbox.db.pool import connect
+from taskbox.db.settings import DatabaseSettings
+from taskbox.db.tasks import NewTask, create_task
+from taskbox.relay.housekeeping import Housekeeper, sweep
+from taskbox.relay.metrics import RelayMetrics
+from taskbox.relay.settings import RelaySettings
 from tests.integration.processes import ServiceProcess, run_command
 
 DAY = 86400.0

@@ -23,16 +23,16 @@ import asyncpg
 import httpx
 import pytest
 
-from api.settings import ApiSettings
-from db import execution, overview, retention
-from db import replay as replay_store
-from db.grants import PROCESSES, Process
-from db.outbox import PublishRefusal, claim_batch, notify, record_publish_outcome
-from db.pool import connect
-from db.roles import RolesError, apply_roles
-from db.settings import DatabaseSettings
-from db.states import CANCEL_LATER, CANCEL_NOW, TaskStatus
-from db.tasks import (
+from taskbox.api.settings import ApiSettings
+from taskbox.db import execution, overview, retention
+from taskbox.db import replay as replay_store
+from taskbox.db.grants import PROCESSES, Process
+from taskbox.db.outbox import PublishRefusal, claim_batch, notify, record_publish_outcome
+from taskbox.db.pool import connect
+from taskbox.db.roles import RolesError, apply_roles
+from taskbox.db.settings import DatabaseSettings
+from taskbox.db.states import CANCEL_LATER, CANCEL_NOW, TaskStatus
+from taskbox.db.tasks import (
     NewTask,
     TaskFilter,
     cancel_task,
@@ -45,10 +45,10 @@ from db.tasks import (
     list_full_tasks,
     list_tasks,
 )
-from relay.housekeeping import Housekeeper
-from relay.listener import OutboxListener
-from relay.metrics import RelayMetrics
-from relay.settings import RelaySettings
+from taskbox.relay.housekeeping import Housekeeper
+from taskbox.relay.listener import OutboxListener
+from taskbox.relay.metrics import RelayMetrics
+from taskbox.relay.settings import RelaySettings
 from tests.integration.conftest import app_client_for, poll_until_done
 from tests.integration.processes import ServiceProcess, run_command
 

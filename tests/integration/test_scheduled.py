@@ -21,9 +21,9 @@ import asyncpg
 import httpx
 import pytest
 
-from api.settings import ApiSettings
-from broker import messages
-from broker.settings import BrokerSettings
+from taskbox.api.settings import ApiSettings
+from taskbox.broker import messages
+from taskbox.broker.settings import BrokerSettings
 from tests.integration.conftest import app_client_for
 from tests.integration.helpers_broker import queue_depth, take_all
 from tests.integration.processes import ServiceProcess

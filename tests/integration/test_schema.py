@@ -16,9 +16,9 @@ from sqlalchemy import pool as sa_pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from db.migrations import alembic_config
-from db.schema import metadata
-from db.settings import DatabaseSettings
+from taskbox.db.migrations import alembic_config
+from taskbox.db.schema import metadata
+from taskbox.db.settings import DatabaseSettings
 from tests.conftest import ROOT, database_dsn
 
 

@@ -6,8 +6,8 @@ import aio_pika
 import asyncpg
 import orjson
 
-from broker.settings import BrokerSettings
-from db.tasks import NewTask, create_task
+from taskbox.broker.settings import BrokerSettings
+from taskbox.db.tasks import NewTask, create_task
 from tests.integration.helpers_broker import topology
 from tests.integration.processes import free_port, run_command
 

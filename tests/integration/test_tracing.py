@@ -14,12 +14,12 @@ import httpx
 import orjson
 import pytest
 
-from broker.settings import BrokerSettings
-from db.settings import DatabaseSettings
-from db.tasks import NewTask, create_task
-from relay.relay import OutboxRelay, open_broker
-from relay.settings import RelaySettings
-from runtime import tracing
+from taskbox.broker.settings import BrokerSettings
+from taskbox.db.settings import DatabaseSettings
+from taskbox.db.tasks import NewTask, create_task
+from taskbox.relay.relay import OutboxRelay, open_broker
+from taskbox.relay.settings import RelaySettings
+from taskbox.runtime import tracing
 from tests.integration.helpers_broker import take_all, topology
 from tests.integration.processes import ServiceProcess
 
@@ -87,7 +87,7 @@ async def test_relay_carries_the_trace_onto_the_message_and_logs_refusals_with_i
             await topo.queue.unbind(topo.exchange, routing_key=topo.routing_key)
             async with pool.acquire() as conn:
                 refused = await create_task(conn, NewTask("echo", {}, 0, 3))
-            with caplog.at_level(logging.WARNING, logger="relay.relay"):
+            with caplog.at_level(logging.WARNING, logger="taskbox.relay.relay"):
                 assert await relay.drain_batch() == 1
     finally:
         await connection.close()

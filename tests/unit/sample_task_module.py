@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from tasktypes import TaskContext, task
+from taskbox.tasktypes import TaskContext, task
 
 
 class Greeting(BaseModel):

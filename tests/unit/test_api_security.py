@@ -10,10 +10,10 @@ import pytest
 from pydantic import SecretStr, ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
-from api.auth import exposure_refusal, key_bytes, key_matches, loopback_only
-from api.middleware import ContentLengthLimit, JsonBodiesOnly, json_media_type_refusal
-from api.settings import ApiSettings
-from db.storable import MAX_STRING, UnstorablePayload, check_storable
+from taskbox.api.auth import exposure_refusal, key_bytes, key_matches, loopback_only
+from taskbox.api.middleware import ContentLengthLimit, JsonBodiesOnly, json_media_type_refusal
+from taskbox.api.settings import ApiSettings
+from taskbox.db.storable import MAX_STRING, UnstorablePayload, check_storable
 
 # ------------------------------------------------------------------------- settings
 

@@ -13,11 +13,11 @@ import orjson
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from consumer.attempt import ClaimedTask, run_attempt
-from consumer.lifecycle import StopReason
-from db.execution import Outcome
-from db.states import TaskStatus
-from tasktypes import PermanentError, TaskContext, TaskRegistry
+from taskbox.consumer.attempt import ClaimedTask, run_attempt
+from taskbox.consumer.lifecycle import StopReason
+from taskbox.db.execution import Outcome
+from taskbox.db.states import TaskStatus
+from taskbox.tasktypes import PermanentError, TaskContext, TaskRegistry
 
 TASK_ID = uuid.UUID("5d0b1c3e-8a2f-4e61-b7c9-0f1e2d3c4b5a")
 LEASE = 7
@@ -202,7 +202,7 @@ async def test_a_raising_handler_is_retried_while_attempts_remain(
 async def test_a_raising_handler_fails_the_task_on_its_last_attempt(
     registry: TaskRegistry, delay: RecordingDelay, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="consumer.attempt"):
+    with caplog.at_level(logging.WARNING, logger="taskbox.consumer.attempt"):
         outcome = await run_attempt(
             claimed("boom", attempt=3, max_attempts=3), registry, DEFAULT_TIMEOUT, delay
         )

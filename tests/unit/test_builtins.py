@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from api.settings import ApiSettings
-from consumer.settings import ConsumerSettings
-from relay.settings import RelaySettings
-from tasktypes import default_registry, load_registry
-from tasktypes.builtins import MAX_SLEEP_SECONDS, NAMES, SleepPayload
+from taskbox.api.settings import ApiSettings
+from taskbox.consumer.settings import ConsumerSettings
+from taskbox.relay.settings import RelaySettings
+from taskbox.tasktypes import default_registry, load_registry
+from taskbox.tasktypes.builtins import MAX_SLEEP_SECONDS, NAMES, SleepPayload
 
 SAMPLE_MODULE = "tests.unit.sample_task_module"
 
@@ -28,7 +28,9 @@ def test_names_are_exactly_the_types_the_builtins_module_registers() -> None:
     load_registry([])
     types = [default_registry.get(name) for name in default_registry.names()]
     builtin = {
-        t.name for t in types if t is not None and t.handler.__module__ == "tasktypes.builtins"
+        t.name
+        for t in types
+        if t is not None and t.handler.__module__ == "taskbox.tasktypes.builtins"
     }
     assert builtin == set(NAMES) == {"echo", "sleep", "sha256", "fail"}
 

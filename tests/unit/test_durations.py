@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from relay.settings import RelaySettings
-from runtime.durations import InvalidDuration, format_duration, parse_duration
+from taskbox.relay.settings import RelaySettings
+from taskbox.runtime.durations import InvalidDuration, format_duration, parse_duration
 
 
 @pytest.mark.parametrize(

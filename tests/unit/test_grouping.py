@@ -11,8 +11,8 @@ import asyncio
 import asyncpg
 import pytest
 
-from api.grouping import GroupCommit
-from db.errors import nothing_committed
+from taskbox.api.grouping import GroupCommit
+from taskbox.db.errors import nothing_committed
 
 
 class Refused(Exception):

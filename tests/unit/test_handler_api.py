@@ -17,10 +17,10 @@ import orjson
 import pytest
 from pydantic import BaseModel
 
-from consumer.attempt import ClaimedTask, run_attempt, type_retry_delay
-from db.execution import Outcome
-from db.states import TaskStatus
-from tasktypes import AttemptEvent, Retry, TaskContext, TaskRegistry
+from taskbox.consumer.attempt import ClaimedTask, run_attempt, type_retry_delay
+from taskbox.db.execution import Outcome
+from taskbox.db.states import TaskStatus
+from taskbox.tasktypes import AttemptEvent, Retry, TaskContext, TaskRegistry
 
 TASK_ID = uuid.UUID("0c7e6f0a-3b0e-4a55-9d4b-6a1f2e3d4c5b")
 LEASE = 3
@@ -299,7 +299,7 @@ async def test_a_raising_hook_is_logged_and_changes_nothing(
     def after(event: AttemptEvent) -> None:
         calls.append(event.event)
 
-    with caplog.at_level(logging.ERROR, logger="consumer.attempt"):
+    with caplog.at_level(logging.ERROR, logger="taskbox.consumer.attempt"):
         outcome = await run_attempt(claimed("ok"), registry, DEFAULT_TIMEOUT, fixed_delay)
     assert outcome.status == TaskStatus.DONE
     assert calls == ["success"]  # a raising hook does not stop the next one

@@ -12,7 +12,13 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from runtime.logs import JsonFormatter, TaskContextFilter, TextFormatter, bind_task, task_fields
+from taskbox.runtime.logs import (
+    JsonFormatter,
+    TaskContextFilter,
+    TextFormatter,
+    bind_task,
+    task_fields,
+)
 
 
 @pytest.fixture
@@ -98,7 +104,7 @@ def text_lines(record: logging.LogRecord) -> list[str]:
 def test_a_text_line_is_one_line_whatever_the_message_and_fields_hold(breaker: str) -> None:
     record = logging.makeLogRecord(
         {
-            "name": "consumer.attempt",
+            "name": "taskbox.consumer.attempt",
             "levelno": logging.WARNING,
             "levelname": "WARNING",
             "msg": "attempt failed, no attempts left: %s",

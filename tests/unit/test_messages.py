@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
-from broker.messages import CONTENT_TYPE, MalformedMessage, TaskMessage, encode, parse
+from taskbox.broker.messages import CONTENT_TYPE, MalformedMessage, TaskMessage, encode, parse
 
 TASK_ID = uuid.UUID("0b6f5a8e-3c1d-4a51-9d7e-2f1c9b0e7a11")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from api.notifier import OutboxNotifier
+from taskbox.api.notifier import OutboxNotifier
 
 
 class RecordingPool:

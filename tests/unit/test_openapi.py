@@ -1,4 +1,4 @@
-"""api.app's OpenAPI post-processing: a 422 only where FastAPI's validation can refuse."""
+"""taskbox.api.app's OpenAPI post-processing: a 422 only where FastAPI's validation can refuse."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Annotated, Any
 import pytest
 from fastapi import APIRouter, FastAPI, Header, Path, Query
 
-from api.app import _document_responses
-from api.schemas import TaskCreate
+from taskbox.api.app import _document_responses
+from taskbox.api.schemas import TaskCreate
 
 
 def _responses(included: bool) -> dict[tuple[str, str], set[str]]:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from prometheus_client import Counter
 
-from runtime.probes import (
+from taskbox.runtime.probes import (
     AttributeCollector,
     PortUnavailable,
     Probes,

@@ -17,8 +17,8 @@ from pamqp import frame as pamqp_frame
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from db.outbox import PublishRefusal
-from relay.publisher import BrokerUnavailable, OutboxPublisher, describe
+from taskbox.db.outbox import PublishRefusal
+from taskbox.relay.publisher import BrokerUnavailable, OutboxPublisher, describe
 
 ROUTING_KEY = "taskbox.tasks"
 PUBLISH_TIMEOUT = 0.25  # long enough for a loaded CI box; the timeout cases wait it out

@@ -9,8 +9,8 @@ import orjson
 import pytest
 from asyncpg.pgproto import pgproto
 
-from api import rendering
-from api.schemas import Task, TaskPage, TaskStatusView, TaskSummary, TaskSummaryPage
+from taskbox.api import rendering
+from taskbox.api.schemas import Task, TaskPage, TaskStatusView, TaskSummary, TaskSummaryPage
 
 
 def row(**overrides: Any) -> dict[str, Any]:

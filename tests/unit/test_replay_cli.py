@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from db.states import TaskStatus
-from relay.__main__ import main
-from relay.replay import parse_moment, parse_outbox_range, parse_statuses, parse_task_id
+from taskbox.db.states import TaskStatus
+from taskbox.relay.__main__ import main
+from taskbox.relay.replay import parse_moment, parse_outbox_range, parse_statuses, parse_task_id
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,11 @@
-"""api.errors.route_path: the path the key gate and the 404 decide on, read as Starlette
+"""taskbox.api.errors.route_path: the path the key gate and the 404 decide on, read as Starlette
 routes it (the gate is the only API-key check of the task routes)."""
 
 from __future__ import annotations
 
 import pytest
 
-from api.errors import route_path
+from taskbox.api.errors import route_path
 
 
 @pytest.mark.parametrize(

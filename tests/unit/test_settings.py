@@ -11,15 +11,15 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from api import pagination
-from api.settings import ApiSettings
-from broker.settings import BrokerSettings
-from broker.topology import queue_arguments
-from consumer.settings import ConsumerSettings
-from db.settings import DatabaseSettings, plain_dsn
-from relay.settings import RelaySettings
-from runtime.backoff import backoff_delay
-from runtime.settings import ProcessSettings, TaskTypeSettings, describe_invalid, mask_url
+from taskbox.api import pagination
+from taskbox.api.settings import ApiSettings
+from taskbox.broker.settings import BrokerSettings
+from taskbox.broker.topology import queue_arguments
+from taskbox.consumer.settings import ConsumerSettings
+from taskbox.db.settings import DatabaseSettings, plain_dsn
+from taskbox.relay.settings import RelaySettings
+from taskbox.runtime.backoff import backoff_delay
+from taskbox.runtime.settings import ProcessSettings, TaskTypeSettings, describe_invalid, mask_url
 
 # Variables a developer's shell or CI might export; each test starts without them.
 SETTINGS_ENV = (

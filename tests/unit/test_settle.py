@@ -12,7 +12,7 @@ from aiormq.abc import ChannelFrame
 from pamqp import frame as pamqp_frame
 from pamqp.commands import Basic
 
-from consumer.worker import _settle, _settle_all, consume
+from taskbox.consumer.worker import _settle, _settle_all, consume
 
 
 class WrittenChannel:
@@ -72,7 +72,7 @@ class DeliveredMessage:
 async def test_a_committed_batch_is_settled_with_one_write_per_channel(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="consumer.worker")
+    caplog.set_level(logging.INFO, logger="taskbox.consumer.worker")
     first, second, gone = WrittenChannel(1), WrittenChannel(2), WrittenChannel(3, closed=True)
     # Its close has begun (the broker's channel.close arrived), is_closed not yet true:
     # an ack written now would follow the close-ok and cost the whole connection.
@@ -118,7 +118,7 @@ async def test_a_committed_batch_is_settled_with_one_write_per_channel(
 async def test_a_channel_lost_during_the_write_is_logged_not_raised(
     error: BaseException, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="consumer.worker")
+    caplog.set_level(logging.INFO, logger="taskbox.consumer.worker")
     channel = WrittenChannel(1, error=error)
     await _settle(cast(Any, DeliveredMessage(channel, 4)), how)
     assert "it will be redelivered" in caplog.text

@@ -11,8 +11,8 @@ import itertools
 
 import pytest
 
-from db import states
-from db.states import TaskStatus
+from taskbox.db import states
+from taskbox.db.states import TaskStatus
 
 NEW = TaskStatus.NEW
 PENDING = TaskStatus.PENDING

@@ -10,10 +10,10 @@ from typing import Any, Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from api import pagination
-from api.batch import UnreadableBody
-from api.schemas import TaskCreate
-from api.service import (
+from taskbox.api import pagination
+from taskbox.api.batch import UnreadableBody
+from taskbox.api.schemas import TaskCreate
+from taskbox.api.service import (
     Cancellation,
     IdempotencyConflict,
     InvalidRequest,
@@ -22,9 +22,9 @@ from api.service import (
     TaskRow,
     TaskService,
 )
-from db.states import CANCEL_LATER, CANCEL_NOW, TaskStatus
-from db.tasks import CancelOutcome, NewTask, Page, TaskFilter
-from tasktypes import TaskContext, TaskRegistry, load_registry
+from taskbox.db.states import CANCEL_LATER, CANCEL_NOW, TaskStatus
+from taskbox.db.tasks import CancelOutcome, NewTask, Page, TaskFilter
+from taskbox.tasktypes import TaskContext, TaskRegistry, load_registry
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 600_000, tzinfo=UTC)
 

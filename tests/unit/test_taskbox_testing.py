@@ -11,8 +11,8 @@ import pytest
 from pydantic import BaseModel, Field, ValidationError
 
 import tests.unit.sample_task_module  # noqa: F401 - registers sample-greet on default_registry
-from api.settings import ApiSettings
 from taskbox import AttemptEvent, PermanentError, Retry, TaskContext, TaskRegistry
+from taskbox.api.settings import ApiSettings
 from taskbox.testing import DEFAULT_MAX_ATTEMPTS, AttemptOutcome, UnknownTaskType, run, run_sync
 
 

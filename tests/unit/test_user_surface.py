@@ -10,9 +10,10 @@ import sys
 import pytest
 
 import taskbox
-import tasktypes
+import taskbox.tasktypes as tasktypes
 
 SERVER = ("api", "db", "relay", "consumer", "broker", "runtime", "tasktypes")
+PREFIXES = [("taskbox", name) for name in SERVER]
 
 
 def test_the_handler_api_is_tasktypes_own_objects() -> None:
@@ -40,7 +41,8 @@ def _loaded_after(code: str) -> list[str]:
     """The server modules a fresh interpreter has loaded after running ``code``."""
     probe = (
         f"import json, sys; {code}; "
-        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {SERVER!r})))"
+        f"loaded = [m for m in sys.modules if tuple(m.split('.')[:2]) in {PREFIXES!r}]; "
+        "print(json.dumps(sorted(loaded)))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     loaded: list[str] = json.loads(out.stdout)
@@ -54,4 +56,4 @@ def test_importing_taskbox_or_its_client_loads_no_server_package() -> None:
 
 
 def test_the_handler_api_loads_tasktypes_on_first_use() -> None:
-    assert "tasktypes.registry" in _loaded_after("from taskbox import task")
+    assert "taskbox.tasktypes.registry" in _loaded_after("from taskbox import task")

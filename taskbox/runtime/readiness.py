@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 from aio_pika.abc import AbstractConnection
 
-from runtime.probes import ReadinessCheck
+from taskbox.runtime.probes import ReadinessCheck
 
 
 def database_check(pool: asyncpg.Pool) -> ReadinessCheck:

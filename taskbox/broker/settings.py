@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings
 
-from runtime.settings import ENV_CONFIG
+from taskbox.runtime.settings import ENV_CONFIG
 
 _AMQP_SCHEMES = ("amqp", "amqps")
 

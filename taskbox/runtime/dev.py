@@ -1,4 +1,4 @@
-"""``python -m runtime.dev`` (``make dev``): api, relay and consumer as local processes.
+"""``python -m taskbox.runtime.dev`` (``make dev``): api, relay and consumer as local processes.
 
 Their output is interleaved with a name prefix. Ctrl-C (or SIGTERM) stops all three
 gracefully; if one of them exits on its own, the others are stopped too and the exit
@@ -29,7 +29,7 @@ async def main() -> int:
         name: await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            name,
+            f"taskbox.{name}",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches them through us, once

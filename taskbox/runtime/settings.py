@@ -14,7 +14,7 @@ from typing import Annotated, TypeVar
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from runtime.logs import LogFormat
+from taskbox.runtime.logs import LogFormat
 
 # Every settings class reads the environment and, when present, .env; names not its
 # own are other processes' settings, not mistakes.

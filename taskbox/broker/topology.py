@@ -28,7 +28,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 from aio_pika.exceptions import ChannelPreconditionFailed
 
-from broker.settings import BrokerSettings
+from taskbox.broker.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
 

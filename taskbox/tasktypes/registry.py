@@ -1,0 +1,290 @@
+"""Registered task types, their per-type policy, the hooks around attempts, and how user
+modules are loaded.
+
+A ``TaskRegistry`` is an object a test can build: ``registry.task(...)`` registers a
+handler on it and ``registry.on("failure")`` a hook. The module-level ``task`` and ``on``
+decorators are conveniences that register on ``default_registry``, the one the api and
+the consumer load (``load_registry``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import math
+import os
+import sys
+import uuid
+import warnings
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P", bound=BaseModel)
+# An ``async def`` runs on the consumer's event loop; a plain ``def`` in its thread pool.
+Handler = Callable[[Any, "TaskContext"], Any]
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
+
+HookEvent = Literal["start", "success", "failure", "retry"]
+HOOK_EVENTS: tuple[HookEvent, ...] = ("start", "success", "failure", "retry")
+# A hook gets one AttemptEvent; it may be a plain function or a coroutine function.
+Hook = Callable[["AttemptEvent"], Awaitable[None] | None]
+HookT = TypeVar("HookT", bound=Hook)
+
+
+class PermanentError(Exception):
+    """Raise from a handler to fail the task at once, without further attempts."""
+
+
+class Retry(Exception):
+    """Raise from a handler to ask for another attempt ``in_seconds`` from now (the
+    type's backoff when None). It ends this attempt as a failed one: it counts against
+    max_attempts, and on the last attempt the task fails."""
+
+    def __init__(self, in_seconds: float | None = None, message: str = "") -> None:
+        if in_seconds is not None and not (math.isfinite(in_seconds) and in_seconds >= 0):
+            raise ValueError(
+                f"Retry(in_seconds=...) must be a finite number >= 0, not {in_seconds!r}"
+            )
+        self.in_seconds = in_seconds
+        super().__init__(message or "the handler asked for a retry")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What a handler may want to know about the attempt it runs."""
+
+    task_id: uuid.UUID
+    attempt: int
+    max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptEvent:
+    """What a hook is told. ``start`` comes before the handler runs; then exactly one of
+    ``success`` (``result`` set), ``retry`` (``error`` and ``retry_in`` set) or
+    ``failure`` (``error`` set: the task failed for good), unless the consumer stopped
+    the attempt itself (cancel, shutdown, lost ownership, abandonment)."""
+
+    event: HookEvent
+    task_type: str
+    context: TaskContext
+    result: Any = None
+    error: BaseException | None = None
+    retry_in: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskType:
+    name: str
+    payload_model: type[BaseModel]
+    handler: Handler
+    timeout: float | None = None  # seconds; None means the consumer's HANDLER_TIMEOUT
+    max_attempts: int | None = None  # for creates that omit it; None: DEFAULT_MAX_ATTEMPTS
+    retry_base: float | None = None  # backoff before the 2nd attempt; None: RETRY_BASE_DELAY
+    retry_max: float | None = None  # longest backoff; None: RETRY_MAX_DELAY
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.handler)
+
+    def parse_payload(self, payload: Any) -> BaseModel:
+        """Validate a payload; raises pydantic.ValidationError."""
+        return self.payload_model.model_validate(payload)
+
+
+@dataclass(slots=True)
+class Hooks:
+    """The hooks of a registry, by event, in registration order."""
+
+    by_event: dict[HookEvent, list[Hook]] = field(
+        default_factory=lambda: {event: [] for event in HOOK_EVENTS}
+    )
+
+    def add(self, event: HookEvent, hook: Hook) -> None:
+        if event not in self.by_event:
+            raise ValueError(f"no hook event {event!r}; one of {', '.join(HOOK_EVENTS)}")
+        self.by_event[event].append(hook)
+
+    def __getitem__(self, event: HookEvent) -> list[Hook]:
+        return self.by_event[event]
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be > 0, not {value!r}")
+
+
+class TaskRegistry:
+    def __init__(self) -> None:
+        self._types: dict[str, TaskType] = {}
+        self.hooks = Hooks()
+
+    def register(
+        self,
+        name: str,
+        payload_model: type[P],
+        handler: Callable[[P, TaskContext], Any],
+        *,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        retry_base: float | None = None,
+        retry_max: float | None = None,
+    ) -> TaskType:
+        if name in self._types and self._types[name].handler is not handler:
+            raise ValueError(f"task type {name!r} is already registered")
+        _positive("timeout", timeout)
+        _positive("retry_base", retry_base)
+        _positive("retry_max", retry_max)
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, not {max_attempts!r}")
+        task_type = TaskType(
+            name, payload_model, handler, timeout, max_attempts, retry_base, retry_max
+        )
+        self._types[name] = task_type
+        return task_type
+
+    def task(
+        self,
+        name: str,
+        payload_model: type[P],
+        *,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        retry_base: float | None = None,
+        retry_max: float | None = None,
+    ) -> Callable[[HandlerT], HandlerT]:
+        """Register the decorated ``handler(payload, ctx)`` (``async def`` or plain
+        ``def``) under ``name``, with its policy."""
+
+        def decorate(handler: HandlerT) -> HandlerT:
+            self.register(
+                name,
+                payload_model,
+                handler,
+                timeout=timeout,
+                max_attempts=max_attempts,
+                retry_base=retry_base,
+                retry_max=retry_max,
+            )
+            return handler
+
+        return decorate
+
+    def on(self, event: HookEvent) -> Callable[[HookT], HookT]:
+        """Register the decorated ``hook(event: AttemptEvent)`` for ``event``."""
+
+        def decorate(hook: HookT) -> HookT:
+            self.hooks.add(event, hook)
+            return hook
+
+        return decorate
+
+    def get(self, name: str) -> TaskType | None:
+        return self._types.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._types)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._types
+
+    def __len__(self) -> int:
+        return len(self._types)
+
+    def without(self, names: Iterable[str]) -> TaskRegistry:
+        """A new registry with every type of this one but ``names``, and its hooks."""
+        excluded = set(names)
+        registry = TaskRegistry()
+        registry._types = {name: t for name, t in self._types.items() if name not in excluded}
+        registry.hooks = self.hooks
+        return registry
+
+
+default_registry = TaskRegistry()
+
+
+def task(
+    name: str,
+    payload_model: type[P],
+    *,
+    timeout: float | None = None,
+    max_attempts: int | None = None,
+    retry_base: float | None = None,
+    retry_max: float | None = None,
+) -> Callable[[HandlerT], HandlerT]:
+    """``default_registry.task(...)``: register the decorated handler under ``name``."""
+    return default_registry.task(
+        name,
+        payload_model,
+        timeout=timeout,
+        max_attempts=max_attempts,
+        retry_base=retry_base,
+        retry_max=retry_max,
+    )
+
+
+def on(event: HookEvent) -> Callable[[HookT], HookT]:
+    """``default_registry.on(event)``: register the decorated hook."""
+    return default_registry.on(event)
+
+
+def load_registry(modules: Iterable[str], *, builtin_types: bool = True) -> TaskRegistry:
+    """Import the built-ins and every module in ``modules``; their decorators register
+    in ``default_registry``, which is returned.
+
+    Without ``builtin_types`` (BUILTIN_TASK_TYPES=false) the result is a copy without
+    the built-in demo types. They are still imported, so their names stay taken: a
+    module cannot register an ``echo`` of its own either way.
+    """
+    builtins = importlib.import_module("taskbox.tasktypes.builtins")
+    modules = list(modules)
+    if modules:
+        _put_working_directory_on_path()
+    for module in modules:
+        try:
+            _import_task_module(module)
+        except ImportError as exc:
+            raise RuntimeError(
+                f"TASK_MODULES names {module!r}, which cannot be imported: {exc}"
+            ) from exc
+    if builtin_types:
+        return default_registry
+    return default_registry.without(builtins.NAMES)
+
+
+def _put_working_directory_on_path() -> None:
+    """The user's task modules live in the directory the process starts from, as with
+    ``python -m``: the ``taskbox`` console script does not put it on ``sys.path`` itself
+    (uvicorn and Celery's worker do the same). Taskbox's own modules are all under
+    ``taskbox.``, so a user's ``api`` or ``db`` package found here shadows nothing."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def _import_task_module(module: str) -> None:
+    """Import one TASK_MODULES entry; its use of the deprecated ``tasktypes`` name is
+    logged with the module, where an operator sees it (a DeprecationWarning alone is
+    hidden outside ``__main__``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        importlib.import_module(module)
+    for warning in caught:
+        if warning.category is DeprecationWarning and "'tasktypes'" in str(warning.message):
+            log.warning(
+                "task module %s: %s (%s:%s)",
+                module,
+                warning.message,
+                warning.filename,
+                warning.lineno,
+            )
+        else:  # not ours to judge: re-issued as if nothing had caught it
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
