@@ -42,6 +42,7 @@ class ServiceProcess:
         **extra_env: str,
     ) -> None:
         self.module = module
+        self.cwd = ROOT  # the directory it starts in; a test may set another first
         self.argv = list(argv) if argv is not None else [sys.executable, "-m", f"taskbox.{module}"]
         self.env = {**env, **extra_env}
         self.proc: asyncio.subprocess.Process | None = None
@@ -73,7 +74,7 @@ class ServiceProcess:
         """Start the process without waiting for it to be ready (see ``start``)."""
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self.env,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
