@@ -49,8 +49,11 @@ async def open_queue(
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=settings.consumer_prefetch)
         declared = await topology.declare(channel, settings)
-        # Acks go to aiormq's channel in batches (broker.pipeline.send_frames).
-        pipeline.check_channel(await channel.get_underlay_channel())
+        if settings.amqp_pipeline:
+            # Acks go to aiormq's channel in batches (broker.pipeline.send_frames).
+            pipeline.check_channel(await channel.get_underlay_channel())
+        else:
+            log.info("settling messages through aio-pika's public API (AMQP_PIPELINE=false)")
     except BaseException:
         # A retry opens a connection of its own; this one must not linger, reconnecting.
         await connection.close()

@@ -116,12 +116,33 @@ def _frame(how: str, tag: int) -> Basic.Ack | Basic.Nack | Basic.Reject:
     return Basic.Reject(delivery_tag=tag, requeue=False)  # dead-letter
 
 
-async def _settle(message: AbstractIncomingMessage, how: str) -> None:
+async def _settle(message: AbstractIncomingMessage, how: str, *, pipelined: bool = True) -> None:
     """Ack, requeue or dead-letter one message; see ``_settle_all``."""
-    await _settle_all([(message, how)])
+    await _settle_all([(message, how)], pipelined=pipelined)
 
 
-async def _settle_all(settlements: list[tuple[AbstractIncomingMessage, str]]) -> None:
+async def _settle_each(settlements: list[tuple[AbstractIncomingMessage, str]]) -> None:
+    """``_settle_all`` through aio-pika's public API (AMQP_PIPELINE=false): one
+    ``ack()``, ``nack()`` or ``reject()`` after the other, each its own write."""
+    for message, how in settlements:
+        try:
+            if how == "ack":
+                await message.ack()
+            elif how == "requeue":
+                await message.nack(requeue=True)
+            else:
+                await message.reject(requeue=False)
+        except CHANNEL_GONE as exc:
+            log.info("could not %s message (channel gone; it will be redelivered): %s", how, exc)
+        except asyncio.CancelledError as exc:
+            if being_cancelled():
+                raise
+            log.info("could not %s message (connection closed; redelivered): %r", how, exc)
+
+
+async def _settle_all(
+    settlements: list[tuple[AbstractIncomingMessage, str]], *, pipelined: bool = True
+) -> None:
     """Ack, requeue (``"requeue"``) or dead-letter (``"dead-letter"``) messages with one
     write per channel.
 
@@ -130,7 +151,11 @@ async def _settle_all(settlements: list[tuple[AbstractIncomingMessage, str]]) ->
     message whose channel closed (or is closing) is skipped: the channel took it back
     and the broker redelivers it. This does not mark the aio-pika message processed, as
     its ``ack()`` would; nothing reads that mark, and every message is settled once.
+    Not ``pipelined`` (AMQP_PIPELINE=false): aio-pika's own calls, ``_settle_each``.
     """
+    if not pipelined:
+        await _settle_each(settlements)
+        return
     frames: dict[
         int, tuple[aiormq.abc.AbstractChannel, list[Basic.Ack | Basic.Nack | Basic.Reject]]
     ] = {}
@@ -214,6 +239,7 @@ class TaskConsumer:
         self.alive_at = {"claim": time.monotonic(), "heartbeat": time.monotonic()}
         self._registry = registry
         self._settings = settings
+        self._pipelined = settings.amqp_pipeline  # acks in batches (broker.pipeline)
         self.worker_id = worker_id
         # Plain ``def`` handlers run here. A thread past its timeout or stop cannot be
         # killed: it keeps its slot until the handler returns (README, Guarantees).
@@ -242,7 +268,7 @@ class TaskConsumer:
         except messages.MalformedMessage as exc:
             log.error("dead-lettering a message that is not a task: %s", exc)
             self.metrics.dead_lettered.labels("malformed").inc()
-            await _settle(message, "dead-letter")
+            await _settle(message, "dead-letter", pipelined=self._pipelined)
             return
         self._inbox.append((message, parsed))
         self._work.set()
@@ -327,7 +353,7 @@ class TaskConsumer:
                 settle.append((message, "ack"))
                 dropped.append((delivery, row["seen_status"]))
         if settle:
-            await _settle_all(settle)
+            await _settle_all(settle, pipelined=self._pipelined)
         # Logged once the acks are written: a reader of the log (a test, an operator
         # stopping the consumer) sees the line only when the broker has the ack coming.
         for (message, parsed), status in dropped:
@@ -494,7 +520,7 @@ class TaskConsumer:
                     settle.extend((message, how) for (message, _), how in settled.settle)
                     again.extend(settled.claim_again)
                 self._claim_again(again)
-                await _settle_all(settle)
+                await _settle_all(settle, pipelined=self._pipelined)
                 self.completed += len(batch)
                 self._work.set()
             finally:
@@ -641,7 +667,7 @@ class TaskConsumer:
         waiting = [(message, "requeue") for message, _ in self._inbox]
         self._inbox.clear()
         if waiting:
-            await _settle_all(waiting)
+            await _settle_all(waiting, pipelined=self._pipelined)
 
     async def _shut_down(self, queue: AbstractQueue, tag: str) -> None:
         if being_cancelled():

@@ -1,7 +1,9 @@
 """Publishing a claimed batch with publisher confirms, all in flight at once.
 
 The batch goes out as one write on aiormq's channel (broker.pipeline) and its confirms
-are awaited together, under one deadline (RELAY_PUBLISH_TIMEOUT).
+are awaited together, under one deadline (RELAY_PUBLISH_TIMEOUT). With
+AMQP_PIPELINE=false each message goes through aio-pika's public ``Exchange.publish``
+instead (broker.public), all of the batch in flight at once; the results read the same.
 
 A row counts as published only when the broker confirmed it. A nack, a return
 (``mandatory``: no queue bound), a confirm that never came while others did, or headers
@@ -26,7 +28,7 @@ from typing import Any, Protocol
 
 import aiormq
 
-from taskbox.broker import messages, pipeline
+from taskbox.broker import messages, pipeline, public
 from taskbox.db.outbox import PublishRefusal
 from taskbox.runtime.lifecycle import being_cancelled
 
@@ -59,6 +61,8 @@ class ChannelSource(Protocol):
 
     async def get_underlay_channel(self) -> Any: ...
 
+    async def get_exchange(self, name: str, *, ensure: bool = True) -> Any: ...
+
 
 class OutboxRow(Protocol):
     def __getitem__(self, key: str) -> Any: ...
@@ -84,8 +88,10 @@ class OutboxPublisher:
         *,
         timeout: float,
         retry_delay: Callable[[int], float],
+        pipelined: bool = True,
     ) -> None:
         self._channel = channel
+        self._pipelined = pipelined
         self._exchange = exchange
         self._routing_key = routing_key
         self._timeout = timeout
@@ -104,10 +110,29 @@ class OutboxPublisher:
             raise BrokerUnavailable("the AMQP channel did not come back in time") from None
         return channel
 
+    async def _publish(self, batch: list[pipeline.Message]) -> list[Any]:
+        if not self._pipelined:
+            if self._channel.is_closed:
+                raise BrokerUnavailable("the AMQP channel is closed")
+            return await public.publish_each(
+                self._channel,
+                batch,
+                exchange=self._exchange,
+                routing_key=self._routing_key,
+                within=self._timeout,
+            )
+        channel = await self._underlay()
+        return await pipeline.publish_many(
+            channel,
+            batch,
+            exchange=self._exchange,
+            routing_key=self._routing_key,
+            within=self._timeout,
+        )
+
     async def publish_batch(self, rows: Sequence[OutboxRow]) -> PublishReport:
         if not rows:
             return PublishReport()
-        channel = await self._underlay()
         batch = [
             pipeline.Message(
                 *messages.encode(
@@ -117,13 +142,9 @@ class OutboxPublisher:
             for r in rows
         ]
         try:
-            results = await pipeline.publish_many(
-                channel,
-                batch,
-                exchange=self._exchange,
-                routing_key=self._routing_key,
-                within=self._timeout,
-            )
+            results = await self._publish(batch)
+        except BrokerUnavailable:
+            raise
         except asyncio.CancelledError as exc:
             if being_cancelled():
                 raise

@@ -44,8 +44,11 @@ async def open_broker(settings: RelaySettings) -> tuple[AbstractRobustConnection
         settings = await topology.fit_existing_queue(connection, settings)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         declared = await topology.declare(channel, settings)
-        # Publishing goes under aio-pika, to aiormq's channel (broker.pipeline).
-        pipeline.check_channel(await channel.get_underlay_channel())
+        if settings.amqp_pipeline:
+            # Publishing goes under aio-pika, to aiormq's channel (broker.pipeline).
+            pipeline.check_channel(await channel.get_underlay_channel())
+        else:
+            log.info("publishing through aio-pika's public API (AMQP_PIPELINE=false)")
     except BaseException:
         # A retry opens a connection of its own; this one must not linger, reconnecting.
         await connection.close()
@@ -54,6 +57,7 @@ async def open_broker(settings: RelaySettings) -> tuple[AbstractRobustConnection
         channel,
         declared.exchange.name,
         declared.routing_key,
+        pipelined=settings.amqp_pipeline,
         timeout=settings.relay_publish_timeout,
         retry_delay=functools.partial(
             backoff_delay, base=settings.relay_retry_base_delay, cap=settings.relay_retry_max_delay

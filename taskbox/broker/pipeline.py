@@ -71,7 +71,8 @@ def check_channel(channel: object) -> None:
     if missing:
         raise UnsupportedChannel(
             f"the aiormq channel lacks {', '.join(missing)}: this aiormq version is not "
-            "supported by broker.pipeline; install the versions in requirements.lock"
+            "supported by broker.pipeline; install the versions in requirements.lock, or "
+            "set AMQP_PIPELINE=false to publish and settle through aio-pika's public API"
         )
 
 

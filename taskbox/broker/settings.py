@@ -58,6 +58,14 @@ class BrokerSettings(BaseSettings):
         "queue unless set; 0 turns priorities off. RabbitMQ 3.x quorum queues have none.",
     )
 
+    amqp_pipeline: bool = Field(
+        True,
+        description="Publish (relay) and settle messages (consumer) in batches written "
+        "straight to aiormq's channel (broker.pipeline), which relies on aiormq's internals "
+        "as the locked minor version keeps them. false: aio-pika's public API, one message "
+        "at a time: slower, for an aiormq version the pipeline does not support.",
+    )
+
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: str) -> str:

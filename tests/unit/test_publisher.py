@@ -131,6 +131,9 @@ class FakeRobustChannel:
         await self.reconnected.wait()
         return self.underlay
 
+    async def get_exchange(self, name: str, *, ensure: bool = True) -> Any:
+        raise AssertionError("the pipeline path never asks for aio-pika's exchange")
+
 
 def outbox_row(
     outbox_id: int,
