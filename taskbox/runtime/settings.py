@@ -36,7 +36,8 @@ class TaskTypeSettings(BaseSettings):
 
     task_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated modules that register extra task types.",
+        description="Comma-separated modules that register extra task types, or "
+        "module:name entries naming a TaskRegistry instance.",
     )
     builtin_task_types: bool = Field(
         True,

@@ -19,6 +19,7 @@ import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
@@ -197,6 +198,19 @@ class TaskRegistry:
     def __len__(self) -> int:
         return len(self._types)
 
+    def include(self, other: TaskRegistry) -> None:
+        """Add ``other``'s types and hooks to this registry (its hooks after ours). A
+        name both register for different handlers is the same error as registering it
+        twice."""
+        for task_type in other._types.values():
+            existing = self._types.get(task_type.name)
+            if existing is not None and existing.handler is not task_type.handler:
+                raise ValueError(f"task type {task_type.name!r} is already registered")
+        self._types.update(other._types)
+        for event, hooks in other.hooks.by_event.items():
+            for hook in hooks:
+                self.hooks.add(event, hook)
+
     def without(self, names: Iterable[str]) -> TaskRegistry:
         """A new registry with every type of this one but ``names``, and its hooks."""
         excluded = set(names)
@@ -235,27 +249,57 @@ def on(event: HookEvent) -> Callable[[HookT], HookT]:
 
 
 def load_registry(modules: Iterable[str], *, builtin_types: bool = True) -> TaskRegistry:
-    """Import the built-ins and every module in ``modules``; their decorators register
-    in ``default_registry``, which is returned.
+    """Import the built-ins and every entry of ``modules`` (TASK_MODULES): a module,
+    whose ``@task``/``@on`` decorators register in ``default_registry``, or
+    ``module:attribute`` naming a ``TaskRegistry`` instance of the user's, whose types
+    and hooks join the result. The result is ``default_registry`` when nothing else
+    joins it.
 
     Without ``builtin_types`` (BUILTIN_TASK_TYPES=false) the result is a copy without
     the built-in demo types. They are still imported, so their names stay taken: a
     module cannot register an ``echo`` of its own either way.
     """
     builtins = importlib.import_module("taskbox.tasktypes.builtins")
-    modules = list(modules)
-    if modules:
+    entries = list(modules)
+    if entries:
         _put_working_directory_on_path()
-    for module in modules:
+    instances = [_load_entry(entry) for entry in entries]
+    registry = default_registry if builtin_types else default_registry.without(builtins.NAMES)
+    own = [instance for instance in instances if instance is not None]
+    if not own:
+        return registry
+    combined = TaskRegistry()  # default_registry itself stays as the decorators left it
+    combined.include(registry)
+    for instance in own:
+        if instance is default_registry:
+            continue
         try:
-            _import_task_module(module)
-        except ImportError as exc:
-            raise RuntimeError(
-                f"TASK_MODULES names {module!r}, which cannot be imported: {exc}"
-            ) from exc
-    if builtin_types:
-        return default_registry
-    return default_registry.without(builtins.NAMES)
+            combined.include(instance)
+        except ValueError as exc:
+            raise RuntimeError(f"TASK_MODULES: {exc} (by two registries)") from None
+    return combined
+
+
+def _load_entry(entry: str) -> TaskRegistry | None:
+    """Import one TASK_MODULES entry; the ``TaskRegistry`` it names, if it names one."""
+    module, _, attribute = entry.partition(":")
+    try:
+        imported = _import_task_module(module)
+    except ImportError as exc:
+        raise RuntimeError(
+            f"TASK_MODULES names {module!r}, which cannot be imported: {exc}"
+        ) from exc
+    if not attribute:
+        return None
+    instance = getattr(imported, attribute, None)
+    if not isinstance(instance, TaskRegistry):
+        found = "nothing" if instance is None else f"a {type(instance).__name__}"
+        raise RuntimeError(
+            f"TASK_MODULES names {entry!r}, but {module}.{attribute} is {found}, not a "
+            "taskbox.TaskRegistry (write 'module' for @task decorators, 'module:name' for "
+            "a registry instance)"
+        )
+    return instance
 
 
 def _put_working_directory_on_path() -> None:
@@ -268,13 +312,13 @@ def _put_working_directory_on_path() -> None:
         sys.path.insert(0, cwd)
 
 
-def _import_task_module(module: str) -> None:
+def _import_task_module(module: str) -> ModuleType:
     """Import one TASK_MODULES entry; its use of the deprecated ``tasktypes`` name is
     logged with the module, where an operator sees it (a DeprecationWarning alone is
     hidden outside ``__main__``)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        importlib.import_module(module)
+        imported = importlib.import_module(module)
     for warning in caught:
         if warning.category is DeprecationWarning and "'tasktypes'" in str(warning.message):
             log.warning(
@@ -288,3 +332,4 @@ def _import_task_module(module: str) -> None:
             warnings.warn_explicit(
                 warning.message, warning.category, warning.filename, warning.lineno
             )
+    return imported
