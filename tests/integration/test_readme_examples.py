@@ -659,7 +659,8 @@ async def test_operator_commands(
     await run_console("Replay: send tasks again", "$ taskbox replay --stale-for 10m --reason")
 
     await pool.execute(
-        "UPDATE outbox SET published_at = now() - interval '8 days' WHERE published_at IS NOT NULL"
+        "UPDATE outbox SET created_at = now() - interval '8 days', "
+        "published_at = now() - interval '8 days' WHERE published_at IS NOT NULL"
     )
     old = await create_task(pool, NewTask(type="echo", payload={}, priority=0, max_attempts=3))
     await pool.execute(
@@ -671,6 +672,7 @@ async def test_operator_commands(
     assert f"$ {table[6]}" in cleanup.text.splitlines()  # the table's example, run with its output
     await run_console("Retention", "$ taskbox cleanup")
     assert await pool.fetchval("SELECT count(*) FROM tasks WHERE id = $1", old["id"]) == 0
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == 0
 
     roles = await sh(table[7], shell_env)
     assert roles.code == 0, roles
