@@ -265,15 +265,20 @@ async def sh(
 
 
 async def curl(
-    command: readme.Command, env: dict[str, str], replacements: dict[str, str], prefix: str = ""
+    command: readme.Command,
+    env: dict[str, str],
+    replacements: dict[str, str],
+    prefix: str = "",
+    status: int | None = None,
 ) -> str:
-    """Run one curl command of a README block; its status must be the one its comment
-    states (a 2xx without one). Returns what curl printed."""
+    """Run one curl command of a README block; its status must be ``status``, else the
+    one its comment states (a 2xx without either). Returns what curl printed."""
     script = prefix + substituted(command.text, replacements)
     result = await sh(script, env)
     statuses = re.findall(r"@@status=(\d{3})", result.stdout)
     assert len(statuses) == 1, f"{script}\n{result}"
-    status, expected = int(statuses[0]), command.expected_status
+    expected = status or command.expected_status
+    status = int(statuses[0])
     if expected is None:
         assert 200 <= status < 300, f"{script}\n{result}"
     else:
@@ -296,6 +301,31 @@ def same_shape(sample: Any, actual: Any) -> bool:
         )
     if isinstance(sample, (int, float)):
         return isinstance(actual, (int, float))
+    return bool(sample == actual)
+
+
+def sample_json(notes: list[str]) -> Any:
+    """The JSON object a block's comment lines show (``# {...`` and the ``#  ...`` lines
+    continuing it)."""
+    lines = [note.lstrip("#").strip() for note in notes]
+    start = next(i for i, line in enumerate(lines) if line.startswith("{"))
+    return json.loads("".join(lines[start:]))
+
+
+def like(sample: Any, actual: Any) -> bool:
+    """``actual`` as a README sample shows it: the same keys, the same values, but where
+    the sample abbreviates (``"0b6f..."``: the rest differs) or shows a made-up request
+    id (32 hex digits: any such id)."""
+    if isinstance(sample, dict):
+        return (
+            isinstance(actual, dict)
+            and sample.keys() == actual.keys()
+            and all(like(sample[k], actual[k]) for k in sample)
+        )
+    if isinstance(sample, str) and isinstance(actual, str) and "..." in sample:
+        return re.fullmatch(".*".join(map(re.escape, sample.split("..."))), actual) is not None
+    if isinstance(sample, str) and re.fullmatch(r"[0-9a-f]{32}", sample):
+        return isinstance(actual, str) and re.fullmatch(r"[0-9a-f]{32}", actual) is not None
     return bool(sample == actual)
 
 
@@ -483,10 +513,11 @@ async def test_api_examples(
         argv=[TASKBOX, "api"],
         METRICS_REQUIRE_AUTH="true",
     )
+    consumer = table_process(commands[2], {**shell_env, "LOG_FORMAT": "json", "LOG_LEVEL": "DEBUG"})
     for process in (
         api,
         table_process(commands[1], shell_env),
-        table_process(commands[2], shell_env),
+        consumer,
         keyed,
     ):
         processes.append(process)
@@ -502,7 +533,7 @@ async def test_api_examples(
     ]
     shown = await curl(not_found, shell_env, open_api)
     assert re.search(r"(?im)^x-request-id: checkout-7f3a\r?$", shown), shown
-    assert body(shown)["request_id"] == "checkout-7f3a"
+    assert like(sample_json(not_found.notes), body(shown)), (not_found.notes, shown)
     assert body(await curl(unsupported, shell_env, open_api))["status"] == 415
 
     export, *authenticated = readme.shell_commands(
@@ -513,6 +544,7 @@ async def test_api_examples(
         shown = await curl(command, shell_env, with_key, prefix=key)
         if command.expected_status == 401:
             assert re.search(r"(?im)^www-authenticate: Bearer\r?$", shown), shown
+            assert like(sample_json(command.notes), body(shown)), (command.notes, shown)
     (too_large,) = readme.shell_commands(
         example("Authentication and limits", "head -c 2000000").text
     )
@@ -540,8 +572,8 @@ async def test_api_examples(
     first = body(await curl(keyed_create, shell_env, open_api))
     # "201 the first time, 200 with the same task on every repeat"
     assert "200 with the same task on every repeat" in keyed_create.notes[0]
-    keyed_create.notes[0] = "# 200"
-    assert body(await curl(keyed_create, shell_env, open_api))["id"] == first["id"]
+    repeat = await curl(keyed_create, shell_env, open_api, status=200)
+    assert body(repeat)["id"] == first["id"]
 
     (batch,) = readme.shell_commands(
         example("Create many tasks: `POST /api/v1/tasks/batch`", "curl").text
@@ -586,7 +618,15 @@ async def test_api_examples(
             assert json.loads(shown) == json.loads(said.group(1)), (probe.text, shown)
 
     (traced,) = readme.shell_commands(example("Tracing: the `traceparent` header", "curl").text)
-    assert body(await curl(traced, shell_env, open_api))["status"] == "NEW"
+    task_id = body(await curl(traced, shell_env, open_api))["id"]
+    assert traced.notes[0] == "# consumer, LOG_FORMAT=json, LOG_LEVEL=DEBUG:"  # as it runs here
+    logged = sample_json(traced.notes)
+    await consumer.wait_for(f'"task_id":"{task_id}"', timeout=10)
+    await consumer.wait_for(logged["message"], timeout=10)
+    lines = [json.loads(line) for line in consumer.lines if task_id in line]
+    # the sample's task id and outbox id are another run's
+    expected = {**logged, "task_id": task_id, "outbox_id": 0}
+    assert any(like(expected, {**line, "outbox_id": 0}) for line in lines), (logged, lines)
 
     program = example("Python client", "from taskbox.client import")
     (tmp_path / "client_example.py").write_text(
