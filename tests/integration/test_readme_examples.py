@@ -18,7 +18,11 @@ be in the example (a changed README fails here instead of being silently skipped
 - ``localhost:8000`` (and 9101/9102, 8080) -> the port of the process this test started;
 - placeholders: ``<id>``, ``<next_cursor>``, the example task id ``0b6f5a8e-...``,
   ``KEY=...`` and ``api_key="..."`` -> values of this run;
-- a database URL or host of the README's own setup -> this test's database.
+- a database URL or host of the README's own setup -> this test's database, and in the
+  output samples its database and queue names and the operator's user@host;
+- the quick start's ``pip install`` line is left out (this venv has Taskbox installed),
+  and ``make dev`` runs as ``make -o .venv/.installed dev`` (a test never reinstalls the
+  venv it runs in).
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ EXAMPLE_TASK_ID = "0b6f5a8e-3c1d-4a51-9d7e-2f1c9b0e7a11"
 @dataclass(frozen=True)
 class Entry:
     """A README block: ``heading`` and how its first line starts; ``run_by`` names the
-    test of this file that runs it, ``elsewhere`` where it is covered or why it is not run."""
+    test of this file that runs it, ``elsewhere`` where it is covered or why it is not run
+    (both: the block is partly run here, and ``elsewhere`` says where the rest is)."""
 
     heading: str
     starts: str
@@ -119,7 +124,7 @@ INVENTORY = [
         "# prometheus.yml",
         elsewhere="a Prometheus configuration; its targets are the compose services' names",
     ),
-    Entry("Logs", "2026-11-26", elsewhere="an output sample (a consumer's log line)"),
+    Entry("Logs", "2026-11-26", run_by="test_quick_start_from_your_own_project"),
     Entry(
         "Database roles (least privilege)",
         "$ DATABASE_URL=postgresql://postgres@db.internal",
@@ -439,6 +444,7 @@ async def test_quick_start_from_your_own_project(tmp_path: Path, shell_env: dict
 
         await quick_start_curls(env, port)
         await metrics_probes(env, relay_port, consumer_port)
+        await log_line(stack, port)
     finally:
         await stack.stop_all()
 
@@ -459,6 +465,25 @@ async def quick_start_curls(env: dict[str, str], port: int) -> None:
     for fragment in ('"status":"DONE"', '"result":{"x":1}'):
         assert fragment in get.notes[0], get.notes  # what the comment promises
         assert fragment in shown, shown
+
+
+async def log_line(stack: ServiceProcess, port: int) -> None:
+    """The Logs section's sample line, from a task failing as its line says (the ``fail``
+    type's ``drill``, with a trace): the consumer's text log has a line just like it."""
+    (sample,) = example("Logs", "2026-11-26").text.splitlines()
+    trace_id = re.search(r"trace_id=([0-9a-f]{32})", sample)
+    assert trace_id is not None, sample
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        created = await client.post(
+            "/api/v1/tasks",
+            json={"type": "fail", "payload": {"message": "drill", "succeed_on_attempt": 2}},
+            headers={"traceparent": f"00-{trace_id.group(1)}-00f067aa0ba902b7-01"},
+        )
+    assert created.status_code == 201, created.text
+    await stack.wait_for(created.json()["id"], timeout=10)
+    pattern = readme.sample_pattern(sample)
+    lines = [line for line in stack.lines if created.json()["id"] in line]
+    assert any(pattern.fullmatch(line) for line in lines), "\n".join([sample, *lines])
 
 
 async def metrics_probes(env: dict[str, str], relay_port: int, consumer_port: int) -> None:
