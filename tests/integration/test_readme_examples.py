@@ -43,10 +43,14 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import yaml
 
+from taskbox.api.settings import ApiSettings
 from taskbox.broker.settings import BrokerSettings
+from taskbox.consumer.settings import ConsumerSettings
 from taskbox.db.settings import DatabaseSettings
 from taskbox.db.tasks import NewTask, create_task
+from taskbox.relay.settings import RelaySettings
 from tests import readme
 from tests.conftest import ADMIN_DSN, database_dsn
 from tests.integration.helpers_broker import topology
@@ -122,7 +126,9 @@ INVENTORY = [
     Entry(
         "Metrics and health",
         "# prometheus.yml",
-        elsewhere="a Prometheus configuration; its targets are the compose services' names",
+        run_by="test_prometheus_config_scrapes_each_compose_service_at_its_port",
+        elsewhere="a Prometheus configuration, checked against docker-compose.yml and the "
+        "processes' default ports, not run: no Prometheus here",
     ),
     Entry("Logs", "2026-11-26", run_by="test_quick_start_from_your_own_project"),
     Entry(
@@ -222,6 +228,20 @@ def test_every_readme_example_is_run_or_accounted_for() -> None:
         )
     assert set(COMMAND_TABLE) <= set(examples), "COMMAND_TABLE names examples the table lost"
     assert all(test in globals() for test in COMMAND_TABLE.values())
+
+
+def test_prometheus_config_scrapes_each_compose_service_at_its_port() -> None:
+    config = yaml.safe_load(example("Metrics and health", "# prometheus.yml").text)
+    (job,) = config["scrape_configs"]
+    (targets,) = [static["targets"] for static in job["static_configs"]]
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    ports = {
+        "api": ApiSettings.model_fields["api_port"].default,
+        "relay": RelaySettings.model_fields["relay_metrics_port"].default,
+        "consumer": ConsumerSettings.model_fields["consumer_metrics_port"].default,
+    }
+    assert targets == [f"{name}:{port}" for name, port in ports.items()]
+    assert set(ports) <= set(services)
 
 
 # -- running examples -----------------------------------------------------------------
