@@ -13,8 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ("myapp/tasks.py", "tests/test_tasks.py")
+from tests import readme
+
+# (the heading each block sits under, the path its first line names); the README's
+# quick start has a myapp/tasks.py of its own, run by tests/integration/test_readme_examples.py
+EXAMPLES = (("Adding your own", "myapp/tasks.py"), ("Testing your handlers", "tests/test_tasks.py"))
 STAND_INS = {
     "requests.py": (
         "def get(url, timeout):\n"
@@ -24,19 +27,11 @@ STAND_INS = {
 }
 
 
-def readme_python_blocks() -> dict[str, str]:
-    """The README's python blocks that start with a ``# path`` comment, by that path."""
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"^```python\n(.*?)^```$", text, flags=re.DOTALL | re.MULTILINE)
-    return {m.group(1): b for b in blocks if (m := re.match(r"# (\S+\.py)\n", b))}
-
-
 def test_the_task_types_examples_pass_as_a_users_pytest_run(tmp_path: Path) -> None:
-    blocks = readme_python_blocks()
-    for path in EXAMPLES:
+    for heading, path in EXAMPLES:
+        block = readme.block(heading, f"# {path}")
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text(blocks[path])
-    (tmp_path / "myapp" / "__init__.py").write_text("")
+        (tmp_path / path).write_text(block.text)
     for name, code in STAND_INS.items():
         (tmp_path / name).write_text(code)
     (tmp_path / "pytest.ini").write_text("[pytest]\n")  # the user's project, not ours
