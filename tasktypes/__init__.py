@@ -46,13 +46,16 @@ DEPRECATION = (
 )
 
 
-def _importer_stacklevel() -> int:
-    """The stacklevel of the frame whose import ran this module: the first frame that
-    is not the import machinery, so the warning names the user's file and line."""
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
-        level, frame = level + 1, frame.f_back  # type: ignore[assignment]
-    return level + 1
+def _importer() -> str:
+    """The file and line of the import that ran this module: past the import machinery
+    (frame 2 is this module's importer, often importlib's own)."""
+    frame = sys._getframe(2)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+        frame = frame.f_back
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
-warnings.warn(DEPRECATION, DeprecationWarning, stacklevel=_importer_stacklevel())
+# Read by the processes' loader of TASK_MODULES, which logs where to change the import.
+IMPORTED_FROM = _importer()
+# stacklevel 2: the importer; warnings itself skips importlib's frames
+warnings.warn(DEPRECATION, DeprecationWarning, stacklevel=2)

@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import uuid
-import warnings
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -209,14 +208,17 @@ class TaskRegistry:
         self._types.update(other._types)
         for event, hooks in other.hooks.by_event.items():
             for hook in hooks:
-                self.hooks.add(event, hook)
+                if hook not in self.hooks[event]:  # a registry included twice runs it once
+                    self.hooks.add(event, hook)
 
     def without(self, names: Iterable[str]) -> TaskRegistry:
         """A new registry with every type of this one but ``names``, and its hooks."""
         excluded = set(names)
         registry = TaskRegistry()
         registry._types = {name: t for name, t in self._types.items() if name not in excluded}
-        registry.hooks = self.hooks
+        for event, hooks in self.hooks.by_event.items():
+            for hook in hooks:
+                registry.hooks.add(event, hook)
         return registry
 
 
@@ -263,21 +265,24 @@ def load_registry(modules: Iterable[str], *, builtin_types: bool = True) -> Task
     entries = list(modules)
     if entries:
         _put_working_directory_on_path()
-    instances = [_load_entry(entry) for entry in entries]
-    registry = default_registry if builtin_types else default_registry.without(builtins.NAMES)
-    own = [instance for instance in instances if instance is not None]
-    if not own:
-        return registry
+    instances: dict[int, TaskRegistry] = {}  # one entry per registry, however often named
+    for entry in entries:
+        instance = _load_entry(entry)
+        if instance is not None and instance is not default_registry:
+            instances[id(instance)] = instance
+    if not instances:
+        return default_registry if builtin_types else default_registry.without(builtins.NAMES)
+    # Built from default_registry, built-ins included, so that no registry can give a
+    # built-in's name to a handler of its own; then the built-ins go if they must, even
+    # those a registry brought along by including default_registry.
     combined = TaskRegistry()  # default_registry itself stays as the decorators left it
-    combined.include(registry)
-    for instance in own:
-        if instance is default_registry:
-            continue
+    combined.include(default_registry)
+    for instance in instances.values():
         try:
             combined.include(instance)
         except ValueError as exc:
             raise RuntimeError(f"TASK_MODULES: {exc} (by two registries)") from None
-    return combined
+    return combined if builtin_types else combined.without(builtins.NAMES)
 
 
 def _load_entry(entry: str) -> TaskRegistry | None:
@@ -313,23 +318,17 @@ def _put_working_directory_on_path() -> None:
 
 
 def _import_task_module(module: str) -> ModuleType:
-    """Import one TASK_MODULES entry; its use of the deprecated ``tasktypes`` name is
-    logged with the module, where an operator sees it (a DeprecationWarning alone is
-    hidden outside ``__main__``)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        imported = importlib.import_module(module)
-    for warning in caught:
-        if warning.category is DeprecationWarning and "'tasktypes'" in str(warning.message):
-            log.warning(
-                "task module %s: %s (%s:%s)",
-                module,
-                warning.message,
-                warning.filename,
-                warning.lineno,
-            )
-        else:  # not ours to judge: re-issued as if nothing had caught it
-            warnings.warn_explicit(
-                warning.message, warning.category, warning.filename, warning.lineno
-            )
+    """Import one TASK_MODULES entry. If that import is what loaded the deprecated
+    ``tasktypes`` alias, the module and the line to change are logged, where an
+    operator sees them (its DeprecationWarning is hidden outside ``__main__``)."""
+    already = "tasktypes" in sys.modules
+    imported = importlib.import_module(module)
+    alias = sys.modules.get("tasktypes")
+    if not already and alias is not None:
+        log.warning(
+            "task module %s: %s (%s)",
+            module,
+            getattr(alias, "DEPRECATION", "'tasktypes' is deprecated"),
+            getattr(alias, "IMPORTED_FROM", "unknown line"),
+        )
     return imported

@@ -24,3 +24,6 @@ async def shout(payload: Shout, ctx: TaskContext) -> dict[str, str]:
 @app.on("success")
 def remember(event: AttemptEvent) -> None:
     seen.append(event.task_type)
+
+
+alias = app

@@ -51,3 +51,38 @@ def test_two_registries_with_one_name_for_different_handlers_are_refused() -> No
     clash.register("sample-shout", sample_registry_module.Shout, lambda payload, ctx: None)
     with pytest.raises(ValueError, match="'sample-shout' is already registered"):
         combined.include(clash)
+
+
+def test_a_registry_named_twice_or_included_twice_runs_each_hook_once() -> None:
+    registry = load_registry([ENTRY, ENTRY, "tests.unit.sample_registry_module:alias"])
+    assert registry.hooks["success"].count(sample_registry_module.remember) == 1
+    twice = TaskRegistry()
+    twice.include(sample_registry_module.app)
+    twice.include(sample_registry_module.app)
+    assert twice.hooks["success"].count(sample_registry_module.remember) == 1
+
+
+def test_builtins_off_holds_for_a_registry_that_brought_them_along(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    load_registry([])  # the built-ins are on default_registry
+    greedy = TaskRegistry()
+    greedy.include(default_registry)  # echo, sleep, sha256, fail come along
+    monkeypatch.setattr(sample_registry_module, "greedy", greedy, raising=False)
+    registry = load_registry(["tests.unit.sample_registry_module:greedy"], builtin_types=False)
+    assert not {"echo", "sleep", "sha256", "fail"} & set(registry.names())
+
+
+def test_a_registry_cannot_take_a_builtins_name_even_with_builtins_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    impostor = TaskRegistry()
+    impostor.register("echo", sample_registry_module.Shout, sample_registry_module.shout)
+    monkeypatch.setattr(sample_registry_module, "impostor", impostor, raising=False)
+    with pytest.raises(RuntimeError, match="'echo' is already registered"):
+        load_registry(["tests.unit.sample_registry_module:impostor"], builtin_types=False)
+
+
+def test_a_copy_without_builtins_shares_no_hook_list_with_the_original() -> None:
+    copy = default_registry.without(["echo"])
+    assert copy.hooks["failure"] is not default_registry.hooks["failure"]
