@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiormq
+from pamqp.commands import Basic
 
 from taskbox.broker import messages, pipeline, public
 from taskbox.db.outbox import PublishRefusal
@@ -112,15 +113,17 @@ class OutboxPublisher:
 
     async def _publish(self, batch: list[pipeline.Message]) -> list[Any]:
         if not self._pipelined:
-            if self._channel.is_closed:
-                raise BrokerUnavailable("the AMQP channel is closed")
-            return await public.publish_each(
-                self._channel,
-                batch,
-                exchange=self._exchange,
-                routing_key=self._routing_key,
-                within=self._timeout,
-            )
+            # The channel's wait for a reconnection is bounded here, as for the pipeline;
+            # the whole batch then within the pipeline's bound (a write, then confirms).
+            await self._underlay()
+            async with asyncio.timeout(2 * self._timeout):
+                return await public.publish_each(
+                    self._channel,
+                    batch,
+                    exchange=self._exchange,
+                    routing_key=self._routing_key,
+                    within=self._timeout,
+                )
         channel = await self._underlay()
         return await pipeline.publish_many(
             channel,
@@ -172,11 +175,18 @@ class OutboxPublisher:
             )
         report = PublishReport()
         for row, result in zip(rows, results, strict=True):
-            if isinstance(result, BaseException):
-                attempt = row["publish_attempts"] + 1
-                report.refused.append(
-                    PublishRefusal(row["id"], describe(result), self._retry_delay(attempt))
-                )
-            else:
+            if isinstance(result, Basic.Ack):
                 report.published.append(row["id"])
+                continue
+            # Only the broker's ack counts: anything else (a channel that stopped
+            # confirming would answer None) leaves the row to be sent again.
+            error = (
+                result
+                if isinstance(result, BaseException)
+                else RuntimeError(f"no publisher confirm (got {result!r})")
+            )
+            attempt = row["publish_attempts"] + 1
+            report.refused.append(
+                PublishRefusal(row["id"], describe(error), self._retry_delay(attempt))
+            )
         return report

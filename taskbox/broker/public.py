@@ -35,17 +35,25 @@ class ExchangeSource(Protocol):
 
 
 def to_aio_pika(message: Message) -> aio_pika.Message:
-    """The same message as aio-pika's own type: every property the relay sets."""
+    """The same message as aio-pika's own type, every AMQP property carried over
+    (a unit test compares the properties aio-pika sends with the original's)."""
     properties: Basic.Properties = message.properties
     return aio_pika.Message(
         message.body,
-        headers=properties.headers or {},
+        headers=properties.headers,
         content_type=properties.content_type,
+        content_encoding=properties.content_encoding,
         delivery_mode=properties.delivery_mode,
         priority=properties.priority,
+        correlation_id=properties.correlation_id,
+        reply_to=properties.reply_to,
+        # AMQP carries milliseconds as text; aio-pika takes seconds
+        expiration=int(properties.expiration) / 1000 if properties.expiration else None,
         message_id=properties.message_id,
         timestamp=properties.timestamp,
         type=properties.message_type,
+        user_id=properties.user_id,
+        app_id=properties.app_id,
     )
 
 
