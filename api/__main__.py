@@ -1,4 +1,4 @@
-"""``python -m api``: serve the REST API with uvicorn."""
+"""``taskbox api`` (``python -m taskbox.api``): serve the REST API with uvicorn."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from taskbox.api.settings import ApiSettings
 from taskbox.runtime.logs import configure
 from taskbox.runtime.settings import settings_or_exit
 
-log = logging.getLogger("api")
+log = logging.getLogger("taskbox.api")
 
 EXIT_USAGE = 2  # refused to start; the message says which setting to change
 

@@ -1,4 +1,4 @@
-"""ASGI entry point (``uvicorn api.asgi:app``).
+"""ASGI entry point (``uvicorn taskbox.api.asgi:app``).
 
 Each uvicorn worker imports this module on its own, so it configures its own logging
 and builds its app from the environment. Invalid settings end the import with their

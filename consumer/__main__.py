@@ -1,4 +1,4 @@
-"""``python -m consumer``: run tasks from RabbitMQ until SIGTERM/SIGINT."""
+"""``taskbox consumer`` (``python -m taskbox.consumer``): run tasks until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from taskbox.runtime.probes import PortUnavailable, Probes, start_probe_server
 from taskbox.runtime.settings import describe_invalid
 from taskbox.tasktypes import load_registry
 
-log = logging.getLogger("consumer")
+log = logging.getLogger("taskbox.consumer")
 
 
 async def open_queue(

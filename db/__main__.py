@@ -1,7 +1,7 @@
-"""``python -m db``: the database's operator commands.
+"""``python -m taskbox.db`` (``taskbox migrate``, ``taskbox roles``): database commands.
 
-python -m db migrate   create the database if needed and apply migrations
-python -m db roles     create or update the api, relay and consumer roles and their grants
+python -m taskbox.db migrate   create the database if needed and apply migrations
+python -m taskbox.db roles     create or update the api, relay and consumer roles and their grants
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What each Taskbox process may do in Postgres: the grant matrix ``python -m db roles`` applies.
+"""What each Taskbox process may do in Postgres: the grant matrix ``taskbox roles`` applies.
 
 Worked out from the SQL each process runs (``db.tasks``, ``db.outbox``, ``db.execution``,
 ``db.retention``, ``db.overview``); a change to that SQL that reads or writes another

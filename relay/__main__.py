@@ -40,7 +40,7 @@ from taskbox.runtime.logs import configure
 from taskbox.runtime.probes import PortUnavailable, Probes, start_probe_server
 from taskbox.runtime.settings import describe_invalid
 
-log = logging.getLogger("relay")
+log = logging.getLogger("taskbox.relay")
 
 EXIT_USAGE = 2
 

@@ -1,4 +1,4 @@
-"""Retention: the relay's housekeeping loop and ``python -m relay cleanup``.
+"""Retention: the relay's housekeeping loop and ``taskbox cleanup``.
 
 Published outbox rows older than OUTBOX_RETENTION are deleted, and finished tasks older
 than TASK_RETENTION when that is set (their outbox rows go with them). Every relay runs
@@ -107,7 +107,7 @@ class Housekeeper:
 
 
 async def cleanup(settings: RelaySettings) -> int:
-    """``python -m relay cleanup``: one sweep now, waiting for a running one to finish."""
+    """``taskbox cleanup``: one sweep now, waiting for a running one to finish."""
     try:
         conn = await connect(settings)
     except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:

@@ -1,4 +1,4 @@
-"""``python -m relay replay``: send tasks through the outbox again, by hand.
+"""``taskbox replay``: send tasks through the outbox again, by hand.
 
 For when something downstream lost messages: a purged or deleted queue, a broker that
 lost its disk. The operator selects tasks (ids, an outbox id range, status, type,

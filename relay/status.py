@@ -1,4 +1,4 @@
-"""``python -m relay status``: one screen on the state of the pipeline.
+"""``taskbox status``: one screen on the state of the pipeline.
 
 Task counts by status, the outbox backlog and its lag, the task queue and the
 dead-letter queue (asked with a passive declare, which creates nothing). Exit status 0

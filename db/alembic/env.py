@@ -23,7 +23,7 @@ def _run(connection: Connection) -> None:
 
 async def _run_online() -> None:
     url = config.get_main_option("sqlalchemy.url")
-    assert url, "sqlalchemy.url is set by db.migrations"
+    assert url, "sqlalchemy.url is set by taskbox.db.migrations"
     engine = create_async_engine(url, poolclass=pool.NullPool)
     async with engine.connect() as connection:
         await connection.run_sync(_run)
