@@ -9,7 +9,8 @@ from taskbox.api.app import create_app
 from taskbox.api.settings import ApiSettings
 from taskbox.runtime.logs import configure
 from taskbox.runtime.settings import settings_or_exit
+from taskbox.runtime.telemetry import start_tracing
 
 _settings = settings_or_exit(ApiSettings)
 configure(_settings.log_level, _settings.log_format)
-app = create_app(_settings)
+app = create_app(_settings, start_tracing(_settings, "taskbox-api"))

@@ -86,7 +86,7 @@ class OutboxPublisher:
         retry_delay: Callable[[int], float],
     ) -> None:
         self._channel = channel
-        self._exchange = exchange
+        self.exchange = exchange
         self._routing_key = routing_key
         self._timeout = timeout
         self._retry_delay = retry_delay  # attempt number -> seconds
@@ -120,7 +120,7 @@ class OutboxPublisher:
             results = await pipeline.publish_many(
                 channel,
                 batch,
-                exchange=self._exchange,
+                exchange=self.exchange,
                 routing_key=self._routing_key,
                 within=self._timeout,
             )
