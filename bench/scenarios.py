@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -161,6 +165,88 @@ async def ingest(seconds: float, rounds: int = 2, batch: int = 1000) -> Result:
         "batch_ratio": max(batch_runs) / ours,
         "target_batch_ratio": 20,
     }
+
+
+# -- 1b. the cost of tracing -------------------------------------------------------------
+
+
+class _OtlpSink(http.server.BaseHTTPRequestHandler):
+    """Takes OTLP/HTTP exports and drops them: a collector that costs the api nothing."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _tree_at(ref: str, into: Path) -> Path:
+    """The source tree of git ``ref``, for running the code from before a change."""
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", ref], cwd=ROOT, capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+async def tracing_cost(seconds: float, rounds: int = 3, before: str = "") -> Result:
+    """POST /api/v1/tasks with tracing off (the default), on (every request sampled and
+    exported over OTLP/HTTP to a local sink), and, given ``before`` (a git ref:
+    BENCH_TRACING_BEFORE), the api of that commit: the code with no OpenTelemetry at
+    all. Rounds alternate between the variants, so drift on a shared box hits each."""
+    sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OtlpSink)
+    sink_thread = threading.Thread(target=sink.serve_forever, daemon=True)
+    sink_thread.start()
+    endpoint = f"http://127.0.0.1:{sink.server_address[1]}"
+    variants: dict[str, tuple[Path, dict[str, str]]] = {
+        "off": (ROOT, {}),
+        "on": (ROOT, {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}),
+    }
+    with tempfile.TemporaryDirectory(prefix="taskbox-before-") as scratch:
+        if before:
+            variants["before"] = (_tree_at(before, Path(scratch)), {})
+        async with stage("tracing") as st:
+            apis: dict[str, Process] = {}
+            urls: dict[str, str] = {}
+            try:
+                for name, (cwd, extra) in variants.items():
+                    port = _free_port()
+                    api = taskbox("api", st.env, API_PORT=str(port), API_ACCESS_LOG="false")
+                    api.args = [sys.executable, "-m", "taskbox.api"]
+                    api.env.update(extra)
+                    api.cwd = cwd
+                    apis[name] = await api.start()
+                    urls[name] = f"http://127.0.0.1:{port}/api/v1/tasks"
+                for url in urls.values():
+                    await _wrk(url, 2)  # warm-up
+                runs: dict[str, list[float]] = {name: [] for name in variants}
+                cpu = dict.fromkeys(variants, 0.0)
+                for _ in range(rounds):
+                    for name, url in urls.items():
+                        before_cpu = apis[name].cpu_seconds()
+                        runs[name].append(await _wrk(url, seconds))
+                        cpu[name] += apis[name].cpu_seconds() - before_cpu
+            finally:
+                for api in apis.values():
+                    await api.stop()
+    sink.shutdown()
+    sink.server_close()
+    best = {name: max(found) for name, found in runs.items()}
+    # CPU a request, from the requests wrk reported (rate x duration, over the rounds).
+    cpu_ms = {name: 1000 * cpu[name] / (sum(runs[name]) * seconds) for name in runs}
+    result: Result = {
+        "req_s": best,
+        "runs": runs,
+        "api_cpu_ms_per_request": cpu_ms,
+        "on_ratio": best["on"] / best["off"],
+        "before": before or None,
+    }
+    if "before" in best:
+        result["off_ratio_to_before"] = best["off"] / best["before"]
+    return result
 
 
 # -- 2. NOTIFY placement ----------------------------------------------------------------
