@@ -1,7 +1,8 @@
 """ASGI entry point (``uvicorn api.asgi:app``).
 
 Each uvicorn worker imports this module on its own, so it configures its own logging
-and builds its app from the environment. Invalid settings end the import with their
+and tracing (its own exporter: runtime.telemetry) and builds its app from the
+environment. Invalid settings end the import with their
 reasons, secrets masked, not with pydantic's error, which uvicorn would print whole.
 """
 

@@ -24,7 +24,7 @@ RESULTS = Path(__file__).parent / "results"
 
 FULL = {
     "ingest": {"seconds": 10},
-    "tracing": {"seconds": 10, "rounds": 3},
+    "tracing": {"seconds": 10, "rounds": 4},
     "notify": {"seconds": 5},
     "relay": {"rows": 50_000},
     "consumer": {"tasks": 20_000},
@@ -86,6 +86,12 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             "  tracing on (OTLP, every request)",
             f"{rates['on']:,.0f}",
             f"{r['on_ratio']:.2f}x off; {cpu['on']:.3f} ms CPU",
+            None,
+        )
+        add(
+            "  tracing on, 1 request in 10 sampled",
+            f"{rates['sampled']:,.0f}",
+            f"{r['sampled_ratio']:.2f}x off; {cpu['sampled']:.3f} ms CPU",
             None,
         )
     if r := results.get("notify"):

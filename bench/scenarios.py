@@ -193,10 +193,11 @@ def _tree_at(ref: str, into: Path) -> Path:
 
 
 async def tracing_cost(seconds: float, rounds: int = 3, before: str = "") -> Result:
-    """POST /api/v1/tasks with tracing off (the default), on (every request sampled and
-    exported over OTLP/HTTP to a local sink), and, given ``before`` (a git ref:
-    BENCH_TRACING_BEFORE), the api of that commit: the code with no OpenTelemetry at
-    all. Rounds alternate between the variants, so drift on a shared box hits each."""
+    """POST /api/v1/tasks with tracing off (the default); on, every request sampled and
+    exported over OTLP/HTTP to a local sink; on with one request in ten sampled; and,
+    given ``before`` (a git ref: BENCH_TRACING_BEFORE), the api of that commit: the code
+    with no OpenTelemetry at all. Rounds alternate between the variants, so drift on a
+    shared box hits each alike."""
     sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OtlpSink)
     sink_thread = threading.Thread(target=sink.serve_forever, daemon=True)
     sink_thread.start()
@@ -204,6 +205,15 @@ async def tracing_cost(seconds: float, rounds: int = 3, before: str = "") -> Res
     variants: dict[str, tuple[Path, dict[str, str]]] = {
         "off": (ROOT, {}),
         "on": (ROOT, {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}),
+        # One request in ten sampled, as a busy deployment would trace
+        "sampled": (
+            ROOT,
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.1",
+            },
+        ),
     }
     with tempfile.TemporaryDirectory(prefix="taskbox-before-") as scratch:
         if before:
@@ -242,6 +252,7 @@ async def tracing_cost(seconds: float, rounds: int = 3, before: str = "") -> Res
         "runs": runs,
         "api_cpu_ms_per_request": cpu_ms,
         "on_ratio": best["on"] / best["off"],
+        "sampled_ratio": best["sampled"] / best["off"],
         "before": before or None,
     }
     if "before" in best:

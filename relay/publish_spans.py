@@ -35,8 +35,8 @@ def record_publish_spans(
     refusals = {refusal.outbox_id: refusal for refusal in report.refused}
     for row in rows:
         outbox_id = row["id"]
-        headers = row["headers"] or {}
-        stored = tracing.parse(headers.get(tracing.HEADER))
+        value = (row["headers"] or {}).get(tracing.HEADER)
+        stored = tracing.parse(value) if isinstance(value, str) else None
         body = row["body"]
         span = tracer.start_span(
             SPAN_NAME,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
-from taskbox.runtime.settings import TracingSettings
+from taskbox.runtime.settings import TracingSettings, mask_url
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -76,7 +76,7 @@ def start_tracing(settings: TracingSettings, service_name: str) -> Tracing:
 
             endpoint = settings.otlp_traces_endpoint()
             exporter = OTLPSpanExporter(endpoint=endpoint)
-            log.info("tracing on: OTLP/HTTP to %s as %s", endpoint, name)
+            log.info("tracing on: OTLP/HTTP to %s as %s", mask_url(endpoint), name)
         else:
             exporter = ConsoleSpanExporter(service_name=name)
             log.info("tracing on: spans printed to stdout as %s", name)
