@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -107,6 +107,7 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
             "logs": False,
             "operation_spans": False,
             "auto_configure": False,
+            "exclude": _unobserved,
         },
     )
     app.state.api_keys = key_bytes(settings)
@@ -120,6 +121,14 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
     _document_responses(app)
     _gate_before_the_app(app, settings.max_body_bytes)
     return app
+
+
+# Probes and scrapes: a span every few seconds per prober, in nobody's trace.
+_UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _unobserved(scope: MutableMapping[str, Any]) -> bool:
+    return scope.get("path") in _UNTRACED_PATHS
 
 
 def _gate_before_the_app(app: FastAPI, max_body_bytes: int) -> None:

@@ -98,11 +98,17 @@ async def test_spans_from_api_relay_and_consumer_share_the_callers_trace(
             await wait_for_status(client, echo, "DONE")
             await wait_for_status(client, flaky, "DONE")
             await wait_for_status(client, broken, "FAILED")
+            assert (await client.get("/healthz")).status_code == 200
         await stop_services(processes)
         spans = receiver.spans
 
     outputs = "\n".join(process.output for process in processes)
     assert {span.service for span in spans} == SERVICES, outputs
+
+    # Probes leave no span; the polls of the tasks do.
+    paths = {span.attributes.get("url.path") for span in spans if span.kind == "server"}
+    assert "/healthz" not in paths
+    assert f"/api/v1/tasks/{echo}" in paths
 
     # The echo task: one trace, the caller's, from the request to the attempt.
     traced = [span for span in spans if span.trace_id == CALLER_TRACE]
