@@ -24,7 +24,7 @@ RESULTS = Path(__file__).parent / "results"
 
 FULL = {
     "ingest": {"seconds": 10},
-    "tracing": {"seconds": 10, "rounds": 4},
+    "tracing": {"seconds": 10, "relay_rows": 20_000, "rounds": 4},
     "notify": {"seconds": 5},
     "relay": {"rows": 50_000},
     "consumer": {"tasks": 20_000},
@@ -33,7 +33,7 @@ FULL = {
 }
 QUICK = {
     "ingest": {"seconds": 2, "rounds": 1},
-    "tracing": {"seconds": 1, "rounds": 1},
+    "tracing": {"seconds": 1, "relay_rows": 1_000, "rounds": 1},
     "notify": {"seconds": 1},
     "relay": {"rows": 2_000},
     "consumer": {"tasks": 1_000},
@@ -92,6 +92,14 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             "  tracing on, 1 request in 10 sampled",
             f"{rates['sampled']:,.0f}",
             f"{r['sampled_ratio']:.2f}x off; {cpu['sampled']:.3f} ms CPU",
+            None,
+        )
+        relay = r["relay"]
+        add(
+            "relay rows/s, tracing off / on",
+            f"{relay['rows_s']['off']:,.0f} / {relay['rows_s']['on']:,.0f}",
+            f"{relay['on_ratio']:.2f}x; CPU a row {relay['cpu_ms_per_row']['off']:.3f} / "
+            f"{relay['cpu_ms_per_row']['on']:.3f} ms",
             None,
         )
     if r := results.get("notify"):

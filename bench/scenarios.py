@@ -192,12 +192,15 @@ def _tree_at(ref: str, into: Path) -> Path:
     return into
 
 
-async def tracing_cost(seconds: float, rounds: int = 3, before: str = "") -> Result:
+async def tracing_cost(
+    seconds: float, relay_rows: int, rounds: int = 3, before: str = ""
+) -> Result:
     """POST /api/v1/tasks with tracing off (the default); on, every request sampled and
     exported over OTLP/HTTP to a local sink; on with one request in ten sampled; and,
     given ``before`` (a git ref: BENCH_TRACING_BEFORE), the api of that commit: the code
-    with no OpenTelemetry at all. Rounds alternate between the variants, so drift on a
-    shared box hits each alike."""
+    with no OpenTelemetry at all. Then a relay draining ``relay_rows`` rows, each with a
+    stored trace, with tracing off and on (one span a row). Rounds alternate between the
+    variants, so drift on a shared box hits each alike."""
     sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OtlpSink)
     sink_thread = threading.Thread(target=sink.serve_forever, daemon=True)
     sink_thread.start()
@@ -242,6 +245,7 @@ async def tracing_cost(seconds: float, rounds: int = 3, before: str = "") -> Res
             finally:
                 for api in apis.values():
                     await api.stop()
+        relay = await _relay_tracing_cost(relay_rows, rounds, endpoint)
     sink.shutdown()
     sink.server_close()
     best = {name: max(found) for name, found in runs.items()}
@@ -254,10 +258,64 @@ async def tracing_cost(seconds: float, rounds: int = 3, before: str = "") -> Res
         "on_ratio": best["on"] / best["off"],
         "sampled_ratio": best["sampled"] / best["off"],
         "before": before or None,
+        "relay": relay,
     }
     if "before" in best:
         result["off_ratio_to_before"] = best["off"] / best["before"]
     return result
+
+
+# Rows as the api writes them, each with a trace context of its own.
+SEED_TRACED_TASKS = """
+WITH task AS (
+    INSERT INTO tasks (type, payload, status)
+    SELECT 'echo', jsonb_build_object('i', g), 'NEW' FROM generate_series(1, $1) AS g
+    RETURNING id, type, priority
+)
+INSERT INTO outbox (task_id, kind, body, headers)
+SELECT id, 'task.created', jsonb_build_object('task_id', id, 'type', type, 'priority', priority),
+       jsonb_build_object('traceparent', '00-' || md5(random()::text) || '-'
+                          || substr(md5(random()::text), 1, 16) || '-01')
+FROM task
+"""
+
+
+async def _relay_tracing_cost(rows: int, rounds: int, endpoint: str) -> Result:
+    """rows/s and CPU a row of one relay draining ``rows`` traced rows, off and on."""
+    variants = {"off": {}, "on": {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    cpu = dict.fromkeys(variants, 0.0)
+    async with stage("tracing_relay") as st:
+        for _ in range(rounds):
+            for name, extra in variants.items():
+                relay = await taskbox("relay", st.env, **extra).start()
+                try:
+                    await asyncio.sleep(1.0)  # let it connect and declare
+                    before_cpu = relay.cpu_seconds()
+                    conn = await asyncpg.connect(st.database_url)
+                    try:
+                        await conn.execute(SEED_TRACED_TASKS, rows)
+                        start = time.monotonic()
+                        await conn.execute("SELECT pg_notify($1, '')", st.channel)
+                    finally:
+                        await conn.close()
+                    end = await wait_until(
+                        lambda: _none_unpublished(st.database_url),
+                        within=rows / 200 + 60,
+                        interval=0.05,
+                    )
+                    cpu[name] += relay.cpu_seconds() - before_cpu
+                    rates[name].append(rows / (end - start))
+                finally:
+                    await relay.stop()
+            await _value(st.database_url, "TRUNCATE tasks, outbox")
+    return {
+        "rows": rows,
+        "rows_s": {name: max(found) for name, found in rates.items()},
+        "runs": rates,
+        "cpu_ms_per_row": {name: 1000 * cpu[name] / (rows * rounds) for name in variants},
+        "on_ratio": max(rates["on"]) / max(rates["off"]),
+    }
 
 
 # -- 2. NOTIFY placement ----------------------------------------------------------------
