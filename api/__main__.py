@@ -19,9 +19,9 @@ log = logging.getLogger("api")
 EXIT_USAGE = 2  # refused to start; the message says which setting to change
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m taskbox.api") -> int:
     argparse.ArgumentParser(
-        prog="python -m api",
+        prog=prog,
         description="Serve the Taskbox REST API with uvicorn on API_HOST:API_PORT; "
         "the settings come from the environment (see README, Configuration).",
     ).parse_args(argv)

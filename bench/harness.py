@@ -77,7 +77,7 @@ async def stage(name: str) -> AsyncIterator[Stage]:
     url = ADMIN_DSN.rsplit("/", 1)[0] + "/" + db
     migrated = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "db", "migrate"],
+        [sys.executable, "-m", "taskbox.db", "migrate"],
         cwd=ROOT,
         env={**os.environ, "DATABASE_URL": url},
         capture_output=True,
@@ -173,7 +173,8 @@ class Process:
 def taskbox(module: str, env: dict[str, str], **extra: str) -> Process:
     ready = {"api": "Application startup complete", "relay": None, "consumer": None}[module]
     log_level = {"LOG_LEVEL": "INFO"} if module == "api" else {}
-    return Process([sys.executable, "-m", module], {**env, **log_level, **extra}, ready)
+    argv = [sys.executable, "-m", f"taskbox.{module}"]
+    return Process(argv, {**env, **log_level, **extra}, ready)
 
 
 async def wait_until(probe: Any, within: float, interval: float = 0.02) -> float:

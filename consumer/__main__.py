@@ -102,8 +102,8 @@ async def serve(settings: ConsumerSettings, tracer: Tracer | None = None) -> Non
     log.info("consumer stopped; %d attempts completed", consumer.completed)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m consumer", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m taskbox.consumer") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("command", nargs="?", default="run", choices=["run"])
     parser.parse_args(argv)
     try:

@@ -311,6 +311,7 @@ class TaskConsumer:
         )
         by_id = {row["id"]: row for row in rows}
         settle: list[tuple[AbstractIncomingMessage, str]] = []
+        dropped: list[tuple[Inbound, str]] = []
         for delivery in batch:
             message, parsed = delivery
             row = by_id[parsed.task_id]
@@ -326,15 +327,19 @@ class TaskConsumer:
             else:
                 # The database's proof: the task is finished, running under another
                 # live consumer, or waiting for a newer outbox row than this message's.
-                log.debug(
-                    "dropping duplicate delivery; task is %s",
-                    row["seen_status"],
-                    extra=_message_fields(message, parsed),
-                )
                 self.metrics.duplicates.inc()
                 settle.append((message, "ack"))
+                dropped.append((delivery, row["seen_status"]))
         if settle:
             await _settle_all(settle)
+        # Logged once the acks are written: a reader of the log (a test, an operator
+        # stopping the consumer) sees the line only when the broker has the ack coming.
+        for (message, parsed), status in dropped:
+            log.debug(
+                "dropping duplicate delivery; task is %s",
+                status,
+                extra=_message_fields(message, parsed),
+            )
 
     def _start(self, row: asyncpg.Record, delivery: Inbound) -> None:
         message, parsed = delivery

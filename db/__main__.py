@@ -47,16 +47,21 @@ PUBLIC connect unless told otherwise), for the operator to run.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command_prog: str | None = None) -> argparse.ArgumentParser:
+    """``command_prog`` names the command in each subcommand's usage line (``taskbox
+    migrate``) for callers that run one subcommand under a name of their own."""
     parser = argparse.ArgumentParser(
-        prog="python -m db",
+        prog="python -m taskbox.db",
         description="The database's operator commands.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_parser("migrate", help="create the database if missing and apply migrations")
+    commands.add_parser(
+        "migrate", prog=command_prog, help="create the database if missing and apply migrations"
+    )
     roles = commands.add_parser(
         "roles",
+        prog=command_prog,
         help="create or update the least-privilege roles of api, relay and consumer",
         description=ROLES_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -165,8 +170,8 @@ async def _roles(
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, command_prog: str | None = None) -> int:
+    args = build_parser(command_prog).parse_args(argv)
     try:
         settings = DatabaseSettings()
     except ValidationError as exc:

@@ -1,9 +1,10 @@
-"""``python -m relay``: run the outbox relay until SIGTERM/SIGINT, or an operator command.
+"""``taskbox relay`` (``python -m taskbox.relay``): the outbox relay until SIGTERM/SIGINT,
+or an operator command.
 
-python -m relay [run]        the relay (the default)
-python -m relay replay ...   send tasks through the outbox again (see --help)
-python -m relay cleanup      one retention sweep now
-python -m relay status       one screen on tasks, outbox, queues
+python -m taskbox.relay [run]        the relay (the default)
+python -m taskbox.relay replay ...   send tasks through the outbox again (see --help)
+python -m taskbox.relay cleanup      one retention sweep now
+python -m taskbox.relay status       one screen on tasks, outbox, queues
 """
 
 from __future__ import annotations
@@ -87,16 +88,19 @@ async def serve(settings: RelaySettings, tracer: Tracer | None = None) -> None:
     log.info("relay stopped; published %d rows", relay.published_total)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command_prog: str | None = None) -> argparse.ArgumentParser:
+    """``command_prog`` names the command in each subcommand's usage line (``taskbox
+    replay``) for callers that run one subcommand under a name of their own."""
     parser = argparse.ArgumentParser(
-        prog="python -m relay",
+        prog="python -m taskbox.relay",
         description="The Taskbox outbox relay, and the operator's commands around the outbox.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("run", help="run the relay (the default)")
+    commands.add_parser("run", prog=command_prog, help="run the relay (the default)")
     replay.configure_parser(
         commands.add_parser(
             "replay",
+            prog=command_prog,
             help="send tasks through the outbox again",
             description=replay.DESCRIPTION,
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -104,18 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.add_parser(
         "cleanup",
+        prog=command_prog,
         help="delete what OUTBOX_RETENTION / TASK_RETENTION allow, now",
         description="One retention sweep, as the relays' housekeeping loop runs it.",
     )
     status_parser = commands.add_parser(
-        "status", help="one screen: tasks by status, outbox backlog and lag, queue depths"
+        "status",
+        prog=command_prog,
+        help="one screen: tasks by status, outbox backlog and lag, queue depths",
     )
     status_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, command_prog: str | None = None) -> int:
+    parser = build_parser(command_prog)
     args = parser.parse_args(argv)
     command = args.command or "run"
     if command == "replay":

@@ -43,7 +43,7 @@ PROCESSING ones never. Look first with --dry-run.
 exit status: 0 every selected task was (with --dry-run: would be) replayed,
              1 some were refused or the run failed, 2 a command-line mistake
 
-example: python -m relay replay --stale-for 10m --reason "queue purged, INC-1234"
+example: taskbox replay --stale-for 10m --reason "queue purged, INC-1234"
 """
 DEFAULT_CHUNK = 500
 _LISTED_REFUSALS = 50  # refused tasks listed one per line; the rest are only counted

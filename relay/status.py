@@ -151,7 +151,7 @@ def render(snap: Snapshot, settings: RelaySettings) -> str:
         if snap.oldest_pending is not None:
             lines.append(
                 f"              oldest PENDING waits {format_duration(snap.oldest_pending)}"
-                "  (lost by the broker? python -m relay replay --stale-for ...)"
+                "  (lost by the broker? taskbox replay --stale-for ...)"
             )
         b = snap.backlog
         lines.append(

@@ -1,9 +1,10 @@
 """``taskbox``: one command over Taskbox's processes and operator commands.
 
 Each subcommand hands the arguments after its name, untouched, to the entry point its
-``python -m`` form runs (``taskbox replay --stale-for 10m`` is ``python -m relay replay
---stale-for 10m``): the options, the ``--help`` and the exit status (2 for a bad setting,
-3 for a dead background loop) are that entry point's. A process package is imported only
+``python -m`` form runs (``taskbox replay --stale-for 10m`` is ``python -m taskbox.relay
+replay --stale-for 10m``): the options, the ``--help`` and the exit status (2 for a bad
+setting, 3 for a dead background loop) are that entry point's; only the usage line
+names the command as typed (``usage: taskbox replay ...``). A process package is imported only
 once its subcommand is chosen, so ``taskbox --help`` loads no server code.
 """
 
@@ -15,33 +16,33 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-def _api(args: list[str]) -> int:
+def _api(args: list[str], prog: str) -> int:
     from taskbox.api.__main__ import main
 
-    return main(args)
+    return main(args, prog)
 
 
-def _relay(args: list[str]) -> int:
+def _relay(args: list[str], prog: str) -> int:
     from taskbox.relay.__main__ import main
 
-    return main(args)
+    return main(args, prog)
 
 
-def _consumer(args: list[str]) -> int:
+def _consumer(args: list[str], prog: str) -> int:
     from taskbox.consumer.__main__ import main
 
-    return main(args)
+    return main(args, prog)
 
 
-def _db(args: list[str]) -> int:
+def _db(args: list[str], prog: str) -> int:
     from taskbox.db.__main__ import main
 
-    return main(args)
+    return main(args, prog)
 
 
 @dataclass(frozen=True)
 class Subcommand:
-    entry_point: Callable[[list[str]], int]
+    entry_point: Callable[[list[str], str], int]  # (arguments, the usage line's name)
     command: tuple[str, ...]  # the entry point's own subcommand, put before the user's args
     summary: str  # one line in ``taskbox --help``
 
@@ -76,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Taskbox's processes and operator commands. Settings come from the "
         "environment and .env (see README, Configuration).",
         epilog="'taskbox COMMAND --help' shows the options of COMMAND. Each command is "
-        "also 'python -m api|relay|consumer', 'python -m db migrate|roles' and "
-        "'python -m relay replay|status|cleanup'.",
+        "also 'python -m taskbox.api|relay|consumer', 'python -m taskbox.db migrate|roles' "
+        "and 'python -m taskbox.relay replay|status|cleanup'.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, subcommand in SUBCOMMANDS.items():
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     # passed on as typed, '--' and all, for the entry point's own parser.
     name = parser.parse_args(args[:1]).command
     subcommand = SUBCOMMANDS[name]
-    return subcommand.entry_point([*subcommand.command, *args[1:]])
+    return subcommand.entry_point([*subcommand.command, *args[1:]], f"taskbox {name}")
 
 
 if __name__ == "__main__":

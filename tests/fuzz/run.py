@@ -1,6 +1,6 @@
 """``make fuzz``: schemathesis against a real API process over a fresh, migrated database.
 
-The API runs as ``python -m api`` (uvicorn, as in production) with an API key set, on
+The API runs as ``python -m taskbox.api`` (uvicorn, as in production) with an API key set, on
 a database created for this run alone and dropped afterwards. Schemathesis generates
 requests from the app's own OpenAPI document, valid and invalid ones, with what
 Postgres, asyncpg and the encoder refuse mixed in (``hooks.py``: NULs, lone surrogates,
@@ -59,13 +59,13 @@ METRICS_OPERATION: dict[str, Any] = {
 
 @contextmanager
 def fresh_database() -> Iterator[str]:
-    """A database migrated with the real ``python -m db migrate``; dropped on exit."""
+    """A database migrated with the real ``python -m taskbox.db migrate``; dropped on exit."""
     name = f"taskbox_fuzz_{uuid.uuid4().hex[:12]}"
     url = database_dsn(name)
     asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
     try:
         migrated = subprocess.run(
-            [sys.executable, "-m", "db", "migrate"],
+            [sys.executable, "-m", "taskbox.db", "migrate"],
             cwd=ROOT,
             env={**os.environ, "DATABASE_URL": url},
             capture_output=True,
@@ -88,7 +88,7 @@ def _get(url: str) -> tuple[int, bytes]:
 
 @contextmanager
 def api_process(database_url: str, api_key: str, log_path: Path) -> Iterator[str]:
-    """``python -m api`` on a free loopback port; yields its base URL once it is ready."""
+    """``python -m taskbox.api`` on a free loopback port; yields its base URL once it is ready."""
     port = free_port()
     env = {
         **os.environ,
@@ -106,7 +106,7 @@ def api_process(database_url: str, api_key: str, log_path: Path) -> Iterator[str
     base = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "api"], cwd=ROOT, env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "taskbox.api"], cwd=ROOT, env=env, stdout=log, stderr=log
         )
         try:
             deadline = time.monotonic() + 30

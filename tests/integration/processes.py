@@ -13,6 +13,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# The process packages, run as python -m taskbox.<name>; any other module as named.
+PROCESS_MODULES = frozenset({"api", "relay", "consumer", "db"})
+
+
+def module_path(name: str) -> str:
+    return f"taskbox.{name}" if name in PROCESS_MODULES else name
+
+
 READY = {
     "api": "Application startup complete",
     "relay": "relay running",
@@ -42,7 +50,8 @@ class ServiceProcess:
         **extra_env: str,
     ) -> None:
         self.module = module
-        self.argv = list(argv) if argv is not None else [sys.executable, "-m", f"taskbox.{module}"]
+        self.cwd = ROOT  # the directory it starts in; a test may set another first
+        self.argv = list(argv) if argv is not None else [sys.executable, "-m", module_path(module)]
         self.env = {**env, **extra_env}
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
@@ -73,7 +82,7 @@ class ServiceProcess:
         """Start the process without waiting for it to be ready (see ``start``)."""
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self.env,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -133,7 +142,7 @@ async def run_command(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        f"taskbox.{module}",
+        module_path(module),
         *args,
         cwd=ROOT,
         env=env,

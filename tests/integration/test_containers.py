@@ -575,28 +575,34 @@ def test_the_lock_pins_every_runtime_dependency_exactly() -> None:
 
 def test_every_first_party_package_the_processes_import_ships() -> None:
     """In the wheel (packages.find), in the build context (.dockerignore) and COPYed."""
+    # Each first-party module loaded: its name, and the root folder its file really is
+    # in (taskbox/api is a link to api/, so taskbox.api.* lives in api/).
     probe = (
-        "import sys, api.asgi, api.__main__, relay.__main__, consumer.__main__, db.__main__, "
-        "db.migrations, taskbox.cli\n"
+        "import sys, os, json, taskbox.api.asgi, taskbox.api.__main__, taskbox.relay.__main__, "
+        "taskbox.consumer.__main__, taskbox.db.__main__, taskbox.db.migrations, taskbox.cli\n"
         f"root = {str(ROOT)!r}\n"
-        "import json\n"
-        "tops = {n.split('.')[0]: getattr(m, '__file__', None) or '' for n, m in"
+        "files = {n: os.path.realpath(getattr(m, '__file__', None) or '') for n, m in"
         " list(sys.modules.items())}\n"
-        "print(json.dumps(sorted(t for t, f in tops.items() if f.startswith(f'{root}/{t}/'))))"
+        "print(json.dumps(sorted([n, os.path.relpath(f, root).split(os.sep)[0]]"
+        " for n, f in files.items() if f.startswith(root + os.sep))))"
     )
     found = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    packages = set(json.loads(found.stdout))
-    assert {"api", "relay", "consumer", "db", "runtime", "taskbox"} <= packages
+    # (.venv is under the root too: its packages are not ours)
+    modules = {name: folder for name, folder in json.loads(found.stdout) if folder != ".venv"}
+    folders = set(modules.values())
+    assert {"api", "relay", "consumer", "db", "taskbox"} <= folders, folders
+    assert all(name.split(".")[0] == "taskbox" for name in modules), modules
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     include = config["tool"]["setuptools"]["packages"]["find"]["include"]
     allowed = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     copied = {a for k, a in dockerfile_stages()[1] if k == "COPY"}
-    for package in sorted(packages):
-        assert any(fnmatch.fnmatch(package, pattern) for pattern in include), package
-        assert f"!{package}/" in allowed, package
-        assert f"{package}/ {package}/" in copied, package
+    for name in sorted(modules):
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in include), name
+    for folder in sorted(folders):
+        assert f"!{folder}/" in allowed, folder
+        assert f"{folder}/ {folder}/" in copied, folder
 
 
 # --- smoke test: the containers' commands as local processes ----------------------------

@@ -107,5 +107,5 @@ def test_command_line_mistakes_exit_2_with_what_to_fix(
         main(["replay", *argv])
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert "usage: python -m relay replay" in err
+    assert "usage: python -m taskbox.relay replay" in err
     assert re.search(message, err), err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,34 @@ def test_importing_taskbox_or_its_client_loads_no_server_package() -> None:
 
 def test_the_handler_api_loads_tasktypes_on_first_use() -> None:
     assert "taskbox.tasktypes.registry" in _loaded_after("from taskbox import task")
+
+
+def test_the_old_tasktypes_name_warns_and_is_the_same_handler_api(tmp_path: Path) -> None:
+    # A handler module of the previous release, imported fresh by a new interpreter.
+    (tmp_path / "old_handlers.py").write_text(
+        "from tasktypes import task\nimport tasktypes.registry\nimport tasktypes.builtins\n"
+    )
+    probe = (
+        "import warnings, json\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import old_handlers\n"
+        "import taskbox, taskbox.tasktypes.registry, taskbox.tasktypes.builtins, tasktypes\n"
+        "print(json.dumps({\n"
+        "    'warnings': [[w.category.__name__, str(w.message), w.filename, w.lineno]\n"
+        "                 for w in caught],\n"
+        "    'same_task': old_handlers.task is taskbox.task,\n"
+        "    'same_registry': tasktypes.registry is taskbox.tasktypes.registry,\n"
+        "    'same_builtins': tasktypes.builtins is taskbox.tasktypes.builtins,\n"
+        "}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    seen = json.loads(out.stdout)
+    assert seen["same_task"] and seen["same_registry"] and seen["same_builtins"], seen
+    ((category, message, filename, line),) = seen["warnings"]
+    assert category == "DeprecationWarning"
+    assert "from taskbox import task" in message
+    # attributed to the user's import line, not to importlib
+    assert (Path(filename).name, line) == ("old_handlers.py", 1)
