@@ -228,7 +228,6 @@ async def tracing_cost(
                 for name, (cwd, extra) in variants.items():
                     port = _free_port()
                     api = taskbox("api", st.env, API_PORT=str(port), API_ACCESS_LOG="false")
-                    api.args = [sys.executable, "-m", "taskbox.api"]
                     api.env.update(extra)
                     api.cwd = cwd
                     apis[name] = await api.start()
