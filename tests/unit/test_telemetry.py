@@ -10,10 +10,15 @@ import uuid
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 from pydantic import ValidationError
 
 from taskbox.api.create_spans import CreateSpans
-from taskbox.consumer.attempt_spans import outcome_name
+from taskbox.consumer.attempt import ClaimedTask
+from taskbox.consumer.attempt_spans import end_attempt_span, outcome_name, start_attempt_span
 from taskbox.db.execution import Outcome
 from taskbox.runtime import tracing
 from taskbox.runtime.settings import TracingSettings
@@ -130,3 +135,43 @@ def test_an_attempts_outcome_is_what_the_commit_recorded(
     asked: str, recorded: str | None, name: str
 ) -> None:
     assert outcome_name(Outcome(uuid.uuid4(), 1, asked, lease=1), recorded) == name
+
+
+def _attempt_span_ended(outcome: Outcome | None, recorded: str | None) -> ReadableSpan:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    claimed = ClaimedTask(uuid.uuid4(), "fail", {}, 2, 3, lease=7, outbox_id=11)
+    claimed.trace = tracing.parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    span = start_attempt_span(provider.get_tracer("test"), claimed, "taskbox.tasks")
+    end_attempt_span(span, outcome, recorded)
+    (ended,) = exporter.get_finished_spans()
+    assert ended.parent is not None and f"{ended.parent.span_id:016x}" == "00f067aa0ba902b7"
+    assert ended.attributes is not None
+    assert (ended.attributes["taskbox.task.attempt"], ended.attributes["taskbox.outbox.id"]) == (
+        2,
+        11,
+    )
+    return ended
+
+
+def test_a_retried_attempt_span_has_the_error_status_and_type() -> None:
+    error = {"type": "DrillFailure", "message": "drill"}
+    retried = Outcome(uuid.uuid4(), 2, "NEW", error=error, retry_in=0.5, lease=7)
+    ended = _attempt_span_ended(retried, "NEW")
+    assert ended.attributes is not None
+    assert ended.attributes["taskbox.task.outcome"] == "retry"
+    assert ended.attributes["error.type"] == "DrillFailure"
+    assert ended.status.status_code == StatusCode.ERROR
+    assert ended.status.description == "DrillFailure: drill"
+
+
+def test_a_done_or_lost_attempt_span_is_no_error() -> None:
+    done = _attempt_span_ended(Outcome(uuid.uuid4(), 2, "DONE", lease=7), "DONE")
+    lost = _attempt_span_ended(None, None)
+    assert done.attributes is not None and lost.attributes is not None
+    assert (done.attributes["taskbox.task.outcome"], lost.attributes["taskbox.task.outcome"]) == (
+        "done",
+        "lost",
+    )
+    assert done.status.status_code == lost.status.status_code == StatusCode.UNSET
