@@ -3,6 +3,8 @@
 python -m bench                  the full suite (several minutes)
 python -m bench --quick          tiny counts, to check the suite still runs
 python -m bench --only relay,consumer
+BENCH_TRACING_BEFORE=<git ref> python -m bench --only tracing
+                                 tracing off / on, and the api of <ref> (before tracing)
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ RESULTS = Path(__file__).parent / "results"
 
 FULL = {
     "ingest": {"seconds": 10},
+    "tracing": {"seconds": 10, "relay_rows": 20_000, "rounds": 4},
     "notify": {"seconds": 5},
     "relay": {"rows": 50_000},
     "consumer": {"tasks": 20_000},
@@ -29,6 +33,7 @@ FULL = {
 }
 QUICK = {
     "ingest": {"seconds": 2, "rounds": 1},
+    "tracing": {"seconds": 1, "relay_rows": 1_000, "rounds": 1},
     "notify": {"seconds": 1},
     "relay": {"rows": 2_000},
     "consumer": {"tasks": 1_000},
@@ -37,6 +42,7 @@ QUICK = {
 }
 RUNNERS = {
     "ingest": scenarios.ingest,
+    "tracing": scenarios.tracing_cost,
     "notify": scenarios.notify_placement,
     "relay": scenarios.relay_drain,
     "consumer": scenarios.consumer_drain,
@@ -60,6 +66,41 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"{r['batch_tasks_s']:,.0f}",
             f"{r['batch_ratio']:.1f}x single (>= 20x)",
             r["batch_ratio"] >= 20,
+        )
+    if r := results.get("tracing"):
+        rates, cpu = r["req_s"], r["api_cpu_ms_per_request"]
+        add(
+            "ingest req/s, tracing off",
+            f"{rates['off']:,.0f}",
+            f"{cpu['off']:.3f} ms CPU a request",
+            None,
+        )
+        if "before" in rates:
+            add(
+                f"  the api before tracing ({r['before']})",
+                f"{rates['before']:,.0f}",
+                f"off {r['off_ratio_to_before']:.2f}x it; {cpu['before']:.3f} ms CPU",
+                None,
+            )
+        add(
+            "  tracing on (OTLP, every request)",
+            f"{rates['on']:,.0f}",
+            f"{r['on_ratio']:.2f}x off; {cpu['on']:.3f} ms CPU",
+            None,
+        )
+        add(
+            "  tracing on, 1 request in 10 sampled",
+            f"{rates['sampled']:,.0f}",
+            f"{r['sampled_ratio']:.2f}x off; {cpu['sampled']:.3f} ms CPU",
+            None,
+        )
+        relay = r["relay"]
+        add(
+            "relay rows/s, tracing off / on",
+            f"{relay['rows_s']['off']:,.0f} / {relay['rows_s']['on']:,.0f}",
+            f"{relay['on_ratio']:.2f}x; CPU a row {relay['cpu_ms_per_row']['off']:.3f} / "
+            f"{relay['cpu_ms_per_row']['on']:.3f} ms",
+            None,
         )
     if r := results.get("notify"):
         c = r["commits_s"]
@@ -176,7 +217,10 @@ async def run(selected: list[str], quick: bool) -> dict[str, Any]:
     )
     for name in selected:
         print(f"running {name} ...", flush=True)
-        report["results"][name] = await RUNNERS[name](**plan[name])  # type: ignore[operator]
+        options: dict[str, Any] = dict(plan[name])
+        if name == "tracing":
+            options["before"] = os.environ.get("BENCH_TRACING_BEFORE", "")
+        report["results"][name] = await RUNNERS[name](**options)  # type: ignore[operator]
     return report
 
 

@@ -43,7 +43,8 @@ class Stage:
 
     @property
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # Not the OTEL_* of whoever runs the bench: a scenario that traces says so.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env.pop("TASKBOX_FAILPOINTS", None)
         env.update(
             {
@@ -121,12 +122,13 @@ class Process:
     env: dict[str, str]
     ready: str | None = None
     proc: subprocess.Popen[bytes] | None = None
+    cwd: Path = ROOT  # ``python -m taskbox...`` imports the taskbox found here
     log: list[str] = field(default_factory=list)
 
     async def start(self, within: float = 30.0) -> Process:
         # Popen returns at once and the output is read without blocking.
         self.proc = subprocess.Popen(  # noqa: ASYNC220
-            self.args, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            self.args, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         assert self.proc.stdout is not None
         os.set_blocking(self.proc.stdout.fileno(), False)

@@ -11,6 +11,7 @@ import uuid
 
 import aio_pika
 from aio_pika.abc import AbstractQueue, AbstractRobustConnection
+from opentelemetry.trace import Tracer
 from pydantic import ValidationError
 
 from taskbox.broker import pipeline, topology
@@ -32,6 +33,7 @@ from taskbox.runtime.lifecycle import (
 from taskbox.runtime.logs import configure
 from taskbox.runtime.probes import PortUnavailable, Probes, start_probe_server
 from taskbox.runtime.settings import describe_invalid
+from taskbox.runtime.telemetry import start_tracing
 from taskbox.tasktypes import load_registry
 
 log = logging.getLogger("taskbox.consumer")
@@ -61,7 +63,7 @@ async def open_queue(
     return connection, declared.queue, declared.dead_letter_watch
 
 
-async def serve(settings: ConsumerSettings) -> None:
+async def serve(settings: ConsumerSettings, tracer: Tracer | None = None) -> None:
     registry = load_registry(settings.task_modules, builtin_types=settings.builtin_task_types)
     shutdown = Shutdown()
     shutdown.install()
@@ -75,7 +77,7 @@ async def serve(settings: ConsumerSettings) -> None:
         "RabbitMQ", lambda: open_queue(settings), (OSError, aio_pika.exceptions.AMQPError)
     )
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    consumer = TaskConsumer(pool, registry, settings, worker_id, metrics)
+    consumer = TaskConsumer(pool, registry, settings, worker_id, metrics, tracer)
     background = {
         "completer": consumer.complete_loop(),
         "heartbeat": consumer.heartbeat_loop(),
@@ -113,8 +115,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m taskbox.consumer"
         print(describe_invalid(exc), file=sys.stderr)
         return 2
     configure(settings.log_level, settings.log_format)
+    tracing = start_tracing(settings, "taskbox-consumer")
     try:
-        run_service(serve(settings))
+        run_service(serve(settings, tracing.tracer))
     except LoopDied:
         return EXIT_LOOP_DIED
     except PortUnavailable as exc:
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m taskbox.consumer"
     except TopologyMismatch as exc:
         log.critical("%s", exc)
         return 2
+    finally:
+        tracing.shutdown()  # the spans of the last attempts, before the process ends
     return 0
 
 

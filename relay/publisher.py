@@ -93,7 +93,7 @@ class OutboxPublisher:
     ) -> None:
         self._channel = channel
         self._pipelined = pipelined
-        self._exchange = exchange
+        self.exchange = exchange
         self._routing_key = routing_key
         self._timeout = timeout
         self._retry_delay = retry_delay  # attempt number -> seconds
@@ -120,7 +120,7 @@ class OutboxPublisher:
                 return await public.publish_each(
                     self._channel,
                     batch,
-                    exchange=self._exchange,
+                    exchange=self.exchange,
                     routing_key=self._routing_key,
                     within=self._timeout,
                 )
@@ -128,7 +128,7 @@ class OutboxPublisher:
         return await pipeline.publish_many(
             channel,
             batch,
-            exchange=self._exchange,
+            exchange=self.exchange,
             routing_key=self._routing_key,
             within=self._timeout,
         )
