@@ -22,12 +22,13 @@ import orjson
 # PROCESSING with a stale heartbeat: its consumer died and the broker redelivered the
 # message to us; unless that attempt was its last or a cancel is pending, which the
 # rescue turns into FAILED or CANCELLED rather than running it once more.
-# NEW is accepted too, and that is what closes the race with the relay: a message can
-# arrive before the relay has committed NEW -> PENDING. In our snapshot the row is
-# still NEW, so it matches, the UPDATE waits for the relay's row lock and re-checks the
-# committed row (PENDING): claimed. Had we asked for PENDING only, Postgres would skip
-# the row without waiting and the message would be dropped. If the relay rolled back
-# instead, the task is still NEW and we run it now; its re-publish later is a duplicate.
+# NEW is accepted too, and that is what closes the race with the relay: a message
+# arrives as soon as the broker has it, before the relay has recorded the confirm and
+# flipped NEW -> PENDING. The relay holds no lock on the task row until then, so the
+# claim takes the NEW task at once (and the relay's flip, finding it past NEW, leaves
+# it); if the relay's flip came first, the UPDATE waits for that row lock and re-checks
+# the committed row (PENDING): claimed either way. If the relay rolled back instead,
+# the task is still NEW and we run it now; its re-publish later is a duplicate.
 # But a NEW task is claimed only by the message of its newest outbox row: an older
 # message (a redelivery of the attempt before a retry, a replay) would otherwise run a
 # retry before its backoff is over. The newer row is unpublished or in flight, so the
@@ -39,8 +40,18 @@ import orjson
 # written or refused.) Every claim takes a new lease, the lost reply's too.
 # The outer SELECT reports, for every requested id, whether it exists at all, so the
 # caller can dead-letter messages that name no task.
+# The claim commits without waiting for its WAL flush (synchronous_commit off, set in
+# the statement so it costs no round trip). A claim lost in a Postgres crash is an
+# attempt the database never saw start: the consumer's heartbeat or outcome write then
+# finds the task not PROCESSING under its lease and sends the delivery back through the
+# claim, or another delivery claims the task again: a second run of the handler, which
+# at-least-once delivery allows, never a lost task. Nothing else trusts the claim to be
+# durable: the outcome commit waits for its flush, which carries the claim's WAL along,
+# and the message is acked only after it.
 _CLAIM = """
-WITH delivery AS (
+WITH no_flush_wait AS (
+    SELECT set_config('synchronous_commit', 'off', true)
+), delivery AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS d(id, outbox_id)
 ), claimed AS (
     UPDATE tasks AS t
@@ -63,7 +74,7 @@ WITH delivery AS (
 )
 SELECT d.id, c.type, c.payload, c.attempts, c.max_attempts, c.lease, c.created_at,
        c.id IS NOT NULL AS claimed, t.status AS seen_status
-FROM delivery AS d
+FROM no_flush_wait, delivery AS d
 LEFT JOIN claimed AS c ON c.id = d.id
 LEFT JOIN tasks AS t ON t.id = d.id
 """
