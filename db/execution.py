@@ -24,11 +24,14 @@ import orjson
 # rescue turns into FAILED or CANCELLED rather than running it once more.
 # NEW is accepted too, and that is what closes the race with the relay: a message
 # arrives as soon as the broker has it, before the relay has recorded the confirm and
-# flipped NEW -> PENDING. The relay holds no lock on the task row until then, so the
-# claim takes the NEW task at once (and the relay's flip, finding it past NEW, leaves
-# it); if the relay's flip came first, the UPDATE waits for that row lock and re-checks
-# the committed row (PENDING): claimed either way. If the relay rolled back instead,
-# the task is still NEW and we run it now; its re-publish later is a duplicate.
+# flipped NEW -> PENDING. The relay locks no task row until then, so the claim takes
+# the NEW task at once (and the relay's flip, finding it past NEW, leaves it); if the
+# flip is under way, the claim waits for that row lock and re-checks the committed row
+# (PENDING): claimed either way. If the relay rolled back instead, the task is still
+# NEW and we run it now; its re-publish later is a duplicate. The claim locks its NEW
+# and PENDING tasks in id order first, as the relay's flip does: two statements locking
+# several task rows each in an order of their own could deadlock. (PROCESSING rows, a
+# rescue's or our own lost reply's, the relay never locks.)
 # But a NEW task is claimed only by the message of its newest outbox row: an older
 # message (a redelivery of the attempt before a retry, a replay) would otherwise run a
 # retry before its backoff is over. The newer row is unpublished or in flight, so the
@@ -40,19 +43,14 @@ import orjson
 # written or refused.) Every claim takes a new lease, the lost reply's too.
 # The outer SELECT reports, for every requested id, whether it exists at all, so the
 # caller can dead-letter messages that name no task.
-# The claim commits without waiting for its WAL flush (synchronous_commit off, set in
-# the statement so it costs no round trip). A claim lost in a Postgres crash is an
-# attempt the database never saw start: the consumer's heartbeat or outcome write then
-# finds the task not PROCESSING under its lease and sends the delivery back through the
-# claim, or another delivery claims the task again: a second run of the handler, which
-# at-least-once delivery allows, never a lost task. Nothing else trusts the claim to be
-# durable: the outcome commit waits for its flush, which carries the claim's WAL along,
-# and the message is acked only after it.
 _CLAIM = """
-WITH no_flush_wait AS (
-    SELECT set_config('synchronous_commit', 'off', true)
-), delivery AS (
+WITH delivery AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS d(id, outbox_id)
+), locked AS (
+    SELECT t.id FROM tasks AS t
+    WHERE t.id IN (SELECT id FROM delivery) AND t.status IN ('NEW', 'PENDING')
+    ORDER BY t.id
+    FOR UPDATE
 ), claimed AS (
     UPDATE tasks AS t
     SET status = 'PROCESSING',
@@ -63,6 +61,7 @@ WITH no_flush_wait AS (
         started_at = now(), heartbeat_at = now(), updated_at = now()
     FROM delivery AS d
     WHERE t.id = d.id AND NOT t.cancel_requested
+      AND (t.status = 'PROCESSING' OR t.id IN (SELECT id FROM locked))
       AND (t.status = 'PENDING'
            OR (t.status = 'NEW'
                AND d.outbox_id >= (SELECT coalesce(max(o.id), 0) FROM outbox AS o
@@ -74,7 +73,7 @@ WITH no_flush_wait AS (
 )
 SELECT d.id, c.type, c.payload, c.attempts, c.max_attempts, c.lease, c.created_at,
        c.id IS NOT NULL AS claimed, t.status AS seen_status
-FROM no_flush_wait, delivery AS d
+FROM delivery AS d
 LEFT JOIN claimed AS c ON c.id = d.id
 LEFT JOIN tasks AS t ON t.id = d.id
 """

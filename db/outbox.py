@@ -57,8 +57,12 @@ FROM no_flush_wait, next LEFT JOIN batch AS b ON true
 ORDER BY b.available_at, b.id
 """
 
-# Confirmed rows are marked published and their tasks go NEW -> PENDING (a task a
-# consumer already claimed, or a cancel already closed, is past NEW and stays as it is).
+# Confirmed rows are marked published and their tasks go NEW -> PENDING, but only a
+# task still NEW whose newest outbox row is the one just published: a consumer may have
+# claimed the task from this very message meanwhile (PROCESSING), finished it, or sent
+# it back to NEW with a newer row (a retry in its backoff, a release), and none of that
+# is undone. The task rows are locked in id order, as the consumer's claim locks them:
+# two statements that each lock several tasks in an order of their own can deadlock.
 # Refused rows keep published_at NULL, record why and wait out a backoff, so they never
 # block the rows behind them; their tasks stay NEW, since nothing of theirs reached the
 # queue.
@@ -67,7 +71,7 @@ WITH published AS (
     UPDATE outbox
     SET published_at = now(), publish_attempts = publish_attempts + 1, last_error = NULL
     WHERE id = ANY($1::bigint[])
-    RETURNING task_id
+    RETURNING id, task_id
 ), refused AS (
     UPDATE outbox AS o
     SET publish_attempts = o.publish_attempts + 1,
@@ -75,9 +79,15 @@ WITH published AS (
         available_at = now() + make_interval(secs => f.delay)
     FROM unnest($2::bigint[], $3::text[], $4::float8[]) AS f(id, error, delay)
     WHERE o.id = f.id
+), flippable AS (
+    SELECT t.id FROM tasks AS t JOIN published AS p ON p.task_id = t.id
+    WHERE t.status = 'NEW'
+      AND p.id >= (SELECT max(o.id) FROM outbox AS o WHERE o.task_id = t.id)
+    ORDER BY t.id
+    FOR UPDATE OF t
 )
 UPDATE tasks SET status = 'PENDING', updated_at = now()
-WHERE id IN (SELECT task_id FROM published) AND status = 'NEW'
+WHERE id IN (SELECT id FROM flippable) AND status = 'NEW'
 """
 
 _NOTIFY = "SELECT pg_notify($1, $2)"

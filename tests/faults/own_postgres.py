@@ -1,6 +1,7 @@
 """A PostgreSQL cluster of a test's own, on loopback: its own data directory, port and
 socket directory, so a test can crash it (``pg_ctl stop -m immediate``: no checkpoint,
-no flush, as a power cut leaves it) and start it again, which the machine's own server
+no flush of what is still in Postgres's WAL buffers; what it already handed to the OS
+survives, unlike a power cut) and start it again, which the machine's own server
 must never go through. Durable settings as in production: ``fsync`` and
 ``synchronous_commit`` on.
 

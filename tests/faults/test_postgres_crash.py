@@ -2,14 +2,14 @@
 none stuck.
 
 Which commits wait for their WAL flush is a durability decision (README, Guarantees):
-the api's create and every outcome do; the relay's mark-published and the consumer's
-claim do not (synchronous_commit off: losing one is a duplicate). This test holds the
+the api's create, the consumer's claim and every outcome do; the relay's record of its
+confirms does not (synchronous_commit off: losing it is a duplicate). This test holds the
 decision to what it promises: the api, a relay and a consumer run against a cluster of
 the test's own, tasks are created over HTTP at a steady rate, and the cluster is
 stopped with ``pg_ctl stop -m immediate`` (nothing flushed that was not already) while
 messages, claims and outcomes are in flight, then started again. Every 201's task must
 then reach DONE. A create committed without its flush would be missing after the
-crash; a claim or mark-published whose loss could lose a task would leave one stuck.
+crash; a mark-published whose loss could lose a task would leave one stuck.
 """
 
 from __future__ import annotations
