@@ -214,12 +214,13 @@ def main() -> int:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(RUNNERS)}")
     report = asyncio.run(run(selected, args.quick))
     rows = _rows(report["results"])
-    print()
-    _print_table([("figure", "taskbox", "baseline / target", ""), *rows])
+    if rows:
+        print()
+        _print_table([("figure", "taskbox", "baseline / target", ""), *rows])
     if peers := report["results"].get("peers"):
         print("\nTaskbox beside its peers (issue 14), same run:\n")
         print(peer_table.render(peer_table.rows(peers, report["results"])))
-        print()
+        print("(x pgq*: against pgqueuer's faster drain of its two batch sizes)\n")
         print(peer_table.render([("target", "taskbox", "", ""), *peer_table.verdicts(peers)]))
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{scenarios.run_id()}.json"

@@ -12,6 +12,7 @@ over the same window shows how much of it was not ours.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +35,19 @@ def _stat(pid: str) -> tuple[str, int, list[int]] | None:
 class Snapshot:
     servers: dict[str, float]  # "postgres" / "rabbitmq" -> CPU seconds so far
     busy_seconds: float  # the whole box
+    wall: float  # time.monotonic() at the snapshot; a difference's window
 
     def __sub__(self, before: Snapshot) -> Snapshot:
         return Snapshot(
             {k: v - before.servers.get(k, 0.0) for k, v in self.servers.items()},
             self.busy_seconds - before.busy_seconds,
+            self.wall - before.wall,
         )
+
+    @property
+    def busy_cores(self) -> float:
+        """Of a difference: how many cores the whole box kept busy, ours or not."""
+        return self.busy_seconds / self.wall if self.wall else float("nan")
 
 
 def snapshot() -> Snapshot:
@@ -53,7 +61,7 @@ def snapshot() -> Snapshot:
         if ppid not in procs:  # the root: count what its exited children spent
             ticks += cutime + cstime
         servers[SERVERS[name]] += ticks / CLK_TCK
-    return Snapshot(servers, _busy_seconds())
+    return Snapshot(servers, _busy_seconds(), time.monotonic())
 
 
 def _busy_seconds() -> float:
