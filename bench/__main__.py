@@ -221,6 +221,8 @@ def main() -> int:
         print("\nTaskbox beside its peers (issue 14), same run:\n")
         print(peer_table.render(peer_table.rows(peers, report["results"])))
         print("(x pgq*: against pgqueuer's faster drain of its two batch sizes)\n")
+        print(peer_table.render(peer_table.stages(peers)))
+        print()
         print(peer_table.render([("target", "taskbox", "", ""), *peer_table.verdicts(peers)]))
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{scenarios.run_id()}.json"

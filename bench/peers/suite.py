@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -302,7 +303,14 @@ async def _open_loop(rate: float, seconds: float, create: Any) -> list[str]:
     return list(await asyncio.gather(*calls))
 
 
-async def _taskbox_samples(st: Stage, ids: list[str]) -> list[tuple[float, float, float]]:
+# Where a Taskbox task's time goes, each stage from one timestamp to the next: t0 (the
+# client, just before create), created_at (the insert's transaction start), the relay's
+# claim (published_at), the consumer's claim (started_at), the handler's own start.
+STAGES = ("t0", "created", "relay_claim", "consumer_claim", "handler_start")
+
+
+async def _taskbox_run(st: Stage, ids: list[str], warmup_jobs: int) -> Result:
+    """Wait for the tasks ``ids``; their latency figures and the stages' p50 / p99."""
     conn = await asyncpg.connect(st.database_url)
     try:
         deadline = time.monotonic() + 60
@@ -313,18 +321,32 @@ async def _taskbox_samples(st: Stage, ids: list[str]) -> list[tuple[float, float
                 raise TimeoutError("Taskbox did not finish the latency run's tasks in time")
             await asyncio.sleep(0.1)
         rows = await conn.fetch(
-            "SELECT id::text, (payload->>'t0')::float8 AS t0,"
-            " (result->>'started')::float8 AS started,"
-            " extract(epoch FROM finished_at)::float8 AS finished"
-            " FROM tasks WHERE id = ANY($1::uuid[])",
+            "SELECT (t.payload->>'t0')::float8 AS t0,"
+            " extract(epoch FROM t.created_at)::float8 AS created,"
+            " extract(epoch FROM o.published_at)::float8 AS relay_claim,"
+            " extract(epoch FROM t.started_at)::float8 AS consumer_claim,"
+            " (t.result->>'started')::float8 AS handler_start,"
+            " extract(epoch FROM t.finished_at)::float8 AS finished"
+            " FROM tasks t JOIN outbox o ON o.task_id = t.id AND o.kind = 'task.created'"
+            " WHERE t.id = ANY($1::uuid[]) ORDER BY 1",
             ids,
         )
     finally:
         await conn.close()
-    # started: the handler's own clock reading; finished: the result transaction's start
-    return [
-        (r["t0"], (r["started"] - r["t0"]) * 1000, (r["finished"] - r["t0"]) * 1000) for r in rows
+    kept = rows[warmup_jobs:]
+    stages = {
+        f"{a}->{b}": [(r[b] - r[a]) * 1000 for r in kept] for a, b in itertools.pairwise(STAGES)
+    }
+    # done: the result transaction's start (finished_at), as DONE's timestamp says
+    samples = [
+        (r["t0"], (r["handler_start"] - r["t0"]) * 1000, (r["finished"] - r["t0"]) * 1000)
+        for r in rows
     ]
+    return {
+        **_latency(samples, warmup_jobs),
+        "stages_p50_ms": {k: percentile(v, 50) for k, v in stages.items()},
+        "stages_p99_ms": {k: percentile(v, 99) for k, v in stages.items()},
+    }
 
 
 async def latency_taskbox(rate: float, seconds: float, warmup: float) -> Result:
@@ -371,9 +393,9 @@ async def latency_taskbox(rate: float, seconds: float, warmup: float) -> Result:
                 over_http = await _open_loop(rate, total, create_over_http)
             warm = int(rate * warmup)
             return {
-                "in_process": _latency(await _taskbox_samples(st, in_process), warm),
+                "in_process": await _taskbox_run(st, in_process, warm),
                 "http": {
-                    **_latency(await _taskbox_samples(st, over_http), warm),
+                    **await _taskbox_run(st, over_http, warm),
                     "201_p50_ms": percentile([answered[i] for i in over_http[warm:]], 50),
                     "201_p99_ms": percentile([answered[i] for i in over_http[warm:]], 99),
                 },

@@ -115,6 +115,30 @@ def rows(peers: Result, results: Result) -> list[tuple[str, ...]]:
     return out
 
 
+def stages(peers: Result) -> list[tuple[str, ...]]:
+    """Taskbox's latency run by stage (p50 / p99 ms) and its drain CPU by process."""
+    lat, drain = peers["latency"]["taskbox"], peers["drain"]["taskbox"]
+    out: list[tuple[str, ...]] = [("Taskbox, where the time goes", "in-process", "over HTTP")]
+    for stage in lat["in_process"]["stages_p50_ms"]:
+        p50, p99 = (
+            (lat[way]["stages_p50_ms"][stage] for way in ("in_process", "http")),
+            (lat[way]["stages_p99_ms"][stage] for way in ("in_process", "http")),
+        )
+        out.append(
+            (f"  {stage} ms", *(f"{a:.1f} / {b:.1f}" for a, b in zip(p50, p99, strict=True)))
+        )
+    out.append(
+        (
+            "  t0 -> 201 received ms",
+            "",
+            f"{lat['http']['201_p50_ms']:.1f} / {lat['http']['201_p99_ms']:.1f}",
+        )
+    )
+    split = ", ".join(f"{k} {v:.3f}" for k, v in drain["worker_cpu_ms_per_job"].items())
+    out.append(("  drain CPU ms/job by process", split, ""))
+    return out
+
+
 def pgqueuer_drain(drain: Result) -> float:
     """The drain rate the target is set against: pgqueuer's better configuration."""
     return float(max(drain["pgqueuer"]["jobs_s"], drain["pgqueuer_batch100"]["jobs_s"]))
