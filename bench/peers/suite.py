@@ -97,9 +97,13 @@ class PeerStage:
             raise RuntimeError(f"{self.peer} {command} failed:\n{done.stdout}\n{done.stderr}")
         return _result(done.stdout.splitlines(), f"{self.peer} {command}")
 
-    async def start(self, command: str, **options: object) -> Process:
+    def process(self, command: str, **options: object) -> Process:
+        """A long-running command (serve, drain, work), not started yet."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        return await Process(self.args(command, **options), env, ready=READY).start()
+        return Process(self.args(command, **options), env, ready=READY)
+
+    async def start(self, command: str, **options: object) -> Process:
+        return await self.process(command, **options).start()
 
 
 def _result(lines: list[str], what: str) -> Result:
@@ -155,29 +159,25 @@ async def peer_stage(peer: str) -> AsyncIterator[PeerStage]:
 async def ingest(seconds: int, rounds: int, warmup: int) -> Result:
     """req/s of one enqueue a request, each system behind one uvicorn worker."""
     async with contextlib.AsyncExitStack() as stack:
+        # Unwound last in, first out: each process stops before its database is dropped.
         st = await stack.enter_async_context(stage("peers_ingest"))
         urls: dict[str, str] = {}
-        procs: list[Process] = []
-        stack.push_async_callback(_stop_all, procs)
+
+        async def serve(name: str, process: Process, url: str) -> None:
+            stack.push_async_callback(process.stop)
+            await process.start()
+            urls[name] = url
+
         port = _free_port()
-        procs.append(
-            await Process(
-                [*BARE_APP, "--port", str(port)],
-                st.env,
-                ready="Application startup complete",
-            ).start()
-        )
-        urls["bare"] = f"http://127.0.0.1:{port}/baseline"
+        bare = Process([*BARE_APP, "--port", str(port)], st.env, "Application startup complete")
+        await serve("bare", bare, f"http://127.0.0.1:{port}/baseline")
         port = _free_port()
-        procs.append(
-            await taskbox("api", st.env, API_PORT=str(port), API_ACCESS_LOG="false").start()
-        )
-        urls["taskbox"] = f"http://127.0.0.1:{port}/api/v1/tasks"
+        api = taskbox("api", st.env, API_PORT=str(port), API_ACCESS_LOG="false")
+        await serve("taskbox", api, f"http://127.0.0.1:{port}/api/v1/tasks")
         for peer in PEERS:
             pst = await stack.enter_async_context(peer_stage(peer))
             port = _free_port()
-            procs.append(await pst.start("serve", port=port))
-            urls[peer] = f"http://127.0.0.1:{port}/enqueue"
+            await serve(peer, pst.process("serve", port=port), f"http://127.0.0.1:{port}/enqueue")
         for url in urls.values():  # connections, caches, page-ins
             await _wrk(url, warmup)
         runs: dict[str, list[float]] = {name: [] for name in urls}
