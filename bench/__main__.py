@@ -5,6 +5,7 @@ python -m bench --quick          tiny counts, to check the suite still runs
 python -m bench --only relay,consumer
 BENCH_TRACING_BEFORE=<git ref> python -m bench --only tracing
                                  tracing off / on, and the api of <ref> (before tracing)
+python -m bench --only peers     issue 14's peers (pgqueuer, Celery, procrastinate) alone
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Any
 
 from bench import scenarios
 from bench.harness import machine
+from bench.peers import suite as peer_suite
+from bench.peers import table as peer_table
 
 RESULTS = Path(__file__).parent / "results"
 
-FULL = {
+FULL: dict[str, dict[str, Any]] = {
     "ingest": {"seconds": 10},
     "tracing": {"seconds": 10, "relay_rows": 20_000, "rounds": 4},
     "notify": {"seconds": 5},
@@ -30,8 +33,16 @@ FULL = {
     "consumer": {"tasks": 20_000},
     "e2e": {"rate": 200, "seconds": 15, "sustained_seconds": 15},
     "memory": {"total": 100_000, "checkpoint": 10_000},
+    "peers": {
+        "ingest_seconds": 10,
+        "ingest_rounds": 2,
+        "drain_jobs": 20_000,
+        "rate": 200,
+        "latency_seconds": 15,
+        "warmup": 1.0,
+    },
 }
-QUICK = {
+QUICK: dict[str, dict[str, Any]] = {
     "ingest": {"seconds": 2, "rounds": 1},
     "tracing": {"seconds": 1, "relay_rows": 1_000, "rounds": 1},
     "notify": {"seconds": 1},
@@ -39,6 +50,15 @@ QUICK = {
     "consumer": {"tasks": 1_000},
     "e2e": {"rate": 100, "seconds": 2, "sustained_seconds": 2},
     "memory": {"total": 10_000, "checkpoint": 5_000},
+    # every peer still runs every workload, so the harness cannot rot unnoticed
+    "peers": {
+        "ingest_seconds": 1,
+        "ingest_rounds": 1,
+        "drain_jobs": 300,
+        "rate": 100,
+        "latency_seconds": 1,
+        "warmup": 0.5,
+    },
 }
 RUNNERS = {
     "ingest": scenarios.ingest,
@@ -48,6 +68,7 @@ RUNNERS = {
     "consumer": scenarios.consumer_drain,
     "e2e": scenarios.end_to_end,
     "memory": scenarios.memory,
+    "peers": peer_suite.peers,
 }
 
 
@@ -237,8 +258,16 @@ def main() -> int:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(RUNNERS)}")
     report = asyncio.run(run(selected, args.quick))
     rows = _rows(report["results"])
-    print()
-    _print_table([("figure", "taskbox", "baseline / target", ""), *rows])
+    if rows:
+        print()
+        _print_table([("figure", "taskbox", "baseline / target", ""), *rows])
+    if peers := report["results"].get("peers"):
+        print("\nTaskbox beside its peers (issue 14), same run:\n")
+        print(peer_table.render(peer_table.rows(peers, report["results"])))
+        print("(x pgq*: against pgqueuer's faster drain of its two batch sizes)\n")
+        print(peer_table.render(peer_table.stages(peers)))
+        print()
+        print(peer_table.render([("target", "taskbox", "", ""), *peer_table.verdicts(peers)]))
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{scenarios.run_id()}.json"
     path.write_text(json.dumps(report, indent=2))
