@@ -61,8 +61,10 @@ ORDER BY b.available_at, b.id
 # task still NEW whose newest outbox row is the one just published: a consumer may have
 # claimed the task from this very message meanwhile (PROCESSING), finished it, or sent
 # it back to NEW with a newer row (a retry in its backoff, a release), and none of that
-# is undone. The task rows are locked in id order, as the consumer's claim locks them:
-# two statements that each lock several tasks in an order of their own can deadlock.
+# is undone. The flip skips a task row another transaction holds (SKIP LOCKED): that is
+# a consumer claiming or finishing it, or a cancel, each taking it past NEW; waiting
+# instead would hold this batch's locks while the other waits for them (a consumer's
+# claim or outcome batch locks several tasks in an order of its own): a deadlock.
 # Refused rows keep published_at NULL, record why and wait out a backoff, so they never
 # block the rows behind them; their tasks stay NEW, since nothing of theirs reached the
 # queue.
@@ -83,8 +85,7 @@ WITH published AS (
     SELECT t.id FROM tasks AS t JOIN published AS p ON p.task_id = t.id
     WHERE t.status = 'NEW'
       AND p.id >= (SELECT max(o.id) FROM outbox AS o WHERE o.task_id = t.id)
-    ORDER BY t.id
-    FOR UPDATE OF t
+    FOR UPDATE OF t SKIP LOCKED
 )
 UPDATE tasks SET status = 'PENDING', updated_at = now()
 WHERE id IN (SELECT id FROM flippable) AND status = 'NEW'

@@ -701,8 +701,9 @@ async def test_the_relays_flip_and_a_consumers_claim_do_not_deadlock(
     pool: asyncpg.Pool, db_settings: DatabaseSettings
 ) -> None:
     """Both lock several task rows: the relay's record of a batch and a consumer's claim
-    of the same tasks' messages, which arrive in an order of their own. Each locks in
-    id order, so neither waits on the other in a cycle (Postgres would abort one)."""
+    of the same tasks' messages, which arrive in an order of their own. The relay's flip
+    skips the rows the claim holds instead of waiting, so neither waits on the other in
+    a cycle (Postgres would abort one after deadlock_timeout)."""
     for _ in range(10):
         tasks = await create_tasks(pool, 100)
         relay = await asyncpg.connect(db_settings.database_url)
