@@ -771,6 +771,7 @@ async def test_the_checks_refuse_before_changing_anything(
         await conn.execute(f"CREATE ROLE {owner} LOGIN")
         await conn.execute(f"ALTER TABLE tasks OWNER TO {owner}")
         await conn.execute(f"ALTER TABLE outbox OWNER TO {owner}")
+        await conn.execute(f"ALTER TABLE queue_consumers OWNER TO {owner}")
         owner_conn = await asyncpg.connect(as_role(database_url, owner))
         try:
             # Owning the tables is not enough: CONNECT needs the database's owner.
@@ -813,7 +814,7 @@ async def test_an_owner_with_createrole_needs_no_superuser(
     try:
         database = await conn.fetchval("SELECT current_database()")
         await conn.execute(f"CREATE ROLE {owner} LOGIN CREATEROLE")
-        for table in ("tasks", "outbox", "alembic_version"):
+        for table in ("tasks", "outbox", "queue_consumers", "alembic_version"):
             await conn.execute(f"ALTER TABLE {table} OWNER TO {owner}")
         await conn.execute(f"ALTER FUNCTION cancel_task(uuid) OWNER TO {owner}")
         await conn.execute(f'ALTER DATABASE "{database}" OWNER TO {owner}')
