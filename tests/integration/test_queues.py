@@ -21,6 +21,7 @@ import pytest
 
 from taskbox.api.settings import ApiSettings
 from taskbox.broker.settings import BrokerSettings
+from taskbox.db.tasks import NewTask, create_task
 from taskbox.runtime.queues import amqp_queue_name
 from tests.integration.conftest import app_client_for, poll_until_done
 from tests.integration.processes import ServiceProcess, free_port, run_command
@@ -230,3 +231,50 @@ async def test_a_bad_consumer_queues_setting_stops_the_consumer_with_exit_2(
     result = await run_command("consumer", [], {**service_env, "CONSUMER_QUEUES": value})
     assert result.code == 2, result
     assert message in result.stderr, result
+
+
+async def test_a_dead_lettered_message_of_a_named_queue_is_sent_again_to_its_queue(
+    service_env: dict[str, str],
+    broker_settings: BrokerSettings,
+    pool: asyncpg.Pool,
+    named_queues: list[str],
+) -> None:
+    """Every queue dead-letters into the watch: a media message the broker drops (here
+    rejected without requeue, as a TTL or a delivery limit would) is sent again by the
+    consumers' dead-letter watch, to the media queue, and runs there."""
+    env = {**service_env, **QUEUE_TASKS}
+    relay = await ServiceProcess("relay", env).start()
+    consumer: ServiceProcess | None = None
+    try:
+        row = await create_task(pool, NewTask("render", {"n": 5}, 0, 3, queue="media"))
+        for _ in range(100):
+            if await depth(broker_settings, named_queues[0]) == 1:
+                break
+            await asyncio.sleep(0.1)
+        connection = await aio_pika.connect(broker_settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(named_queues[0], passive=True)
+            message = await queue.get(no_ack=False)
+            await message.reject(requeue=False)
+        assert await depth(broker_settings, broker_settings.dead_letter_watch_queue) == 1
+        consumer = await ServiceProcess("consumer", env, CONSUMER_QUEUES="media").start()
+        for _ in range(200):
+            task = await pool.fetchrow(
+                "SELECT status, result, queue FROM tasks WHERE id = $1", row["id"]
+            )
+            if task is not None and task["status"] == "DONE":
+                break
+            await asyncio.sleep(0.1)
+        assert task is not None and dict(task) == {
+            "status": "DONE",
+            "result": {"rendered": 5},
+            "queue": "media",
+        }
+        await consumer.wait_for("the broker dead-lettered the task's message")
+    finally:
+        if consumer is not None:
+            assert await consumer.stop(signal.SIGTERM) == 0, consumer.output
+        assert await relay.stop(signal.SIGTERM) == 0, relay.output
+    assert await depth(broker_settings, broker_settings.dead_letter_watch_queue) == 0
+    assert await depth(broker_settings, named_queues[0]) == 0

@@ -407,6 +407,8 @@ async def test_the_api_role_creates_reads_lists_and_cancels(
         assert [row["payload"] for row in group] == [{"n": 7}]
         scheduled = NewTask("echo", {"n": 6}, 0, 3, delay=60.0)
         assert (await create_task(conn, scheduled, {}))["run_at"] is not None
+        routed = NewTask("echo", {"n": 8}, 0, 3, queue="media")
+        assert (await create_task(conn, routed, {}))["queue"] == "media"
 
     owner = await asyncpg.connect(database_url)
     try:
@@ -973,6 +975,11 @@ async def test_api_relay_and_consumer_run_a_task_under_their_roles(
             cancelled = await client.delete(f"/api/v1/tasks/{task['id']}")
             assert cancelled.status_code == 409, cancelled.text  # DONE is final
             assert (await client.get("/readyz")).status_code == 200
+            # the consumers seen, which the consumer role recorded and the api role reads
+            queues = await client.get("/api/v1/queues")
+            assert queues.status_code == 200, queues.text
+            (default,) = queues.json()["items"]
+            assert (default["name"], default["consumers"]) == ("default", 1), default
 
         relay_env = {**service_env, "DATABASE_URL": roles.dsn("relay")}
         for command in ("status", "cleanup"):
