@@ -97,8 +97,9 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
             update_columns=("published_at", "publish_attempts", "last_error", "available_at"),
         ),
         TableGrant("tasks", ("SELECT", "DELETE"), update_columns=("status", "updated_at")),
-        # `taskbox status` lists the queues and the consumers seen on them
-        TableGrant("queue_consumers", ("SELECT",)),
+        # `taskbox status` lists the queues and the consumers seen on them; retention
+        # deletes the rows of consumers gone for a day
+        TableGrant("queue_consumers", ("SELECT", "DELETE")),
     ),
     # Claims, heartbeats, finishes and rescues tasks (every column an attempt owns); a
     # retry, a rescued task and a dead-lettered one sent again are task.retry outbox

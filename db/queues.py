@@ -17,10 +17,11 @@ from taskbox.runtime.queues import DEFAULT_QUEUE, PRESENCE_WINDOW
 
 # Only unfinished tasks are read, through the (status, created_at, id) index, so the
 # listing costs what waits and runs, not the table's history. A queue is listed while
-# it has unfinished tasks, or a consumer has served it since its row was last deleted,
-# and ``default`` always. The oldest waiting age counts, for each task that may run now
-# (a scheduled one from its run_at), from its last change of state: a PENDING task
-# from its publish, a NEW one from its creation or its retry.
+# it has unfinished tasks, or a consumer served it within the last day (PRESENCE_KEPT:
+# the relay's housekeeping deletes older rows), and ``default`` always. The oldest
+# waiting age counts, for each task that may run now (a scheduled one from its run_at),
+# from its last change of state: a PENDING task from its publish, a NEW one from its
+# creation or its retry.
 _LIST = """
 WITH active AS (
     SELECT queue,

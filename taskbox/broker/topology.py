@@ -4,9 +4,10 @@ Tasks go to a durable direct exchange, routed to one durable queue per Taskbox q
 (``taskbox.runtime.queues``): QUEUE_NAME for ``default``, ``<QUEUE_NAME>.<queue>`` for
 another, each bound with its own name as the routing key and declared with the same
 arguments (dead-lettering, type, priorities). The relay declares a queue on its first
-publish to it (``QueueDeclarer``), so tasks of a queue no consumer serves yet wait in it. Messages the
-consumer rejects (unparseable, naming no task), and those the broker gives up on (a
-quorum queue's x-delivery-limit), are dead-lettered through a fanout exchange into two
+publish to it (``QueueDeclarer``), so tasks of a queue no consumer serves yet wait in it.
+
+Messages the consumer rejects (unparseable, naming no task), and those the broker gives
+up on (a quorum queue's x-delivery-limit), are dead-lettered through a fanout exchange into two
 queues: the dead-letter queue, where an operator can inspect them, and its ``.watch``
 copy, which the consumers read to send a dead-lettered task again through the outbox
 (``consumer.dead_letters``), so that no task waits for a message the broker dropped.

@@ -44,3 +44,7 @@ def amqp_queue_name(base: str, queue: str) -> str:
 # missed write does not make a served queue look abandoned).
 PRESENCE_INTERVAL = 15.0
 PRESENCE_WINDOW = 60.0
+# A consumer's row that long unrefreshed is a consumer gone (every restart is a new
+# one): the relay's housekeeping deletes it, and a queue nothing else uses then leaves
+# the listing.
+PRESENCE_KEPT = 86400.0
