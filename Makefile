@@ -71,8 +71,24 @@ test-faults: $(STAMP) ## the fault-injection suite alone: chaos run and crash wi
 fuzz: $(STAMP) ## schemathesis against the API on a fresh database (one to two minutes); FUZZ_ARGS='--seed 1'
 	$(BIN)/python -m tests.fuzz.run $(FUZZ_ARGS)
 
+# The peers of the benchmark (pgqueuer, Celery, procrastinate) in a venv of their own,
+# pinned in bench/peers/requirements.txt: their dependencies never meet Taskbox's locked
+# ones. Built from PyPI; without it `make bench` stops and says so (it never skips them).
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+$(PEERS_STAMP): bench/peers/requirements.txt
+	rm -rf $(PEERS_VENV) && $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet --no-deps -r bench/peers/requirements.txt || \
+		{ echo "could not build $(PEERS_VENV) from bench/peers/requirements.txt: the peer benchmarks need PyPI"; exit 1; }
+	$(PEERS_VENV)/bin/pip check
+	touch $(PEERS_STAMP)
+
+.PHONY: peers-venv
+peers-venv: $(PEERS_STAMP) ## the benchmark peers' own venv (.venv-peers: pgqueuer, Celery, procrastinate)
+
 .PHONY: bench
-bench: $(STAMP) ## run the benchmarks against same-run baselines (several minutes; needs wrk)
+bench: $(STAMP) $(PEERS_STAMP) ## run the benchmarks against same-run baselines and peers (about 15 minutes; needs wrk)
 	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; apt-get install -y -qq wrk >/dev/null || \
 		{ echo "wrk is missing: install it (apt-get install wrk)"; exit 1; }; }
 	$(BIN)/python -m bench $(BENCH_ARGS)
@@ -114,4 +130,4 @@ format: $(STAMP) ## apply ruff's formatting and fixes
 
 .PHONY: clean
 clean: ## remove the virtual environment and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .schemathesis .import_linter_cache
+	rm -rf $(VENV) $(PEERS_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .schemathesis .import_linter_cache

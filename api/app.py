@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,6 +20,7 @@ from taskbox.api.routes import docs, health, metrics, queues, tasks
 from taskbox.api.service import PostgresTaskStore, TaskService
 from taskbox.api.settings import ApiSettings
 from taskbox.db.pool import create_pool
+from taskbox.runtime.telemetry import OFF, Tracing
 from taskbox.tasktypes import load_registry
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ repeat as `request_id` and the server's log lines for the request carry.
 """
 
 
-def create_app(settings: ApiSettings | None = None) -> FastAPI:
+def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> FastAPI:
+    """The api's application; ``tracing`` (runtime.telemetry) is flushed when it stops."""
     settings = settings or ApiSettings()
     registry = load_registry(settings.task_modules, builtin_types=settings.builtin_task_types)
     api_metrics = ApiMetrics()
@@ -58,6 +60,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             max_payload_string=settings.max_payload_string,
             max_schedule_delay=settings.max_schedule_delay,
             max_page_bytes=settings.max_page_bytes,
+            tracer=tracing.tracer,
         )
         if not app.state.api_keys:
             log.warning(
@@ -71,6 +74,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             await store.close()
             await notifier.close()
             await pool.close()
+            tracing.shutdown()
 
     app = FastAPI(
         title="Taskbox",
@@ -90,6 +94,21 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         # FastAPI counts every body's bytes as they arrive (streamed ones too) and
         # raises a 413 that api.errors answers as a problem document.
         max_body_size=settings.max_body_bytes,
+        # FastAPI's own OpenTelemetry instrumentation makes the request's server span
+        # (continuing the caller's traceparent) when tracing is on; off, it is told so
+        # and checks no provider per request. Only that span: operation spans
+        # (dependencies, serialization) would add several spans a request to the
+        # benchmarked create, and metrics and logs have their own paths here
+        # (Prometheus, runtime.logs); its validation-failure logs would carry bodies.
+        telemetry={
+            "tracing": tracing.enabled,
+            "tracer_provider": tracing.provider,
+            "metrics": False,
+            "logs": False,
+            "operation_spans": False,
+            "auto_configure": False,
+            "exclude": _unobserved,
+        },
     )
     app.state.api_keys = key_bytes(settings)
     app.state.metrics_require_auth = settings.metrics_require_auth
@@ -103,6 +122,14 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     _document_responses(app)
     _gate_before_the_app(app, settings.max_body_bytes)
     return app
+
+
+# Probes and scrapes: a span every few seconds per prober, in nobody's trace.
+_UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _unobserved(scope: MutableMapping[str, Any]) -> bool:
+    return scope.get("path") in _UNTRACED_PATHS
 
 
 def _gate_before_the_app(app: FastAPI, max_body_bytes: int) -> None:

@@ -15,10 +15,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import asyncpg
+from opentelemetry.trace import Tracer
 from pydantic import ValidationError
 
 from taskbox.api import pagination
 from taskbox.api.batch import read_batch
+from taskbox.api.create_spans import TASK_COUNT, TASK_CREATED, TASK_ID, TASK_TYPE, CreateSpans
 from taskbox.api.grouping import GroupCommit
 from taskbox.api.metrics import ApiMetrics
 from taskbox.api.schemas import ListView, TaskCreate
@@ -26,7 +28,6 @@ from taskbox.db import tasks as task_store
 from taskbox.db.errors import nothing_committed
 from taskbox.db.states import TERMINAL, TaskStatus
 from taskbox.db.storable import MAX_STRING, UnstorablePayload, check_storable
-from taskbox.runtime import tracing
 from taskbox.runtime.durations import format_duration
 from taskbox.runtime.queues import InvalidQueueName, check_queue_name
 from taskbox.tasktypes import TaskRegistry, TaskType
@@ -200,7 +201,9 @@ class TaskService:
         max_payload_string: int = MAX_STRING,
         max_schedule_delay: float = 365 * 86400.0,
         max_page_bytes: int = 1_048_576,
+        tracer: Tracer | None = None,
     ) -> None:
+        self._spans = CreateSpans(tracer)
         self._max_page_bytes = max_page_bytes
         self._max_payload_string = max_payload_string
         self._max_schedule_delay = max_schedule_delay
@@ -316,8 +319,10 @@ class TaskService:
         """Store the task and its outbox row; the row's headers carry the trace context
         (the caller's ``traceparent`` continued, or a new trace) to the consumer."""
         task = self.validate(request)
-        trace = tracing.continue_or_start(traceparent)
-        row = await self._store.create(task, {tracing.HEADER: str(trace)})
+        with self._spans.create(traceparent, {TASK_TYPE: task.type}) as (span, headers):
+            row = await self._store.create(task, headers)
+            if span is not None:
+                span.set_attribute(TASK_ID, str(row["id"]))
         self._wake_relay()
         self._metrics.tasks_created.labels(task.type).inc()
         return row
@@ -342,8 +347,8 @@ class TaskService:
             raise InvalidRequest(problems)
         # The request is one hop of the trace: every task of it carries that hop's
         # context, so all of them are found under one trace id in the logs.
-        trace = tracing.continue_or_start(traceparent)
-        rows = await self._store.create_many(tasks, {tracing.HEADER: str(trace)})
+        with self._spans.create(traceparent, {TASK_COUNT: len(tasks)}) as (_, headers):
+            rows = await self._store.create_many(tasks, headers)
         self._wake_relay()
         # One counter step per type, not per task: a label lookup costs ~1 µs.
         for task_type, created in Counter(task.type for task in tasks).items():
@@ -356,10 +361,10 @@ class TaskService:
         """Like ``create``, once per key: the same key with the same request returns the
         task it created (and False); with a different request it is a conflict."""
         task = self.validate(request)
-        trace = tracing.continue_or_start(traceparent)
-        row, created = await self._store.create_once(
-            task, {tracing.HEADER: str(trace)}, idempotency_key
-        )
+        with self._spans.create(traceparent, {TASK_TYPE: task.type}) as (span, headers):
+            row, created = await self._store.create_once(task, headers, idempotency_key)
+            if span is not None:
+                span.set_attributes({TASK_ID: str(row["id"]), TASK_CREATED: created})
         if created:
             self._wake_relay()
             self._metrics.tasks_created.labels(task.type).inc()

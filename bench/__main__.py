@@ -3,6 +3,9 @@
 python -m bench                  the full suite (several minutes)
 python -m bench --quick          tiny counts, to check the suite still runs
 python -m bench --only relay,consumer
+BENCH_TRACING_BEFORE=<git ref> python -m bench --only tracing
+                                 tracing off / on, and the api of <ref> (before tracing)
+python -m bench --only peers     issue 14's peers (pgqueuer, Celery, procrastinate) alone
 """
 
 from __future__ import annotations
@@ -10,38 +13,62 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from bench import scenarios
 from bench.harness import machine
+from bench.peers import suite as peer_suite
+from bench.peers import table as peer_table
 
 RESULTS = Path(__file__).parent / "results"
 
-FULL = {
+FULL: dict[str, dict[str, Any]] = {
     "ingest": {"seconds": 10},
+    "tracing": {"seconds": 10, "relay_rows": 20_000, "rounds": 4},
     "notify": {"seconds": 5},
     "relay": {"rows": 50_000},
     "consumer": {"tasks": 20_000},
     "e2e": {"rate": 200, "seconds": 15, "sustained_seconds": 15},
     "memory": {"total": 100_000, "checkpoint": 10_000},
+    "peers": {
+        "ingest_seconds": 10,
+        "ingest_rounds": 2,
+        "drain_jobs": 20_000,
+        "rate": 200,
+        "latency_seconds": 15,
+        "warmup": 1.0,
+    },
 }
-QUICK = {
+QUICK: dict[str, dict[str, Any]] = {
     "ingest": {"seconds": 2, "rounds": 1},
+    "tracing": {"seconds": 1, "relay_rows": 1_000, "rounds": 1},
     "notify": {"seconds": 1},
     "relay": {"rows": 2_000},
     "consumer": {"tasks": 1_000},
     "e2e": {"rate": 100, "seconds": 2, "sustained_seconds": 2},
     "memory": {"total": 10_000, "checkpoint": 5_000},
+    # every peer still runs every workload, so the harness cannot rot unnoticed
+    "peers": {
+        "ingest_seconds": 1,
+        "ingest_rounds": 1,
+        "drain_jobs": 300,
+        "rate": 100,
+        "latency_seconds": 1,
+        "warmup": 0.5,
+    },
 }
 RUNNERS = {
     "ingest": scenarios.ingest,
+    "tracing": scenarios.tracing_cost,
     "notify": scenarios.notify_placement,
     "relay": scenarios.relay_drain,
     "consumer": scenarios.consumer_drain,
     "e2e": scenarios.end_to_end,
     "memory": scenarios.memory,
+    "peers": peer_suite.peers,
 }
 
 
@@ -60,6 +87,41 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"{r['batch_tasks_s']:,.0f}",
             f"{r['batch_ratio']:.1f}x single (>= 20x)",
             r["batch_ratio"] >= 20,
+        )
+    if r := results.get("tracing"):
+        rates, cpu = r["req_s"], r["api_cpu_ms_per_request"]
+        add(
+            "ingest req/s, tracing off",
+            f"{rates['off']:,.0f}",
+            f"{cpu['off']:.3f} ms CPU a request",
+            None,
+        )
+        if "before" in rates:
+            add(
+                f"  the api before tracing ({r['before']})",
+                f"{rates['before']:,.0f}",
+                f"off {r['off_ratio_to_before']:.2f}x it; {cpu['before']:.3f} ms CPU",
+                None,
+            )
+        add(
+            "  tracing on (OTLP, every request)",
+            f"{rates['on']:,.0f}",
+            f"{r['on_ratio']:.2f}x off; {cpu['on']:.3f} ms CPU",
+            None,
+        )
+        add(
+            "  tracing on, 1 request in 10 sampled",
+            f"{rates['sampled']:,.0f}",
+            f"{r['sampled_ratio']:.2f}x off; {cpu['sampled']:.3f} ms CPU",
+            None,
+        )
+        relay = r["relay"]
+        add(
+            "relay rows/s, tracing off / on",
+            f"{relay['rows_s']['off']:,.0f} / {relay['rows_s']['on']:,.0f}",
+            f"{relay['on_ratio']:.2f}x; CPU a row {relay['cpu_ms_per_row']['off']:.3f} / "
+            f"{relay['cpu_ms_per_row']['on']:.3f} ms",
+            None,
         )
     if r := results.get("notify"):
         c = r["commits_s"]
@@ -176,7 +238,10 @@ async def run(selected: list[str], quick: bool) -> dict[str, Any]:
     )
     for name in selected:
         print(f"running {name} ...", flush=True)
-        report["results"][name] = await RUNNERS[name](**plan[name])  # type: ignore[operator]
+        options: dict[str, Any] = dict(plan[name])
+        if name == "tracing":
+            options["before"] = os.environ.get("BENCH_TRACING_BEFORE", "")
+        report["results"][name] = await RUNNERS[name](**options)  # type: ignore[operator]
     return report
 
 
@@ -193,8 +258,16 @@ def main() -> int:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(RUNNERS)}")
     report = asyncio.run(run(selected, args.quick))
     rows = _rows(report["results"])
-    print()
-    _print_table([("figure", "taskbox", "baseline / target", ""), *rows])
+    if rows:
+        print()
+        _print_table([("figure", "taskbox", "baseline / target", ""), *rows])
+    if peers := report["results"].get("peers"):
+        print("\nTaskbox beside its peers (issue 14), same run:\n")
+        print(peer_table.render(peer_table.rows(peers, report["results"])))
+        print("(x pgq*: against pgqueuer's faster drain of its two batch sizes)\n")
+        print(peer_table.render(peer_table.stages(peers)))
+        print()
+        print(peer_table.render([("target", "taskbox", "", ""), *peer_table.verdicts(peers)]))
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{scenarios.run_id()}.json"
     path.write_text(json.dumps(report, indent=2))

@@ -43,7 +43,8 @@ class Stage:
 
     @property
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # Not the OTEL_* of whoever runs the bench: a scenario that traces says so.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env.pop("TASKBOX_FAILPOINTS", None)
         env.update(
             {
@@ -121,12 +122,14 @@ class Process:
     env: dict[str, str]
     ready: str | None = None
     proc: subprocess.Popen[bytes] | None = None
+    cwd: Path = ROOT  # ``python -m taskbox...`` imports the taskbox found here
     log: list[str] = field(default_factory=list)
+    _partial: str = ""
 
     async def start(self, within: float = 30.0) -> Process:
         # Popen returns at once and the output is read without blocking.
         self.proc = subprocess.Popen(  # noqa: ASYNC220
-            self.args, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            self.args, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         assert self.proc.stdout is not None
         os.set_blocking(self.proc.stdout.fileno(), False)
@@ -137,12 +140,19 @@ class Process:
             await asyncio.sleep(0.05)
         return self
 
+    def output(self) -> list[str]:
+        """Every line the process has written so far (stdout and stderr)."""
+        return self._drain()
+
     def _drain(self) -> list[str]:
         assert self.proc is not None
         assert self.proc.stdout is not None
         data = self.proc.stdout.read() or b""
-        lines = data.decode(errors="replace").splitlines()
-        self.log.extend(lines)
+        # A read ends wherever the pipe did, often inside a line: keep the unfinished
+        # end for the next read, so a long line (a peer's JSON result) stays whole.
+        lines = (self._partial + data.decode(errors="replace")).split("\n")
+        self._partial = lines.pop()
+        self.log.extend(line.rstrip("\r") for line in lines)
         return self.log
 
     def cpu_seconds(self) -> float:

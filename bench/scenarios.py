@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -160,6 +164,156 @@ async def ingest(seconds: float, rounds: int = 2, batch: int = 1000) -> Result:
         "batch_tasks_s": max(batch_runs),
         "batch_ratio": max(batch_runs) / ours,
         "target_batch_ratio": 20,
+    }
+
+
+# -- 1b. the cost of tracing -------------------------------------------------------------
+
+
+class _OtlpSink(http.server.BaseHTTPRequestHandler):
+    """Takes OTLP/HTTP exports and drops them: a collector that costs the api nothing."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _tree_at(ref: str, into: Path) -> Path:
+    """The source tree of git ``ref``, for running the code from before a change."""
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", ref], cwd=ROOT, capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+async def tracing_cost(
+    seconds: float, relay_rows: int, rounds: int = 3, before: str = ""
+) -> Result:
+    """POST /api/v1/tasks with tracing off (the default); on, every request sampled and
+    exported over OTLP/HTTP to a local sink; on with one request in ten sampled; and,
+    given ``before`` (a git ref: BENCH_TRACING_BEFORE), the api of that commit: the code
+    with no OpenTelemetry at all. Then a relay draining ``relay_rows`` rows, each with a
+    stored trace, with tracing off and on (one span a row). Rounds alternate between the
+    variants, so drift on a shared box hits each alike."""
+    sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OtlpSink)
+    sink_thread = threading.Thread(target=sink.serve_forever, daemon=True)
+    sink_thread.start()
+    endpoint = f"http://127.0.0.1:{sink.server_address[1]}"
+    variants: dict[str, tuple[Path, dict[str, str]]] = {
+        "off": (ROOT, {}),
+        "on": (ROOT, {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}),
+        # One request in ten sampled, as a busy deployment would trace
+        "sampled": (
+            ROOT,
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.1",
+            },
+        ),
+    }
+    with tempfile.TemporaryDirectory(prefix="taskbox-before-") as scratch:
+        if before:
+            variants["before"] = (_tree_at(before, Path(scratch)), {})
+        async with stage("tracing") as st:
+            apis: dict[str, Process] = {}
+            urls: dict[str, str] = {}
+            try:
+                for name, (cwd, extra) in variants.items():
+                    port = _free_port()
+                    api = taskbox("api", st.env, API_PORT=str(port), API_ACCESS_LOG="false")
+                    api.env.update(extra)
+                    api.cwd = cwd
+                    apis[name] = await api.start()
+                    urls[name] = f"http://127.0.0.1:{port}/api/v1/tasks"
+                for url in urls.values():
+                    await _wrk(url, 2)  # warm-up
+                runs: dict[str, list[float]] = {name: [] for name in variants}
+                cpu = dict.fromkeys(variants, 0.0)
+                for _ in range(rounds):
+                    for name, url in urls.items():
+                        before_cpu = apis[name].cpu_seconds()
+                        runs[name].append(await _wrk(url, seconds))
+                        cpu[name] += apis[name].cpu_seconds() - before_cpu
+            finally:
+                for api in apis.values():
+                    await api.stop()
+        relay = await _relay_tracing_cost(relay_rows, rounds, endpoint)
+    sink.shutdown()
+    sink.server_close()
+    best = {name: max(found) for name, found in runs.items()}
+    # CPU a request, from the requests wrk reported (rate x duration, over the rounds).
+    cpu_ms = {name: 1000 * cpu[name] / (sum(runs[name]) * seconds) for name in runs}
+    result: Result = {
+        "req_s": best,
+        "runs": runs,
+        "api_cpu_ms_per_request": cpu_ms,
+        "on_ratio": best["on"] / best["off"],
+        "sampled_ratio": best["sampled"] / best["off"],
+        "before": before or None,
+        "relay": relay,
+    }
+    if "before" in best:
+        result["off_ratio_to_before"] = best["off"] / best["before"]
+    return result
+
+
+# Rows as the api writes them, each with a trace context of its own.
+SEED_TRACED_TASKS = """
+WITH task AS (
+    INSERT INTO tasks (type, payload, status)
+    SELECT 'echo', jsonb_build_object('i', g), 'NEW' FROM generate_series(1, $1) AS g
+    RETURNING id, type, priority
+)
+INSERT INTO outbox (task_id, kind, body, headers)
+SELECT id, 'task.created', jsonb_build_object('task_id', id, 'type', type, 'priority', priority),
+       jsonb_build_object('traceparent', '00-' || md5(random()::text) || '-'
+                          || substr(md5(random()::text), 1, 16) || '-01')
+FROM task
+"""
+
+
+async def _relay_tracing_cost(rows: int, rounds: int, endpoint: str) -> Result:
+    """rows/s and CPU a row of one relay draining ``rows`` traced rows, off and on."""
+    variants = {"off": {}, "on": {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    cpu = dict.fromkeys(variants, 0.0)
+    async with stage("tracing_relay") as st:
+        for _ in range(rounds):
+            for name, extra in variants.items():
+                relay = await taskbox("relay", st.env, **extra).start()
+                try:
+                    await asyncio.sleep(1.0)  # let it connect and declare
+                    before_cpu = relay.cpu_seconds()
+                    conn = await asyncpg.connect(st.database_url)
+                    try:
+                        await conn.execute(SEED_TRACED_TASKS, rows)
+                        start = time.monotonic()
+                        await conn.execute("SELECT pg_notify($1, '')", st.channel)
+                    finally:
+                        await conn.close()
+                    end = await wait_until(
+                        lambda: _none_unpublished(st.database_url),
+                        within=rows / 200 + 60,
+                        interval=0.05,
+                    )
+                    cpu[name] += relay.cpu_seconds() - before_cpu
+                    rates[name].append(rows / (end - start))
+                finally:
+                    await relay.stop()
+            await _value(st.database_url, "TRUNCATE tasks, outbox")
+    return {
+        "rows": rows,
+        "rows_s": {name: max(found) for name, found in rates.items()},
+        "runs": rates,
+        "cpu_ms_per_row": {name: 1000 * cpu[name] / (rows * rounds) for name in variants},
+        "on_ratio": max(rates["on"]) / max(rates["off"]),
     }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractQueue, AbstractRobustConnection
+from opentelemetry.trace import Tracer
 from pydantic import ValidationError
 
 from taskbox.broker import pipeline, topology
@@ -38,6 +39,7 @@ from taskbox.runtime.logs import configure
 from taskbox.runtime.probes import PortUnavailable, Probes, start_probe_server
 from taskbox.runtime.queues import DEFAULT_QUEUE
 from taskbox.runtime.settings import describe_invalid
+from taskbox.runtime.telemetry import start_tracing
 from taskbox.tasktypes import load_registry
 
 log = logging.getLogger("taskbox.consumer")
@@ -89,7 +91,7 @@ async def run_all(runs: list[Coroutine[Any, Any, None]]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def serve(settings: ConsumerSettings) -> None:
+async def serve(settings: ConsumerSettings, tracer: Tracer | None = None) -> None:
     served = settings.served_queues
     # Only the types routed to the queues served: a consumer never receives a task of
     # another queue, so it needs (and imports the dependencies of) no other handler.
@@ -118,6 +120,7 @@ async def serve(settings: ConsumerSettings) -> None:
             settings,
             f"{process_id}/{queue.name}",
             metrics,
+            tracer,
             concurrency=queue.concurrency,
             threads=threads,
         )
@@ -171,8 +174,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m taskbox.consumer"
         print(describe_invalid(exc), file=sys.stderr)
         return 2
     configure(settings.log_level, settings.log_format)
+    tracing = start_tracing(settings, "taskbox-consumer")
     try:
-        run_service(serve(settings))
+        run_service(serve(settings, tracing.tracer))
     except LoopDied:
         return EXIT_LOOP_DIED
     except PortUnavailable as exc:
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m taskbox.consumer"
     except TopologyMismatch as exc:
         log.critical("%s", exc)
         return 2
+    finally:
+        tracing.shutdown()  # the spans of the last attempts, before the process ends
     return 0
 
 

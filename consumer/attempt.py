@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+from opentelemetry.trace import Span
 from pydantic import BaseModel, ValidationError
 
 from taskbox.consumer.lifecycle import StopReason
@@ -85,6 +86,7 @@ class ClaimedTask:
     outbox_id: int | None = None  # the outbox row whose message brought the task
     trace: tracing.TraceParent | None = None  # W3C trace context from the message headers
     created_at: datetime | None = None  # for the end-to-end latency
+    span: Span | None = None  # the attempt's span (consumer.attempt_spans); None: tracing off
 
     @property
     def traceparent(self) -> str | None:

@@ -27,6 +27,7 @@ import aio_pika
 import aiormq
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from opentelemetry import trace
 from pamqp.commands import Basic
 
 from taskbox.broker import messages, pipeline
@@ -39,6 +40,7 @@ from taskbox.consumer.attempt import (
     stopped_outcome,
     type_retry_delay,
 )
+from taskbox.consumer.attempt_spans import end_attempt_span, start_attempt_span
 from taskbox.consumer.lifecycle import Execution, Executions, StopReason
 from taskbox.consumer.metrics import ConsumerMetrics
 from taskbox.consumer.settings import ConsumerSettings
@@ -232,6 +234,7 @@ class TaskConsumer:
         settings: ConsumerSettings,
         worker_id: str,
         metrics: ConsumerMetrics | None = None,
+        tracer: trace.Tracer | None = None,
         *,
         concurrency: int | None = None,
         threads: ThreadPoolExecutor | None = None,
@@ -242,6 +245,7 @@ class TaskConsumer:
         share a database pool and the handler ``threads`` (owned by the caller when
         given)."""
         self._pool = pool
+        self._tracer = tracer  # None: tracing is off
         self.metrics = metrics if metrics is not None else ConsumerMetrics()
         # time.monotonic() of each loop's last sign of life, for /healthz
         self.alive_at = {"claim": time.monotonic(), "heartbeat": time.monotonic()}
@@ -386,6 +390,8 @@ class TaskConsumer:
             trace=_trace(message),
             created_at=row["created_at"],
         )
+        if self._tracer is not None:
+            claimed.span = start_attempt_span(self._tracer, claimed, self._settings.queue_name)
         execution = self._executions.start(claimed.task_id, claimed.lease, delivery)
         task_type = self._registry.get(claimed.type)
         retry_delay = type_retry_delay(
@@ -408,7 +414,7 @@ class TaskConsumer:
         claimed = handler.claimed
         bind_task(**claimed.log_fields())
         started = time.perf_counter()
-        outcome = await run_attempt(
+        attempt = run_attempt(
             claimed,
             self._registry,
             self._settings.handler_timeout,
@@ -417,6 +423,18 @@ class TaskConsumer:
             self._settings.max_result_bytes,
             self._threads,
         )
+        if claimed.span is None:
+            outcome = await attempt
+        else:
+            # The handler runs in the attempt's span: spans it starts are its children.
+            # The span ends at the commit (_count), with the outcome recorded.
+            with trace.use_span(
+                claimed.span,
+                end_on_exit=False,
+                record_exception=False,
+                set_status_on_exception=False,
+            ):
+                outcome = await attempt
         self.metrics.handler_seconds.labels(claimed.type).observe(time.perf_counter() - started)
         if self._handlers.get(execution) is handler:
             del self._handlers[execution]
@@ -491,6 +509,8 @@ class TaskConsumer:
                 "stopping an attempt whose task is no longer ours (rescued meanwhile)",
                 extra=handler.claimed.log_fields(),
             )
+            if handler.claimed.span is not None:
+                end_attempt_span(handler.claimed.span, None, None)
         self.metrics.ownership_lost.inc()
         self._claim_again(Executions.claim_again_after_loss(execution))
         self._settled.set()  # one execution fewer: a shutdown waiting on them looks again
@@ -588,6 +608,8 @@ class TaskConsumer:
         now = time.time()
         for outcome, _, claimed in batch:
             status = recorded.get(outcome.task_id)
+            if claimed.span is not None:
+                end_attempt_span(claimed.span, outcome, status)
             fields = claimed.log_fields()
             if status is None:
                 self.metrics.refused.inc()

@@ -22,12 +22,16 @@ import orjson
 # PROCESSING with a stale heartbeat: its consumer died and the broker redelivered the
 # message to us; unless that attempt was its last or a cancel is pending, which the
 # rescue turns into FAILED or CANCELLED rather than running it once more.
-# NEW is accepted too, and that is what closes the race with the relay: a message can
-# arrive before the relay has committed NEW -> PENDING. In our snapshot the row is
-# still NEW, so it matches, the UPDATE waits for the relay's row lock and re-checks the
-# committed row (PENDING): claimed. Had we asked for PENDING only, Postgres would skip
-# the row without waiting and the message would be dropped. If the relay rolled back
-# instead, the task is still NEW and we run it now; its re-publish later is a duplicate.
+# NEW is accepted too, and that is what closes the race with the relay: a message
+# arrives as soon as the broker has it, before the relay has recorded the confirm and
+# flipped NEW -> PENDING. The relay locks no task row until then, so the claim takes
+# the NEW task at once (and the relay's flip, finding it past NEW, leaves it); if the
+# flip is under way, the claim waits for that row lock and re-checks the committed row
+# (PENDING): claimed either way. If the relay rolled back instead, the task is still
+# NEW and we run it now; its re-publish later is a duplicate. The claim locks its NEW
+# and PENDING tasks in id order first, as the relay's flip does: two statements locking
+# several task rows each in an order of their own could deadlock. (PROCESSING rows, a
+# rescue's or our own lost reply's, the relay never locks.)
 # But a NEW task is claimed only by the message of its newest outbox row: an older
 # message (a redelivery of the attempt before a retry, a replay) would otherwise run a
 # retry before its backoff is over. The newer row is unpublished or in flight, so the
@@ -42,6 +46,11 @@ import orjson
 _CLAIM = """
 WITH delivery AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS d(id, outbox_id)
+), locked AS (
+    SELECT t.id FROM tasks AS t
+    WHERE t.id IN (SELECT id FROM delivery) AND t.status IN ('NEW', 'PENDING')
+    ORDER BY t.id
+    FOR UPDATE
 ), claimed AS (
     UPDATE tasks AS t
     SET status = 'PROCESSING',
@@ -52,6 +61,7 @@ WITH delivery AS (
         started_at = now(), heartbeat_at = now(), updated_at = now()
     FROM delivery AS d
     WHERE t.id = d.id AND NOT t.cancel_requested
+      AND (t.status = 'PROCESSING' OR t.id IN (SELECT id FROM locked))
       AND (t.status = 'PENDING'
            OR (t.status = 'NEW'
                AND d.outbox_id >= (SELECT coalesce(max(o.id), 0) FROM outbox AS o

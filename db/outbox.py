@@ -9,11 +9,19 @@ import asyncpg
 
 from taskbox.db.states import TERMINAL
 
-# Claim a batch and, in the same statement, flip the tasks NEW -> PENDING. The flip
-# takes the task rows' locks for the rest of the relay's transaction: a consumer that
-# receives a message before the relay commits waits on that lock (see the claim in
-# db.execution). If the relay dies before committing, both the flip and the claim roll
-# back and the row is published again later: a duplicate, never a loss.
+# Claim a batch: lock the due rows (FOR UPDATE SKIP LOCKED), nothing else. The tasks
+# go NEW -> PENDING only once the broker confirmed their messages, in the statement
+# that records the outcome (below): until then no task row is locked, so a consumer
+# that receives a message before the relay commits claims its task at once (the claim
+# accepts NEW, see db.execution) instead of waiting out the relay's publish. If the
+# relay dies before committing, the claim rolls back and the row is published again
+# later: a duplicate, never a loss.
+#
+# The relay's transaction commits without waiting for its WAL flush
+# (synchronous_commit off, set in the claim so it costs no round trip): losing it in a
+# Postgres crash loses a mark-published or a refusal's backoff, so the row goes out
+# again, a duplicate the consumers drop; it never loses a task or an outcome, and every
+# later durable commit (the consumer's outcome) flushes it anyway.
 #
 # A due row whose task has already finished (cancelled before it was published, or a
 # duplicate a rescue left for a task that ran again) is closed without being sent: its
@@ -37,30 +45,36 @@ WITH batch AS (
     ORDER BY o.available_at, o.id
     LIMIT $1
     FOR UPDATE OF o SKIP LOCKED
-), flipped AS (
-    UPDATE tasks SET status = 'PENDING', updated_at = now()
-    WHERE id IN (SELECT task_id FROM batch WHERE NOT settled) AND status = 'NEW'
 ), unsent AS (
     UPDATE outbox AS o SET published_at = now(), last_error = 'not sent: task ' || b.task_status
     FROM batch AS b WHERE o.id = b.id AND b.settled
 ), next AS (
     SELECT extract(epoch FROM min(available_at) - now())::float8 AS next_due_in
     FROM outbox WHERE published_at IS NULL AND available_at > now()
+), no_flush_wait AS (
+    SELECT set_config('synchronous_commit', 'off', true)
 )
 SELECT b.id, b.task_id, b.kind, b.body, b.headers, b.publish_attempts, b.queue, b.settled,
        next.next_due_in
-FROM next LEFT JOIN batch AS b ON true
+FROM no_flush_wait, next LEFT JOIN batch AS b ON true
 ORDER BY b.available_at, b.id
 """
 
-# Confirmed rows are marked published. Refused rows keep published_at NULL, record why
-# and wait out a backoff, so they never block the rows behind them; their tasks go
-# back to NEW because nothing of theirs reached the queue.
+# Confirmed rows are marked published and their tasks go NEW -> PENDING, but only a
+# task still NEW whose newest outbox row is the one just published: a consumer may have
+# claimed the task from this very message meanwhile (PROCESSING), finished it, or sent
+# it back to NEW with a newer row (a retry in its backoff, a release), and none of that
+# is undone. The task rows are locked in id order, as the consumer's claim locks them:
+# two statements that each lock several tasks in an order of their own can deadlock.
+# Refused rows keep published_at NULL, record why and wait out a backoff, so they never
+# block the rows behind them; their tasks stay NEW, since nothing of theirs reached the
+# queue.
 _RECORD_PUBLISH_OUTCOME = """
 WITH published AS (
     UPDATE outbox
     SET published_at = now(), publish_attempts = publish_attempts + 1, last_error = NULL
     WHERE id = ANY($1::bigint[])
+    RETURNING id, task_id
 ), refused AS (
     UPDATE outbox AS o
     SET publish_attempts = o.publish_attempts + 1,
@@ -68,10 +82,15 @@ WITH published AS (
         available_at = now() + make_interval(secs => f.delay)
     FROM unnest($2::bigint[], $3::text[], $4::float8[]) AS f(id, error, delay)
     WHERE o.id = f.id
-    RETURNING o.task_id
+), flippable AS (
+    SELECT t.id FROM tasks AS t JOIN published AS p ON p.task_id = t.id
+    WHERE t.status = 'NEW'
+      AND p.id >= (SELECT max(o.id) FROM outbox AS o WHERE o.task_id = t.id)
+    ORDER BY t.id
+    FOR UPDATE OF t
 )
-UPDATE tasks SET status = 'NEW', updated_at = now()
-WHERE id IN (SELECT task_id FROM refused) AND status = 'PENDING'
+UPDATE tasks SET status = 'PENDING', updated_at = now()
+WHERE id IN (SELECT id FROM flippable) AND status = 'NEW'
 """
 
 _NOTIFY = "SELECT pg_notify($1, $2)"

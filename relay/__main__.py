@@ -17,6 +17,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import aio_pika
+from opentelemetry.trace import Tracer
 from pydantic import ValidationError
 
 from taskbox.broker.topology import TopologyMismatch
@@ -39,13 +40,14 @@ from taskbox.runtime.lifecycle import (
 from taskbox.runtime.logs import configure
 from taskbox.runtime.probes import PortUnavailable, Probes, start_probe_server
 from taskbox.runtime.settings import describe_invalid
+from taskbox.runtime.telemetry import start_tracing
 
 log = logging.getLogger("taskbox.relay")
 
 EXIT_USAGE = 2
 
 
-async def serve(settings: RelaySettings) -> None:
+async def serve(settings: RelaySettings, tracer: Tracer | None = None) -> None:
     shutdown = Shutdown()
     shutdown.install()
     metrics = RelayMetrics()
@@ -58,7 +60,7 @@ async def serve(settings: RelaySettings) -> None:
         "RabbitMQ", lambda: open_broker(settings), (OSError, aio_pika.exceptions.AMQPError)
     )
     wake = asyncio.Event()
-    relay = OutboxRelay(pool, publisher, settings, wake, metrics)
+    relay = OutboxRelay(pool, publisher, settings, wake, metrics, tracer)
     background: dict[str, Coroutine[Any, Any, None]] = {}
     listener = None
     if settings.relay_listen:
@@ -137,8 +139,9 @@ def main(argv: list[str] | None = None, command_prog: str | None = None) -> int:
         return asyncio.run(cleanup(settings))
     if command == "status":
         return asyncio.run(status.status(settings, as_json=args.json))
+    tracing = start_tracing(settings, "taskbox-relay")
     try:
-        run_service(serve(settings))
+        run_service(serve(settings, tracing.tracer))
     except LoopDied:
         return EXIT_LOOP_DIED
     except PortUnavailable as exc:
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None, command_prog: str | None = None) -> int:
     except TopologyMismatch as exc:
         log.critical("%s", exc)
         return EXIT_USAGE
+    finally:
+        tracing.shutdown()  # the spans of the last batches, before the process ends
     return 0
 
 

@@ -110,7 +110,7 @@ class OutboxPublisher:
         self._declarer = declarer
         self._routing_keys: dict[str, str] = {}
         self._pipelined = pipelined
-        self._exchange = exchange
+        self.exchange = exchange
         self._routing_key = routing_key
         self._timeout = timeout
         self._retry_delay = retry_delay  # attempt number -> seconds
@@ -137,7 +137,7 @@ class OutboxPublisher:
                 return await public.publish_each(
                     self._channel,
                     batch,
-                    exchange=self._exchange,
+                    exchange=self.exchange,
                     routing_key=self._routing_key,
                     within=self._timeout,
                 )
@@ -145,7 +145,7 @@ class OutboxPublisher:
         return await pipeline.publish_many(
             channel,
             batch,
-            exchange=self._exchange,
+            exchange=self.exchange,
             routing_key=self._routing_key,
             within=self._timeout,
         )

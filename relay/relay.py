@@ -16,11 +16,13 @@ import time
 import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
+from opentelemetry.trace import Tracer
 
 from taskbox.broker import pipeline, topology
 from taskbox.db import outbox
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
 from taskbox.relay.metrics import RelayMetrics
+from taskbox.relay.publish_spans import record_publish_spans
 from taskbox.relay.publisher import BrokerUnavailable, OutboxPublisher, PublishReport
 from taskbox.relay.settings import RelaySettings
 from taskbox.runtime.backoff import backoff_delay
@@ -75,8 +77,10 @@ class OutboxRelay:
         settings: RelaySettings,
         wake: asyncio.Event,
         metrics: RelayMetrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._pool = pool
+        self._tracer = tracer  # None: tracing is off
         self._publisher = publisher
         self._settings = settings
         self._wake = wake
@@ -100,8 +104,18 @@ class OutboxRelay:
             if not rows:
                 return claim.claimed
             started = time.perf_counter()
+            started_ns = time.time_ns()
             report: PublishReport = await self._publisher.publish_batch(rows)
             self.metrics.publish_seconds.observe(time.perf_counter() - started)
+            if self._tracer is not None:
+                record_publish_spans(
+                    self._tracer,
+                    rows,
+                    report,
+                    self._publisher.exchange,
+                    started_ns,
+                    time.time_ns(),
+                )
             await outbox.record_publish_outcome(conn, report.published, report.refused)
         self.alive_at = time.monotonic()
         self.published_total += len(report.published)

@@ -113,7 +113,12 @@ async def broker_settings() -> AsyncIterator[BrokerSettings]:
 @pytest.fixture
 def service_env(db_settings: DatabaseSettings, broker_settings: BrokerSettings) -> dict[str, str]:
     """Environment for api/relay/consumer processes started by a test."""
-    env = {k: v for k, v in os.environ.items() if k != "TASKBOX_FAILPOINTS"}
+    # Not the OTEL_* of whoever runs the tests: a test that traces says where to.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "TASKBOX_FAILPOINTS" and not k.startswith("OTEL_")
+    }
     env.update(
         {
             "DATABASE_URL": db_settings.database_url,

@@ -21,7 +21,89 @@ from taskbox.runtime.logs import LogFormat
 ENV_CONFIG = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
 
-class ProcessSettings(BaseSettings):
+class TracingSettings(BaseSettings):
+    """The standard OpenTelemetry variables Taskbox reads to decide whether to trace and
+    where to send spans (runtime.telemetry). Tracing is off unless OTEL_TRACES_EXPORTER
+    names an exporter, or it is unset and an OTLP endpoint is set; OTEL_SDK_DISABLED=true
+    turns it off whatever else says. The SDK reads the other OTEL_* variables itself
+    (OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT, _COMPRESSION, OTEL_BSP_*, OTEL_TRACES_SAMPLER,
+    OTEL_RESOURCE_ATTRIBUTES), from the environment only."""
+
+    model_config = ENV_CONFIG
+
+    otel_sdk_disabled: bool = Field(False, description="true: no tracing at all.")
+    otel_traces_exporter: str = Field(
+        "", description="Comma-separated: otlp, console or none; empty: otlp if an endpoint is set."
+    )
+    otel_exporter_otlp_endpoint: str = Field(
+        "", description="OTLP/HTTP base URL; spans go to <url>/v1/traces."
+    )
+    otel_exporter_otlp_traces_endpoint: str = Field(
+        "", description="OTLP/HTTP URL spans are posted to, as is (wins over the base URL)."
+    )
+    otel_exporter_otlp_protocol: str = Field("", description="Only http/protobuf is supported.")
+    otel_exporter_otlp_traces_protocol: str = Field("", description="As above, for traces.")
+    otel_service_name: str = Field(
+        "", description="service.name; empty: taskbox-api, taskbox-relay or taskbox-consumer."
+    )
+
+    @field_validator("otel_traces_exporter")
+    @classmethod
+    def _known_exporters(cls, value: str) -> str:
+        names = [name.strip().lower() for name in value.split(",") if name.strip()]
+        unknown = sorted(set(names) - _TRACE_EXPORTERS)
+        if unknown:
+            raise ValueError(
+                f"OTEL_TRACES_EXPORTER names {', '.join(unknown)}; Taskbox exports spans with "
+                f"{', '.join(sorted(_TRACE_EXPORTERS))}"
+            )
+        return ",".join(names)
+
+    @field_validator("otel_exporter_otlp_protocol", "otel_exporter_otlp_traces_protocol")
+    @classmethod
+    def _http_protobuf_only(cls, value: str) -> str:
+        # The exporter Taskbox ships is OTLP over HTTP with protobuf bodies; a collector's
+        # gRPC port (4317) would silently receive nothing, so say so at start instead.
+        value = value.strip().lower()
+        if value not in ("", "http/protobuf"):
+            raise ValueError(
+                f"{value!r} is not supported: Taskbox sends OTLP as http/protobuf "
+                "(a collector's port 4318, not gRPC's 4317)"
+            )
+        return value
+
+    @field_validator("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("an OTLP/HTTP endpoint must start with http:// or https://")
+        return value
+
+    def trace_exporters(self) -> list[str]:
+        """The exporters to send spans to; empty when tracing is off."""
+        if self.otel_sdk_disabled:
+            return []
+        names = [name for name in self.otel_traces_exporter.split(",") if name]
+        if not names:
+            # Unset, the specification's default would be otlp: Taskbox is off by default
+            # instead, and an endpoint alone is taken as asking for spans.
+            endpoint = self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint
+            return ["otlp"] if endpoint else []
+        return [] if "none" in names else names
+
+    def otlp_traces_endpoint(self) -> str:
+        if self.otel_exporter_otlp_traces_endpoint:
+            return self.otel_exporter_otlp_traces_endpoint
+        if self.otel_exporter_otlp_endpoint:
+            return self.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
+        return "http://localhost:4318/v1/traces"  # the specification's default
+
+
+_TRACE_EXPORTERS = frozenset({"otlp", "console", "none"})
+
+
+class ProcessSettings(TracingSettings):
     model_config = ENV_CONFIG
 
     log_level: str = Field("INFO", pattern=r"(?i)^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")

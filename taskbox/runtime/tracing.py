@@ -1,27 +1,33 @@
-"""W3C Trace Context (``traceparent``) carried from the API request to the consumer's logs.
+"""W3C Trace Context (``traceparent``) carried from the API request to the consumer.
 
-Taskbox records no spans; it only keeps a trace together. The API takes the caller's
-``traceparent`` (or starts a trace), stores it with its own span id in the outbox
-row's headers, the relay copies those headers onto the AMQP message, and the consumer
-puts the trace id on every log line of that task, so one id finds the request, the
-publish and the run in the logs.
+The API takes the caller's ``traceparent`` (or starts a trace) and stores its own hop's
+context in the outbox row's headers, the relay copies those headers onto the AMQP
+message, and the consumer puts the trace id on every log line of that task, so one id
+finds the request, the publish and the run in the logs. With tracing on
+(runtime.telemetry) the same context parents the spans: the stored hop is the
+``task.create`` span, and the relay's publish and the consumer's attempt are its
+children.
 
-Format (version 00): ``00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>``,
-lowercase, neither id all zeros. A malformed header is ignored (a new trace starts),
-as the specification asks of a receiver.
+Headers are read by OpenTelemetry's W3C propagator: format version 00 is
+``00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>``, lowercase, neither id all
+zeros; a later version may append fields. A malformed header is ignored (a new trace
+starts), as the specification asks of a receiver.
 """
 
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 HEADER = "traceparent"
 
-_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_ZERO_TRACE = "0" * 32
+PROPAGATOR = TraceContextTextMapPropagator()
 _ZERO_SPAN = "0" * 16
+_ZERO_TRACE = "0" * 32
 SAMPLED = "01"
 
 
@@ -38,6 +44,17 @@ class TraceParent:
         """The same trace, with a new span id for this hop."""
         return TraceParent(self.trace_id, new_span_id(), self.flags)
 
+    def context(self) -> Context:
+        """An OpenTelemetry context whose (remote) parent is this one: what a span
+        started for this hop's work is the child of."""
+        parent = trace.SpanContext(
+            int(self.trace_id, 16),
+            int(self.span_id, 16),
+            is_remote=True,
+            trace_flags=trace.TraceFlags(int(self.flags, 16)),
+        )
+        return trace.set_span_in_context(trace.NonRecordingSpan(parent))
+
 
 # Ids need to be unique, not secret: Python's Mersenne Twister is plenty, and unlike
 # the secrets module it costs no system call on every created task.
@@ -48,9 +65,9 @@ def new_span_id() -> str:
 
 
 def new_trace() -> TraceParent:
-    while (trace := f"{random.getrandbits(128):032x}") == _ZERO_TRACE:
+    while (trace_id := f"{random.getrandbits(128):032x}") == _ZERO_TRACE:
         pass
-    return TraceParent(trace, new_span_id())
+    return TraceParent(trace_id, new_span_id())
 
 
 def parse(value: str | bytes | None) -> TraceParent | None:
@@ -62,18 +79,21 @@ def parse(value: str | bytes | None) -> TraceParent | None:
             value = value.decode("ascii")
         except UnicodeDecodeError:
             return None
-    value = value.strip()
-    found = _TRACEPARENT.match(value)
-    if found is None:
+    found = trace.get_current_span(PROPAGATOR.extract({HEADER: value})).get_span_context()
+    if not found.is_valid:
         return None
-    version, trace_id, span_id, flags = found.groups()
-    if version == "ff" or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
-        return None
-    # Version 00 is exactly 55 characters; a later version may append fields after a dash,
-    # and a receiver that knows only 00 reads the four it knows.
-    if len(value) != 55 and (version == "00" or value[55] != "-"):
-        return None
-    return TraceParent(trace_id, span_id, flags)
+    return TraceParent(
+        trace.format_trace_id(found.trace_id),
+        trace.format_span_id(found.span_id),
+        f"{found.trace_flags:02x}",
+    )
+
+
+def current_headers() -> dict[str, str]:
+    """The current span's context as outbox headers (empty without a valid span)."""
+    headers: dict[str, str] = {}
+    PROPAGATOR.inject(headers)
+    return headers
 
 
 def continue_or_start(value: str | bytes | None) -> TraceParent:

@@ -77,8 +77,7 @@ BEGIN
         CASE WHEN strpos(q, 'jsonb_to_recordset') > 0 THEN 'finish'
              WHEN strpos(q, 'stale AS') > 0 THEN 'rescue'
              WHEN strpos(q, 'claimed AS') > 0 THEN 'claim'
-             WHEN strpos(q, 'flipped AS') > 0 THEN 'relay'
-             WHEN strpos(q, 'refused AS') > 0 THEN 'refused'
+             WHEN strpos(q, 'published AS') > 0 THEN 'relay'
              WHEN strpos(q, 'cancel_task(') > 0 THEN 'cancel'
              ELSE 'other' END);
     RETURN NULL;

@@ -729,9 +729,11 @@ class ProtocolMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.current().due and any(c.can_claim for c in self.consumers))
     @rule(c=CONSUMER, commit=st.booleans())
     def relay_races_a_claim(self, c: int, commit: bool) -> None:
-        """The relay has published and not committed yet when a consumer gets the message
-        and claims: the claim waits for the relay's row lock, then sees PENDING (commit)
-        or NEW (rollback, to be published again)."""
+        """The relay has published and not recorded the confirm yet when a consumer gets
+        the message and claims: the relay holds no lock on the task, so the claim takes
+        it NEW at once, and the relay's record then leaves it (commit) or the relay rolls
+        back (the row is published again: a duplicate). (A claim, retry and record in
+        that order: tests/integration/test_relay.py, the late-confirm test.)"""
         consumer = self._consumer(c, lambda x: x.can_claim)
         with self.step(f"relay races {consumer.worker_id}: {'commit' if commit else 'rollback'}"):
             conn = self.db(self._acquire())

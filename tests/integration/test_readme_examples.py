@@ -107,6 +107,13 @@ INVENTORY = [
     Entry("Cancel a task: `DELETE /api/v1/tasks/{id}`", "curl", run_by="test_api_examples"),
     Entry("Health: `GET /healthz`, `GET /readyz`", "curl", run_by="test_api_examples"),
     Entry("Tracing: the `traceparent` header", "curl", run_by="test_api_examples"),
+    Entry(
+        "OpenTelemetry",
+        "# a collector",
+        elsewhere="tests/integration/test_otel.py::test_spans_from_api_relay_and_consumer_share_the_"
+        "callers_trace runs the three processes with OTEL_EXPORTER_OTLP_ENDPOINT set to a local "
+        "OTLP receiver and this traceparent; otel-collector is the reader's own host",
+    ),
     Entry("Python client", "from taskbox.client import", run_by="test_api_examples"),
     Entry(
         "Replay: send tasks again",

@@ -24,7 +24,7 @@ import pytest
 
 from taskbox.broker import messages
 from taskbox.broker.settings import BrokerSettings
-from taskbox.db import outbox
+from taskbox.db import execution, outbox
 from taskbox.db.pool import create_pool
 from taskbox.db.settings import DatabaseSettings
 from taskbox.db.tasks import NewTask, cancel_task, create_task
@@ -617,7 +617,7 @@ async def test_relay_survives_the_database_refusing_connections_for_a_moment(
     assert messages.parse(message.body).task_id == task["id"]
 
 
-async def test_a_cancel_meeting_a_claim_waits_for_its_commit(
+async def test_a_cancel_during_a_publish_neither_waits_nor_is_undone_by_its_record(
     pool: asyncpg.Pool, db_settings: DatabaseSettings
 ) -> None:
     (task,) = await create_tasks(pool, 1)
@@ -625,23 +625,20 @@ async def test_a_cancel_meeting_a_claim_waits_for_its_commit(
     try:
         transaction = relay.transaction()
         await transaction.start()
-        # The claim locks the outbox row and flips the task (holding its lock) ...
+        # The claim locks the outbox row only: the task row is free while the relay
+        # publishes, so a cancel (and a consumer's claim) goes through at once ...
         claim = await outbox.claim_batch(relay, 10)
         assert [row["task_id"] for row in claim.rows] == [task["id"]]
-        cancel = asyncio.create_task(cancel_task(pool, task["id"]))
-        await asyncio.sleep(0.3)
-        assert not cancel.done(), "the cancel must wait for the claim's commit"
-        # ... and finishes its transaction, which a cancel holding a lock the claim
-        # needs would have turned into a deadlock.
+        async with asyncio.timeout(2):
+            outcome = await cancel_task(pool, task["id"])
+        assert outcome.task is not None and outcome.task["status"] == "CANCELLED"
+        # ... and the relay's record of the confirm flips only a task still NEW.
         async with asyncio.timeout(5):
             await outbox.record_publish_outcome(relay, [claim.rows[0]["id"]], [])
             await transaction.commit()
-        async with asyncio.timeout(5):
-            outcome = await cancel
     finally:
         await relay.close()
-    # PENDING when the cancel ran: its message is out, and the consumer drops it.
-    assert outcome.task is not None and outcome.task["status"] == "CANCELLED"
+    assert await statuses(pool) == {"CANCELLED": 1}
 
 
 async def test_a_task_cancelled_before_publication_is_closed_unsent(pool: asyncpg.Pool) -> None:
@@ -656,4 +653,74 @@ async def test_a_task_cancelled_before_publication_is_closed_unsent(pool: asyncp
     )
     assert closed["published_at"] is not None
     assert closed["last_error"] == "not sent: task CANCELLED"
-    assert await statuses(pool) == {"CANCELLED": 1, "PENDING": 1}
+    # the kept one goes PENDING only when its confirm is recorded, not by the claim
+    assert await statuses(pool) == {"CANCELLED": 1, "NEW": 1}
+
+
+async def test_a_confirm_recorded_late_does_not_mark_a_retried_task_pending(
+    pool: asyncpg.Pool, db_settings: DatabaseSettings
+) -> None:
+    """The relay flips NEW -> PENDING when it records the confirm; a consumer may have
+    claimed the task from that very message and sent it back to NEW with a retry row
+    before then. The task must stay NEW, waiting for its retry row."""
+    (task,) = await create_tasks(pool, 1)
+    relay = await asyncpg.connect(db_settings.database_url)
+    try:
+        transaction = relay.transaction()
+        await transaction.start()
+        (row,) = (await outbox.claim_batch(relay, 10)).rows
+        # the message reached a consumer before the relay recorded the confirm
+        (claim,) = await execution.claim_tasks(
+            pool, [execution.Delivery(task["id"], row["id"])], "worker-a", 30.0
+        )
+        assert claim["claimed"], claim
+        retry = execution.Outcome(
+            task["id"],
+            1,
+            "NEW",
+            error={"type": "X", "message": "x"},
+            retry_in=3600,
+            lease=claim["lease"],
+        )
+        assert await execution.finish_tasks(pool, [retry]) == {task["id"]: "NEW"}
+        await outbox.record_publish_outcome(relay, [row["id"]], [])
+        await transaction.commit()
+    finally:
+        await relay.close()
+    assert await statuses(pool) == {"NEW": 1}
+
+
+async def record_and_commit(
+    relay: asyncpg.Connection, transaction: Any, published: list[int]
+) -> None:
+    await outbox.record_publish_outcome(relay, published, [])
+    await transaction.commit()
+
+
+async def test_the_relays_flip_and_a_consumers_claim_do_not_deadlock(
+    pool: asyncpg.Pool, db_settings: DatabaseSettings
+) -> None:
+    """Both lock several task rows: the relay's record of a batch and a consumer's claim
+    of the same tasks' messages, which arrive in an order of their own. Each locks in
+    id order, so neither waits on the other in a cycle (Postgres would abort one)."""
+    for _ in range(10):
+        tasks = await create_tasks(pool, 100)
+        relay = await asyncpg.connect(db_settings.database_url)
+        consumer = await asyncpg.connect(db_settings.database_url)
+        try:
+            transaction = relay.transaction()
+            await transaction.start()
+            rows = (await outbox.claim_batch(relay, 100)).rows
+            deliveries = [execution.Delivery(r["task_id"], r["id"]) for r in reversed(rows)]
+
+            async with asyncio.timeout(10):
+                _, claims = await asyncio.gather(
+                    record_and_commit(relay, transaction, [r["id"] for r in rows]),
+                    execution.claim_tasks(consumer, deliveries, "worker-b", 30.0),
+                )
+            assert all(c["claimed"] for c in claims)
+        finally:
+            await relay.close()
+            await consumer.close()
+        assert await statuses(pool) == {"PROCESSING": len(tasks)}
+        await pool.execute("DELETE FROM outbox; DELETE FROM tasks")

@@ -27,6 +27,10 @@ PROCESS_PACKAGES = (
     "tasktypes",
 )
 LOCAL = frozenset({"taskbox", "tasktypes", "tests", "bench"})
+# The benchmark's peer processes run in .venv-peers, whose pins are its own
+# (bench/peers/requirements.txt): what they import is checked against that file.
+PEERS = ROOT / "bench" / "peers"
+PEER_SIDE = frozenset([*PEERS.glob("*_peer.py"), PEERS / "kit.py", PEERS / "serve.py"])
 
 
 def normalise(name: str) -> str:
@@ -49,12 +53,14 @@ def project() -> dict[str, list[str]]:
     return {"runtime": table["dependencies"], "dev": table["optional-dependencies"]["dev"]}
 
 
-def third_party_imports(folders: tuple[str, ...]) -> dict[str, set[str]]:
+def third_party_imports(
+    folders: tuple[str, ...], skip: frozenset[Path] = frozenset()
+) -> dict[str, set[str]]:
     """Top-level module -> the files that import it, for every module under ``folders``
-    that is neither the standard library nor Taskbox's own."""
+    (but the files in ``skip``) that is neither the standard library nor Taskbox's own."""
     found: dict[str, set[str]] = defaultdict(set)
     for folder in folders:
-        for path in sorted((ROOT / folder).rglob("*.py")):
+        for path in sorted(set((ROOT / folder).rglob("*.py")) - skip):
             for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
                 if isinstance(node, ast.Import):
                     modules = [alias.name for alias in node.names]
@@ -69,10 +75,12 @@ def third_party_imports(folders: tuple[str, ...]) -> dict[str, set[str]]:
     return found
 
 
-def undeclared(folders: tuple[str, ...], allowed: set[str]) -> dict[str, str]:
+def undeclared(
+    folders: tuple[str, ...], allowed: set[str], skip: frozenset[Path] = frozenset()
+) -> dict[str, str]:
     providers = metadata.packages_distributions()
     missing = {}
-    for module, files in sorted(third_party_imports(folders).items()):
+    for module, files in sorted(third_party_imports(folders, skip).items()):
         distributions = {normalise(d) for d in providers.get(module, [])}
         if not distributions & allowed:
             source = ", ".join(sorted(distributions)) or "no installed distribution"
@@ -95,6 +103,19 @@ def test_every_module_the_processes_import_is_a_declared_runtime_dependency() ->
 def test_every_module_the_tests_and_benchmarks_import_is_declared() -> None:
     requirements = project()
     missing = undeclared(
-        ("tests", "bench"), declared(requirements["runtime"]) | declared(requirements["dev"])
+        ("tests", "bench"),
+        declared(requirements["runtime"]) | declared(requirements["dev"]),
+        skip=PEER_SIDE,
     )
     assert not missing, f"declare these in the dev extra (or as runtime dependencies): {missing}"
+
+
+def test_every_module_the_peer_processes_import_is_pinned_for_their_venv() -> None:
+    # Their distributions are not installed here, so a module's distribution is taken
+    # to share its name, as each of theirs does (celery, kombu, pgqueuer, uvicorn ...).
+    lines = (PEERS / "requirements.txt").read_text().splitlines()
+    pinned = declared([line for line in lines if line.strip() and not line.startswith("#")])
+    imported = third_party_imports(("bench/peers",), skip=frozenset(PEERS.glob("*.py")) - PEER_SIDE)
+    assert {"celery", "pgqueuer", "procrastinate"} <= imported.keys()
+    missing = {m: sorted(files) for m, files in imported.items() if normalise(m) not in pinned}
+    assert not missing, f"pin these in bench/peers/requirements.txt: {missing}"
