@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from taskbox.api.params import IsoDatetime
 from taskbox.db.states import TaskStatus
+from taskbox.runtime.queues import DEFAULT_QUEUE, MAX_QUEUE_NAME
 
 
 class TaskCreate(BaseModel):
@@ -24,6 +25,7 @@ class TaskCreate(BaseModel):
                 {"type": "sleep", "payload": {"seconds": 2}, "max_attempts": 5},
                 {"type": "echo", "payload": {"x": 1}, "delay_seconds": 30},
                 {"type": "echo", "payload": {"x": 1}, "run_at": "2026-12-24T18:00:00Z"},
+                {"type": "echo", "payload": {"x": 1}, "queue": "default"},
             ]
         },
     )
@@ -49,6 +51,13 @@ class TaskCreate(BaseModel):
         ge=0,
         allow_inf_nan=False,
         description="Run no earlier than this many seconds from now; instead of `run_at`.",
+    )
+    queue: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_QUEUE_NAME,
+        description="The queue to route the task to: one the task type is registered for. "
+        "When absent, the type's own queue.",
     )
 
 
@@ -99,6 +108,7 @@ _EXAMPLE_TASK: dict[str, Any] = {
     "started_at": "2026-11-26T12:00:00.002000Z",
     "finished_at": "2026-11-26T12:00:00.004000Z",
     "run_at": None,
+    "queue": "default",
 }
 
 
@@ -129,6 +139,7 @@ class TaskSummary(BaseModel):
     run_at: datetime | None = Field(
         None, description="When a scheduled task may run; null when it runs at once."
     )
+    queue: str = Field(DEFAULT_QUEUE, description="The queue the task is routed to.")
 
 
 class Task(TaskSummary):
@@ -205,3 +216,24 @@ class Problem(BaseModel):
     request_id: str | None = Field(
         None, description="This request's X-Request-ID, the key to the server's log lines."
     )
+
+
+class QueueView(BaseModel):
+    """A queue: what waits and runs in it, and whether anything serves it."""
+
+    name: str
+    waiting: int = Field(description="Tasks NEW or PENDING in the queue.")
+    running: int = Field(description="Tasks PROCESSING from the queue.")
+    consumers: int = Field(
+        description="Consumers that reported serving the queue within the last minute; 0 "
+        "with tasks waiting means nothing will run them until a consumer for it starts."
+    )
+    paused: bool = Field(description="Whether the queue is paused (pausing is not there yet).")
+    oldest_waiting_seconds: float | None = Field(
+        description="How long the longest-waiting task that may run now has waited, in "
+        "seconds; null when none waits."
+    )
+
+
+class QueueList(BaseModel):
+    items: list[QueueView]

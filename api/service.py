@@ -29,7 +29,8 @@ from taskbox.db.errors import nothing_committed
 from taskbox.db.states import TERMINAL, TaskStatus
 from taskbox.db.storable import MAX_STRING, UnstorablePayload, check_storable
 from taskbox.runtime.durations import format_duration
-from taskbox.tasktypes import TaskRegistry
+from taskbox.runtime.queues import InvalidQueueName, check_queue_name
+from taskbox.tasktypes import TaskRegistry, TaskType
 
 TaskRow = Mapping[str, Any]
 
@@ -251,8 +252,33 @@ class TaskService:
             )
         run_at, delay = self._schedule(request)
         return task_store.NewTask(
-            request.type, payload, request.priority, max_attempts, run_at=run_at, delay=delay
+            request.type,
+            payload,
+            request.priority,
+            max_attempts,
+            run_at=run_at,
+            delay=delay,
+            queue=self._queue(request, task_type),
         )
+
+    @staticmethod
+    def _queue(request: TaskCreate, task_type: TaskType) -> str:
+        """The queue asked for, if the type is registered for it; else the type's own."""
+        if request.queue is None:
+            return task_type.queue
+        if request.queue not in task_type.queues:
+            try:
+                check_queue_name(request.queue)
+            except InvalidQueueName as exc:
+                raise InvalidRequest.at(["body", "queue"], str(exc), "invalid_queue") from None
+            allowed = ", ".join(task_type.queues)
+            raise InvalidRequest.at(
+                ["body", "queue"],
+                f"task type {request.type!r} does not run in queue {request.queue!r}; "
+                f"allowed queues: {allowed}",
+                "queue_not_allowed",
+            )
+        return request.queue
 
     def _schedule_limit(self) -> str:
         return f"at most {format_duration(self._max_schedule_delay)} ahead (MAX_SCHEDULE_DELAY)"
@@ -347,12 +373,13 @@ class TaskService:
         if stored_digest is not None:
             same = bytes(stored_digest) == task_store.request_digest(task)
         else:  # keyed before digests were stored: the row is all there is to compare
-            same = (row["type"], row["payload"], row["priority"], row["max_attempts"]) == (
-                task.type,
-                task.payload,
-                task.priority,
-                task.max_attempts,
-            )
+            same = (
+                row["type"],
+                row["payload"],
+                row["priority"],
+                row["max_attempts"],
+                row["queue"],
+            ) == (task.type, task.payload, task.priority, task.max_attempts, task.queue)
         # A delay counts from each request's arrival, so a retry asks for a later moment
         # by nature; only an explicit run_at is part of what must match.
         if task.run_at is not None and row["run_at"] != task.run_at:

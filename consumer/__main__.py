@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import socket
 import sys
 import uuid
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractQueue, AbstractRobustConnection
@@ -19,6 +23,7 @@ from taskbox.broker.topology import TopologyMismatch
 from taskbox.consumer.dead_letters import DeadLetterWatch
 from taskbox.consumer.metrics import ConsumerMetrics
 from taskbox.consumer.monitoring import observe
+from taskbox.consumer.presence import presence_loop
 from taskbox.consumer.settings import ConsumerSettings
 from taskbox.consumer.worker import TaskConsumer
 from taskbox.db.pool import open_pool
@@ -32,6 +37,7 @@ from taskbox.runtime.lifecycle import (
 )
 from taskbox.runtime.logs import configure
 from taskbox.runtime.probes import PortUnavailable, Probes, start_probe_server
+from taskbox.runtime.queues import DEFAULT_QUEUE
 from taskbox.runtime.settings import describe_invalid
 from taskbox.runtime.telemetry import start_tracing
 from taskbox.tasktypes import load_registry
@@ -41,8 +47,9 @@ log = logging.getLogger("taskbox.consumer")
 
 async def open_queue(
     settings: ConsumerSettings,
-) -> tuple[AbstractRobustConnection, AbstractQueue, AbstractQueue]:
-    """The connection, the task queue and the dead-letter watch queue."""
+) -> tuple[AbstractRobustConnection, dict[str, AbstractQueue], AbstractQueue]:
+    """The connection, the AMQP queue of each Taskbox queue served (by name, declared
+    if missing) and the dead-letter watch queue."""
     connection = await aio_pika.connect_robust(
         settings.amqp_url, client_properties={"connection_name": "taskbox-consumer"}
     )
@@ -51,6 +58,15 @@ async def open_queue(
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=settings.consumer_prefetch)
         declared = await topology.declare(channel, settings)
+        queues: dict[str, AbstractQueue] = {}
+        for served in settings.served_queues:
+            queues[served.name] = (
+                declared.queue
+                if served.name == DEFAULT_QUEUE
+                else await topology.declare_task_queue(
+                    channel, settings, served.name, declared.exchange.name
+                )
+            )
         if settings.amqp_pipeline:
             # Acks go to aiormq's channel in batches (broker.pipeline.send_frames).
             pipeline.check_channel(await channel.get_underlay_channel())
@@ -60,11 +76,28 @@ async def open_queue(
         # A retry opens a connection of its own; this one must not linger, reconnecting.
         await connection.close()
         raise
-    return connection, declared.queue, declared.dead_letter_watch
+    return connection, queues, declared.dead_letter_watch
+
+
+async def run_all(runs: list[Coroutine[Any, Any, None]]) -> None:
+    """Run every queue's consumer to its end; if one fails, the others are cancelled
+    (a crash-like stop: their unacked messages return, the rescue takes their tasks)."""
+    tasks = [asyncio.create_task(run) for run in runs]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def serve(settings: ConsumerSettings, tracer: Tracer | None = None) -> None:
-    registry = load_registry(settings.task_modules, builtin_types=settings.builtin_task_types)
+    served = settings.served_queues
+    # Only the types routed to the queues served: a consumer never receives a task of
+    # another queue, so it needs (and imports the dependencies of) no other handler.
+    registry = load_registry(
+        settings.task_modules, builtin_types=settings.builtin_task_types
+    ).for_queues(queue.name for queue in served)
     shutdown = Shutdown()
     shutdown.install()
     metrics = ConsumerMetrics()
@@ -73,36 +106,62 @@ async def serve(settings: ConsumerSettings, tracer: Tracer | None = None) -> Non
         metrics.registry, probes, settings.metrics_host, settings.consumer_metrics_port
     )
     pool = await open_pool(settings)
-    connection, queue, dead_letters = await connect_with_retry(
+    connection, queues, dead_letters = await connect_with_retry(
         "RabbitMQ", lambda: open_queue(settings), (OSError, aio_pika.exceptions.AMQPError)
     )
-    worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    consumer = TaskConsumer(pool, registry, settings, worker_id, metrics, tracer)
-    background = {
-        "completer": consumer.complete_loop(),
-        "heartbeat": consumer.heartbeat_loop(),
-        "rescue": consumer.rescue_loop(),
-        "dead-letter watch": DeadLetterWatch(pool, metrics, settings.outbox_channel).run(
-            dead_letters
-        ),
+    process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    # One consumer per queue, each its own concurrency and worker id (recorded on the
+    # tasks it runs), sharing the pool and the handler threads.
+    threads = ThreadPoolExecutor(max_workers=settings.handler_threads, thread_name_prefix="handler")
+    consumers = {
+        queue.name: TaskConsumer(
+            pool,
+            registry,
+            settings,
+            f"{process_id}/{queue.name}",
+            metrics,
+            tracer,
+            concurrency=queue.concurrency,
+            threads=threads,
+        )
+        for queue in served
     }
+    background: dict[str, Coroutine[Any, Any, None]] = {}
+    for name, consumer in consumers.items():
+        suffix = "" if len(consumers) == 1 else f" {name}"
+        background[f"completer{suffix}"] = consumer.complete_loop()
+        background[f"heartbeat{suffix}"] = consumer.heartbeat_loop()
+    # The rescue sweeps every queue's tasks: one loop per process is enough.
+    background["rescue"] = next(iter(consumers.values())).rescue_loop()
+    background["dead-letter watch"] = DeadLetterWatch(pool, metrics, settings.outbox_channel).run(
+        dead_letters
+    )
+    background["presence"] = presence_loop(
+        pool, [(name, consumer.worker_id) for name, consumer in consumers.items()]
+    )
     if server is not None:
-        observe(probes, settings, pool, connection, queue, consumer)
+        observe(probes, settings, pool, connection, [(queues[n], c) for n, c in consumers.items()])
         background["metrics"] = server.serve()
     log.info(
-        "consumer running: concurrency %d, prefetch %d; task types: %s",
-        settings.consumer_concurrency,
+        "consumer running: queues %s, prefetch %d; task types: %s",
+        ", ".join(f"{queue.name} (concurrency {queue.concurrency})" for queue in served),
         settings.consumer_prefetch,
-        ", ".join(registry.names()),
+        ", ".join(registry.names()) or "none",
     )
     try:
-        await supervise(consumer.run(queue, shutdown.requested), background)
+        await supervise(
+            run_all([c.run(queues[n], shutdown.requested) for n, c in consumers.items()]),
+            background,
+        )
     finally:
         if server is not None:
             await server.close()
         await connection.close()
         await pool.close()
-    log.info("consumer stopped; %d attempts completed", consumer.completed)
+        threads.shutdown(wait=False, cancel_futures=True)
+    log.info(
+        "consumer stopped; %d attempts completed", sum(c.completed for c in consumers.values())
+    )
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m taskbox.consumer") -> int:

@@ -17,22 +17,25 @@ def observe(
     settings: ConsumerSettings,
     pool: asyncpg.Pool,
     connection: AbstractConnection,
-    queue: AbstractQueue,
-    consumer: TaskConsumer,
+    served: list[tuple[AbstractQueue, TaskConsumer]],
 ) -> None:
-    """Register the consumer's scrape-time values and arm its probes."""
+    """Register the consumer's scrape-time values and arm its probes; ``served`` pairs
+    each AMQP queue consumed with the consumer that runs its tasks (they share one
+    metrics registry)."""
+    consumers = [consumer for _, consumer in served]
+    consumer = consumers[0]
     consumer.metrics.registry.register(
         AttributeCollector(
             [
                 ReadGauge(
                     "taskbox_consumer_running",
                     "Attempts running in this consumer now.",
-                    lambda: consumer.running_count,
+                    lambda: sum(c.running_count for c in consumers),
                 ),
                 ReadCounter(
                     "taskbox_consumer_completed",
                     "Attempts this consumer finished and committed (every outcome).",
-                    lambda: consumer.completed,
+                    lambda: sum(c.completed for c in consumers),
                 ),
             ]
         )
@@ -41,18 +44,18 @@ def observe(
     # while Postgres is away; the heartbeat loop once a HEARTBEAT_INTERVAL, after a
     # statement that may take DB_COMMAND_TIMEOUT.
     slack = settings.db_command_timeout + 10.0
-    probes.watch("claim", lambda: consumer.alive_at["claim"], within=slack + 5.0)
+    probes.watch("claim", lambda: min(c.alive_at["claim"] for c in consumers), within=slack + 5.0)
     probes.watch(
         "heartbeat",
-        lambda: consumer.alive_at["heartbeat"],
+        lambda: min(c.alive_at["heartbeat"] for c in consumers),
         within=2 * settings.heartbeat_interval + slack,
     )
     probes.require("database", database_check(pool))
     probes.require("broker", broker_check(connection))
 
     async def consuming() -> str | None:
-        channel = queue.channel
-        return "channel closed" if channel.is_closed else None
+        closed = any(queue.channel.is_closed for queue, _ in served)
+        return "channel closed" if closed else None
 
     probes.require("channel", consuming)
     probes.started()

@@ -235,7 +235,15 @@ class TaskConsumer:
         worker_id: str,
         metrics: ConsumerMetrics | None = None,
         tracer: trace.Tracer | None = None,
+        *,
+        concurrency: int | None = None,
+        threads: ThreadPoolExecutor | None = None,
     ) -> None:
+        """One pool of handlers fed by one AMQP queue. A consumer process serving several
+        queues runs one per queue (``concurrency`` each, CONSUMER_CONCURRENCY when None),
+        each with its own worker id: to the protocol they are separate consumers that
+        share a database pool and the handler ``threads`` (owned by the caller when
+        given)."""
         self._pool = pool
         self._tracer = tracer  # None: tracing is off
         self.metrics = metrics if metrics is not None else ConsumerMetrics()
@@ -245,9 +253,13 @@ class TaskConsumer:
         self._settings = settings
         self._pipelined = settings.amqp_pipeline  # acks in batches (broker.pipeline)
         self.worker_id = worker_id
+        self._concurrency = (
+            concurrency if concurrency is not None else settings.consumer_concurrency
+        )
         # Plain ``def`` handlers run here. A thread past its timeout or stop cannot be
         # killed: it keeps its slot until the handler returns (README, Guarantees).
-        self._threads = ThreadPoolExecutor(
+        self._owns_threads = threads is None
+        self._threads = threads or ThreadPoolExecutor(
             max_workers=settings.handler_threads, thread_name_prefix="handler"
         )
         self._inbox: deque[Inbound] = deque()
@@ -306,9 +318,7 @@ class TaskConsumer:
         spot: only the database can prove it redundant). A second delivery of a task
         already in this batch waits for the next one, when the first's claim is known.
         """
-        room = min(
-            self._settings.consumer_concurrency - self._executions.busy_slots, CLAIM_BATCH_MAX
-        )
+        room = min(self._concurrency - self._executions.busy_slots, CLAIM_BATCH_MAX)
         batch: dict[uuid.UUID, Inbound] = {}
         later: list[Inbound] = []
         while self._inbox and len(batch) < room:
@@ -681,7 +691,8 @@ class TaskConsumer:
             finally:
                 # Threads still running a handler (abandoned after its timeout or stop)
                 # cannot be stopped; the interpreter waits for them before it exits.
-                self._threads.shutdown(wait=False, cancel_futures=True)
+                if self._owns_threads:
+                    self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def _requeue_waiting(self) -> None:
         """Hand every delivery not running here back to the broker."""

@@ -74,6 +74,7 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
                 "run_at",
                 "idempotency_key",
                 "request_digest",
+                "queue",
             ),
         ),
         TableGrant(
@@ -82,6 +83,8 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
             identity_sequence=True,
             insert_values=("kind", ("task.created",)),
         ),
+        # GET /api/v1/queues: the consumers seen per queue
+        TableGrant("queue_consumers", ("SELECT",)),
     ),
     # Claims due outbox rows (FOR UPDATE SKIP LOCKED needs UPDATE on some column, which
     # the publish bookkeeping has anyway), flips their tasks NEW -> PENDING and back on a
@@ -94,6 +97,9 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
             update_columns=("published_at", "publish_attempts", "last_error", "available_at"),
         ),
         TableGrant("tasks", ("SELECT", "DELETE"), update_columns=("status", "updated_at")),
+        # `taskbox status` lists the queues and the consumers seen on them; retention
+        # deletes the rows of consumers gone for a day
+        TableGrant("queue_consumers", ("SELECT", "DELETE")),
     ),
     # Claims, heartbeats, finishes and rescues tasks (every column an attempt owns); a
     # retry, a rescued task and a dead-lettered one sent again are task.retry outbox
@@ -123,6 +129,14 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
             identity_sequence=True,
             insert_values=("kind", ("task.retry",)),
         ),
+        # one row per queue it serves, refreshed on its heartbeat (an upsert: SELECT
+        # for the conflict target, UPDATE of the time)
+        TableGrant(
+            "queue_consumers",
+            ("SELECT",),
+            insert_columns=("queue", "consumer", "seen_at"),
+            update_columns=("seen_at",),
+        ),
     ),
 }
 
@@ -134,4 +148,4 @@ FUNCTIONS: dict[Process, tuple[str, ...]] = {
     "consumer": (),
 }
 
-TABLES: tuple[str, ...] = ("tasks", "outbox")
+TABLES: tuple[str, ...] = ("tasks", "outbox", "queue_consumers")

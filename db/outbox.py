@@ -28,6 +28,9 @@ from taskbox.db.states import TERMINAL
 # message could only be dropped by the consumer. That is how a cancel keeps a scheduled
 # task's message from ever going out, without the api touching the outbox.
 #
+# Each row carries its task's queue, read from the task row the claim joins anyway: the
+# relay publishes it there (no column on the outbox, no extra read per row).
+#
 # Rows go oldest due first (ix_outbox_due). The statement also reports when the next
 # row not yet due falls due, from the same now() as the claim's cutoff, so that a row
 # falling due in between cannot slip through: the relay sleeps until then rather than
@@ -36,7 +39,7 @@ from taskbox.db.states import TERMINAL
 _CLAIM_BATCH = """
 WITH batch AS (
     SELECT o.id, o.task_id, o.kind, o.body, o.headers, o.publish_attempts, o.available_at,
-           t.status AS task_status, t.status = ANY($2::text[]) AS settled
+           t.queue, t.status AS task_status, t.status = ANY($2::text[]) AS settled
     FROM outbox AS o JOIN tasks AS t ON t.id = o.task_id
     WHERE o.published_at IS NULL AND o.available_at <= now()
     ORDER BY o.available_at, o.id
@@ -51,7 +54,7 @@ WITH batch AS (
 ), no_flush_wait AS (
     SELECT set_config('synchronous_commit', 'off', true)
 )
-SELECT b.id, b.task_id, b.kind, b.body, b.headers, b.publish_attempts, b.settled,
+SELECT b.id, b.task_id, b.kind, b.body, b.headers, b.publish_attempts, b.queue, b.settled,
        next.next_due_in
 FROM no_flush_wait, next LEFT JOIN batch AS b ON true
 ORDER BY b.available_at, b.id

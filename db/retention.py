@@ -72,6 +72,11 @@ SELECT count(*) AS deleted,
 FROM deleted
 """
 
+# Consumers gone for long (their row unrefreshed): a small table, one statement.
+_DELETE_GONE_CONSUMERS = """
+DELETE FROM queue_consumers WHERE seen_at < now() - make_interval(secs => $1)
+"""
+
 _TERMINAL = sorted(TERMINAL)
 _MAX_ID = 2**63 - 1
 _TOP_KEY = (datetime.max.replace(tzinfo=UTC), uuid.UUID(int=2**128 - 1))
@@ -108,6 +113,12 @@ async def delete_published_outbox(
         if row["deleted"] < batch:
             return
         after = int(row["last"])
+
+
+async def delete_gone_consumers(conn: asyncpg.Connection, older_than: float) -> int:
+    """Delete the rows of consumers not seen for ``older_than`` seconds; their count."""
+    status: str = await conn.execute(_DELETE_GONE_CONSUMERS, older_than)
+    return int(status.rsplit(" ", 1)[-1])
 
 
 async def delete_finished_tasks(

@@ -70,6 +70,9 @@ tasks = Table(
     Column("lease", BigInteger, nullable=False, server_default=text("0")),
     # sha256 of the create request a keyed task was made from (db.tasks.request_digest).
     Column("request_digest", LargeBinary),
+    # The Taskbox queue the task is routed to (taskbox.runtime.queues): the relay
+    # publishes its messages to that queue's AMQP queue. Fixed at creation.
+    Column("queue", Text, nullable=False, server_default=text("'default'")),
     CheckConstraint(f"status IN ({_status_list})", name="status"),
     CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
     CheckConstraint("max_attempts >= 1", name="max_attempts"),
@@ -132,3 +135,14 @@ Index(
 )
 # Deleting a task (retention) cascades to its outbox rows through this index.
 Index("ix_outbox_task_id", outbox.c.task_id)
+
+# The consumers seen per queue: each consumer upserts one row per queue it serves on
+# its heartbeat, so the api can say which queues have a consumer without asking
+# RabbitMQ. A row older than a few heartbeats is a consumer gone; retention deletes it.
+queue_consumers = Table(
+    "queue_consumers",
+    metadata,
+    Column("queue", Text, primary_key=True),
+    Column("consumer", Text, primary_key=True),
+    Column("seen_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)

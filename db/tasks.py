@@ -18,11 +18,12 @@ import orjson
 
 from taskbox.db.sql import Parameters
 from taskbox.db.states import TaskStatus
+from taskbox.runtime.queues import DEFAULT_QUEUE
 
 TASK_COLUMNS = (
     "id, type, payload, status, priority, attempts, max_attempts, result, error, "
     "cancel_requested, worker_id, created_at, updated_at, started_at, finished_at, heartbeat_at, "
-    "run_at"
+    "run_at, queue"
 )
 
 
@@ -58,20 +59,20 @@ SELECT {TASK_COLUMNS} FROM task
 
 def _insert_with_outbox(*, keyed: bool) -> str:
     """One task: headers $5, scheduled by ``run_at`` $6 or ``delay`` $7 seconds from
-    the database's clock.
+    the database's clock, in queue $8.
 
     The keyed variant inserts nothing (and so writes no outbox row) when the idempotency
-    key $8 is taken (it stores the request's digest $9 with the key); a concurrent
+    key $9 is taken (it stores the request's digest $10 with the key); a concurrent
     insert with the key waits on the first's index entry and, once that commits, finds
     the conflict too.
     """
     columns, values, on_conflict = "", "", ""
     if keyed:
-        columns, values = ", idempotency_key, request_digest", ", $8, $9"
+        columns, values = ", idempotency_key, request_digest", ", $9, $10"
         on_conflict = "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
-    insert = f"""INSERT INTO tasks (type, payload, priority, max_attempts, run_at{columns})
+    insert = f"""INSERT INTO tasks (type, payload, priority, max_attempts, run_at, queue{columns})
     VALUES ($1, $2, $3, $4,
-            coalesce($6::timestamptz, now() + make_interval(secs => $7::float8)){values})
+            coalesce($6::timestamptz, now() + make_interval(secs => $7::float8)), $8{values})
     {on_conflict}"""  # noqa: S608 - every fragment is a constant
     return _with_created_events(insert, "$5")
 
@@ -85,26 +86,27 @@ _INSERT_KEYED_TASK_WITH_OUTBOX = _insert_with_outbox(keyed=True)
 # the request's order without a sort; the tests hold it to that. Every row of a batch
 # carries the same headers $7 (the batch request's trace context), sent once.
 _INSERT_TASKS_WITH_OUTBOX = _with_created_events(
-    """INSERT INTO tasks (type, payload, priority, max_attempts, run_at)
+    """INSERT INTO tasks (type, payload, priority, max_attempts, run_at, queue)
     SELECT type, payload, priority, max_attempts,
-           coalesce(run_at, now() + make_interval(secs => delay))
+           coalesce(run_at, now() + make_interval(secs => delay)), queue
     FROM unnest($1::text[], $2::jsonb[], $3::int2[], $4::int4[], $5::timestamptz[],
-                $6::float8[]) AS i(type, payload, priority, max_attempts, run_at, delay)""",
-    "$7",
+                $6::float8[], $7::text[])
+        AS i(type, payload, priority, max_attempts, run_at, delay, queue)""",
+    "$8",
 )
 
 # Concurrent single creates grouped by the api (api.grouping): like a batch, but each
 # task has its own headers (its request's trace context). The ids come from the api so
 # that each outbox row finds its task's headers by id.
 _INSERT_GROUP_WITH_OUTBOX = _with_created_events(
-    """INSERT INTO tasks (id, type, payload, priority, max_attempts, run_at)
+    """INSERT INTO tasks (id, type, payload, priority, max_attempts, run_at, queue)
     SELECT id, type, payload, priority, max_attempts,
-           coalesce(run_at, now() + make_interval(secs => delay))
+           coalesce(run_at, now() + make_interval(secs => delay)), queue
     FROM i""",
     "i.headers",
     inputs="""SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int2[], $5::int4[],
-                        $6::timestamptz[], $7::float8[], $8::jsonb[])
-        AS i(id, type, payload, priority, max_attempts, run_at, delay, headers)""",
+                        $6::timestamptz[], $7::float8[], $8::text[], $9::jsonb[])
+        AS i(id, type, payload, priority, max_attempts, run_at, delay, queue, headers)""",
     joined="JOIN i ON i.id = task.id",
 )
 
@@ -131,6 +133,7 @@ class NewTask:
     max_attempts: int
     run_at: datetime | None = None  # a moment (timezone-aware) before which it must not run
     delay: float | None = None  # or seconds from now, by the database's clock
+    queue: str = DEFAULT_QUEUE  # the Taskbox queue it is routed to (checked by the caller)
 
 
 async def create_task(
@@ -148,6 +151,7 @@ async def create_task(
         headers or {},
         task.run_at,
         task.delay,
+        task.queue,
     )
     assert row is not None
     return row
@@ -176,6 +180,7 @@ def _columns(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
         [task.max_attempts for task in tasks],
         [task.run_at for task in tasks],
         [task.delay for task in tasks],
+        [task.queue for task in tasks],
     )
 
 
@@ -198,11 +203,15 @@ async def create_group(
 
 def request_digest(task: NewTask) -> bytes:
     """A fingerprint of what a keyed create asked for (type, payload, priority,
-    max_attempts), stored with the key: a repeat is compared with the request as first
-    accepted, not with the row, which an operator's replay may have changed since."""
-    canonical = orjson.dumps(
-        [task.type, task.payload, task.priority, task.max_attempts], option=orjson.OPT_SORT_KEYS
-    )
+    max_attempts, a queue other than the default), stored with the key: a repeat is
+    compared with the request as first accepted, not with the row, which an operator's
+    replay may have changed since."""
+    asked: list[Any] = [task.type, task.payload, task.priority, task.max_attempts]
+    if task.queue != DEFAULT_QUEUE:
+        # Only a named queue joins the digest: a digest stored before queues existed
+        # (every such task is in the default queue) still matches its repeat.
+        asked.append(task.queue)
+    canonical = orjson.dumps(asked, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(canonical).digest()
 
 
@@ -227,6 +236,7 @@ async def create_task_once(
             headers,
             task.run_at,
             task.delay,
+            task.queue,
             idempotency_key,
             request_digest(task),
         )
@@ -286,7 +296,7 @@ class TaskFilter:
 # stays: its message is cut at 2,000 characters (consumer.attempt.error_of).
 SUMMARY_COLUMNS = (
     "id, type, status, priority, attempts, max_attempts, error, cancel_requested, "
-    "created_at, updated_at, started_at, finished_at, run_at"
+    "created_at, updated_at, started_at, finished_at, run_at, queue"
 )
 
 

@@ -1,7 +1,8 @@
 """Retention: the relay's housekeeping loop and ``taskbox cleanup``.
 
 Published outbox rows older than OUTBOX_RETENTION are deleted, and finished tasks older
-than TASK_RETENTION when that is set (their outbox rows go with them). Every relay runs
+than TASK_RETENTION when that is set (their outbox rows go with them), and the queue
+rows of consumers gone for a day. Every relay runs
 the loop, but a sweep first takes a Postgres advisory lock without waiting: the
 replica that gets it sweeps, the others skip this round. The lock is session-level on a
 pooled connection and released after the sweep (and by Postgres if the session dies).
@@ -22,6 +23,7 @@ from taskbox.db.pool import connect
 from taskbox.relay.metrics import RelayMetrics
 from taskbox.relay.settings import RelaySettings
 from taskbox.runtime.durations import format_duration
+from taskbox.runtime.queues import PRESENCE_KEPT
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ async def sweep(
             tasks_deleted += count
             if metrics is not None:
                 metrics.retention_deleted.labels("tasks").inc(count)
+    await retention.delete_gone_consumers(conn, PRESENCE_KEPT)
     return SweepReport(outbox_deleted, tasks_deleted, time.monotonic() - started)
 
 

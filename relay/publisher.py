@@ -30,8 +30,10 @@ import aiormq
 from pamqp.commands import Basic
 
 from taskbox.broker import messages, pipeline, public
+from taskbox.broker.topology import TopologyMismatch
 from taskbox.db.outbox import PublishRefusal
 from taskbox.runtime.lifecycle import being_cancelled
+from taskbox.runtime.queues import amqp_queue_name
 
 
 class BrokerUnavailable(ConnectionError):
@@ -69,6 +71,16 @@ class OutboxRow(Protocol):
     def __getitem__(self, key: str) -> Any: ...
 
 
+class QueueDeclarer(Protocol):
+    """broker.topology.QueueDeclarer: declares a Taskbox queue's AMQP queue on first use."""
+
+    def declared(self, queue: str) -> bool: ...
+
+    def forget(self, queue: str) -> None: ...
+
+    async def ensure(self, queue: str) -> None: ...
+
+
 @dataclass(slots=True)
 class PublishReport:
     published: list[int] = field(default_factory=list)
@@ -90,8 +102,13 @@ class OutboxPublisher:
         timeout: float,
         retry_delay: Callable[[int], float],
         pipelined: bool = True,
+        declarer: QueueDeclarer | None = None,
     ) -> None:
         self._channel = channel
+        # Each row goes to its task's queue: QUEUE_NAME (``routing_key``) for the
+        # default queue, <QUEUE_NAME>.<queue> for another, declared on its first use.
+        self._declarer = declarer
+        self._routing_keys: dict[str, str] = {}
         self._pipelined = pipelined
         self.exchange = exchange
         self._routing_key = routing_key
@@ -133,14 +150,66 @@ class OutboxPublisher:
             within=self._timeout,
         )
 
+    def _routing_key_of(self, queue: str) -> str:
+        key = self._routing_keys.get(queue)
+        if key is None:
+            key = self._routing_keys[queue] = amqp_queue_name(self._routing_key, queue)
+        return key
+
+    async def _declare_queues(self, queues: set[str]) -> dict[str, str]:
+        """Declare the queues of a batch this process has not declared yet; returns the
+        ones RabbitMQ refused, with why (their rows are refused, the others go out)."""
+        refused: dict[str, str] = {}
+        if self._declarer is None:
+            return refused
+        for queue in sorted(queues):
+            if self._declarer.declared(queue):
+                continue
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._declarer.ensure(queue)
+            except TopologyMismatch as exc:
+                refused[queue] = describe(exc)
+            except asyncio.CancelledError as exc:
+                if being_cancelled():
+                    raise
+                raise BrokerUnavailable(describe(exc)) from exc
+            except TimeoutError:
+                raise BrokerUnavailable(
+                    f"queue {queue!r} could not be declared within {self._timeout:g}s"
+                ) from None
+            except Exception as exc:  # the channel or connection failed
+                raise BrokerUnavailable(describe(exc)) from exc
+        return refused
+
     async def publish_batch(self, rows: Sequence[OutboxRow]) -> PublishReport:
         if not rows:
             return PublishReport()
+        queues = {r["queue"] for r in rows}
+        undeclared = await self._declare_queues(queues)
+        if undeclared:
+            report = PublishReport()
+            for r in rows:
+                if r["queue"] in undeclared:
+                    attempt = r["publish_attempts"] + 1
+                    report.refused.append(
+                        PublishRefusal(r["id"], undeclared[r["queue"]], self._retry_delay(attempt))
+                    )
+            sendable = [r for r in rows if r["queue"] not in undeclared]
+            if sendable:
+                sent = await self._publish_rows(sendable)
+                report.published += sent.published
+                report.refused += sent.refused
+            return report
+        return await self._publish_rows(rows)
+
+    async def _publish_rows(self, rows: Sequence[OutboxRow]) -> PublishReport:
         batch = [
             pipeline.Message(
                 *messages.encode(
                     outbox_id=r["id"], kind=r["kind"], body=r["body"], headers=r["headers"]
-                )
+                ),
+                routing_key=self._routing_key_of(r["queue"]),
             )
             for r in rows
         ]
@@ -189,4 +258,8 @@ class OutboxPublisher:
             report.refused.append(
                 PublishRefusal(row["id"], describe(error), self._retry_delay(attempt))
             )
+            if self._declarer is not None:
+                # Returned unroutable, say, because its queue was deleted: declare it
+                # again before the retry rather than trust this process's memory.
+                self._declarer.forget(row["queue"])
         return report

@@ -59,6 +59,7 @@ async def open_broker(settings: RelaySettings) -> tuple[AbstractRobustConnection
         channel,
         declared.exchange.name,
         declared.routing_key,
+        declarer=topology.QueueDeclarer(connection, settings, declared.exchange.name),
         pipelined=settings.amqp_pipeline,
         timeout=settings.relay_publish_timeout,
         retry_delay=functools.partial(

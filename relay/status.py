@@ -17,7 +17,7 @@ import aio_pika
 import asyncpg
 import orjson
 
-from taskbox.db import overview
+from taskbox.db import overview, queues
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
 from taskbox.db.pool import connect
 from taskbox.db.states import TaskStatus
@@ -45,6 +45,7 @@ class Snapshot:
     outbox_table: overview.TableSize | None
     last_publish_error: str | None
     database_problem: str | None
+    queues: list[queues.QueueView] | None  # the Taskbox queues, from Postgres
     queue: QueueState
     dead_letters: QueueState
 
@@ -73,6 +74,7 @@ async def _database(settings: RelaySettings) -> dict[str, Any]:
             "backlog": await overview.backlog(conn),
             "outbox_table": await overview.outbox_size(conn),
             "last_publish_error": await overview.last_publish_error(conn),
+            "queues": await queues.list_queues(conn),
         }
     except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
         return {"database_problem": _problem(exc)}
@@ -120,6 +122,7 @@ async def snapshot(settings: RelaySettings) -> Snapshot:
         outbox_table=database.get("outbox_table"),
         last_publish_error=database.get("last_publish_error"),
         database_problem=database.get("database_problem"),
+        queues=database.get("queues"),
         queue=queue,
         dead_letters=dead,
     )
@@ -165,6 +168,7 @@ def render(snap: Snapshot, settings: RelaySettings) -> str:
             f"{_size(snap.outbox_table.bytes)} (published rows kept "
             f"{format_duration(settings.outbox_retention)}: OUTBOX_RETENTION)"
         )
+        lines += _queue_lines(snap.queues or [])
     for label, queue in (("queue", snap.queue), ("dead letters", snap.dead_letters)):
         if queue.problem is not None:
             lines.append(f"{label:<13} {queue.name}: {queue.problem}")
@@ -173,6 +177,24 @@ def render(snap: Snapshot, settings: RelaySettings) -> str:
                 f"{label:<13} {queue.name}: {queue.messages:,} ready, {queue.consumers:,} consumers"
             )
     return "\n".join(lines)
+
+
+def _queue_lines(found: list[queues.QueueView]) -> list[str]:
+    """One line per Taskbox queue; one with work and no consumer says so."""
+    lines = []
+    for position, q in enumerate(found):
+        label = "queues" if position == 0 else ""
+        oldest = (
+            ""
+            if q.oldest_waiting_seconds is None
+            else f", oldest waits {format_duration(q.oldest_waiting_seconds)}"
+        )
+        unserved = "  (NO CONSUMER: see CONSUMER_QUEUES)" if q.waiting and not q.consumers else ""
+        lines.append(
+            f"{label:<13} {q.name}: {q.waiting:,} waiting, {q.running:,} running, "
+            f"{q.consumers:,} consumers{oldest}{unserved}"
+        )
+    return lines
 
 
 def healthy(snap: Snapshot) -> bool:

@@ -50,6 +50,7 @@ class UnsupportedChannel(RuntimeError):
 class Message(NamedTuple):
     body: bytes
     properties: Basic.Properties  # message_id must be set and unique within the batch
+    routing_key: str | None = None  # None: the batch's routing key
 
 
 class Channel(Protocol):
@@ -96,7 +97,8 @@ async def publish_many(
     within: float,
 ) -> list[Any]:
     """Publish ``messages`` (``mandatory``, on a channel in confirm mode) and wait up to
-    ``within`` seconds for their confirms, in all.
+    ``within`` seconds for their confirms, in all. Each goes with its own routing key,
+    or ``routing_key`` when it has none.
 
     Returns one entry per message, in order: the ``Basic.Ack``, or the error that
     refuses it: what aiormq sets for a nack or a return, ``TimeoutError`` for a confirm
@@ -114,7 +116,9 @@ async def publish_many(
                 payloads = []
                 for position, message in enumerate(messages):
                     try:
-                        payload = _frames(channel, exchange, routing_key, message)
+                        payload = _frames(
+                            channel, exchange, message.routing_key or routing_key, message
+                        )
                     except Exception as exc:  # e.g. an integer header past 64 bits
                         results[position] = exc
                         continue

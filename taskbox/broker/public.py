@@ -73,7 +73,9 @@ async def publish_each(
     # entry, which the relay reads as the broker going away, as with publish_many.
     outcomes = await asyncio.gather(
         *(
-            target.publish(to_aio_pika(m), routing_key, mandatory=True, timeout=within)
+            target.publish(
+                to_aio_pika(m), m.routing_key or routing_key, mandatory=True, timeout=within
+            )
             for m in messages
         ),
         return_exceptions=True,

@@ -1,8 +1,13 @@
 """Exchanges and queues, declared identically (and idempotently) by relay and consumer.
 
-Tasks go to a durable direct exchange, routed to one durable queue. Messages the
-consumer rejects (unparseable, naming no task), and those the broker gives up on (a
-quorum queue's x-delivery-limit), are dead-lettered through a fanout exchange into two
+Tasks go to a durable direct exchange, routed to one durable queue per Taskbox queue
+(``taskbox.runtime.queues``): QUEUE_NAME for ``default``, ``<QUEUE_NAME>.<queue>`` for
+another, each bound with its own name as the routing key and declared with the same
+arguments (dead-lettering, type, priorities). The relay declares a queue on its first
+publish to it (``QueueDeclarer``), so tasks of a queue no consumer serves yet wait in it.
+
+Messages the consumer rejects (unparseable, naming no task), and those the broker gives
+up on (a quorum queue's x-delivery-limit), are dead-lettered through a fanout exchange into two
 queues: the dead-letter queue, where an operator can inspect them, and its ``.watch``
 copy, which the consumers read to send a dead-lettered task again through the outbox
 (``consumer.dead_letters``), so that no task waits for a message the broker dropped.
@@ -29,6 +34,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, 
 from aio_pika.exceptions import ChannelPreconditionFailed
 
 from taskbox.broker.settings import BrokerSettings
+from taskbox.runtime.queues import DEFAULT_QUEUE, amqp_queue_name
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +140,70 @@ async def _declare_exchange(
             f"it, delete it (rabbitmqadmin delete exchange name={name}, or the management "
             "UI) so that it is declared anew."
         ) from None
+
+
+async def declare_task_queue(
+    channel: AbstractChannel, settings: BrokerSettings, queue: str, exchange: str
+) -> AbstractQueue:
+    """The AMQP queue of Taskbox queue ``queue``, declared with the task queue's
+    arguments (dead-lettering, type, priorities) and bound to ``exchange`` with its own
+    name as the routing key."""
+    name = amqp_queue_name(settings.queue_name, queue)
+    declared = await _declare_queue(channel, name, queue_arguments(settings))
+    await declared.bind(exchange, routing_key=name)
+    return declared
+
+
+class QueueDeclarer:
+    """Declares each Taskbox queue's AMQP queue once per process, on its first use.
+
+    The relay calls it before it publishes to a queue: a queue no consumer serves yet
+    then exists and holds its tasks, instead of the broker returning every message as
+    unroutable. Declarations go on a channel of their own, since a refused one (the
+    queue exists with other arguments) closes its channel, and the publishing channel
+    must not go with it.
+    """
+
+    def __init__(
+        self, connection: AbstractConnection, settings: BrokerSettings, exchange: str
+    ) -> None:
+        self._connection = connection
+        self._settings = settings
+        self._exchange = exchange
+        self._channel: AbstractChannel | None = None
+        self._declared: set[str] = {DEFAULT_QUEUE}  # declare() made it at start
+
+    def declared(self, queue: str) -> bool:
+        return queue in self._declared
+
+    def forget(self, queue: str) -> None:
+        """Declare ``queue`` again before its next publish (a message to it came back
+        unroutable: someone deleted the queue)."""
+        self._declared.discard(queue)
+
+    async def ensure(self, queue: str) -> None:
+        """Declare ``queue`` unless this process has; raises TopologyMismatch when
+        RabbitMQ refuses the declaration, an AMQP or connection error when it is away."""
+        if queue in self._declared:
+            return
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel()
+        try:
+            await declare_task_queue(self._channel, self._settings, queue, self._exchange)
+        except TopologyMismatch:
+            self._channel = None  # the refusal closed it
+            raise
+        self._declared.add(queue)
+        log.info(
+            "declared queue %r for Taskbox queue %r",
+            amqp_queue_name(self._settings.queue_name, queue),
+            queue,
+        )
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
 
 
 async def declare(channel: AbstractChannel, settings: BrokerSettings) -> Topology:

@@ -92,6 +92,7 @@ class Client:
         max_attempts: int | None = None,
         run_at: datetime | None = None,
         delay_seconds: float | None = None,
+        queue: str | None = None,
         idempotency_key: str | None = None,
     ) -> Task:
         """Create a task. Without ``idempotency_key`` the client makes one for this
@@ -104,6 +105,7 @@ class Client:
             max_attempts=max_attempts,
             run_at=run_at,
             delay_seconds=delay_seconds,
+            queue=queue,
         )
         response = self._send(_core.create_call(task, idempotency_key))
         return _core.parse(response, Task)

@@ -41,6 +41,7 @@ class NewTask(BaseModel):
     max_attempts: int | None = Field(None, ge=1)
     run_at: datetime | None = None
     delay_seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
+    queue: str | None = Field(None, min_length=1, max_length=64)  # None: the type's own
 
     def body(self) -> dict[str, Any]:
         """The JSON body: fields left at None are not sent, so the server's defaults apply."""
@@ -68,6 +69,7 @@ class TaskSummary(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     run_at: datetime | None = None
+    queue: str = "default"
 
 
 class Task(TaskSummary):

@@ -23,6 +23,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
+from taskbox.runtime.queues import DEFAULT_QUEUE, check_queue_name
+
 log = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=BaseModel)
@@ -88,6 +90,14 @@ class TaskType:
     max_attempts: int | None = None  # for creates that omit it; None: DEFAULT_MAX_ATTEMPTS
     retry_base: float | None = None  # backoff before the 2nd attempt; None: RETRY_BASE_DELAY
     retry_max: float | None = None  # longest backoff; None: RETRY_MAX_DELAY
+    # The queues a task of this type may be routed to; a create that names none gets
+    # the first. A consumer runs the type when it serves any of them.
+    queues: tuple[str, ...] = (DEFAULT_QUEUE,)
+
+    @property
+    def queue(self) -> str:
+        """The type's own queue: where a create that names no queue routes its task."""
+        return self.queues[0]
 
     @property
     def is_async(self) -> bool:
@@ -115,6 +125,16 @@ class Hooks:
         return self.by_event[event]
 
 
+def _queues(queue: str | Iterable[str]) -> tuple[str, ...]:
+    """A registration's ``queue=``: one name, or several (the first is the type's own)."""
+    names = (queue,) if isinstance(queue, str) else tuple(queue)
+    if not names:
+        raise ValueError("queue must name at least one queue")
+    for name in names:
+        check_queue_name(name)
+    return tuple(dict.fromkeys(names))
+
+
 def _positive(name: str, value: float | None) -> None:
     if value is not None and not value > 0:
         raise ValueError(f"{name} must be > 0, not {value!r}")
@@ -135,6 +155,7 @@ class TaskRegistry:
         max_attempts: int | None = None,
         retry_base: float | None = None,
         retry_max: float | None = None,
+        queue: str | Iterable[str] = DEFAULT_QUEUE,
     ) -> TaskType:
         if name in self._types and self._types[name].handler is not handler:
             raise ValueError(f"task type {name!r} is already registered")
@@ -144,7 +165,14 @@ class TaskRegistry:
         if max_attempts is not None and max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, not {max_attempts!r}")
         task_type = TaskType(
-            name, payload_model, handler, timeout, max_attempts, retry_base, retry_max
+            name,
+            payload_model,
+            handler,
+            timeout,
+            max_attempts,
+            retry_base,
+            retry_max,
+            _queues(queue),
         )
         self._types[name] = task_type
         return task_type
@@ -158,9 +186,11 @@ class TaskRegistry:
         max_attempts: int | None = None,
         retry_base: float | None = None,
         retry_max: float | None = None,
+        queue: str | Iterable[str] = DEFAULT_QUEUE,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated ``handler(payload, ctx)`` (``async def`` or plain
-        ``def``) under ``name``, with its policy."""
+        ``def``) under ``name``, with its policy and its queue (or queues, the first
+        its own)."""
 
         def decorate(handler: HandlerT) -> HandlerT:
             self.register(
@@ -171,6 +201,7 @@ class TaskRegistry:
                 max_attempts=max_attempts,
                 retry_base=retry_base,
                 retry_max=retry_max,
+                queue=queue,
             )
             return handler
 
@@ -214,8 +245,21 @@ class TaskRegistry:
     def without(self, names: Iterable[str]) -> TaskRegistry:
         """A new registry with every type of this one but ``names``, and its hooks."""
         excluded = set(names)
+        return self._copy({n: t for n, t in self._types.items() if n not in excluded})
+
+    def for_queues(self, queues: Iterable[str]) -> TaskRegistry:
+        """A new registry with the types routed to any of ``queues`` (what a consumer
+        serving them runs), and every hook."""
+        served = set(queues)
+        return self._copy({n: t for n, t in self._types.items() if served.intersection(t.queues)})
+
+    def queues(self) -> list[str]:
+        """Every queue some type is registered for."""
+        return sorted({queue for t in self._types.values() for queue in t.queues})
+
+    def _copy(self, types: dict[str, TaskType]) -> TaskRegistry:
         registry = TaskRegistry()
-        registry._types = {name: t for name, t in self._types.items() if name not in excluded}
+        registry._types = types
         for event, hooks in self.hooks.by_event.items():
             for hook in hooks:
                 registry.hooks.add(event, hook)
@@ -233,6 +277,7 @@ def task(
     max_attempts: int | None = None,
     retry_base: float | None = None,
     retry_max: float | None = None,
+    queue: str | Iterable[str] = DEFAULT_QUEUE,
 ) -> Callable[[HandlerT], HandlerT]:
     """``default_registry.task(...)``: register the decorated handler under ``name``."""
     return default_registry.task(
@@ -242,6 +287,7 @@ def task(
         max_attempts=max_attempts,
         retry_base=retry_base,
         retry_max=retry_max,
+        queue=queue,
     )
 
 

@@ -77,6 +77,7 @@ ROUTES = [
     ("GET", f"{TASKS}/{uuid.UUID(int=1)}", None),
     ("GET", f"{TASKS}/{uuid.UUID(int=1)}/status", None),
     ("DELETE", f"{TASKS}/{uuid.UUID(int=1)}", None),
+    ("GET", "/api/v1/queues", None),
 ]
 
 

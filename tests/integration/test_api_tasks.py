@@ -29,6 +29,7 @@ PROBLEM_KEYS = {"type", "title", "status", "detail", "instance", "request_id"}
 TASK_KEYS = {
     "id",
     "run_at",
+    "queue",
     "type",
     "status",
     "priority",
@@ -1253,6 +1254,12 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
         "200": "TaskSummaryPage | TaskPage",
         "401": "Problem",
         "422": "Problem",
+        "503": "Problem",
+    },
+    # the named queues: nothing to validate, so no 422
+    ("/api/v1/queues", "get"): {
+        "200": "QueueList",
+        "401": "Problem",
         "503": "Problem",
     },
     # No 422 on the task id's operations: an id that is no UUID matches no route (404).

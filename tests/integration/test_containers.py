@@ -55,6 +55,9 @@ APP_SETTINGS: dict[str, type[BaseSettings]] = {
     "relay": RelaySettings,
     "consumer": ConsumerSettings,
 }
+# Further pools of a process: services that run it with a few settings of their own
+# (docker-compose.yml merges the original service into them).
+POOLS = {"consumer-media": "consumer"}
 # What a process reads from its environment besides its settings class.
 OTHER_VARIABLES = {"roles": set(PASSWORD_VARIABLES.values())}
 COMMANDS = {
@@ -216,11 +219,28 @@ def seconds(duration: str) -> float:
 def test_compose_file_has_the_stack_and_no_version_key() -> None:
     spec = compose()
     assert "version" not in spec  # obsolete in the Compose specification
-    assert set(spec["services"]) == {"postgres", "rabbitmq", *APP_SETTINGS}
+    assert set(spec["services"]) == {"postgres", "rabbitmq", *APP_SETTINGS, *POOLS}
     assert service("postgres")["image"] == "postgres:15"
     assert service("rabbitmq")["image"] == "rabbitmq:3.10-management"
     assert "15672:15672" in " ".join(service("rabbitmq")["ports"])
     assert any(str(p).endswith(":${API_PORT:-8000}") for p in service("api")["ports"])
+
+
+@pytest.mark.parametrize(("pool", "process"), sorted(POOLS.items()))
+def test_a_pool_is_its_process_service_serving_other_queues(pool: str, process: str) -> None:
+    """Two consumer pools (README, "Queues"): the second is the consumer service in all
+    but CONSUMER_QUEUES, which names the queues it serves."""
+    original, other = service(process), service(pool)
+    assert {k: v for k, v in other.items() if k != "environment"} == {
+        k: v for k, v in original.items() if k != "environment"
+    }
+    environment, own = service_environment(process), service_environment(pool)
+    assert {k: v for k, v in own.items() if k != "CONSUMER_QUEUES"} == {
+        k: v for k, v in environment.items() if k != "CONSUMER_QUEUES"
+    }
+    assert environment["CONSUMER_QUEUES"] is None  # from .env: default when empty
+    assert own["CONSUMER_QUEUES"] == "${MEDIA_CONSUMER_QUEUES:-media:4}"
+    assert secrets_seen(pool) == NEEDED_SECRETS[process]
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

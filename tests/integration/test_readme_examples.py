@@ -76,6 +76,7 @@ class Entry:
 
 
 QUICK = "Your own tasks, from your own project"
+QUEUES = "Queues: routing tasks to consumer pools"
 INVENTORY = [
     Entry("Taskbox", "client --REST--> api", elsewhere="a diagram"),
     Entry(
@@ -158,6 +159,28 @@ INVENTORY = [
         "# tests/test_tasks.py",
         elsewhere="tests/unit/test_readme_task_types.py::"
         "test_the_task_types_examples_pass_as_a_users_pytest_run (pytest in a user's project)",
+    ),
+    Entry(
+        QUEUES,
+        "# myapp/media.py",
+        elsewhere="types on named queues as tests/integration/queue_tasks.py registers them "
+        "(queue='media', queue=('media', 'bulk')), run by tests/integration/test_queues.py::"
+        "test_each_type_runs_only_in_the_consumer_pool_of_its_queue; the module itself is "
+        "not run (a sketch without handler bodies)",
+    ),
+    Entry(
+        QUEUES,
+        "CONSUMER_QUEUES=media:4",
+        elsewhere="two pools started so by tests/integration/test_queues.py::"
+        "test_each_type_runs_only_in_the_consumer_pool_of_its_queue (with the test's own "
+        "task module)",
+    ),
+    Entry(
+        QUEUES,
+        "curl -s localhost:8000/api/v1/queues",
+        elsewhere="an output sample; tests/integration/test_queues.py::"
+        "test_a_queue_with_work_and_no_consumer_is_visible_and_holds_its_tasks reads "
+        "GET /api/v1/queues in that situation",
     ),
     Entry("Fault suite", "chaos:", elsewhere="an output sample of tests/faults/test_chaos.py"),
     Entry(

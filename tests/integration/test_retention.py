@@ -104,6 +104,20 @@ async def test_a_sweep_deletes_old_published_rows_only(
     assert again.outbox_deleted == 0
 
 
+async def test_a_sweep_forgets_consumers_gone_for_a_day(
+    pool: asyncpg.Pool, settings: RelaySettings
+) -> None:
+    await pool.execute(
+        "INSERT INTO queue_consumers (queue, consumer, seen_at) VALUES "
+        "('media', 'gone', now() - interval '25 hours'), "
+        "('media', 'quiet', now() - interval '23 hours'), ('default', 'live', now())"
+    )
+    async with pool.acquire() as conn:
+        await sweep(conn, settings)
+    left = await pool.fetch("SELECT consumer FROM queue_consumers ORDER BY consumer")
+    assert [row["consumer"] for row in left] == ["live", "quiet"]
+
+
 async def test_a_row_published_late_is_deleted_after_the_retention_from_its_publish(
     pool: asyncpg.Pool, settings: RelaySettings
 ) -> None:

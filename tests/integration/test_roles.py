@@ -407,6 +407,8 @@ async def test_the_api_role_creates_reads_lists_and_cancels(
         assert [row["payload"] for row in group] == [{"n": 7}]
         scheduled = NewTask("echo", {"n": 6}, 0, 3, delay=60.0)
         assert (await create_task(conn, scheduled, {}))["run_at"] is not None
+        routed = NewTask("echo", {"n": 8}, 0, 3, queue="media")
+        assert (await create_task(conn, routed, {}))["queue"] == "media"
 
     owner = await asyncpg.connect(database_url)
     try:
@@ -771,6 +773,7 @@ async def test_the_checks_refuse_before_changing_anything(
         await conn.execute(f"CREATE ROLE {owner} LOGIN")
         await conn.execute(f"ALTER TABLE tasks OWNER TO {owner}")
         await conn.execute(f"ALTER TABLE outbox OWNER TO {owner}")
+        await conn.execute(f"ALTER TABLE queue_consumers OWNER TO {owner}")
         owner_conn = await asyncpg.connect(as_role(database_url, owner))
         try:
             # Owning the tables is not enough: CONNECT needs the database's owner.
@@ -813,7 +816,7 @@ async def test_an_owner_with_createrole_needs_no_superuser(
     try:
         database = await conn.fetchval("SELECT current_database()")
         await conn.execute(f"CREATE ROLE {owner} LOGIN CREATEROLE")
-        for table in ("tasks", "outbox", "alembic_version"):
+        for table in ("tasks", "outbox", "queue_consumers", "alembic_version"):
             await conn.execute(f"ALTER TABLE {table} OWNER TO {owner}")
         await conn.execute(f"ALTER FUNCTION cancel_task(uuid) OWNER TO {owner}")
         await conn.execute(f'ALTER DATABASE "{database}" OWNER TO {owner}')
@@ -972,6 +975,11 @@ async def test_api_relay_and_consumer_run_a_task_under_their_roles(
             cancelled = await client.delete(f"/api/v1/tasks/{task['id']}")
             assert cancelled.status_code == 409, cancelled.text  # DONE is final
             assert (await client.get("/readyz")).status_code == 200
+            # the consumers seen, which the consumer role recorded and the api role reads
+            queues = await client.get("/api/v1/queues")
+            assert queues.status_code == 200, queues.text
+            (default,) = queues.json()["items"]
+            assert (default["name"], default["consumers"]) == ("default", 1), default
 
         relay_env = {**service_env, "DATABASE_URL": roles.dsn("relay")}
         for command in ("status", "cleanup"):

@@ -151,6 +151,7 @@ def outbox_row(
         "body": {"task_id": str(task_id), "type": "echo", "priority": priority},
         "headers": headers if headers is not None else {},
         "publish_attempts": publish_attempts,
+        "queue": "default",
     }
 
 

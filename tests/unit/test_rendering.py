@@ -31,6 +31,7 @@ def row(**overrides: Any) -> dict[str, Any]:
         "started_at": datetime(2026, 11, 26, 12, 0, 0, 500000, tzinfo=UTC),
         "finished_at": None,
         "run_at": None,
+        "queue": "default",
         # columns the API does not show
         "worker_id": "host:1:abc",
         "heartbeat_at": None,

@@ -97,6 +97,7 @@ class FakeTaskStore:
             "started_at": None,
             "finished_at": None,
             "run_at": None,
+            "queue": "default",
         }
         self.rows[row["id"]] = row
         return row
@@ -126,6 +127,7 @@ class FakeTaskStore:
             priority=task.priority,
             max_attempts=task.max_attempts,
             run_at=task.run_at,
+            queue=task.queue,
         )
         return row
 
