@@ -93,11 +93,11 @@ async def run_all(runs: list[Coroutine[Any, Any, None]]) -> None:
 
 async def serve(settings: ConsumerSettings, tracer: Tracer | None = None) -> None:
     served = settings.served_queues
-    # Only the types routed to the queues served: a consumer never receives a task of
-    # another queue, so it needs (and imports the dependencies of) no other handler.
-    registry = load_registry(
-        settings.task_modules, builtin_types=settings.builtin_task_types
-    ).for_queues(queue.name for queue in served)
+    # Every type TASK_MODULES registers, not only those of the queues served: routing
+    # keeps the others away, but a task keeps the queue it was created on, so after a
+    # type moves to another queue its earlier tasks (scheduled, retrying) still arrive
+    # here and must run rather than fail as UnknownTaskType.
+    registry = load_registry(settings.task_modules, builtin_types=settings.builtin_task_types)
     shutdown = Shutdown()
     shutdown.install()
     metrics = ConsumerMetrics()
@@ -111,8 +111,17 @@ async def serve(settings: ConsumerSettings, tracer: Tracer | None = None) -> Non
     )
     process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     # One consumer per queue, each its own concurrency and worker id (recorded on the
-    # tasks it runs), sharing the pool and the handler threads.
-    threads = ThreadPoolExecutor(max_workers=settings.handler_threads, thread_name_prefix="handler")
+    # tasks it runs) and its own handler threads (at most HANDLER_THREADS, no more than
+    # its concurrency can use), sharing the database pool: a queue whose plain-def
+    # handlers fill their threads (or leave abandoned ones running) never makes another
+    # queue's tasks wait for a thread, a wait their timeouts would count.
+    threads = {
+        queue.name: ThreadPoolExecutor(
+            max_workers=min(settings.handler_threads, queue.concurrency),
+            thread_name_prefix=f"handler-{queue.name}",
+        )
+        for queue in served
+    }
     consumers = {
         queue.name: TaskConsumer(
             pool,
@@ -122,7 +131,7 @@ async def serve(settings: ConsumerSettings, tracer: Tracer | None = None) -> Non
             metrics,
             tracer,
             concurrency=queue.concurrency,
-            threads=threads,
+            threads=threads[queue.name],
         )
         for queue in served
     }
@@ -158,7 +167,8 @@ async def serve(settings: ConsumerSettings, tracer: Tracer | None = None) -> Non
             await server.close()
         await connection.close()
         await pool.close()
-        threads.shutdown(wait=False, cancel_futures=True)
+        for executor in threads.values():
+            executor.shutdown(wait=False, cancel_futures=True)
     log.info(
         "consumer stopped; %d attempts completed", sum(c.completed for c in consumers.values())
     )

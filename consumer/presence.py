@@ -29,6 +29,8 @@ async def presence_loop(
     while True:
         try:
             await queues.consumers_seen(pool, served)
-        except TRANSIENT_DB_ERRORS as exc:
+        except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+            # Monitoring only: a database not yet migrated or a role without the grant
+            # (taskbox roles not rerun) must not stop the consumer.
             log.warning("could not record the queues served: %s", exc)
         await asyncio.sleep(interval)

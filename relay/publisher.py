@@ -168,7 +168,9 @@ class OutboxPublisher:
             try:
                 async with asyncio.timeout(self._timeout):
                     await self._declarer.ensure(queue)
-            except TopologyMismatch as exc:
+            except (TopologyMismatch, aiormq.exceptions.ChannelClosed) as exc:
+                # The broker refused this queue (a mismatch, access refused for the
+                # relay's user, a name it rejects): its rows back off, the rest go out.
                 refused[queue] = describe(exc)
             except asyncio.CancelledError as exc:
                 if being_cancelled():

@@ -24,6 +24,7 @@ upgrade does not stop every relay and consumer until an operator acts.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -172,6 +173,9 @@ class QueueDeclarer:
         self._exchange = exchange
         self._channel: AbstractChannel | None = None
         self._declared: set[str] = {DEFAULT_QUEUE}  # declare() made it at start
+        # Batches run concurrently (RELAY_CONCURRENCY): one declaration at a time, so
+        # two never open a channel each and leak one.
+        self._lock = asyncio.Lock()
 
     def declared(self, queue: str) -> bool:
         return queue in self._declared
@@ -186,14 +190,17 @@ class QueueDeclarer:
         RabbitMQ refuses the declaration, an AMQP or connection error when it is away."""
         if queue in self._declared:
             return
-        if self._channel is None or self._channel.is_closed:
-            self._channel = await self._connection.channel()
-        try:
-            await declare_task_queue(self._channel, self._settings, queue, self._exchange)
-        except TopologyMismatch:
-            self._channel = None  # the refusal closed it
-            raise
-        self._declared.add(queue)
+        async with self._lock:
+            if queue in self._declared:
+                return
+            if self._channel is None or self._channel.is_closed:
+                self._channel = await self._connection.channel()
+            try:
+                await declare_task_queue(self._channel, self._settings, queue, self._exchange)
+            except TopologyMismatch:
+                self._channel = None  # the refusal closed it
+                raise
+            self._declared.add(queue)
         log.info(
             "declared queue %r for Taskbox queue %r",
             amqp_queue_name(self._settings.queue_name, queue),
