@@ -279,3 +279,33 @@ async def test_a_dead_lettered_message_of_a_named_queue_is_sent_again_to_its_que
         assert await relay.stop(signal.SIGTERM) == 0, relay.output
     assert await depth(broker_settings, broker_settings.dead_letter_watch_queue) == 0
     assert await depth(broker_settings, named_queues[0]) == 0
+
+
+async def test_a_task_created_before_its_type_moved_queue_still_runs(
+    service_env: dict[str, str], pool: asyncpg.Pool, named_queues: list[str]
+) -> None:
+    """A task keeps the queue it was created on. ``render`` is now a media type, but a
+    task of it created when it was a default type (its row says queue 'default') goes
+    to the default queue's consumer, which must run it, not fail it as unknown."""
+    task_id = await pool.fetchval(
+        "WITH t AS (INSERT INTO tasks (type, payload, queue) VALUES ('render', $1, 'default')"
+        " RETURNING id, type, priority)"
+        " INSERT INTO outbox (task_id, kind, body, headers)"
+        " SELECT id, 'task.created', jsonb_build_object('task_id', id, 'type', type,"
+        " 'priority', priority), '{}'::jsonb FROM t RETURNING task_id",
+        {"n": 1},
+    )
+    env = {**service_env, **QUEUE_TASKS}
+    relay = await ServiceProcess("relay", env).start()
+    general = await ServiceProcess("consumer", env, CONSUMER_QUEUES="default").start()
+    try:
+        for _ in range(200):
+            row = await pool.fetchrow("SELECT status, worker_id FROM tasks WHERE id = $1", task_id)
+            if row["status"] in ("DONE", "FAILED"):
+                break
+            await asyncio.sleep(0.1)
+        assert row["status"] == "DONE", dict(row)
+        assert row["worker_id"].endswith("/default")
+    finally:
+        for process in (general, relay):
+            assert await process.stop(signal.SIGTERM) == 0, process.output
