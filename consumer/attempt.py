@@ -31,7 +31,7 @@ from taskbox.db.execution import Outcome
 from taskbox.db.states import TaskStatus
 from taskbox.db.storable import UnstorablePayload, check_storable
 from taskbox.runtime import tracing
-from taskbox.runtime.backoff import backoff_delay
+from taskbox.runtime.backoff import DEFAULT_JITTER, backoff_delay
 from taskbox.runtime.logs import task_fields
 from taskbox.tasktypes import (
     AttemptEvent,
@@ -200,12 +200,16 @@ def failed_outcome(
 def type_retry_delay(
     task_type: TaskType | None, *, base: float, cap: float
 ) -> Callable[[int], float]:
-    """The backoff of ``task_type``'s retries: its own ``retry_base``/``retry_max`` where
-    it sets them, else the consumer's RETRY_BASE_DELAY/RETRY_MAX_DELAY (``base``, ``cap``)."""
+    """The backoff of ``task_type``'s retries: its own ``retry_base``/``retry_max``/
+    ``retry_jitter`` where it sets them, else the consumer's RETRY_BASE_DELAY and
+    RETRY_MAX_DELAY (``base``, ``cap``) and the default jitter."""
+    jitter = DEFAULT_JITTER
     if task_type is not None:
         base = task_type.retry_base or base
         cap = task_type.retry_max or cap
-    return functools.partial(backoff_delay, base=base, cap=cap)
+        if task_type.retry_jitter is not None:
+            jitter = task_type.retry_jitter
+    return functools.partial(backoff_delay, base=base, cap=cap, jitter=jitter)
 
 
 async def _call_hooks(registry: TaskRegistry, event: AttemptEvent, claimed: ClaimedTask) -> None:

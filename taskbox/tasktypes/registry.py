@@ -93,6 +93,8 @@ class TaskType:
     # The queues a task of this type may be routed to; a create that names none gets
     # the first. A consumer runs the type when it serves any of them.
     queues: tuple[str, ...] = (DEFAULT_QUEUE,)
+    # The randomised fraction of each backoff (0..1); None: the default 0.5
+    retry_jitter: float | None = None
 
     @property
     def queue(self) -> str:
@@ -155,6 +157,7 @@ class TaskRegistry:
         max_attempts: int | None = None,
         retry_base: float | None = None,
         retry_max: float | None = None,
+        retry_jitter: float | None = None,
         queue: str | Iterable[str] = DEFAULT_QUEUE,
     ) -> TaskType:
         if name in self._types and self._types[name].handler is not handler:
@@ -164,6 +167,8 @@ class TaskRegistry:
         _positive("retry_max", retry_max)
         if max_attempts is not None and max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, not {max_attempts!r}")
+        if retry_jitter is not None and not 0 <= retry_jitter <= 1:
+            raise ValueError(f"retry_jitter must be between 0 and 1, not {retry_jitter!r}")
         task_type = TaskType(
             name,
             payload_model,
@@ -173,6 +178,7 @@ class TaskRegistry:
             retry_base,
             retry_max,
             _queues(queue),
+            retry_jitter,
         )
         self._types[name] = task_type
         return task_type
@@ -186,6 +192,7 @@ class TaskRegistry:
         max_attempts: int | None = None,
         retry_base: float | None = None,
         retry_max: float | None = None,
+        retry_jitter: float | None = None,
         queue: str | Iterable[str] = DEFAULT_QUEUE,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated ``handler(payload, ctx)`` (``async def`` or plain
@@ -201,6 +208,7 @@ class TaskRegistry:
                 max_attempts=max_attempts,
                 retry_base=retry_base,
                 retry_max=retry_max,
+                retry_jitter=retry_jitter,
                 queue=queue,
             )
             return handler
@@ -277,6 +285,7 @@ def task(
     max_attempts: int | None = None,
     retry_base: float | None = None,
     retry_max: float | None = None,
+    retry_jitter: float | None = None,
     queue: str | Iterable[str] = DEFAULT_QUEUE,
 ) -> Callable[[HandlerT], HandlerT]:
     """``default_registry.task(...)``: register the decorated handler under ``name``."""
@@ -287,6 +296,7 @@ def task(
         max_attempts=max_attempts,
         retry_base=retry_base,
         retry_max=retry_max,
+        retry_jitter=retry_jitter,
         queue=queue,
     )
 

@@ -306,3 +306,24 @@ async def test_a_raising_hook_is_logged_and_changes_nothing(
     messages = [r.getMessage() for r in caplog.records]
     assert any("start hook" in m and "broken_start" in m for m in messages), messages
     assert any("success hook" in m and "broken_success" in m for m in messages), messages
+
+
+def test_a_types_retry_jitter_sets_how_much_of_each_backoff_is_random() -> None:
+    registry = TaskRegistry()
+
+    class Nothing(BaseModel):
+        pass
+
+    exact = registry.register(
+        "exact", Nothing, lambda p, c: None, retry_base=2.0, retry_max=100.0, retry_jitter=0
+    )
+    spread = registry.register("spread", Nothing, lambda p, c: None, retry_jitter=1.0)
+    default = registry.register("default", Nothing, lambda p, c: None)
+    delay = type_retry_delay(exact, base=1.0, cap=60.0)
+    assert [delay(n) for n in (1, 2, 3, 10)] == [2.0, 4.0, 8.0, 100.0]  # no randomness
+    spread_delays = [type_retry_delay(spread, base=8.0, cap=60.0)(1) for _ in range(300)]
+    assert min(spread_delays) < 4.0 <= max(spread_delays) <= 8.0  # below half the ceiling too
+    default_delays = [type_retry_delay(default, base=8.0, cap=60.0)(1) for _ in range(300)]
+    assert min(default_delays) >= 4.0 and max(default_delays) <= 8.0  # the top half
+    with pytest.raises(ValueError, match="retry_jitter must be between 0 and 1"):
+        registry.register("bad", Nothing, lambda p, c: None, retry_jitter=1.5)
