@@ -21,8 +21,9 @@ duplicate, never a loss, and no outage inflates a row's attempts or backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -90,6 +91,26 @@ class PublishReport:
 def describe(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def broker_errors(timed_out: str) -> Iterator[None]:
+    """Any failure of a publish or a declaration that is not the rows' own (those are
+    results or caught inside) is the broker being away: BrokerUnavailable, with
+    ``timed_out`` for a deadline that passed. A cancellation nobody asked for is aiormq
+    giving up on its connection; one asked for goes through."""
+    try:
+        yield
+    except BrokerUnavailable:
+        raise
+    except asyncio.CancelledError as exc:
+        if being_cancelled():
+            raise
+        raise BrokerUnavailable(describe(exc)) from exc
+    except TimeoutError:
+        raise BrokerUnavailable(timed_out) from None
+    except Exception as exc:  # the channel or connection failed
+        raise BrokerUnavailable(describe(exc)) from exc
 
 
 class OutboxPublisher:
@@ -165,23 +186,14 @@ class OutboxPublisher:
         for queue in sorted(queues):
             if self._declarer.declared(queue):
                 continue
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await self._declarer.ensure(queue)
-            except (TopologyMismatch, aiormq.exceptions.ChannelClosed) as exc:
-                # The broker refused this queue (a mismatch, access refused for the
-                # relay's user, a name it rejects): its rows back off, the rest go out.
-                refused[queue] = describe(exc)
-            except asyncio.CancelledError as exc:
-                if being_cancelled():
-                    raise
-                raise BrokerUnavailable(describe(exc)) from exc
-            except TimeoutError:
-                raise BrokerUnavailable(
-                    f"queue {queue!r} could not be declared within {self._timeout:g}s"
-                ) from None
-            except Exception as exc:  # the channel or connection failed
-                raise BrokerUnavailable(describe(exc)) from exc
+            with broker_errors(f"queue {queue!r} could not be declared within {self._timeout:g}s"):
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        await self._declarer.ensure(queue)
+                except (TopologyMismatch, aiormq.exceptions.ChannelClosed) as exc:
+                    # The broker refused this queue (a mismatch, access refused for the
+                    # relay's user, a name it rejects): its rows back off, the rest go out.
+                    refused[queue] = describe(exc)
         return refused
 
     async def publish_batch(self, rows: Sequence[OutboxRow]) -> PublishReport:
@@ -215,20 +227,10 @@ class OutboxPublisher:
             )
             for r in rows
         ]
-        try:
+        with broker_errors(
+            f"the batch could not be written to the broker within {self._timeout:g}s"
+        ):
             results = await self._publish(batch)
-        except BrokerUnavailable:
-            raise
-        except asyncio.CancelledError as exc:
-            if being_cancelled():
-                raise
-            raise BrokerUnavailable(describe(exc)) from exc
-        except TimeoutError:
-            raise BrokerUnavailable(
-                f"the batch could not be written to the broker within {self._timeout:g}s"
-            ) from None
-        except Exception as exc:  # the channel or connection failed before the confirms
-            raise BrokerUnavailable(describe(exc)) from exc
         for result in results:
             if isinstance(result, asyncio.CancelledError) and being_cancelled():
                 raise result

@@ -10,35 +10,9 @@ registered through either name land in the same registry. Importing this package
 import sys
 import warnings
 
-from taskbox.tasktypes import (
-    AttemptEvent,
-    Hook,
-    HookEvent,
-    PermanentError,
-    Retry,
-    TaskContext,
-    TaskRegistry,
-    TaskType,
-    default_registry,
-    load_registry,
-    on,
-    task,
-)
-
-__all__ = [
-    "AttemptEvent",
-    "Hook",
-    "HookEvent",
-    "PermanentError",
-    "Retry",
-    "TaskContext",
-    "TaskRegistry",
-    "TaskType",
-    "default_registry",
-    "load_registry",
-    "on",
-    "task",
-]
+# Every name of the handler API, as the very objects taskbox.tasktypes has.
+from taskbox.tasktypes import *  # noqa: F403
+from taskbox.tasktypes import __all__ as __all__
 
 DEPRECATION = (
     "the 'tasktypes' package is deprecated and will be removed in Taskbox 0.3: import "

@@ -255,12 +255,6 @@ class TaskRegistry:
         excluded = set(names)
         return self._copy({n: t for n, t in self._types.items() if n not in excluded})
 
-    def for_queues(self, queues: Iterable[str]) -> TaskRegistry:
-        """A new registry with the types routed to any of ``queues`` (what a consumer
-        serving them runs), and every hook."""
-        served = set(queues)
-        return self._copy({n: t for n, t in self._types.items() if served.intersection(t.queues)})
-
     def queues(self) -> list[str]:
         """Every queue some type is registered for."""
         return sorted({queue for t in self._types.values() for queue in t.queues})

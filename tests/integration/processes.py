@@ -139,12 +139,17 @@ async def run_command(
     module: str, args: list[str], env: dict[str, str], timeout: float = 60.0
 ) -> CommandResult:
     """``python -m taskbox.module args...`` to completion, as an operator runs a command."""
+    argv = [sys.executable, "-m", module_path(module), *args]
+    return await run_argv(argv, env, timeout=timeout)
+
+
+async def run_argv(
+    argv: Sequence[str], env: dict[str, str], cwd: Path = ROOT, timeout: float = 60.0
+) -> CommandResult:
+    """Any command to completion, its output kept."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        module_path(module),
-        *args,
-        cwd=ROOT,
+        *argv,
+        cwd=cwd,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import ADMIN_DSN, database_dsn
-from tests.integration.processes import ROOT, CommandResult, ServiceProcess, run_command
+from tests.integration.processes import ROOT, CommandResult, ServiceProcess, run_argv, run_command
 
 # The console script pip installed next to this interpreter (.venv/bin/taskbox).
 TASKBOX = str(Path(sys.executable).parent / "taskbox")
@@ -35,18 +35,9 @@ PYTHON_M_FORMS = {
 async def run_taskbox(
     args: list[str], env: dict[str, str] | None = None, timeout: float = 60.0
 ) -> CommandResult:
-    proc = await asyncio.create_subprocess_exec(
-        TASKBOX,
-        *args,
-        cwd=ROOT,
-        env=env if env is not None else dict(os.environ),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    return await run_argv(
+        [TASKBOX, *args], env if env is not None else dict(os.environ), timeout=timeout
     )
-    async with asyncio.timeout(timeout):
-        stdout, stderr = await proc.communicate()
-    assert proc.returncode is not None
-    return CommandResult(proc.returncode, stdout.decode(), stderr.decode())
 
 
 async def test_help_lists_every_subcommand_with_a_line_each() -> None:

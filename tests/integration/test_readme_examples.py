@@ -55,7 +55,14 @@ from taskbox.relay.settings import RelaySettings
 from tests import readme
 from tests.conftest import ADMIN_DSN, database_dsn
 from tests.integration.helpers_broker import topology
-from tests.integration.processes import READY, ROOT, CommandResult, ServiceProcess, free_port
+from tests.integration.processes import (
+    READY,
+    ROOT,
+    CommandResult,
+    ServiceProcess,
+    free_port,
+    run_argv,
+)
 
 VENV_BIN = Path(sys.executable).parent
 TASKBOX = str(VENV_BIN / "taskbox")
@@ -305,19 +312,7 @@ def shell_env(service_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
 async def sh(
     script: str, env: dict[str, str], cwd: Path = ROOT, timeout: float = 60.0
 ) -> CommandResult:
-    proc = await asyncio.create_subprocess_exec(
-        "bash",
-        "-c",
-        script,
-        cwd=cwd,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(timeout):
-        stdout, stderr = await proc.communicate()
-    assert proc.returncode is not None
-    return CommandResult(proc.returncode, stdout.decode(), stderr.decode())
+    return await run_argv(["bash", "-c", script], env, cwd=cwd, timeout=timeout)
 
 
 async def curl(

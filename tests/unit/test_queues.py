@@ -83,7 +83,7 @@ def test_a_bad_consumer_queues_value_is_refused_naming_the_entry(value: str, mes
         ConsumerSettings(consumer_queues=value)
 
 
-def test_a_type_declares_its_queue_and_a_consumer_loads_only_its_queues_types() -> None:
+def test_a_type_declares_its_queue_or_queues_the_first_its_own() -> None:
     registry = TaskRegistry()
     registry.register("plain", Empty, handler)
     registry.register("resize", Empty, handler, queue="media")
@@ -91,10 +91,6 @@ def test_a_type_declares_its_queue_and_a_consumer_loads_only_its_queues_types() 
     assert registry.get("plain").queues == ("default",)  # type: ignore[union-attr]
     assert registry.get("thumb").queue == "media"  # type: ignore[union-attr]
     assert registry.queues() == ["bulk", "default", "media"]
-    assert registry.for_queues(["media"]).names() == ["resize", "thumb"]
-    assert registry.for_queues(["bulk"]).names() == ["thumb"]
-    assert registry.for_queues(["default"]).names() == ["plain"]
-    assert registry.for_queues(["other"]).names() == []
 
 
 @pytest.mark.parametrize("queue", ["Media", "", ()])
