@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from taskbox.api import errors
-from taskbox.api.auth import BEARER, key_bytes
+from taskbox.api.auth import BEARER, key_bytes, named_keys
 from taskbox.api.errors import PROBLEM_JSON, REQUEST_ID_HEADER
 from taskbox.api.metrics import ApiMetrics
 from taskbox.api.middleware import ApiKeyGate, ContentLengthLimit, JsonBodiesOnly, RequestIds
@@ -111,6 +111,8 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
         },
     )
     app.state.api_keys = key_bytes(settings)
+    app.state.api_key_names = named_keys(settings)
+    app.state.outbox_channel = settings.outbox_channel  # a resume wakes the relays on it
     app.state.metrics_require_auth = settings.metrics_require_auth
     errors.install(app)
     app.include_router(tasks.router)

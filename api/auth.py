@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -37,9 +38,39 @@ CHALLENGE = {"WWW-Authenticate": "Bearer"}
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
 
 
+# ``name:key`` names a key; the name is what the audit trail records as who acted (a
+# pause, a resume), never the key. A key without a name is ``key-N``, N its position.
+_KEY_NAME = re.compile(r"([A-Za-z0-9_.-]{1,64}):(.+)", re.DOTALL)
+
+
+def named_keys(settings: ApiSettings) -> tuple[tuple[str, bytes], ...]:
+    """(name, the bytes a header carries) of each configured key, in order."""
+    found = []
+    for number, entry in enumerate(settings.api_keys, 1):
+        text = entry.get_secret_value()
+        named = _KEY_NAME.fullmatch(text)
+        name, key = (named.group(1), named.group(2)) if named else (f"key-{number}", text)
+        found.append((name, key.encode()))
+    return tuple(found)
+
+
 def key_bytes(settings: ApiSettings) -> tuple[bytes, ...]:
     """The configured keys as the bytes a header carries."""
-    return tuple(key.get_secret_value().encode() for key in settings.api_keys)
+    return tuple(key for _, key in named_keys(settings))
+
+
+def caller_name(authorization: str | None, keys: Sequence[tuple[str, bytes]]) -> str:
+    """The name of the key a request presents (every key compared, in constant time);
+    ``anonymous`` when authentication is off. Only for a request the gate let through."""
+    if not keys:
+        return "anonymous"
+    token = bearer_token(authorization)
+    presented = token.encode("latin-1") if token is not None else b""
+    name = "unknown"
+    for key_name, key in keys:
+        if hmac.compare_digest(presented, key):
+            name = key_name
+    return name
 
 
 def key_matches(presented: bytes, keys: Sequence[bytes]) -> bool:

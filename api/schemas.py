@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from taskbox.api.params import IsoDatetime
 from taskbox.db.states import TaskStatus
-from taskbox.runtime.queues import DEFAULT_QUEUE, MAX_QUEUE_NAME
+from taskbox.runtime.queues import DEFAULT_QUEUE, MAX_QUEUE_NAME, MAX_REASON, check_reason
 
 
 class TaskCreate(BaseModel):
@@ -228,7 +228,15 @@ class QueueView(BaseModel):
         description="Consumers that reported serving the queue within the last minute; 0 "
         "with tasks waiting means nothing will run them until a consumer for it starts."
     )
-    paused: bool = Field(description="Whether the queue is paused (pausing is not there yet).")
+    paused: bool = Field(
+        description="Whether the queue is paused: its waiting tasks stay NEW and its "
+        "consumers take no new messages until it is resumed."
+    )
+    paused_at: datetime | None = Field(None, description="When it was paused; null if not.")
+    paused_by: str | None = Field(
+        None, description="Who paused it: the API key's name, or the operator's user@host."
+    )
+    pause_reason: str | None = Field(None, description="Why it was paused.")
     oldest_waiting_seconds: float | None = Field(
         description="How long the longest-waiting task that may run now has waited, in "
         "seconds; null when none waits."
@@ -237,3 +245,44 @@ class QueueView(BaseModel):
 
 class QueueList(BaseModel):
     items: list[QueueView]
+
+
+class QueueEvent(BaseModel):
+    """One pause or resume of a queue: the audit trail."""
+
+    id: int
+    action: Literal["pause", "resume"]
+    at: datetime
+    actor: str = Field(description="The API key's name, or the operator's user@host.")
+    reason: str
+
+
+class QueueDetail(QueueView):
+    events: list[QueueEvent] = Field(description="Its latest pauses and resumes, newest first.")
+
+
+class QueueAction(BaseModel):
+    """Why a queue is paused or resumed: recorded with who did it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=MAX_REASON)] = Field(
+        description="Why: recorded in the queue's events with the API key's name.",
+        examples=["payment provider down, INC-1234"],
+    )
+
+    @field_validator("reason")
+    @classmethod
+    def _reason_is_plain(cls, value: str) -> str:
+        return check_reason(value)
+
+
+class QueuePaused(QueueDetail):
+    changed: bool = Field(description="False when the queue was paused already.")
+
+
+class QueueResumed(QueueDetail):
+    changed: bool = Field(description="False when the queue was not paused.")
+    unparked: int = Field(
+        description="Outbox rows of the queue that waited for the resume and go out now."
+    )

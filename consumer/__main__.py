@@ -23,6 +23,7 @@ from taskbox.broker.topology import TopologyMismatch
 from taskbox.consumer.dead_letters import DeadLetterWatch
 from taskbox.consumer.metrics import ConsumerMetrics
 from taskbox.consumer.monitoring import observe
+from taskbox.consumer.pausing import apply_pauses, follow_pauses
 from taskbox.consumer.presence import presence_loop
 from taskbox.consumer.settings import ConsumerSettings
 from taskbox.consumer.worker import TaskConsumer
@@ -145,6 +146,9 @@ async def serve(settings: ConsumerSettings, tracer: Tracer | None = None) -> Non
     background["dead-letter watch"] = DeadLetterWatch(pool, metrics, settings.outbox_channel).run(
         dead_letters
     )
+    # Before the first message: a queue paused now is not consumed from at all.
+    await apply_pauses(pool, consumers)
+    background["pauses"] = follow_pauses(pool, consumers, settings.queue_pause_check_interval)
     background["presence"] = presence_loop(
         pool, [(name, consumer.worker_id) for name, consumer in consumers.items()]
     )

@@ -62,6 +62,12 @@ class ConsumerSettings(
         description="Queues served, each with its concurrency: media:4,default:50 (a name "
         "alone takes CONSUMER_CONCURRENCY). Empty: default, with CONSUMER_CONCURRENCY.",
     )
+    queue_pause_check_interval: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds between checks of which served queues are paused: how soon "
+        "a pause stops this consumer taking a queue's messages, and a resume restarts it.",
+    )
     handler_timeout: float = Field(300.0, gt=0, description="Default seconds per attempt.")
     handler_threads: int = Field(
         16,

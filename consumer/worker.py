@@ -271,6 +271,12 @@ class TaskConsumer:
         self._completing = False
         self._settled = asyncio.Event()  # a completion batch was committed and settled
         self.completed = 0
+        # The AMQP queue and the tag of the consumer on it: None while the Taskbox queue
+        # is paused (set_paused), before run() and after the stop.
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._paused = False
+        self._stopping = False
 
     @property
     def running_count(self) -> int:
@@ -681,35 +687,62 @@ class TaskConsumer:
     # -- the whole life ---------------------------------------------------------------
 
     async def run(self, queue: AbstractQueue, stop: asyncio.Event) -> None:
-        tag = await consume(queue, self.on_message)
-        log.info("consuming from %s as %s", queue.name, self.worker_id)
+        self._queue = queue
+        if self._paused:
+            log.warning("not consuming from %s: its queue is paused", queue.name)
+        else:
+            tag = await consume(queue, self.on_message)
+            if self._paused:  # paused while the consumer was being registered
+                await self._cancel_consumer(queue, tag)
+                await self._inbox_back()
+                log.warning("not consuming from %s: its queue is paused", queue.name)
+            else:
+                self._tag = tag
+                log.info("consuming from %s as %s", queue.name, self.worker_id)
         try:
             await self.claim_loop(stop)
         finally:
+            self._stopping = True
             try:
-                await self._shut_down(queue, tag)
+                await self._shut_down(queue)
             finally:
                 # Threads still running a handler (abandoned after its timeout or stop)
                 # cannot be stopped; the interpreter waits for them before it exits.
                 if self._owns_threads:
                     self._threads.shutdown(wait=False, cancel_futures=True)
 
-    async def _requeue_waiting(self) -> None:
-        """Hand every delivery not running here back to the broker."""
-        self._inbox.extend(self._executions.drain_held())
-        waiting = [(message, "requeue") for message, _ in self._inbox]
-        self._inbox.clear()
-        if waiting:
-            await _settle_all(waiting, pipelined=self._pipelined)
+    # -- pausing --------------------------------------------------------------------
 
-    async def _shut_down(self, queue: AbstractQueue, tag: str) -> None:
-        if being_cancelled():
-            # A background loop died (supervise() cancels us): the completer may be gone,
-            # so waiting for outcomes could last for ever. Exit as a crash would: the
-            # channel's close returns every unacked message and the rescue takes the
-            # rows left PROCESSING.
-            log.warning("stopping without finishing %d running tasks", len(self._executions))
+    async def set_paused(self, paused: bool) -> None:
+        """Stop or restart taking messages from the queue (a paused Taskbox queue).
+
+        Pausing cancels the AMQP consumer and hands back the deliveries not yet claimed:
+        they wait in RabbitMQ, PENDING, until the resume. Tasks running here finish
+        normally. A message already on its way when the cancel lands is claimed and
+        runs: a pause stops new work, it does not fence it.
+        """
+        if paused == self._paused or self._stopping:
             return
+        self._paused = paused
+        queue = self._queue
+        if queue is None:  # not running yet: run() reads _paused
+            return
+        if paused:
+            tag, self._tag = self._tag, None
+            if tag is not None:
+                await self._cancel_consumer(queue, tag)
+            await self._inbox_back()
+            log.warning("queue paused: stopped consuming from %s", queue.name)
+            return
+        tag = await consume(queue, self.on_message)
+        if self._stopping or self._paused:  # stopped or paused again meanwhile
+            await self._cancel_consumer(queue, tag)
+            await self._inbox_back()
+            return
+        self._tag = tag
+        log.warning("queue resumed: consuming from %s again", queue.name)
+
+    async def _cancel_consumer(self, queue: AbstractQueue, tag: str) -> None:
         # The connection may be down (and reconnecting) right now: a robust queue's
         # cancel then waits for the channel to come back, for as long as that takes, or
         # meets the closed channel. The robust queue forgets the tag first (it is not
@@ -720,6 +753,33 @@ class TaskConsumer:
                 await queue.cancel(tag)
         except _CANCEL_FAILED as exc:
             log.info("could not cancel the AMQP consumer (channel gone?): %r", exc)
+
+    async def _inbox_back(self) -> None:
+        """Requeue the deliveries received and not yet claimed."""
+        waiting = [(message, "requeue") for message, _ in self._inbox]
+        self._inbox.clear()
+        if waiting:
+            await _settle_all(waiting, pipelined=self._pipelined)
+
+    async def _requeue_waiting(self) -> None:
+        """Hand every delivery not running here back to the broker."""
+        self._inbox.extend(self._executions.drain_held())
+        waiting = [(message, "requeue") for message, _ in self._inbox]
+        self._inbox.clear()
+        if waiting:
+            await _settle_all(waiting, pipelined=self._pipelined)
+
+    async def _shut_down(self, queue: AbstractQueue) -> None:
+        if being_cancelled():
+            # A background loop died (supervise() cancels us): the completer may be gone,
+            # so waiting for outcomes could last for ever. Exit as a crash would: the
+            # channel's close returns every unacked message and the rescue takes the
+            # rows left PROCESSING.
+            log.warning("stopping without finishing %d running tasks", len(self._executions))
+            return
+        tag, self._tag = self._tag, None
+        if tag is not None:
+            await self._cancel_consumer(queue, tag)
         await self._requeue_waiting()
         handlers = [h.task for h in self._handlers.values() if h.task is not None]
         if handlers:

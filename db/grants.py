@@ -83,8 +83,11 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
             identity_sequence=True,
             insert_values=("kind", ("task.created",)),
         ),
-        # GET /api/v1/queues: the consumers seen per queue
+        # GET /api/v1/queues: the consumers seen per queue, the pauses and their trail;
+        # pausing and resuming go through pause_queue() and resume_queue()
         TableGrant("queue_consumers", ("SELECT",)),
+        TableGrant("queue_pauses", ("SELECT",)),
+        TableGrant("queue_events", ("SELECT",)),
     ),
     # Claims due outbox rows (FOR UPDATE SKIP LOCKED needs UPDATE on some column, which
     # the publish bookkeeping has anyway), flips their tasks NEW -> PENDING and back on a
@@ -94,12 +97,21 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
         TableGrant(
             "outbox",
             ("SELECT", "DELETE"),
-            update_columns=("published_at", "publish_attempts", "last_error", "available_at"),
+            update_columns=(
+                "published_at",
+                "publish_attempts",
+                "last_error",
+                "available_at",
+                "parked_at",
+            ),
         ),
         TableGrant("tasks", ("SELECT", "DELETE"), update_columns=("status", "updated_at")),
         # `taskbox status` lists the queues and the consumers seen on them; retention
         # deletes the rows of consumers gone for a day
         TableGrant("queue_consumers", ("SELECT", "DELETE")),
+        # The claim holds KEY SHARE on the pauses it saw (a row lock needs UPDATE on some
+        # column; the claim updates nothing there)
+        TableGrant("queue_pauses", ("SELECT",), update_columns=("paused_at",)),
     ),
     # Claims, heartbeats, finishes and rescues tasks (every column an attempt owns); a
     # retry, a rescued task and a dead-lettered one sent again are task.retry outbox
@@ -137,15 +149,21 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
             insert_columns=("queue", "consumer", "seen_at"),
             update_columns=("seen_at",),
         ),
+        # which of its queues are paused, read every QUEUE_PAUSE_CHECK_INTERVAL
+        TableGrant("queue_pauses", ("SELECT",)),
     ),
 }
 
 # EXECUTE on these functions (schema public, with their argument types), revoked from
 # PUBLIC by the migration that creates them.
 FUNCTIONS: dict[Process, tuple[str, ...]] = {
-    "api": ("cancel_task(uuid)",),
+    "api": (
+        "cancel_task(uuid)",
+        "pause_queue(text, text, text)",
+        "resume_queue(text, text, text, text)",
+    ),
     "relay": (),
     "consumer": (),
 }
 
-TABLES: tuple[str, ...] = ("tasks", "outbox", "queue_consumers")
+TABLES: tuple[str, ...] = ("tasks", "outbox", "queue_consumers", "queue_pauses", "queue_events")

@@ -31,31 +31,46 @@ from taskbox.db.states import TERMINAL
 # Each row carries its task's queue, read from the task row the claim joins anyway: the
 # relay publishes it there (no column on the outbox, no extra read per row).
 #
+# A due row of a paused queue is parked instead (parked_at set, out of ix_outbox_due)
+# and its task stays NEW, until a resume unparks it. The claim holds a KEY SHARE lock
+# on the pause rows it saw until it commits, and a resume deletes its pause row (which
+# waits for those locks) before it unparks: so every row a claim parked because of that
+# pause is committed, and visible to the resume's unpark, by the time it runs. Without
+# the lock, a claim that saw the pause just before the resume could park a row the
+# resume had already looked past: parked for ever. With no queue paused, the lock
+# locks nothing and the check reads an empty table.
+#
 # Rows go oldest due first (ix_outbox_due). The statement also reports when the next
 # row not yet due falls due, from the same now() as the claim's cutoff, so that a row
 # falling due in between cannot slip through: the relay sleeps until then rather than
 # until its poll. The one-row ``next`` LEFT JOINed to the batch means an empty claim
 # still answers with that moment (and NULL row columns).
 _CLAIM_BATCH = """
-WITH batch AS (
+WITH paused AS (
+    SELECT queue FROM queue_pauses FOR KEY SHARE
+), batch AS (
     SELECT o.id, o.task_id, o.kind, o.body, o.headers, o.publish_attempts, o.available_at,
-           t.queue, t.status AS task_status, t.status = ANY($2::text[]) AS settled
+           t.queue, t.status AS task_status, t.status = ANY($2::text[]) AS settled,
+           t.queue IN (SELECT queue FROM paused) AS paused
     FROM outbox AS o JOIN tasks AS t ON t.id = o.task_id
-    WHERE o.published_at IS NULL AND o.available_at <= now()
+    WHERE o.published_at IS NULL AND o.parked_at IS NULL AND o.available_at <= now()
     ORDER BY o.available_at, o.id
     LIMIT $1
     FOR UPDATE OF o SKIP LOCKED
 ), unsent AS (
     UPDATE outbox AS o SET published_at = now(), last_error = 'not sent: task ' || b.task_status
     FROM batch AS b WHERE o.id = b.id AND b.settled
+), parked AS (
+    UPDATE outbox AS o SET parked_at = now()
+    FROM batch AS b WHERE o.id = b.id AND b.paused AND NOT b.settled
 ), next AS (
     SELECT extract(epoch FROM min(available_at) - now())::float8 AS next_due_in
-    FROM outbox WHERE published_at IS NULL AND available_at > now()
+    FROM outbox WHERE published_at IS NULL AND parked_at IS NULL AND available_at > now()
 ), no_flush_wait AS (
     SELECT set_config('synchronous_commit', 'off', true)
 )
 SELECT b.id, b.task_id, b.kind, b.body, b.headers, b.publish_attempts, b.queue, b.settled,
-       next.next_due_in
+       b.paused, next.next_due_in
 FROM no_flush_wait, next LEFT JOIN batch AS b ON true
 ORDER BY b.available_at, b.id
 """
@@ -107,7 +122,10 @@ class PublishRefusal:
 @dataclass(frozen=True, slots=True)
 class Claim:
     rows: list[asyncpg.Record]  # to publish
-    claimed: int  # rows claimed, those closed unsent (their task had finished) included
+    # rows claimed, those closed unsent (their task had finished) and those parked
+    # (their queue is paused) included
+    claimed: int
+    parked: int
     # Seconds from the claim until the next unpublished row falls due; None when every
     # unpublished row is due already or there is none.
     next_due_in: float | None
@@ -120,8 +138,9 @@ async def claim_batch(conn: asyncpg.Connection, limit: int) -> Claim:
     """Lock up to ``limit`` due, unpublished rows; call inside a transaction."""
     found: list[asyncpg.Record] = await conn.fetch(_CLAIM_BATCH, limit, _SETTLED)
     claimed = [row for row in found if row["id"] is not None]
-    rows = [row for row in claimed if not row["settled"]]
-    return Claim(rows, len(claimed), found[0]["next_due_in"])
+    rows = [row for row in claimed if not row["settled"] and not row["paused"]]
+    parked = sum(1 for row in claimed if row["paused"] and not row["settled"])
+    return Claim(rows, len(claimed), parked, found[0]["next_due_in"])
 
 
 async def record_publish_outcome(

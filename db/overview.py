@@ -12,13 +12,17 @@ import asyncpg
 
 # Lag counts from when a row fell due (available_at: its creation, or the end of a
 # retry's backoff), so a retry waiting out its backoff is not mistaken for a stuck relay.
+# Parked rows (a paused queue's) are counted apart: they wait for a resume, not for the
+# relay, and must not read as a relay falling behind.
 _BACKLOG = """
 SELECT count(*) AS rows,
        count(*) FILTER (WHERE available_at <= now()) AS due,
        count(*) FILTER (WHERE last_error IS NOT NULL) AS failing,
        coalesce(extract(epoch FROM
-           now() - min(available_at) FILTER (WHERE available_at <= now())), 0) AS lag
-FROM outbox WHERE published_at IS NULL
+           now() - min(available_at) FILTER (WHERE available_at <= now())), 0) AS lag,
+       (SELECT count(*) FROM outbox
+        WHERE published_at IS NULL AND parked_at IS NOT NULL) AS parked
+FROM outbox WHERE published_at IS NULL AND parked_at IS NULL
 """
 
 _TASK_COUNTS = "SELECT status, count(*) AS n FROM tasks GROUP BY status"
@@ -45,6 +49,7 @@ class Backlog:
     due: int  # unpublished rows the relay should publish now
     failing: int  # unpublished rows whose last publish the broker refused
     lag: float  # seconds the oldest due row has waited (0 when none is due)
+    parked: int = 0  # rows of paused queues, waiting for a resume (not in the above)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +61,13 @@ class TableSize:
 async def backlog(conn: asyncpg.Connection | asyncpg.Pool) -> Backlog:
     row = await conn.fetchrow(_BACKLOG)
     assert row is not None
-    return Backlog(int(row["rows"]), int(row["due"]), int(row["failing"]), float(row["lag"]))
+    return Backlog(
+        int(row["rows"]),
+        int(row["due"]),
+        int(row["failing"]),
+        float(row["lag"]),
+        int(row["parked"]),
+    )
 
 
 async def task_counts(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, int]:

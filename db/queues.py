@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -38,12 +39,16 @@ WITH active AS (
            max(seen_at) AS last_seen
     FROM queue_consumers GROUP BY queue
 ), names AS (
-    SELECT queue FROM active UNION SELECT queue FROM seen UNION SELECT $2::text
+    SELECT queue FROM active UNION SELECT queue FROM seen
+    UNION SELECT queue FROM queue_pauses UNION SELECT $2::text
 )
 SELECT n.queue AS name, coalesce(a.waiting, 0) AS waiting, coalesce(a.running, 0) AS running,
        a.oldest AS oldest_waiting_seconds, coalesce(s.consumers, 0) AS consumers,
-       s.last_seen AS consumer_last_seen
+       s.last_seen AS consumer_last_seen,
+       p.queue IS NOT NULL AS paused, p.paused_at, p.paused_by, p.reason AS pause_reason
 FROM names AS n LEFT JOIN active AS a USING (queue) LEFT JOIN seen AS s USING (queue)
+     LEFT JOIN queue_pauses AS p USING (queue)
+WHERE $3::text IS NULL OR n.queue = $3
 ORDER BY n.queue
 """
 
@@ -61,23 +66,36 @@ class QueueView:
     running: int  # PROCESSING tasks
     oldest_waiting_seconds: float | None  # None: nothing waits that may run now
     consumers: int  # consumers seen serving it within PRESENCE_WINDOW
-    paused: bool = False  # pausing a queue is not there yet; the field is
+    paused: bool = False
+    paused_at: datetime | None = None
+    paused_by: str | None = None
+    pause_reason: str | None = None
+
+
+def _view(row: asyncpg.Record) -> QueueView:
+    oldest = row["oldest_waiting_seconds"]
+    return QueueView(
+        row["name"],
+        int(row["waiting"]),
+        int(row["running"]),
+        None if oldest is None else max(0.0, float(oldest)),
+        int(row["consumers"]),
+        bool(row["paused"]),
+        row["paused_at"],
+        row["paused_by"],
+        row["pause_reason"],
+    )
 
 
 async def list_queues(conn: asyncpg.Connection | asyncpg.Pool) -> list[QueueView]:
-    rows = await conn.fetch(_LIST, PRESENCE_WINDOW, DEFAULT_QUEUE)
-    return [
-        QueueView(
-            row["name"],
-            int(row["waiting"]),
-            int(row["running"]),
-            None
-            if row["oldest_waiting_seconds"] is None
-            else max(0.0, float(row["oldest_waiting_seconds"])),
-            int(row["consumers"]),
-        )
-        for row in rows
-    ]
+    rows = await conn.fetch(_LIST, PRESENCE_WINDOW, DEFAULT_QUEUE, None)
+    return [_view(row) for row in rows]
+
+
+async def get_queue(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> QueueView | None:
+    """The queue ``name`` as the listing shows it; None when it is not in use."""
+    row = await conn.fetchrow(_LIST, PRESENCE_WINDOW, DEFAULT_QUEUE, name)
+    return None if row is None else _view(row)
 
 
 async def consumers_seen(
@@ -85,3 +103,59 @@ async def consumers_seen(
 ) -> None:
     """Record that each (queue, consumer) of ``served`` is being served now."""
     await conn.execute(_SEEN, [queue for queue, _ in served], [worker for _, worker in served])
+
+
+# -- pausing ---------------------------------------------------------------------------
+
+# Both run as the tables' owner (migration 0006): the api changes nothing else of the
+# queues, and a resume must hold to an order of statements (its pause row first, then
+# the unpark: see db.outbox._CLAIM_BATCH) that no grant could enforce.
+_PAUSE = "SELECT pause_queue($1, $2, $3)"
+_RESUME = "SELECT resume_queue($1, $2, $3, $4)"
+
+_EVENTS = """
+SELECT id, queue, action, at, actor, reason FROM queue_events
+WHERE queue = $1 ORDER BY id DESC LIMIT $2
+"""
+
+_PAUSED = "SELECT queue FROM queue_pauses"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEvent:
+    id: int
+    queue: str
+    action: str  # pause | resume
+    at: datetime
+    actor: str
+    reason: str
+
+
+async def pause(
+    conn: asyncpg.Connection | asyncpg.Pool, queue: str, actor: str, reason: str
+) -> bool:
+    """Pause ``queue``: the relays park its due rows from their next claim on and the
+    consumers stop taking its messages. False when it was paused already (then nothing
+    changes and nothing is recorded)."""
+    return bool(await conn.fetchval(_PAUSE, queue, actor, reason))
+
+
+async def resume(
+    conn: asyncpg.Connection | asyncpg.Pool, queue: str, actor: str, reason: str, channel: str
+) -> int | None:
+    """Resume ``queue`` and wake the relays on ``channel``: how many parked outbox rows
+    went back to the claim, or None when the queue was not paused. One transaction: a
+    resume that fails leaves the queue paused with its rows parked."""
+    unparked = await conn.fetchval(_RESUME, queue, actor, reason, channel)
+    return None if unparked is None else int(unparked)
+
+
+async def events(
+    conn: asyncpg.Connection | asyncpg.Pool, queue: str, limit: int = 20
+) -> list[QueueEvent]:
+    """The newest ``limit`` pauses and resumes of ``queue``, newest first."""
+    return [QueueEvent(**dict(row)) for row in await conn.fetch(_EVENTS, queue, limit)]
+
+
+async def paused_queues(conn: asyncpg.Connection | asyncpg.Pool) -> set[str]:
+    return {row["queue"] for row in await conn.fetch(_PAUSED)}

@@ -120,18 +120,28 @@ outbox = Table(
     Column("published_at", DateTime(timezone=True)),
     Column("publish_attempts", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text),
+    # Set when the relay came to publish the row while its task's queue was paused: a
+    # parked row waits, out of the claim's index, until the queue is resumed.
+    Column("parked_at", DateTime(timezone=True)),
     CheckConstraint(f"kind IN ({_kind_list})", name="kind"),
 )
 
 # The relay's claim reads only unpublished rows, oldest due first: a partial index keeps
 # the claim cheap however large the published history grows, and ordering it by due
 # time keeps rows scheduled for later out of the claim's way. Its first entry is also
-# the next moment the relay has to wake for.
+# the next moment the relay has to wake for. Parked rows (a paused queue's) are left
+# out, so a paused backlog never lies in the way of the other queues' claims.
 Index(
     "ix_outbox_due",
     outbox.c.available_at,
     outbox.c.id,
-    postgresql_where=text("published_at IS NULL"),
+    postgresql_where=text("published_at IS NULL AND parked_at IS NULL"),
+)
+# A resume finds its queue's parked rows here; the index holds parked rows only.
+Index(
+    "ix_outbox_parked",
+    outbox.c.task_id,
+    postgresql_where=text("published_at IS NULL AND parked_at IS NOT NULL"),
 )
 # Deleting a task (retention) cascades to its outbox rows through this index.
 Index("ix_outbox_task_id", outbox.c.task_id)
@@ -146,3 +156,28 @@ queue_consumers = Table(
     Column("consumer", Text, primary_key=True),
     Column("seen_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
 )
+
+# The paused queues, one row each: the relay parks their due outbox rows instead of
+# publishing them, and consumers stop taking their messages. Deleted on resume.
+queue_pauses = Table(
+    "queue_pauses",
+    metadata,
+    Column("queue", Text, primary_key=True),
+    Column("paused_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("paused_by", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+)
+
+# Every pause and resume, who and why: the audit trail, kept.
+queue_events = Table(
+    "queue_events",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("queue", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("actor", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    CheckConstraint("action IN ('pause', 'resume')", name="action"),
+)
+Index("ix_queue_events_queue_id", queue_events.c.queue, queue_events.c.id)

@@ -5,6 +5,7 @@ python -m taskbox.relay [run]        the relay (the default)
 python -m taskbox.relay replay ...   send tasks through the outbox again (see --help)
 python -m taskbox.relay cleanup      one retention sweep now
 python -m taskbox.relay status       one screen on tasks, outbox, queues
+python -m taskbox.relay queues ...   list, show, pause and resume queues (see --help)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 
 from taskbox.broker.topology import TopologyMismatch
 from taskbox.db.pool import open_pool
-from taskbox.relay import replay, status
+from taskbox.relay import queue_commands, replay, status
 from taskbox.relay.housekeeping import Housekeeper, cleanup
 from taskbox.relay.listener import OutboxListener
 from taskbox.relay.metrics import RelayMetrics
@@ -118,6 +119,15 @@ def build_parser(command_prog: str | None = None) -> argparse.ArgumentParser:
         help="one screen: tasks by status, outbox backlog and lag, queue depths",
     )
     status_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    queue_commands.configure_parser(
+        commands.add_parser(
+            "queues",
+            prog=command_prog,
+            help="list, show, pause and resume queues",
+            epilog=queue_commands.EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     return parser
 
 
@@ -139,6 +149,8 @@ def main(argv: list[str] | None = None, command_prog: str | None = None) -> int:
         return asyncio.run(cleanup(settings))
     if command == "status":
         return asyncio.run(status.status(settings, as_json=args.json))
+    if command == "queues":
+        return asyncio.run(queue_commands.run(args, settings))
     tracing = start_tracing(settings, "taskbox-relay")
     try:
         run_service(serve(settings, tracing.tracer))

@@ -45,6 +45,12 @@ class RelayMetrics:
             "Seconds the oldest due unpublished outbox row has waited (0: none waits).",
             registry=r,
         )
+        self.parked_rows = Gauge(
+            "taskbox_outbox_parked_rows",
+            "Unpublished outbox rows of paused queues, waiting for a resume (not in the "
+            "backlog above).",
+            registry=r,
+        )
         self.retention_deleted = Counter(
             "taskbox_retention_deleted",
             "Rows deleted by retention sweeps of this process.",
@@ -59,3 +65,4 @@ class RelayMetrics:
         self.due_rows.set(backlog.due)
         self.failing_rows.set(backlog.failing)
         self.lag_seconds.set(backlog.lag)
+        self.parked_rows.set(backlog.parked)

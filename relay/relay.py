@@ -95,12 +95,15 @@ class OutboxRelay:
 
     async def drain_batch(self) -> int:
         """Claim, publish and record one batch; returns how many rows it claimed
-        (rows of finished tasks, closed unsent, included)."""
+        (rows of finished tasks, closed unsent, and rows of paused queues, parked,
+        included)."""
         async with self._pool.acquire() as conn, conn.transaction():
             claim = await outbox.claim_batch(conn, self._settings.relay_batch_size)
             rows = claim.rows
             due_in = claim.next_due_in
             self._next_due = None if due_in is None else (time.monotonic(), due_in)
+            if claim.parked:
+                log.info("parked %d rows of paused queues until they resume", claim.parked)
             if not rows:
                 return claim.claimed
             started = time.perf_counter()
@@ -131,8 +134,10 @@ class OutboxRelay:
                 )
         if report.published:
             log.debug("published %d outbox rows", len(report.published))
-        if claim.claimed > len(rows):
-            log.debug("closed %d rows of finished tasks unsent", claim.claimed - len(rows))
+        if claim.claimed > len(rows) + claim.parked:
+            log.debug(
+                "closed %d rows of finished tasks unsent", claim.claimed - len(rows) - claim.parked
+            )
         return claim.claimed
 
     async def drain(self, stop: asyncio.Event) -> None:

@@ -161,6 +161,8 @@ def render(snap: Snapshot, settings: RelaySettings) -> str:
             f"outbox        backlog {b.rows:,} rows ({b.due:,} due, {b.rows - b.due:,} waiting "
             f"for their time), lag {format_duration(b.lag)}, failing {b.failing:,}"
         )
+        if b.parked:
+            lines.append(f"              parked {b.parked:,} rows of paused queues")
         if snap.last_publish_error:
             lines.append(f"              last publish error: {snap.last_publish_error}")
         lines.append(
@@ -180,21 +182,35 @@ def render(snap: Snapshot, settings: RelaySettings) -> str:
 
 
 def _queue_lines(found: list[queues.QueueView]) -> list[str]:
-    """One line per Taskbox queue; one with work and no consumer says so."""
-    lines = []
-    for position, q in enumerate(found):
-        label = "queues" if position == 0 else ""
-        oldest = (
-            ""
-            if q.oldest_waiting_seconds is None
-            else f", oldest waits {format_duration(q.oldest_waiting_seconds)}"
-        )
-        unserved = "  (NO CONSUMER: see CONSUMER_QUEUES)" if q.waiting and not q.consumers else ""
-        lines.append(
-            f"{label:<13} {q.name}: {q.waiting:,} waiting, {q.running:,} running, "
-            f"{q.consumers:,} consumers{oldest}{unserved}"
-        )
-    return lines
+    """One line per Taskbox queue."""
+    return [
+        f"{'queues' if position == 0 else '':<13} {queue_line(q)}"
+        for position, q in enumerate(found)
+    ]
+
+
+def queue_line(q: queues.QueueView) -> str:
+    """A queue on one line; one with work and no consumer says so, a paused one by whom
+    and why."""
+    oldest = (
+        ""
+        if q.oldest_waiting_seconds is None
+        else f", oldest waits {format_duration(q.oldest_waiting_seconds)}"
+    )
+    unserved = (
+        "  (NO CONSUMER: see CONSUMER_QUEUES)"
+        if q.waiting and not q.consumers and not q.paused
+        else ""
+    )
+    paused = (
+        f"  PAUSED by {q.paused_by} {q.paused_at:%Y-%m-%d %H:%M} UTC: {q.pause_reason}"
+        if q.paused and q.paused_at is not None
+        else ""
+    )
+    return (
+        f"{q.name}: {q.waiting:,} waiting, {q.running:,} running, "
+        f"{q.consumers:,} consumers{oldest}{unserved}{paused}"
+    )
 
 
 def healthy(snap: Snapshot) -> bool:

@@ -32,6 +32,24 @@ def check_queue_name(name: object) -> str:
     return name
 
 
+MAX_REASON = 500
+
+
+def check_reason(text: str) -> str:
+    """The reason for a pause or resume, stripped; ValueError saying what is wrong.
+
+    It is printed in ``taskbox status`` and in logs: one line of printable text, so that
+    it cannot forge lines of its own."""
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError("a reason is required: say why, for the audit trail")
+    if len(stripped) > MAX_REASON:
+        raise ValueError(f"a reason is at most {MAX_REASON} characters; got {len(stripped)}")
+    if any(not char.isprintable() for char in stripped):
+        raise ValueError("a reason is one line of printable text (no control characters)")
+    return stripped
+
+
 def amqp_queue_name(base: str, queue: str) -> str:
     """The AMQP queue (and routing key) of Taskbox queue ``queue``: QUEUE_NAME itself for
     ``default``, so that a deployment from before named queues keeps its queue and its

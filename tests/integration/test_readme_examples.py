@@ -84,6 +84,7 @@ class Entry:
 
 QUICK = "Your own tasks, from your own project"
 QUEUES = "Queues: routing tasks to consumer pools"
+PAUSING = "Pausing and resuming a queue"
 INVENTORY = [
     Entry("Taskbox", "client --REST--> api", elsewhere="a diagram"),
     Entry(
@@ -189,6 +190,14 @@ INVENTORY = [
         "test_a_queue_with_work_and_no_consumer_is_visible_and_holds_its_tasks reads "
         "GET /api/v1/queues in that situation",
     ),
+    Entry(
+        PAUSING,
+        "curl -s -H",
+        elsewhere="output samples; tests/integration/test_queue_pause.py::"
+        "test_a_paused_queue_holds_its_tasks_while_the_others_flow_and_resume_drains_it "
+        "pauses, shows and resumes a queue over the API with named keys",
+    ),
+    Entry(PAUSING, "taskbox queues", run_by="test_queue_commands"),
     Entry("Fault suite", "chaos:", elsewhere="an output sample of tests/faults/test_chaos.py"),
     Entry(
         "Run with Docker",
@@ -216,6 +225,7 @@ COMMAND_TABLE = {
     "taskbox status --json": "test_operator_commands",
     "TASK_RETENTION=30d taskbox cleanup": "test_operator_commands",
     "taskbox roles --dry-run": "test_operator_commands",
+    'taskbox queues pause media --reason "INC-1234"': "test_queue_commands",
 }
 
 MISSING = """README.md {what} is neither run nor accounted for:
@@ -815,3 +825,41 @@ async def test_operator_commands(
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+async def test_queue_commands(pool: asyncpg.Pool, shell_env: dict[str, str]) -> None:
+    """The README's `taskbox queues` lines, in order, and the Commands table's example:
+    each exits 0 and does what its comment says (a pause shows PAUSED with its reason
+    and who, the events list both actions, the resume unparks the queue's waiting task)."""
+    await create_task(
+        pool, NewTask(type="echo", payload={}, priority=0, max_attempts=3, queue="media")
+    )
+    block = example(PAUSING, "taskbox queues")
+    lines = [line.split("#")[0].strip() for line in block.text.splitlines()]
+    commands = [line for line in lines if line]
+    assert [c.split()[:3] for c in commands] == [
+        ["taskbox", "queues"],
+        ["taskbox", "queues", "pause"],
+        ["taskbox", "queues", "show"],
+        ["taskbox", "queues", "resume"],
+    ]
+    listed, paused, shown, resumed = [await sh(command, shell_env) for command in commands]
+    for result in (listed, paused, shown, resumed):
+        assert result.code == 0, result
+    assert "media: 1 waiting" in listed.stdout, listed
+    assert paused.stdout.strip() == "queue media: paused", paused
+    assert "PAUSED by " in shown.stdout and "image service down, INC-1234" in shown.stdout, shown
+    assert " pause  by " in shown.stdout, shown
+    assert resumed.stdout.strip().startswith("queue media: resumed"), resumed
+    events = await pool.fetch("SELECT action FROM queue_events WHERE queue = 'media' ORDER BY id")
+    assert [e["action"] for e in events] == ["pause", "resume"]
+
+    table_example = readme.command_table_examples()[8]
+    assert table_example.startswith("taskbox queues pause media")
+    again = await sh(table_example, shell_env)
+    assert again.code == 0 and "paused" in again.stdout, again
+    assert (
+        await pool.fetchval("SELECT reason FROM queue_pauses WHERE queue = 'media'") == "INC-1234"
+    )
+    no_reason = await sh("taskbox queues pause media", shell_env)
+    assert no_reason.code == 2 and "--reason" in no_reason.stderr, no_reason

@@ -24,9 +24,9 @@ import httpx
 import pytest
 
 from taskbox.api.settings import ApiSettings
-from taskbox.db import execution, overview, retention
+from taskbox.db import execution, overview, queues, retention
 from taskbox.db import replay as replay_store
-from taskbox.db.grants import PROCESSES, Process
+from taskbox.db.grants import FUNCTIONS, PROCESSES, TABLES, Process
 from taskbox.db.outbox import PublishRefusal, claim_batch, notify, record_publish_outcome
 from taskbox.db.pool import connect
 from taskbox.db.roles import RolesError, apply_roles
@@ -489,6 +489,35 @@ async def test_the_relay_role_claims_records_sweeps_and_reports(
     assert (report.outbox_deleted, report.tasks_deleted) == (2, 1)
 
 
+async def test_pausing_and_resuming_work_under_each_role(roles: Roles, database_url: str) -> None:
+    """The api pauses and resumes (through the owner's functions), the relay's claim
+    parks the paused queue's rows (its KEY SHARE lock on the pause needs its grant), the
+    consumer reads the pauses; none of them may write a pause of its own."""
+    owner = await connect(DatabaseSettings(database_url=database_url))
+    try:
+        ids = await make_tasks(owner, 2)
+    finally:
+        await owner.close()
+    async with connected(roles, "api") as api:
+        assert await queues.pause(api, "default", "ops", "roles test")
+        assert [q.paused for q in await queues.list_queues(api)] == [True]
+        assert await refused(api, ["INSERT INTO queue_pauses VALUES ('x', now(), 'a', 'b')"]) == []
+    async with connected(roles, "consumer") as consumer:
+        assert await queues.paused_queues(consumer) == {"default"}
+        assert await refused(consumer, ["DELETE FROM queue_pauses"]) == []
+    async with connected(roles, "relay") as relay:
+        async with relay.transaction():
+            claim = await claim_batch(relay, 10)
+        assert (claim.parked, claim.rows) == (len(ids), [])
+        assert (await overview.backlog(relay)).parked == len(ids)
+        assert await refused(relay, ["DELETE FROM queue_pauses"]) == []
+    async with connected(roles, "api") as api:
+        assert await queues.resume(api, "default", "ops", "done", roles.channel) == len(ids)
+        assert [e.action for e in await queues.events(api, "default")] == ["resume", "pause"]
+    async with connected(roles, "relay") as relay, relay.transaction():
+        assert len((await claim_batch(relay, 10)).rows) == len(ids)
+
+
 async def test_the_relay_role_listens_and_the_api_role_wakes_it(roles: Roles) -> None:
     wake = asyncio.Event()
     listener = OutboxListener(roles.settings("relay"), wake, check_interval=0.2)
@@ -771,9 +800,8 @@ async def test_the_checks_refuse_before_changing_anything(
         owner = role_names["api"].replace("tbx_api_", "tbx_owner_")
         database = await conn.fetchval("SELECT current_database()")
         await conn.execute(f"CREATE ROLE {owner} LOGIN")
-        await conn.execute(f"ALTER TABLE tasks OWNER TO {owner}")
-        await conn.execute(f"ALTER TABLE outbox OWNER TO {owner}")
-        await conn.execute(f"ALTER TABLE queue_consumers OWNER TO {owner}")
+        for table in TABLES:
+            await conn.execute(f"ALTER TABLE {table} OWNER TO {owner}")
         owner_conn = await asyncpg.connect(as_role(database_url, owner))
         try:
             # Owning the tables is not enough: CONNECT needs the database's owner.
@@ -816,9 +844,10 @@ async def test_an_owner_with_createrole_needs_no_superuser(
     try:
         database = await conn.fetchval("SELECT current_database()")
         await conn.execute(f"CREATE ROLE {owner} LOGIN CREATEROLE")
-        for table in ("tasks", "outbox", "queue_consumers", "alembic_version"):
+        for table in (*TABLES, "alembic_version"):
             await conn.execute(f"ALTER TABLE {table} OWNER TO {owner}")
-        await conn.execute(f"ALTER FUNCTION cancel_task(uuid) OWNER TO {owner}")
+        for function in {f for process in PROCESSES for f in FUNCTIONS[process]}:
+            await conn.execute(f"ALTER FUNCTION {function} OWNER TO {owner}")
         await conn.execute(f'ALTER DATABASE "{database}" OWNER TO {owner}')
     finally:
         await conn.close()

@@ -30,6 +30,16 @@ def _compare(connection: Connection) -> list[Any]:
     return diffs
 
 
+ALL_TABLES = {
+    "tasks",
+    "outbox",
+    "queue_consumers",
+    "queue_pauses",
+    "queue_events",
+    "alembic_version",
+}
+
+
 async def schema_differences(dsn: str) -> list[Any]:
     """What alembic's autogenerate would change to make the database match the metadata."""
     url = DatabaseSettings(database_url=dsn).sqlalchemy_url
@@ -69,7 +79,7 @@ async def test_migrated_template_matches_the_metadata_exactly(template_database:
     dsn = database_dsn(template_database)
 
     assert await schema_differences(dsn) == []
-    assert await tables(dsn) == {"tasks", "outbox", "queue_consumers", "alembic_version"}
+    assert await tables(dsn) == ALL_TABLES
     assert await versions(dsn) == [head_revision(DatabaseSettings(database_url=dsn))]
 
 
@@ -141,7 +151,7 @@ async def test_downgrade_to_base_then_upgrade_to_head(database_url: str) -> None
 
     await asyncio.to_thread(command.upgrade, config, "head")
 
-    assert await tables(database_url) == {"tasks", "outbox", "queue_consumers", "alembic_version"}
+    assert await tables(database_url) == ALL_TABLES
     assert await versions(database_url) == [head]
     assert await schema_differences(database_url) == []
     conn = await asyncpg.connect(database_url)
