@@ -133,6 +133,7 @@ async def serve(settings: ConsumerSettings, tracer: Tracer | None = None) -> Non
             tracer,
             concurrency=queue.concurrency,
             threads=threads[queue.name],
+            queue=queue.name,
         )
         for queue in served
     }

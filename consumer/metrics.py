@@ -31,6 +31,13 @@ class ConsumerMetrics:
             ["type", "status"],
             registry=r,
         )
+        self.queue_outcomes = Counter(
+            "taskbox_consumer_queue_tasks",
+            "Attempts whose outcome was committed, by queue and status: each queue's "
+            "completion rate.",
+            ["queue", "status"],
+            registry=r,
+        )
         self.handler_seconds = Histogram(
             "taskbox_consumer_handler_seconds",
             "Seconds one attempt's handler ran, by task type.",
@@ -109,7 +116,9 @@ class ConsumerMetrics:
             registry=r,
         )
 
-    def outcome(self, task_type: str, status: str) -> None:
-        self.outcomes.labels(task_type, STATUS_LABELS.get(status, status)).inc()
+    def outcome(self, task_type: str, status: str, queue: str) -> None:
+        label = STATUS_LABELS.get(status, status)
+        self.outcomes.labels(task_type, label).inc()
+        self.queue_outcomes.labels(queue, label).inc()
         if status == "NEW":
             self.retries.labels(task_type).inc()

@@ -53,6 +53,7 @@ from taskbox.runtime import failpoints, tracing
 from taskbox.runtime.backoff import backoff_delay
 from taskbox.runtime.lifecycle import being_cancelled, wait_first
 from taskbox.runtime.logs import bind_task, task_fields
+from taskbox.runtime.queues import DEFAULT_QUEUE, amqp_queue_name
 from taskbox.tasktypes import TaskRegistry
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ class TaskConsumer:
         *,
         concurrency: int | None = None,
         threads: ThreadPoolExecutor | None = None,
+        queue: str = DEFAULT_QUEUE,
     ) -> None:
         """One pool of handlers fed by one AMQP queue. A consumer process serving several
         queues runs one per queue (``concurrency`` each, CONSUMER_CONCURRENCY when None),
@@ -253,6 +255,7 @@ class TaskConsumer:
         self._settings = settings
         self._pipelined = settings.amqp_pipeline  # acks in batches (broker.pipeline)
         self.worker_id = worker_id
+        self.queue = queue  # the Taskbox queue it serves
         self._concurrency = (
             concurrency if concurrency is not None else settings.consumer_concurrency
         )
@@ -397,7 +400,9 @@ class TaskConsumer:
             created_at=row["created_at"],
         )
         if self._tracer is not None:
-            claimed.span = start_attempt_span(self._tracer, claimed, self._settings.queue_name)
+            claimed.span = start_attempt_span(
+                self._tracer, claimed, amqp_queue_name(self._settings.queue_name, self.queue)
+            )
         execution = self._executions.start(claimed.task_id, claimed.lease, delivery)
         task_type = self._registry.get(claimed.type)
         retry_delay = type_retry_delay(
@@ -628,7 +633,9 @@ class TaskConsumer:
                 continue
             # A release is recorded as NEW, like a retry; the metric tells them apart.
             released = outcome.status == TaskStatus.PENDING and status == TaskStatus.NEW
-            self.metrics.outcome(claimed.type, TaskStatus.PENDING if released else status)
+            self.metrics.outcome(
+                claimed.type, TaskStatus.PENDING if released else status, self.queue
+            )
             if status in TERMINAL and claimed.created_at is not None:
                 self.metrics.end_to_end_seconds.labels(claimed.type).observe(
                     max(0.0, now - claimed.created_at.timestamp())

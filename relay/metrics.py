@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from taskbox.db.overview import Backlog
+from taskbox.db.queues import QueueView
 from taskbox.runtime.probes import new_registry
 
 # Publishing a batch takes milliseconds when the broker is well and up to
@@ -51,6 +52,39 @@ class RelayMetrics:
             "backlog above).",
             registry=r,
         )
+        self.published_by_queue = Counter(
+            "taskbox_relay_queue_published",
+            "Outbox rows published and confirmed, by queue: each queue's publish rate.",
+            ["queue"],
+            registry=r,
+        )
+        self.queue_waiting = Gauge(
+            "taskbox_queue_waiting_tasks",
+            "Tasks NEW or PENDING, by queue (its depth).",
+            ["queue"],
+            registry=r,
+        )
+        self.queue_running = Gauge(
+            "taskbox_queue_running_tasks", "Tasks PROCESSING, by queue.", ["queue"], registry=r
+        )
+        self.queue_lag = Gauge(
+            "taskbox_queue_oldest_waiting_seconds",
+            "Seconds the longest-waiting task of the queue that may run now has waited "
+            "(0: none waits): its lag.",
+            ["queue"],
+            registry=r,
+        )
+        self.queue_consumers = Gauge(
+            "taskbox_queue_consumers",
+            "Consumers seen serving the queue within the last minute (0 with tasks "
+            "waiting: nothing runs them).",
+            ["queue"],
+            registry=r,
+        )
+        self.queue_paused = Gauge(
+            "taskbox_queue_paused", "1 while the queue is paused.", ["queue"], registry=r
+        )
+        self._queues_seen: set[str] = set()
         self.retention_deleted = Counter(
             "taskbox_retention_deleted",
             "Rows deleted by retention sweeps of this process.",
@@ -66,3 +100,26 @@ class RelayMetrics:
         self.failing_rows.set(backlog.failing)
         self.lag_seconds.set(backlog.lag)
         self.parked_rows.set(backlog.parked)
+
+    def record_queues(self, found: list[QueueView]) -> None:
+        """The per-queue gauges; a queue no longer in use loses its series."""
+        names = {queue.name for queue in found}
+        for gone in self._queues_seen - names:
+            for gauge in self._queue_gauges():
+                gauge.remove(gone)
+        self._queues_seen = names
+        for queue in found:
+            self.queue_waiting.labels(queue.name).set(queue.waiting)
+            self.queue_running.labels(queue.name).set(queue.running)
+            self.queue_lag.labels(queue.name).set(queue.oldest_waiting_seconds or 0.0)
+            self.queue_consumers.labels(queue.name).set(queue.consumers)
+            self.queue_paused.labels(queue.name).set(1.0 if queue.paused else 0.0)
+
+    def _queue_gauges(self) -> tuple[Gauge, ...]:
+        return (
+            self.queue_waiting,
+            self.queue_running,
+            self.queue_lag,
+            self.queue_consumers,
+            self.queue_paused,
+        )

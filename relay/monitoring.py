@@ -9,7 +9,7 @@ import logging
 import asyncpg
 from aio_pika.abc import AbstractConnection
 
-from taskbox.db import overview
+from taskbox.db import overview, queues
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
 from taskbox.relay.listener import OutboxListener
 from taskbox.relay.metrics import RelayMetrics
@@ -22,13 +22,18 @@ log = logging.getLogger(__name__)
 
 
 async def refresh_backlog(pool: asyncpg.Pool, metrics: RelayMetrics, interval: float) -> None:
-    """Set the backlog gauges every ``interval`` seconds: one cheap query on the
-    unpublished rows' partial index, never anything on the publish path."""
+    """Set the backlog and per-queue gauges every ``interval`` seconds: a query on the
+    unpublished rows' partial index and one on the unfinished tasks (by the status
+    index), never anything on the publish path."""
     while True:
         try:
             metrics.record_backlog(await overview.backlog(pool))
+            metrics.record_queues(await queues.list_queues(pool))
         except TRANSIENT_DB_ERRORS as exc:
             log.debug("backlog gauges not refreshed: %s", exc)  # /readyz reports the database
+        except asyncpg.PostgresError as exc:
+            # a database not yet migrated, a role without a grant: monitoring only
+            log.warning("backlog gauges not refreshed: %s", exc)
         await asyncio.sleep(interval)
 
 

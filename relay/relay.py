@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import Counter
 
 import aio_pika
 import asyncpg
@@ -122,6 +123,8 @@ class OutboxRelay:
             await outbox.record_publish_outcome(conn, report.published, report.refused)
         self.alive_at = time.monotonic()
         self.published_total += len(report.published)
+        if report.published:
+            self._count_by_queue(rows, report.published)
         self.refused_total += len(report.refused)
         if report.refused:
             task_of = {row["id"]: str(row["task_id"]) for row in rows}
@@ -139,6 +142,15 @@ class OutboxRelay:
                 "closed %d rows of finished tasks unsent", claim.claimed - len(rows) - claim.parked
             )
         return claim.claimed
+
+    def _count_by_queue(self, rows: list[asyncpg.Record], published: list[int]) -> None:
+        queue = rows[0]["queue"]
+        if all(row["queue"] == queue for row in rows):  # the usual batch: one queue
+            self.metrics.published_by_queue.labels(queue).inc(len(published))
+            return
+        confirmed = set(published)
+        for name, count in Counter(r["queue"] for r in rows if r["id"] in confirmed).items():
+            self.metrics.published_by_queue.labels(name).inc(count)
 
     async def drain(self, stop: asyncio.Event) -> None:
         """Drain until a batch comes back short (the backlog is empty for now).

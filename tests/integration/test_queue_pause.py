@@ -10,6 +10,7 @@ Postgres: it survives restarts. Who and why are recorded.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 import uuid
@@ -87,11 +88,13 @@ async def test_a_paused_queue_holds_its_tasks_while_the_others_flow_and_resume_d
     pool: asyncpg.Pool,
     media_queue: str,
 ) -> None:
-    port = free_port()
-    env = {**service_env, **PAUSE_ENV}
+    port, relay_metrics, consumer_metrics = free_port(), free_port(), free_port()
+    env = {**service_env, **PAUSE_ENV, "RELAY_BACKLOG_INTERVAL": "0.2"}
     api = await ServiceProcess("api", env, API_PORT=str(port)).start()
     relay = await ServiceProcess("relay", env).start()
-    general = await ServiceProcess("consumer", env, CONSUMER_QUEUES="default").start()
+    general = await ServiceProcess(
+        "consumer", env, CONSUMER_QUEUES="default", CONSUMER_METRICS_PORT=str(consumer_metrics)
+    ).start()
     media = await ServiceProcess("consumer", env, CONSUMER_QUEUES="media:4").start()
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH) as client:
@@ -141,7 +144,9 @@ async def test_a_paused_queue_holds_its_tasks_while_the_others_flow_and_resume_d
             media = await ServiceProcess("consumer", env, CONSUMER_QUEUES="media:4").start()
             await media.wait_for("not consuming from")
             assert await relay.stop(signal.SIGTERM) == 0, relay.output
-            relay = await ServiceProcess("relay", env).start()
+            relay = await ServiceProcess(
+                "relay", env, RELAY_METRICS_PORT=str(relay_metrics)
+            ).start()
             # as the relay would have published them before the pause
             in_rabbit = [await _new(pool, "media") for _ in range(3)]
             await _publish_as_the_relay_did(pool, broker_settings, media_queue, in_rabbit)
@@ -153,6 +158,24 @@ async def test_a_paused_queue_holds_its_tasks_while_the_others_flow_and_resume_d
             assert listed["media"]["paused"] is True
             assert listed["media"]["waiting"] == len(held) + 3
             assert listed["default"]["paused"] is False
+
+            # The same per queue on the relay's metrics; completions on the consumer's.
+            async def gauges_fresh() -> bool:
+                text = await _scrape(relay_metrics)
+                return 'taskbox_queue_paused{queue="media"} 1.0' in text and (
+                    f'taskbox_queue_waiting_tasks{{queue="media"}} {len(held) + 3}.0' in text
+                )
+
+            await until(gauges_fresh, 10, "the relay's per-queue gauges")
+            relay_text = await _scrape(relay_metrics)
+            assert 'taskbox_queue_paused{queue="default"} 0.0' in relay_text
+            # the media consumer before its restart still counts within PRESENCE_WINDOW
+            assert re.search(r'taskbox_queue_consumers\{queue="media"\} [12]\.0', relay_text)
+            assert f"taskbox_outbox_parked_rows {len(held)}.0" in relay_text
+            consumer_text = await _scrape(consumer_metrics)
+            assert 'taskbox_consumer_queue_tasks_total{queue="default",status="DONE"} 5.0' in (
+                consumer_text
+            )
 
             resumed = await client.post(
                 "/api/v1/queues/media/resume",
@@ -169,6 +192,8 @@ async def test_a_paused_queue_holds_its_tasks_while_the_others_flow_and_resume_d
                 return set((await statuses(pool, every)).values()) == {"DONE"}
 
             await until(all_done, 20, "every held media task DONE after the resume")
+            published = 'taskbox_relay_queue_published_total{queue="media"} '
+            assert published in await _scrape(relay_metrics)
             assert await pool.fetchval("SELECT attempts FROM tasks WHERE id = $1", retried) == 2
 
             shown = (await client.get("/api/v1/queues/media")).json()
@@ -185,6 +210,11 @@ async def _new(conn: asyncpg.Pool | asyncpg.Connection, queue: str) -> uuid.UUID
     made = await create_task(conn, NewTask("render", {"n": 1}, 0, 3, queue=queue))
     task_id: uuid.UUID = made["id"]
     return task_id
+
+
+async def _scrape(port: int) -> str:
+    async with httpx.AsyncClient() as client:
+        return (await client.get(f"http://127.0.0.1:{port}/metrics")).text
 
 
 async def _is(pool: asyncpg.Pool, task_id: uuid.UUID, status: str) -> bool:

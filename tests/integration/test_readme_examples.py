@@ -283,10 +283,12 @@ def test_prometheus_config_scrapes_each_compose_service_at_its_port() -> None:
     (job,) = config["scrape_configs"]
     (targets,) = [static["targets"] for static in job["static_configs"]]
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    consumer_port = ConsumerSettings.model_fields["consumer_metrics_port"].default
     ports = {
         "api": ApiSettings.model_fields["api_port"].default,
         "relay": RelaySettings.model_fields["relay_metrics_port"].default,
-        "consumer": ConsumerSettings.model_fields["consumer_metrics_port"].default,
+        "consumer": consumer_port,
+        "consumer-media": consumer_port,  # the second pool, each in its own container
     }
     assert targets == [f"{name}:{port}" for name, port in ports.items()]
     assert set(ports) <= set(services)
