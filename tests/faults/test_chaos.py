@@ -51,6 +51,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import time
 import uuid
 from collections import Counter
@@ -59,12 +60,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import asyncpg
 import httpx
 import pytest
 
 from taskbox.broker.settings import BrokerSettings
 from taskbox.db.settings import DatabaseSettings
+from taskbox.runtime.queues import amqp_queue_name
 from tests.conftest import AMQP_URL
 from tests.faults import recorder
 from tests.faults.cluster import (
@@ -80,6 +83,7 @@ from tests.faults.cluster import (
     wait_until,
 )
 from tests.faults.proxy import TcpProxy
+from tests.faults.side_queue import SIDE_QUEUE
 from tests.integration.processes import ServiceProcess
 
 SEED = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(1_000_000))
@@ -96,11 +100,13 @@ FAULTS = {
     "pg_pause": 3,
     "listen_kill": 4,
     "broker_restart": 1,
+    "queue_pause": 2,
 }
 STALE_AFTER = float(FAST_CONSUMER["TASK_STALE_AFTER"])
 CANCEL_GRACE = "1"  # HANDLER_CANCEL_GRACE of the chaos consumers
 EXIT_CODE = 71  # what an "exit" task ends its consumer with: an expected death
 MISBEHAVING = "tests.integration.misbehaving"
+SIDE = "tests.faults.side_queue"  # the second queue's type, paused and resumed as a fault
 KILL_VICTIMS = ["relay"] * 4 + ["consumer"] * 5
 
 RELAY_APP = "taskbox-fault-relay"
@@ -186,6 +192,8 @@ def plan_load(rng: random.Random, count: int) -> list[Planned]:
         elif roll < 0.24:
             body = {"type": "sleep", "payload": {"seconds": 1.5}}
             cancel_after = rng.uniform(0.3, 1.2)
+        elif roll < 0.39:
+            body = {"type": "side-echo", "payload": {"n": n, "tag": f"{rng.getrandbits(32):08x}"}}
         else:
             body = {"type": "echo", "payload": {"n": n, "tag": f"{rng.getrandbits(32):08x}"}}
         if cancel_after is None and rng.random() < 0.03:
@@ -284,6 +292,7 @@ class Faults:
     workers: dict[str, list[ServiceProcess]]
     consumer_pg: list[TcpProxy]  # consumer i's own link to Postgres
     consumer_url: Callable[[int], str]  # consumer i's DATABASE_URL, a new name each call
+    api: httpx.AsyncClient  # pauses and resumes the side queue
     counts: Counter[str] = field(default_factory=Counter)
     timeline: list[str] = field(default_factory=list)
     unexpected_exits: list[str] = field(default_factory=list)
@@ -291,6 +300,8 @@ class Faults:
     started: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one restart at a time
     thaws: list[asyncio.Task[None]] = field(default_factory=list)
+    resumes: list[asyncio.Task[None]] = field(default_factory=list)
+    pause_errors: list[str] = field(default_factory=list)
 
     def note(self, event: str) -> None:
         self.timeline.append(f"{time.monotonic() - self.started:6.1f}s {event}")
@@ -358,7 +369,7 @@ class Faults:
             async with self.lock:
                 await self._keep_running()
                 await self.inject(kind, victims)
-        await asyncio.gather(*self.thaws)
+        await asyncio.gather(*self.thaws, *self.resumes)
         await self.keep_running()
 
     async def inject(self, kind: str, victims: list[str]) -> None:
@@ -409,6 +420,14 @@ class Faults:
             for pid in pids:
                 await self.pool.execute("SELECT pg_terminate_backend($1)", pid)
             self.note(f"pg_terminate_backend of LISTEN backends {pids}")
+        elif kind == "queue_pause":
+            if any(not resume.done() for resume in self.resumes):
+                await asyncio.gather(*self.resumes)  # one pause at a time
+            seconds = self.rng.uniform(2.0, 5.0)
+            if not await self._queue_action("pause", f"chaos pause for {seconds:.1f}s"):
+                return
+            self.note(f"queue {SIDE_QUEUE} paused for {seconds:.1f}s")
+            self.resumes.append(asyncio.create_task(self._resume_after(seconds)))
         elif kind == "broker_restart":
             if not rabbitmqctl_available():
                 self.note("broker restart skipped: rabbitmqctl is not installed here")
@@ -419,6 +438,30 @@ class Faults:
             await restart_broker(AMQP_URL, down_for)
             self.note("rabbitmqctl start_app: the broker accepts connections again")
         self.counts[kind] += 1
+
+    async def _queue_action(self, action: str, reason: str) -> bool:
+        """POST a pause or resume of the side queue; the api talks to Postgres directly,
+        so only a Postgres cut can make it fail: it is tried again a while."""
+        for _ in range(50):
+            try:
+                response = await self.api.post(
+                    f"/api/v1/queues/{SIDE_QUEUE}/{action}", json={"reason": reason}
+                )
+            except httpx.HTTPError as exc:
+                answer = type(exc).__name__
+            else:
+                if response.status_code == 200:
+                    return True
+                answer = f"{response.status_code} {response.text[:200]}"
+            self.note(f"{action} of {SIDE_QUEUE} answered {answer}; again")
+            await asyncio.sleep(0.2)
+        self.pause_errors.append(f"{action} of {SIDE_QUEUE} never succeeded: {answer}")
+        return False
+
+    async def _resume_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if await self._queue_action("resume", "chaos resume"):
+            self.note(f"queue {SIDE_QUEUE} resumed")
 
     async def _thaw_after(self, proxy: TcpProxy, i: int, seconds: float) -> None:
         await asyncio.sleep(seconds)  # the length of the pause itself
@@ -473,6 +516,7 @@ def wrong_outcome(task: Acknowledged, row: asyncpg.Record) -> str | None:
     if status == "DONE":
         expected: Any = {
             "echo": payload,
+            "side-echo": payload,
             "sleep": {"slept": payload.get("seconds")},
             "fail": {"succeeded_on_attempt": row["attempts"]},
             "stall": {"attempt": row["attempts"]},
@@ -664,6 +708,7 @@ async def wait_terminal(pool: asyncpg.Pool, faults: Faults, within: float) -> fl
 ABANDONED = "abandoning a handler that ignored its"
 OWNERSHIP_LOST = "stopping an attempt whose task is no longer ours"
 FENCED = "not recorded: the task changed owner meanwhile"  # a stale writer turned away
+PARKED = re.compile(r"parked (\d+) rows of paused queues")
 
 
 def fault_summary(faults: Faults, verdict: Verdict, cluster: Cluster) -> Counter[str]:
@@ -684,6 +729,14 @@ def fault_summary(faults: Faults, verdict: Verdict, cluster: Cluster) -> Counter
             "ownership_lost": sum(OWNERSHIP_LOST in line for line in logs),
             "fenced_outcomes": sum(FENCED in line for line in logs),
             "rescued": verdict.rescued,
+            # rows of the side queue the relays parked while it was paused
+            "parked": sum(
+                int(match.group(1))
+                for proc in cluster.procs
+                if proc.module == "relay"
+                for line in proc.lines
+                if (match := PARKED.search(line))
+            ),
         }
     )
 
@@ -701,6 +754,9 @@ MUST_HAPPEN = (
     # A stale writer tried (a stall or a pause outlived TASK_STALE_AFTER) and was
     # turned away: stale_writes=0 was put to the test.
     "fenced_outcomes",
+    # The side queue was paused under load: its tasks were held, then resumed.
+    "queue_pause",
+    "parked",
 )
 
 
@@ -733,17 +789,20 @@ async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twi
 
     consumer_env = {
         **amqp,
-        "TASK_MODULES": f"{MISBEHAVING},tests.faults.recorder",
+        "TASK_MODULES": f"{MISBEHAVING},{SIDE},tests.faults.recorder",
+        "CONSUMER_QUEUES": f"default,{SIDE_QUEUE}:20",
+        "QUEUE_PAUSE_CHECK_INTERVAL": "0.3",
         "HANDLER_CANCEL_GRACE": CANCEL_GRACE,
         recorder.ENV: str(executions),
     }
     try:
-        _, base_url = await cluster.api(TASK_MODULES=MISBEHAVING)
+        _, base_url = await cluster.api(TASK_MODULES=f"{MISBEHAVING},{SIDE}")
         relays = await asyncio.gather(*(cluster.relay(**relay_env) for _ in range(2)))
         consumers = await asyncio.gather(
             *(cluster.consumer(**consumer_env, DATABASE_URL=consumer_url(i)) for i in range(2))
         )
         workers = {"relay": list(relays), "consumer": list(consumers)}
+        client = httpx.AsyncClient(base_url=base_url, timeout=30)
         faults = Faults(
             random.Random(SEED + 1),
             cluster,
@@ -753,10 +812,11 @@ async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twi
             workers,
             consumer_pg,
             consumer_url,
+            client,
         )
         stop_supervising = asyncio.Event()
         supervisor = asyncio.create_task(faults.supervise(stop_supervising))
-        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        async with client:
             load = Load(client, plan_load(random.Random(SEED), TASK_COUNT))
             loaded = time.monotonic()
             await asyncio.gather(load.run(LOAD_SECONDS), faults.run(LOAD_SECONDS))
@@ -808,6 +868,9 @@ async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twi
             f"the API did not answer as it should: {load.api_errors}"
         )
         assert faults.unexpected_exits == [], evidence
+        assert faults.pause_errors == [], evidence
+        paused = await pool.fetchval("SELECT count(*) FROM queue_pauses")
+        assert paused == 0, "the side queue was left paused"
         assert faults.counts["pg_pause"] == FAULTS["pg_pause"], evidence
         assert [kind for kind in MUST_HAPPEN if happened[kind] == 0] == [], (
             f"faults that never happened: {happened}\n{evidence}"
@@ -818,3 +881,10 @@ async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twi
     finally:
         for proxy in consumer_pg:
             await proxy.close()
+        await delete_queue(broker_settings, amqp_queue_name(broker_settings.queue_name, SIDE_QUEUE))
+
+
+async def delete_queue(settings: BrokerSettings, name: str) -> None:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        await (await connection.channel()).queue_delete(name)
