@@ -52,7 +52,8 @@ class Topology:
 
 
 class TopologyMismatch(RuntimeError):
-    """A queue or exchange exists with arguments other than the ones Taskbox declares."""
+    """A queue or exchange exists with arguments other than the ones Taskbox declares,
+    or a Taskbox queue's AMQP name is taken by one of Taskbox's other queues."""
 
 
 def queue_arguments(settings: BrokerSettings) -> dict[str, Any]:
@@ -150,6 +151,14 @@ async def declare_task_queue(
     arguments (dead-lettering, type, priorities) and bound to ``exchange`` with its own
     name as the routing key."""
     name = amqp_queue_name(settings.queue_name, queue)
+    if name in (settings.dead_letter_queue, settings.dead_letter_watch_queue):
+        # Declared as a task queue it would be refused (other arguments) or, worse,
+        # consumed from as one: dead letters run as tasks, tasks read as dead letters.
+        raise TopologyMismatch(
+            f"Taskbox queue {queue!r} maps to the AMQP queue {name!r}, which is a dead-letter "
+            "queue (DEAD_LETTER_QUEUE): give the queue another name, or change QUEUE_NAME "
+            "or DEAD_LETTER_QUEUE"
+        )
     declared = await _declare_queue(channel, name, queue_arguments(settings))
     await declared.bind(exchange, routing_key=name)
     return declared

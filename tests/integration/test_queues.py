@@ -234,6 +234,33 @@ async def test_a_bad_consumer_queues_setting_stops_the_consumer_with_exit_2(
     assert message in result.stderr, result
 
 
+async def test_a_queue_whose_amqp_name_is_the_dead_letter_queue_is_refused(
+    service_env: dict[str, str], broker_settings: BrokerSettings
+) -> None:
+    """QUEUE_NAME=x and DEAD_LETTER_QUEUE=x.dead: a queue named 'dead' would be the
+    dead-letter queue itself. The consumer refuses to start (exit 2, saying why)."""
+    env = {
+        **service_env,
+        "DEAD_LETTER_QUEUE": f"{broker_settings.queue_name}.dead",
+        "CONSUMER_QUEUES": "default,dead",
+    }
+    try:
+        result = await run_command("consumer", [], env)
+    finally:
+        connection = await aio_pika.connect(broker_settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            for name in (
+                f"{broker_settings.queue_name}.dead",
+                f"{broker_settings.queue_name}.dead.watch",
+            ):
+                await channel.queue_delete(name)
+    assert result.code == 2, result
+    assert "maps to the AMQP queue" in result.stderr and "DEAD_LETTER_QUEUE" in result.stderr, (
+        result
+    )
+
+
 async def test_a_dead_lettered_message_of_a_named_queue_is_sent_again_to_its_queue(
     service_env: dict[str, str],
     broker_settings: BrokerSettings,
