@@ -8,7 +8,7 @@ when Postgres and RabbitMQ both answered, 1 otherwise; ``--json`` for scripts.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
 from urllib.parse import urlsplit
@@ -23,6 +23,7 @@ from taskbox.db.pool import connect
 from taskbox.db.states import TaskStatus
 from taskbox.relay.settings import RelaySettings
 from taskbox.runtime.durations import format_duration
+from taskbox.runtime.queues import DEFAULT_QUEUE, amqp_queue_name
 
 _BROKER_TIMEOUT = 5.0
 
@@ -46,8 +47,10 @@ class Snapshot:
     last_publish_error: str | None
     database_problem: str | None
     queues: list[queues.QueueView] | None  # the Taskbox queues, from Postgres
-    queue: QueueState
+    queue: QueueState  # the default queue's AMQP queue (QUEUE_NAME)
     dead_letters: QueueState
+    # The AMQP queue of every other Taskbox queue in use, in the order of ``queues``
+    named_queues: list[QueueState] = field(default_factory=list)
 
 
 def _where(url: str) -> str:
@@ -82,16 +85,18 @@ async def _database(settings: RelaySettings) -> dict[str, Any]:
         await conn.close()
 
 
-async def _queues(settings: RelaySettings) -> tuple[QueueState, QueueState]:
-    names = (settings.queue_name, settings.dead_letter_queue)
+async def _queues(settings: RelaySettings, named: list[str]) -> list[QueueState]:
+    """The default queue's AMQP queue, the dead letters', then each of ``named``'s."""
+    names = [
+        settings.queue_name,
+        settings.dead_letter_queue,
+        *(amqp_queue_name(settings.queue_name, queue) for queue in named),
+    ]
     try:
         connection = await aio_pika.connect(settings.amqp_url, timeout=_BROKER_TIMEOUT)
     except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
         problem = _problem(exc)
-        return (
-            QueueState(names[0], None, None, problem, reachable=False),
-            QueueState(names[1], None, None, problem, reachable=False),
-        )
+        return [QueueState(name, None, None, problem, reachable=False) for name in names]
     states = []
     async with connection:
         for name in names:
@@ -108,12 +113,13 @@ async def _queues(settings: RelaySettings) -> tuple[QueueState, QueueState]:
             result = declared.declaration_result
             states.append(QueueState(name, result.message_count, result.consumer_count))
             await channel.close()
-    return states[0], states[1]
+    return states
 
 
 async def snapshot(settings: RelaySettings) -> Snapshot:
     database = await _database(settings)
-    queue, dead = await _queues(settings)
+    named = [q.name for q in database.get("queues") or [] if q.name != DEFAULT_QUEUE]
+    queue, dead, *others = await _queues(settings, named)
     return Snapshot(
         at=datetime.now(UTC),
         tasks=database.get("tasks"),
@@ -125,6 +131,7 @@ async def snapshot(settings: RelaySettings) -> Snapshot:
         queues=database.get("queues"),
         queue=queue,
         dead_letters=dead,
+        named_queues=others,
     )
 
 
@@ -171,7 +178,8 @@ def render(snap: Snapshot, settings: RelaySettings) -> str:
             f"{format_duration(settings.outbox_retention)}: OUTBOX_RETENTION)"
         )
         lines += _queue_lines(snap.queues or [])
-    for label, queue in (("queue", snap.queue), ("dead letters", snap.dead_letters)):
+    amqp = [("amqp queues", snap.queue), *(("", q) for q in snap.named_queues)]
+    for label, queue in (*amqp, ("dead letters", snap.dead_letters)):
         if queue.problem is not None:
             lines.append(f"{label:<13} {queue.name}: {queue.problem}")
         else:

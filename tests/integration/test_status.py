@@ -8,6 +8,7 @@ import orjson
 
 from taskbox.broker.settings import BrokerSettings
 from taskbox.db.tasks import NewTask, create_task
+from taskbox.runtime.queues import amqp_queue_name
 from tests.integration.helpers_broker import topology
 from tests.integration.processes import free_port, run_command
 
@@ -57,7 +58,7 @@ async def test_status_shows_tasks_outbox_and_queues(
     assert "failing 1" in out
     assert "last publish error: DeliveryError: NO_ROUTE" in out
     assert "table ~6 rows" in out
-    assert f"queue         {broker_settings.queue_name}: 2 ready, 0 consumers" in out
+    assert f"amqp queues   {broker_settings.queue_name}: 2 ready, 0 consumers" in out
     assert f"dead letters  {broker_settings.dead_letter_queue}: 1 ready, 0 consumers" in out
     assert "postgres 127.0.0.1:5432/taskbox_test_" in out.splitlines()[0]
     assert len(out.splitlines()) <= 24, "one screen"
@@ -82,7 +83,7 @@ async def test_status_says_what_it_could_not_reach(service_env: dict[str, str]) 
     result = await run_command("relay", ["status"], env)
     assert result.code == 1, result
     assert "postgres      UNREACHABLE:" in result.stdout
-    assert "queue         " in result.stdout
+    assert "amqp queues   " in result.stdout
     assert "secret" not in result.stdout  # the URLs are shown without their passwords
 
 
@@ -93,3 +94,30 @@ async def test_status_of_queues_nobody_declared_yet(
     assert result.code == 0, result
     assert "does not exist (yet)" in result.stdout
     assert "tasks         NEW 0" in result.stdout
+
+
+async def test_status_shows_the_amqp_queue_of_every_queue_in_use(
+    pool: asyncpg.Pool, service_env: dict[str, str], broker_settings: BrokerSettings
+) -> None:
+    """A named queue in use (a task waits in it) gets its AMQP queue's line too: the
+    depth RabbitMQ holds for it beside the default queue's."""
+    await create_task(pool, NewTask("echo", {}, 0, 3, queue="media"))
+    media = amqp_queue_name(broker_settings.queue_name, "media")
+    connection = await aio_pika.connect(broker_settings.amqp_url)
+    try:
+        async with topology(broker_settings):
+            channel = await connection.channel()
+            await channel.declare_queue(media, durable=True)
+            for _ in range(3):
+                await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=media)
+            result = await run_command("relay", ["status"], service_env)
+            as_json = await run_command("relay", ["status", "--json"], service_env)
+    finally:
+        async with connection:
+            await (await connection.channel()).queue_delete(media)
+    assert result.code == 0, result
+    lines = result.stdout.splitlines()
+    at = lines.index(f"amqp queues   {broker_settings.queue_name}: 0 ready, 0 consumers")
+    assert lines[at + 1] == f"              {media}: 3 ready, 0 consumers", result.stdout
+    named = orjson.loads(as_json.stdout)["named_queues"]
+    assert [(q["name"], q["messages"]) for q in named] == [(media, 3)]
