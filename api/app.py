@@ -62,6 +62,11 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
             max_page_bytes=settings.max_page_bytes,
             tracer=tracing.tracer,
         )
+        if app.state.api_key_names:
+            # The names, never the keys: a key written name:key is checked as its part
+            # after the colon, which this line makes visible at once.
+            names = ", ".join(name for name, _ in app.state.api_key_names)
+            log.info("API keys accepted, by name: %s", names)
         if not app.state.api_keys:
             log.warning(
                 "API_KEYS is empty: the API is UNAUTHENTICATED; anyone who can reach it "

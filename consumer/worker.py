@@ -280,6 +280,8 @@ class TaskConsumer:
         self._tag: str | None = None
         self._paused = False
         self._stopping = False
+        self._consuming = asyncio.Lock()  # registering or cancelling the AMQP consumer
+        self._cancelled_tags: set[str] = set()  # stray consumers cancelled while paused
 
     @property
     def running_count(self) -> int:
@@ -288,6 +290,9 @@ class TaskConsumer:
     # -- receiving ------------------------------------------------------------------
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._paused:
+            await self._refuse_while_paused(message)
+            return
         try:
             parsed = messages.parse(message.body)
         except messages.MalformedMessage as exc:
@@ -694,17 +699,12 @@ class TaskConsumer:
     # -- the whole life ---------------------------------------------------------------
 
     async def run(self, queue: AbstractQueue, stop: asyncio.Event) -> None:
-        self._queue = queue
-        if self._paused:
-            log.warning("not consuming from %s: its queue is paused", queue.name)
-        else:
-            tag = await consume(queue, self.on_message)
-            if self._paused:  # paused while the consumer was being registered
-                await self._cancel_consumer(queue, tag)
-                await self._inbox_back()
+        async with self._consuming:
+            self._queue = queue
+            if self._paused:
                 log.warning("not consuming from %s: its queue is paused", queue.name)
             else:
-                self._tag = tag
+                self._tag = await consume(queue, self.on_message)
                 log.info("consuming from %s as %s", queue.name, self.worker_id)
         try:
             await self.claim_loop(stop)
@@ -725,29 +725,39 @@ class TaskConsumer:
 
         Pausing cancels the AMQP consumer and hands back the deliveries not yet claimed:
         they wait in RabbitMQ, PENDING, until the resume. Tasks running here finish
-        normally. A message already on its way when the cancel lands is claimed and
-        runs: a pause stops new work, it does not fence it.
+        normally. One registration at a time (``_consuming``): a pause and a resume
+        racing ``run()``'s start, or each other, never leave a second consumer behind.
         """
-        if paused == self._paused or self._stopping:
+        async with self._consuming:
+            if paused == self._paused or self._stopping:
+                return
+            self._paused = paused
+            queue = self._queue
+            if queue is None:  # not running yet: run() reads _paused
+                return
+            if paused:
+                tag, self._tag = self._tag, None
+                if tag is not None:
+                    self._cancelled_tags.add(tag)
+                    await self._cancel_consumer(queue, tag)
+                await self._inbox_back()
+                log.warning("queue paused: stopped consuming from %s", queue.name)
+                return
+            self._tag = await consume(queue, self.on_message)
+            log.warning("queue resumed: consuming from %s again", queue.name)
+
+    async def _refuse_while_paused(self, message: AbstractIncomingMessage) -> None:
+        """A delivery while paused: one already on its way when the cancel went out, or
+        from a consumer the pause could not cancel (a cancel that timed out, or one a
+        reconnect restored). It goes back to the queue, and such a consumer is cancelled
+        now, so the pause holds."""
+        await _settle(message, "requeue", pipelined=self._pipelined)
+        tag, queue = message.consumer_tag, self._queue
+        if tag is None or tag == self._tag or tag in self._cancelled_tags or queue is None:
             return
-        self._paused = paused
-        queue = self._queue
-        if queue is None:  # not running yet: run() reads _paused
-            return
-        if paused:
-            tag, self._tag = self._tag, None
-            if tag is not None:
-                await self._cancel_consumer(queue, tag)
-            await self._inbox_back()
-            log.warning("queue paused: stopped consuming from %s", queue.name)
-            return
-        tag = await consume(queue, self.on_message)
-        if self._stopping or self._paused:  # stopped or paused again meanwhile
-            await self._cancel_consumer(queue, tag)
-            await self._inbox_back()
-            return
-        self._tag = tag
-        log.warning("queue resumed: consuming from %s again", queue.name)
+        self._cancelled_tags.add(tag)
+        log.warning("cancelling a consumer left on paused queue %s (tag %s)", queue.name, tag)
+        await self._cancel_consumer(queue, tag)
 
     async def _cancel_consumer(self, queue: AbstractQueue, tag: str) -> None:
         # The connection may be down (and reconnecting) right now: a robust queue's

@@ -102,16 +102,15 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
                 "publish_attempts",
                 "last_error",
                 "available_at",
-                "parked_at",
+                "parked_queue",
             ),
         ),
         TableGrant("tasks", ("SELECT", "DELETE"), update_columns=("status", "updated_at")),
         # `taskbox status` lists the queues and the consumers seen on them; retention
         # deletes the rows of consumers gone for a day
         TableGrant("queue_consumers", ("SELECT", "DELETE")),
-        # The claim holds KEY SHARE on the pauses it saw (a row lock needs UPDATE on some
-        # column; the claim updates nothing there)
-        TableGrant("queue_pauses", ("SELECT",), update_columns=("paused_at",)),
+        # the claim parks the rows of the paused queues
+        TableGrant("queue_pauses", ("SELECT",)),
     ),
     # Claims, heartbeats, finishes and rescues tasks (every column an attempt owns); a
     # retry, a rescued task and a dead-lettered one sent again are task.retry outbox

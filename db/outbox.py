@@ -31,14 +31,9 @@ from taskbox.db.states import TERMINAL
 # Each row carries its task's queue, read from the task row the claim joins anyway: the
 # relay publishes it there (no column on the outbox, no extra read per row).
 #
-# A due row of a paused queue is parked instead (parked_at set, out of ix_outbox_due)
-# and its task stays NEW, until a resume unparks it. The claim holds a KEY SHARE lock
-# on the pause rows it saw until it commits, and a resume deletes its pause row (which
-# waits for those locks) before it unparks: so every row a claim parked because of that
-# pause is committed, and visible to the resume's unpark, by the time it runs. Without
-# the lock, a claim that saw the pause just before the resume could park a row the
-# resume had already looked past: parked for ever. With no queue paused, the lock
-# locks nothing and the check reads an empty table.
+# A due row of a paused queue is parked instead (parked_queue set, out of
+# ix_outbox_due) and its task stays NEW; after the resume a relay unparks it (below).
+# With no queue paused, the check reads an empty table.
 #
 # Rows go oldest due first (ix_outbox_due). The statement also reports when the next
 # row not yet due falls due, from the same now() as the claim's cutoff, so that a row
@@ -47,13 +42,13 @@ from taskbox.db.states import TERMINAL
 # still answers with that moment (and NULL row columns).
 _CLAIM_BATCH = """
 WITH paused AS (
-    SELECT queue FROM queue_pauses FOR KEY SHARE
+    SELECT queue FROM queue_pauses
 ), batch AS (
     SELECT o.id, o.task_id, o.kind, o.body, o.headers, o.publish_attempts, o.available_at,
            t.queue, t.status AS task_status, t.status = ANY($2::text[]) AS settled,
            t.queue IN (SELECT queue FROM paused) AS paused
     FROM outbox AS o JOIN tasks AS t ON t.id = o.task_id
-    WHERE o.published_at IS NULL AND o.parked_at IS NULL AND o.available_at <= now()
+    WHERE o.published_at IS NULL AND o.parked_queue IS NULL AND o.available_at <= now()
     ORDER BY o.available_at, o.id
     LIMIT $1
     FOR UPDATE OF o SKIP LOCKED
@@ -61,11 +56,11 @@ WITH paused AS (
     UPDATE outbox AS o SET published_at = now(), last_error = 'not sent: task ' || b.task_status
     FROM batch AS b WHERE o.id = b.id AND b.settled
 ), parked AS (
-    UPDATE outbox AS o SET parked_at = now()
+    UPDATE outbox AS o SET parked_queue = b.queue
     FROM batch AS b WHERE o.id = b.id AND b.paused AND NOT b.settled
 ), next AS (
     SELECT extract(epoch FROM min(available_at) - now())::float8 AS next_due_in
-    FROM outbox WHERE published_at IS NULL AND parked_at IS NULL AND available_at > now()
+    FROM outbox WHERE published_at IS NULL AND parked_queue IS NULL AND available_at > now()
 ), no_flush_wait AS (
     SELECT set_config('synchronous_commit', 'off', true)
 )
@@ -107,6 +102,46 @@ WITH published AS (
 )
 UPDATE tasks SET status = 'PENDING', updated_at = now()
 WHERE id IN (SELECT id FROM flippable) AND status = 'NEW'
+"""
+
+# The queues that have parked rows and are not paused (any more): one index probe per
+# queue with parked rows (a skip scan of ix_outbox_parked written out, as Postgres 15
+# has none), whatever their number; nothing at all when no row is parked.
+#
+# A relay runs it before each drain (a wake-up or a poll) and unparks what it finds.
+# That is also what makes a resume safe without any lock between it and the claims: a
+# claim that saw the pause just before the resume committed may park rows after the
+# resume; they show up here at the next drain and go out then.
+_RESUMED_QUEUES = """
+WITH RECURSIVE parked(queue) AS (
+    (SELECT parked_queue FROM outbox
+     WHERE published_at IS NULL AND parked_queue IS NOT NULL
+     ORDER BY parked_queue LIMIT 1)
+    UNION ALL
+    SELECT (SELECT o.parked_queue FROM outbox AS o
+            WHERE o.published_at IS NULL AND o.parked_queue IS NOT NULL
+              AND o.parked_queue > p.queue
+            ORDER BY o.parked_queue LIMIT 1)
+    FROM parked AS p WHERE p.queue IS NOT NULL
+)
+SELECT queue FROM parked
+WHERE queue IS NOT NULL AND queue NOT IN (SELECT queue FROM queue_pauses)
+"""
+
+# One chunk of a resumed queue's parked rows, oldest due first, back into the claim's
+# index: a short transaction however large the backlog (the claims go on between the
+# chunks). Rows another relay is unparking are skipped (SKIP LOCKED). The pause check
+# reads this statement's snapshot: a pause committed meanwhile is missed for this chunk,
+# and the claim parks those rows again.
+_UNPARK = """
+UPDATE outbox SET parked_queue = NULL
+WHERE id IN (
+    SELECT id FROM outbox
+    WHERE published_at IS NULL AND parked_queue = $1
+    ORDER BY available_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+) AND NOT EXISTS (SELECT 1 FROM queue_pauses WHERE queue = $1)
 """
 
 _NOTIFY = "SELECT pg_notify($1, $2)"
@@ -159,3 +194,14 @@ async def record_publish_outcome(
 
 async def notify(conn: asyncpg.Connection | asyncpg.Pool, channel: str, payload: str = "") -> None:
     await conn.execute(_NOTIFY, channel, payload)
+
+
+async def resumed_queues(conn: asyncpg.Connection | asyncpg.Pool) -> list[str]:
+    """The queues with parked rows that are not paused: their rows await an unpark."""
+    return [row["queue"] for row in await conn.fetch(_RESUMED_QUEUES)]
+
+
+async def unpark(conn: asyncpg.Connection | asyncpg.Pool, queue: str, limit: int) -> int:
+    """Unpark up to ``limit`` of ``queue``'s parked rows, oldest due first; how many."""
+    status = await conn.execute(_UNPARK, queue, limit)
+    return int(status.split()[-1])

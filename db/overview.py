@@ -21,8 +21,8 @@ SELECT count(*) AS rows,
        coalesce(extract(epoch FROM
            now() - min(available_at) FILTER (WHERE available_at <= now())), 0) AS lag,
        (SELECT count(*) FROM outbox
-        WHERE published_at IS NULL AND parked_at IS NOT NULL) AS parked
-FROM outbox WHERE published_at IS NULL AND parked_at IS NULL
+        WHERE published_at IS NULL AND parked_queue IS NOT NULL) AS parked
+FROM outbox WHERE published_at IS NULL AND parked_queue IS NULL
 """
 
 _TASK_COUNTS = "SELECT status, count(*) AS n FROM tasks GROUP BY status"

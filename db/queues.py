@@ -108,8 +108,7 @@ async def consumers_seen(
 # -- pausing ---------------------------------------------------------------------------
 
 # Both run as the tables' owner (migration 0006): the api changes nothing else of the
-# queues, and a resume must hold to an order of statements (its pause row first, then
-# the unpark: see db.outbox._CLAIM_BATCH) that no grant could enforce.
+# queues and has no privilege on the outbox, whose parked rows a resume counts.
 _PAUSE = "SELECT pause_queue($1, $2, $3)"
 _RESUME = "SELECT resume_queue($1, $2, $3, $4)"
 
@@ -144,10 +143,23 @@ async def resume(
     conn: asyncpg.Connection | asyncpg.Pool, queue: str, actor: str, reason: str, channel: str
 ) -> int | None:
     """Resume ``queue`` and wake the relays on ``channel``: how many parked outbox rows
-    went back to the claim, or None when the queue was not paused. One transaction: a
-    resume that fails leaves the queue paused with its rows parked."""
+    the relays now send (they unpark them, a chunk at a time: db.outbox), or None when
+    the queue was not paused. Constant time, whatever the backlog."""
     unparked = await conn.fetchval(_RESUME, queue, actor, reason, channel)
     return None if unparked is None else int(unparked)
+
+
+async def describe(
+    conn: asyncpg.Connection | asyncpg.Pool, queue: str, *, known: bool = False
+) -> tuple[QueueView | None, list[QueueEvent]]:
+    """The queue as listed and its latest events. A queue not in use but paused or
+    resumed before (or ``known``: just paused or resumed) is shown empty; None for a
+    name never used at all."""
+    view = await get_queue(conn, queue)
+    history = await events(conn, queue)
+    if view is None and (known or history):
+        view = QueueView(queue, 0, 0, None, 0)
+    return view, history
 
 
 async def events(

@@ -120,9 +120,10 @@ outbox = Table(
     Column("published_at", DateTime(timezone=True)),
     Column("publish_attempts", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text),
-    # Set when the relay came to publish the row while its task's queue was paused: a
-    # parked row waits, out of the claim's index, until the queue is resumed.
-    Column("parked_at", DateTime(timezone=True)),
+    # Set to the task's queue when the relay came to publish the row while that queue
+    # was paused: a parked row waits, out of the claim's index, until a relay unparks it
+    # after the resume.
+    Column("parked_queue", Text),
     CheckConstraint(f"kind IN ({_kind_list})", name="kind"),
 )
 
@@ -135,13 +136,16 @@ Index(
     "ix_outbox_due",
     outbox.c.available_at,
     outbox.c.id,
-    postgresql_where=text("published_at IS NULL AND parked_at IS NULL"),
+    postgresql_where=text("published_at IS NULL AND parked_queue IS NULL"),
 )
-# A resume finds its queue's parked rows here; the index holds parked rows only.
+# Parked rows only: which queues have some (a skip scan over the first column), and a
+# resumed queue's rows in due order.
 Index(
     "ix_outbox_parked",
-    outbox.c.task_id,
-    postgresql_where=text("published_at IS NULL AND parked_at IS NOT NULL"),
+    outbox.c.parked_queue,
+    outbox.c.available_at,
+    outbox.c.id,
+    postgresql_where=text("published_at IS NULL AND parked_queue IS NOT NULL"),
 )
 # Deleting a task (retention) cascades to its outbox rows through this index.
 Index("ix_outbox_task_id", outbox.c.task_id)

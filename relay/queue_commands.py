@@ -2,8 +2,8 @@
 
 The operator's side of ``/api/v1/queues``: the same queries and the same two database
 functions (``pause_queue``, ``resume_queue``), recorded with the operator's user@host
-instead of an API key's name. Runs with DATABASE_URL (as the relay, or the owner) and
-never talks to RabbitMQ.
+instead of an API key's name. Runs with DATABASE_URL as the tables' owner, as replay
+does (the relay's role may list and show, not pause), and never talks to RabbitMQ.
 """
 
 from __future__ import annotations
@@ -95,25 +95,27 @@ async def _act(conn: asyncpg.Connection, args: argparse.Namespace, settings: Rel
             for q in found:
                 print(queue_line(q))
         return EXIT_OK
+    known = False
     if action == "pause":
         changed = await queues.pause(conn, args.name, operator(), args.reason)
+        known = True
         if not args.json:
             print(f"queue {args.name}: " + ("paused" if changed else "was paused already"))
     elif action == "resume":
-        unparked = await queues.resume(
+        parked = await queues.resume(
             conn, args.name, operator(), args.reason, settings.outbox_channel
         )
+        known = parked is not None
         if not args.json:
             print(
-                f"queue {args.name}: resumed, {unparked:,} parked tasks go out again"
-                if unparked is not None
+                f"queue {args.name}: resumed, {parked:,} parked tasks go out again"
+                if parked is not None
                 else f"queue {args.name}: was not paused"
             )
-    view = await queues.get_queue(conn, args.name)
+    view, history = await queues.describe(conn, args.name, known=known)
     if view is None:
         print(f"no queue {args.name!r} is in use (no tasks, consumers or pause)", file=sys.stderr)
         return EXIT_NOT_FOUND
-    history = await queues.events(conn, args.name)
     if args.json:
         _print_json({**asdict(view), "events": [asdict(e) for e in history]})
         return EXIT_OK

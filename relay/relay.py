@@ -93,6 +93,9 @@ class OutboxRelay:
         self._next_due: tuple[float, float] | None = None
         # time.monotonic() of the drain loop's last sign of life, for /healthz
         self.alive_at = time.monotonic()
+        # Rows of a resumed queue unparked at a time: a few batches' worth, each chunk
+        # its own short transaction.
+        self._unpark_chunk = 4 * settings.relay_batch_size
 
     async def drain_batch(self) -> int:
         """Claim, publish and record one batch; returns how many rows it claimed
@@ -159,11 +162,28 @@ class OutboxRelay:
         each on its own connection (SKIP LOCKED keeps them disjoint), so one batch's
         claim and commit overlap another's wait for confirms.
         """
-        if stop.is_set() or await self.drain_batch() < self._settings.relay_batch_size:
+        if stop.is_set():
+            return
+        await self.unpark_resumed()
+        if await self.drain_batch() < self._settings.relay_batch_size:
             return
         await asyncio.gather(
             *(self._drain_until_short(stop) for _ in range(self._settings.relay_concurrency))
         )
+
+    async def unpark_resumed(self) -> int:
+        """Put one chunk of each resumed queue's parked rows back in the claim's way,
+        oldest due first; how many. A full chunk sets the wake-up, so the next drain
+        follows at once: a large resumed backlog goes out a chunk at a time, the other
+        queues' rows drained between the chunks rather than after the whole backlog."""
+        unparked = 0
+        for queue in await outbox.resumed_queues(self._pool):
+            count = await outbox.unpark(self._pool, queue, self._unpark_chunk)
+            unparked += count
+            if count == self._unpark_chunk:
+                self._wake.set()
+            log.info("unparked %d rows of resumed queue %s", count, queue)
+        return unparked
 
     async def _drain_until_short(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

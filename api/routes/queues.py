@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 
 from taskbox.api.auth import caller_name
 from taskbox.api.deps import Pool
+from taskbox.api.routes.responses import NOT_JSON, TOO_LARGE
 from taskbox.api.schemas import (
     Problem,
     QueueAction,
@@ -67,14 +68,13 @@ async def list_queues(pool: Pool) -> QueueList:
     return QueueList.model_validate({"items": [asdict(queue) for queue in found]})
 
 
-async def _detail(pool: Pool, name: str) -> dict[str, Any]:
-    view = await queues.get_queue(pool, name)
+async def _detail(pool: Pool, name: str, *, known: bool = False) -> dict[str, Any]:
+    """The queue with its events; a 404 for a name never used, paused or resumed
+    (``known``: the caller just paused or resumed it)."""
+    view, history = await queues.describe(pool, name, known=known)
     if view is None:
         raise HTTPException(404, f"no queue {name!r} is in use (no tasks, consumers or pause)")
-    return {
-        **asdict(view),
-        "events": [asdict(event) for event in await queues.events(pool, name)],
-    }
+    return {**asdict(view), "events": [asdict(event) for event in history]}
 
 
 @router.get(
@@ -105,14 +105,15 @@ async def get_queue(name: QueueName, pool: Pool) -> QueueDetail:
         "API key's name and the reason. Pausing a paused queue changes nothing "
         "(`changed: false`). Any valid name may be paused, also one not in use yet."
     ),
-    responses={**_INVALID, **_UNAVAILABLE},
+    responses={**TOO_LARGE, **NOT_JSON, **_INVALID, **_UNAVAILABLE},
 )
 async def pause_queue(
     name: QueueName, action: QueueAction, request: Request, pool: Pool
 ) -> QueuePaused:
     actor = caller_name(request.headers.get("authorization"), request.app.state.api_key_names)
     changed = await queues.pause(pool, name, actor, action.reason)
-    return QueuePaused.model_validate({**await _detail(pool, name), "changed": changed})
+    detail = await _detail(pool, name, known=True)
+    return QueuePaused.model_validate({**detail, "changed": changed})
 
 
 @router.post(
@@ -121,12 +122,15 @@ async def pause_queue(
     summary="Resume a queue",
     description=(
         "The queue's parked tasks are published again, in order of due time (RabbitMQ "
-        "orders them by priority), and its consumers take messages again within "
-        "QUEUE_PAUSE_CHECK_INTERVAL. Recorded with the API key's name and the reason. "
+        "orders them by priority), a chunk at a time from the relays' next wake-up (the "
+        "resume itself takes constant time), and its consumers take messages again "
+        "within QUEUE_PAUSE_CHECK_INTERVAL. Recorded with the API key's name and the reason. "
         "Resuming a queue that is not paused changes nothing (`changed: false`)."
     ),
     responses={
         404: {"model": Problem, "description": "No queue of this name is in use"},
+        **TOO_LARGE,
+        **NOT_JSON,
         **_INVALID,
         **_UNAVAILABLE,
     },
@@ -135,13 +139,8 @@ async def resume_queue(
     name: QueueName, action: QueueAction, request: Request, pool: Pool
 ) -> QueueResumed:
     actor = caller_name(request.headers.get("authorization"), request.app.state.api_key_names)
-    unparked = await queues.resume(
-        pool, name, actor, action.reason, request.app.state.outbox_channel
-    )
+    parked = await queues.resume(pool, name, actor, action.reason, request.app.state.outbox_channel)
+    detail = await _detail(pool, name, known=parked is not None)
     return QueueResumed.model_validate(
-        {
-            **await _detail(pool, name),
-            "changed": unparked is not None,
-            "unparked": unparked or 0,
-        }
+        {**detail, "changed": parked is not None, "unparked": parked or 0}
     )

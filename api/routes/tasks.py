@@ -12,6 +12,7 @@ from pydantic import StringConstraints, TypeAdapter, ValidationError
 from taskbox.api import rendering
 from taskbox.api.deps import Service
 from taskbox.api.params import IsoDatetime, StorableText
+from taskbox.api.routes.responses import NOT_JSON, TOO_LARGE
 from taskbox.api.schemas import (
     MAX_BATCH,
     ListView,
@@ -38,16 +39,8 @@ Responses = dict[int | str, dict[str, Any]]
 _UNAUTHORIZED: Responses = {
     401: {"model": Problem, "description": "The API key is missing or not valid"}
 }
-_TOO_LARGE: Responses = {
-    413: {"model": Problem, "description": "The request body is larger than MAX_BODY_BYTES"}
-}
-_NOT_JSON: Responses = {
-    415: {
-        "model": Problem,
-        "description": "The body is not declared JSON: its Content-Type is missing, or is "
-        "not application/json or a +json type",
-    }
-}
+_TOO_LARGE = TOO_LARGE
+_NOT_JSON = NOT_JSON
 
 router = APIRouter(
     prefix="/api/v1/tasks",

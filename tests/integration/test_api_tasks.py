@@ -1262,6 +1262,33 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
         "401": "Problem",
         "503": "Problem",
     },
+    # a name that breaks the queue-name rule is a 422
+    ("/api/v1/queues/{name}", "get"): {
+        "200": "QueueDetail",
+        "401": "Problem",
+        "404": "Problem",
+        "422": "Problem",
+        "503": "Problem",
+    },
+    ("/api/v1/queues/{name}/pause", "post"): {
+        "200": "QueuePaused",
+        "400": "Problem",
+        "401": "Problem",
+        "413": "Problem",
+        "415": "Problem",
+        "422": "Problem",
+        "503": "Problem",
+    },
+    ("/api/v1/queues/{name}/resume", "post"): {
+        "200": "QueueResumed",
+        "400": "Problem",
+        "401": "Problem",
+        "404": "Problem",
+        "413": "Problem",
+        "415": "Problem",
+        "422": "Problem",
+        "503": "Problem",
+    },
     # No 422 on the task id's operations: an id that is no UUID matches no route (404).
     (f"{TASKS}/{{task_id}}", "get"): {
         "200": "Task",

@@ -25,7 +25,7 @@ import pytest
 from taskbox.api.settings import ApiSettings
 from taskbox.broker import messages
 from taskbox.broker.settings import BrokerSettings
-from taskbox.db import queues
+from taskbox.db import outbox, queues
 from taskbox.db.outbox import claim_batch
 from taskbox.db.tasks import NewTask, create_task
 from taskbox.runtime.queues import amqp_queue_name
@@ -132,7 +132,7 @@ async def test_a_paused_queue_holds_its_tasks_while_the_others_flow_and_resume_d
             assert set((await statuses(pool, held)).values()) == {"NEW"}
             parked = await pool.fetchval(
                 "SELECT count(*) FROM outbox WHERE task_id = ANY($1::uuid[])"
-                " AND published_at IS NULL AND parked_at IS NOT NULL",
+                " AND published_at IS NULL AND parked_queue = 'media'",
                 held,
             )
             assert parked == len(held)
@@ -242,37 +242,58 @@ async def _publish_as_the_relay_did(
                 routing_key=queue,
             )
     await pool.execute(
-        "UPDATE outbox SET published_at = now(), parked_at = NULL WHERE id = ANY($1::bigint[])",
+        "UPDATE outbox SET published_at = now(), parked_queue = NULL WHERE id = ANY($1::bigint[])",
         [row["id"] for row in rows],
     )
 
 
-async def test_a_resume_waits_for_a_claim_that_saw_the_pause_and_unparks_what_it_parked(
+async def test_rows_a_claim_parks_after_the_resume_committed_go_out_at_the_next_drain(
     pool: asyncpg.Pool,
 ) -> None:
-    """The fence between the relay's claim and a resume (db.outbox, _CLAIM_BATCH): a
-    claim that saw the pause parks a row and commits after the resume began; the resume
-    must still unpark that row, or it stays parked for ever."""
+    """No lock between the relay's claim and a resume: a claim that saw the pause parks
+    a row and commits after the resume did. The relays' unpark before each drain finds
+    it (a resumed queue with parked rows), so it is not parked for ever."""
     await _new(pool, "media")
-    assert await queues.pause(pool, "media", "test", "fence")
+    assert await queues.pause(pool, "media", "test", "race")
     claimer = await pool.acquire()
-    resumer = await pool.acquire()
     try:
-        claiming = claimer.transaction()
-        await claiming.start()
-        claim = await claim_batch(claimer, 10)
-        assert (claim.parked, claim.rows) == (1, [])
-        resume = asyncio.create_task(queues.resume(resumer, "media", "test", "fence", "ch"))
-        await asyncio.sleep(0.5)
-        assert not resume.done()  # waiting for the claim's lock on the pause row
-        await claiming.commit()
-        assert await asyncio.wait_for(resume, 5) == 1
+        async with claimer.transaction():
+            claim = await claim_batch(claimer, 10)
+            assert (claim.parked, claim.rows) == (1, [])
+            # the resume commits while the claim that parked the row is still open
+            assert await queues.resume(pool, "media", "test", "race", "ch") == 0
     finally:
         await pool.release(claimer)
-        await pool.release(resumer)
+    assert await outbox.resumed_queues(pool) == ["media"]
+    assert await outbox.unpark(pool, "media", 100) == 1
+    assert await outbox.resumed_queues(pool) == []
     async with pool.acquire() as conn, conn.transaction():
         claim = await claim_batch(conn, 10)
     assert (claim.parked, len(claim.rows)) == (0, 1)
+
+
+async def test_a_paused_queue_keeps_its_parked_rows_and_a_resume_is_constant_time(
+    pool: asyncpg.Pool,
+) -> None:
+    """The unpark leaves a queue that is still paused alone (and another resumed queue's
+    rows go); the resume itself touches no outbox row, it only counts them."""
+    for queue in ("media", "bulk"):
+        for _ in range(3):
+            await _new(pool, queue)
+        assert await queues.pause(pool, queue, "test", "both")
+    async with pool.acquire() as conn, conn.transaction():
+        assert (await claim_batch(conn, 10)).parked == 6
+    assert await outbox.resumed_queues(pool) == []
+    assert await queues.resume(pool, "bulk", "test", "one", "ch") == 3
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE parked_queue IS NOT NULL") == 6
+    assert await outbox.resumed_queues(pool) == ["bulk"]
+    assert await outbox.unpark(pool, "media", 100) == 0  # still paused: nothing moves
+    assert await outbox.unpark(pool, "bulk", 2) == 2  # a chunk at a time
+    assert await outbox.unpark(pool, "bulk", 2) == 1
+    parked = await pool.fetch(
+        "SELECT DISTINCT parked_queue FROM outbox WHERE parked_queue IS NOT NULL"
+    )
+    assert [row["parked_queue"] for row in parked] == ["media"]
 
 
 async def test_resume_sends_the_backlog_in_order_of_due_time(pool: asyncpg.Pool) -> None:
@@ -291,6 +312,7 @@ async def test_resume_sends_the_backlog_in_order_of_due_time(pool: asyncpg.Pool)
     async with pool.acquire() as conn, conn.transaction():
         assert (await claim_batch(conn, 10)).parked == 4
     assert await queues.resume(pool, "media", "test", "order", "ch") == 4
+    assert await outbox.unpark(pool, "media", 100) == 4
     async with pool.acquire() as conn, conn.transaction():
         claim = await claim_batch(conn, 10)
     assert [row["task_id"] for row in claim.rows] == [t for _, t in sorted(made, reverse=True)]
@@ -323,3 +345,17 @@ async def test_showing_a_queue_not_in_use_is_a_404(api_settings: ApiSettings) ->
     assert response.status_code == 404
     assert "nothing-here" in response.json()["detail"]
     assert resumed.status_code == 404
+
+
+async def test_resuming_a_queue_not_in_use_answers_200(api_settings: ApiSettings) -> None:
+    """A queue paused before anything used it, then resumed, is shown empty with its
+    events (not a 404 for a resume that succeeded)."""
+    async with app_client_for(api_settings) as client:
+        paused = await client.post("/api/v1/queues/later/pause", json={"reason": "ahead"})
+        resumed = await client.post("/api/v1/queues/later/resume", json={"reason": "back"})
+        shown = await client.get("/api/v1/queues/later")
+    assert paused.status_code == 200 and paused.json()["paused"] is True, paused.text
+    assert resumed.status_code == 200, resumed.text
+    assert (resumed.json()["changed"], resumed.json()["waiting"]) == (True, 0)
+    assert shown.status_code == 200
+    assert [e["action"] for e in shown.json()["events"]] == ["resume", "pause"]

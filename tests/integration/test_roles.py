@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from taskbox.api.settings import ApiSettings
-from taskbox.db import execution, overview, queues, retention
+from taskbox.db import execution, outbox, overview, queues, retention
 from taskbox.db import replay as replay_store
 from taskbox.db.grants import FUNCTIONS, PROCESSES, TABLES, Process
 from taskbox.db.outbox import PublishRefusal, claim_batch, notify, record_publish_outcome
@@ -491,7 +491,7 @@ async def test_the_relay_role_claims_records_sweeps_and_reports(
 
 async def test_pausing_and_resuming_work_under_each_role(roles: Roles, database_url: str) -> None:
     """The api pauses and resumes (through the owner's functions), the relay's claim
-    parks the paused queue's rows (its KEY SHARE lock on the pause needs its grant), the
+    parks the paused queue's rows and its drain unparks them after the resume, the
     consumer reads the pauses; none of them may write a pause of its own."""
     owner = await connect(DatabaseSettings(database_url=database_url))
     try:
@@ -514,8 +514,11 @@ async def test_pausing_and_resuming_work_under_each_role(roles: Roles, database_
     async with connected(roles, "api") as api:
         assert await queues.resume(api, "default", "ops", "done", roles.channel) == len(ids)
         assert [e.action for e in await queues.events(api, "default")] == ["resume", "pause"]
-    async with connected(roles, "relay") as relay, relay.transaction():
-        assert len((await claim_batch(relay, 10)).rows) == len(ids)
+    async with connected(roles, "relay") as relay:
+        assert await outbox.resumed_queues(relay) == ["default"]
+        assert await outbox.unpark(relay, "default", 10) == len(ids)
+        async with relay.transaction():
+            assert len((await claim_batch(relay, 10)).rows) == len(ids)
 
 
 async def test_the_relay_role_listens_and_the_api_role_wakes_it(roles: Roles) -> None:

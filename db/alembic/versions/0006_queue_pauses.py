@@ -6,9 +6,11 @@ Create Date: 2026-12-07
 
 ``queue_pauses`` holds one row per paused queue (who paused it, when, why);
 ``queue_events`` records every pause and resume for good. The relay parks the due
-outbox rows of a paused queue (``outbox.parked_at``) instead of publishing them, and a
-resume unparks them: parked rows leave the claim's index, so a paused backlog of any
-size costs the claims of the other queues nothing.
+outbox rows of a paused queue (``outbox.parked_queue``: the queue they wait for)
+instead of publishing them; after a resume the relays unpark them, a chunk at a time
+(db/outbox.py). Parked rows leave the claim's index, so a paused backlog of any size
+costs the claims of the other queues nothing, and the parked index lets a relay find
+which queues have parked rows without reading them.
 
 The claim index gets the new predicate. It is built CONCURRENTLY outside the
 migration's transaction (a plain build would block every task creation for as long as
@@ -17,11 +19,14 @@ the steps can run again after a failure at any point.
 
 ``pause_queue()`` and ``resume_queue()`` are the only ways the api changes them: like
 ``cancel_task()`` (0004) they run as the owner (SECURITY DEFINER), so the api role needs
-EXECUTE on them and no write on the tables, nor any privilege on the outbox. The resume
-deletes the pause row in a statement of its own before it unparks: the delete waits
-for every relay claim that saw the pause (they hold a KEY SHARE lock on its row until
-they commit), so the rows they parked are visible to the unpark (db/outbox.py). Each
-statement of a VOLATILE plpgsql function reads a fresh snapshot, which that needs.
+EXECUTE on them and no write on the tables, nor any privilege on the outbox. A resume
+only deletes the pause row, records it and wakes the relays: constant time whatever
+the backlog.
+
+Every relay claim and every consumer reads ``queue_pauses``: SELECT on it is granted
+to PUBLIC (it names queues, who paused them and why), so that relays and consumers of
+this version keep running between this migration and the ``taskbox roles`` that grants
+it to their roles by name.
 """
 
 from collections.abc import Sequence
@@ -42,7 +47,7 @@ def upgrade() -> None:
     # short lock_timeout so that the ALTER, queued behind a long transaction, does not
     # hold every create waiting behind it; the migration fails and can be run again.
     op.execute("SET LOCAL lock_timeout = '5s'")
-    op.execute("ALTER TABLE outbox ADD COLUMN IF NOT EXISTS parked_at timestamptz")
+    op.execute("ALTER TABLE outbox ADD COLUMN IF NOT EXISTS parked_queue text")
     op.execute(
         """
 CREATE TABLE IF NOT EXISTS queue_pauses (
@@ -97,40 +102,36 @@ LANGUAGE plpgsql
 VOLATILE STRICT SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $body$
-DECLARE
-    unparked bigint;
 BEGIN
     DELETE FROM public.queue_pauses AS p WHERE p.queue = $1;
     IF NOT FOUND THEN
         RETURN NULL;  -- not paused
     END IF;
-    UPDATE public.outbox AS o SET parked_at = NULL
-    FROM public.tasks AS t
-    WHERE o.published_at IS NULL AND o.parked_at IS NOT NULL
-      AND t.id = o.task_id AND t.queue = $1;
-    GET DIAGNOSTICS unparked = ROW_COUNT;
     INSERT INTO public.queue_events (queue, action, actor, reason) VALUES ($1, 'resume', $2, $3);
     PERFORM pg_notify($4, '');
-    RETURN unparked;
+    -- how many parked rows the relays now send: an index-only count (ix_outbox_parked)
+    RETURN (SELECT count(*) FROM public.outbox AS o
+            WHERE o.published_at IS NULL AND o.parked_queue = $1);
 END
 $body$
 """
     )
     for signature in _FUNCTIONS:
         op.execute(f"REVOKE ALL ON FUNCTION public.{signature} FROM PUBLIC")
+    op.execute("GRANT SELECT ON queue_pauses TO PUBLIC")
     with op.get_context().autocommit_block():
         op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {_BUILDING}")
         op.execute(
             f"CREATE INDEX CONCURRENTLY {_BUILDING} ON outbox (available_at, id)"
-            " WHERE published_at IS NULL AND parked_at IS NULL"
+            " WHERE published_at IS NULL AND parked_queue IS NULL"
         )
         op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_outbox_due")
         op.execute(f"ALTER INDEX {_BUILDING} RENAME TO ix_outbox_due")
-        # A resume finds its queue's parked rows through this one (only parked rows).
+        # Parked rows only: which queues have some, and a resumed queue's in due order.
         op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_outbox_parked")
         op.execute(
-            "CREATE INDEX CONCURRENTLY ix_outbox_parked ON outbox (task_id)"
-            " WHERE published_at IS NULL AND parked_at IS NOT NULL"
+            "CREATE INDEX CONCURRENTLY ix_outbox_parked ON outbox (parked_queue, available_at, id)"
+            " WHERE published_at IS NULL AND parked_queue IS NOT NULL"
         )
 
 
@@ -141,6 +142,6 @@ def downgrade() -> None:
     op.execute("DROP INDEX IF EXISTS ix_outbox_parked")
     op.execute("DROP INDEX IF EXISTS ix_outbox_due")
     op.execute("CREATE INDEX ix_outbox_due ON outbox (available_at, id) WHERE published_at IS NULL")
-    op.execute("ALTER TABLE outbox DROP COLUMN IF EXISTS parked_at")
+    op.execute("ALTER TABLE outbox DROP COLUMN IF EXISTS parked_queue")
     op.execute("DROP TABLE IF EXISTS queue_events")
     op.execute("DROP TABLE IF EXISTS queue_pauses")
