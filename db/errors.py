@@ -4,7 +4,9 @@ One list for every process: the api answers 503 for these, the relay and the con
 back off and retry. A Postgres restart shows up as any of them, depending on the moment
 it hits: refused or reset sockets, "the database system is shutting down / starting
 up", "not currently accepting connections", a terminated backend, or asyncpg's pool
-tripping over a connection that died under it.
+tripping over a connection that died under it. A primary failover adds "no host is
+writable yet" (asyncpg's TargetServerAttributeNotMatched, an InternalClientError) and
+"cannot execute ... in a read-only transaction" from a server still in recovery.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.InsufficientResourcesError,  # too many connections, disk full
     asyncpg.DeadlockDetectedError,  # the other transaction won; ours can simply retry
     asyncpg.SerializationError,
+    # A server that is, or just became, a standby: after a failover a DSN naming
+    # several hosts connects to the new primary, and until then writes wait.
+    asyncpg.ReadOnlySQLTransactionError,
 )
 
 

@@ -1,0 +1,70 @@
+"""Creates over HTTP at a steady rate, every answer kept with its time.
+
+What a Postgres fault test needs to check a client's view: which creates were answered
+201 (by id, and when), and that everything else was a 503 with ``Retry-After``, never a
+500 or a dropped connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+import httpx
+
+
+@dataclass(frozen=True)
+class Answer:
+    sent_at: float  # time.monotonic()
+    answered_at: float
+    status: int | None  # None: no HTTP answer at all (a connection error, a timeout)
+    task_id: uuid.UUID | None  # on a 201
+    retry_after: str | None
+    text: str
+
+
+async def _create(client: httpx.AsyncClient, n: int) -> Answer:
+    sent_at = time.monotonic()
+    try:
+        reply = await client.post("/api/v1/tasks", json={"type": "echo", "payload": {"n": n}})
+    except httpx.HTTPError as exc:
+        return Answer(sent_at, time.monotonic(), None, None, None, repr(exc))
+    task_id = uuid.UUID(reply.json()["id"]) if reply.status_code == 201 else None
+    return Answer(
+        sent_at,
+        time.monotonic(),
+        reply.status_code,
+        task_id,
+        reply.headers.get("Retry-After"),
+        reply.text,
+    )
+
+
+async def create_at_a_steady_rate(base_url: str, rate: float, stop_at: float) -> list[Answer]:
+    """POST one echo task every 1/``rate`` s until ``stop_at`` (monotonic); every answer,
+    in the order they were sent. A slow answer does not slow the rate: each create is
+    its own request, as from many clients."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+        jobs: list[asyncio.Task[Answer]] = []
+        next_at = time.monotonic()
+        while time.monotonic() < stop_at:
+            jobs.append(asyncio.create_task(_create(client, len(jobs))))
+            next_at += 1 / rate
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        return list(await asyncio.gather(*jobs))
+
+
+def accepted(answers: list[Answer]) -> list[uuid.UUID]:
+    """The ids of the tasks answered 201."""
+    return [a.task_id for a in answers if a.status == 201 and a.task_id is not None]
+
+
+def refused_wrongly(answers: list[Answer]) -> list[Answer]:
+    """Answers that are neither a 201 nor a 503 that says when to retry."""
+    return [
+        a
+        for a in answers
+        if a.status != 201 and not (a.status == 503 and a.retry_after is not None)
+    ]

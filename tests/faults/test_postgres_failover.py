@@ -1,0 +1,221 @@
+"""A Postgres primary failover under load: SIGKILL the primary, promote its synchronous
+standby, and Taskbox carries on by itself, losing nothing it acknowledged.
+
+The test runs a primary and a hot standby of its own on loopback (tests/faults/
+own_postgres.py), streaming through a replication slot, the standby named in the
+primary's ``synchronous_standby_names`` so that a commit is acknowledged only once the
+standby has it. Every Taskbox process knows both hosts:
+``postgresql://h1,h2/taskbox?target_session_attrs=read-write`` connects to whichever
+accepts writes. Creates arrive over HTTP at a steady rate; the primary's postmaster
+and all its children are killed with SIGKILL (a dead machine: a commit waiting for its
+standby gets no answer at all), and after a failover manager's detection delay the
+standby is promoted. Then:
+
+- every 201 is on the new primary, by id (the synchronous standby's promise);
+- during the switch the api answered 503 with Retry-After, never a 500, and no request
+  went unanswered;
+- relays and consumers found the new primary by themselves, the relay's LISTEN too:
+  it polls only every RELAY_POLL_INTERVAL (long here), so the tasks created after the
+  switch start within a fraction of that only if its notifications arrive;
+- commits whose outcome the failure hid resolve as everywhere else (a duplicate, never
+  a loss): every task reaches a terminal state, no outcome was written twice, no stale
+  owner wrote one (the fault suite's audit): ``lost=0 stuck=0``.
+
+It prints the switch time: from the kill to the first 201 after the promotion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from taskbox.broker.settings import BrokerSettings
+from tests.faults import recorder
+from tests.faults.cluster import (
+    STALE_WRITES,
+    TERMINAL,
+    TERMINAL_WRITTEN_TWICE,
+    Cluster,
+    install_audit,
+    wait_until,
+)
+from tests.faults.load import accepted, create_at_a_steady_rate, refused_wrongly
+from tests.faults.own_postgres import OwnPostgres
+from tests.integration.processes import run_command
+
+pytestmark = pytest.mark.integration
+
+STANDBY = "taskbox_standby"
+RATE = 100  # creates a second
+KILL_AFTER = 2.5  # seconds of load before the primary dies
+DETECTION = 0.5  # a failover manager's delay between the death and the promotion
+LOAD_AFTER = 4.0  # seconds of load after the promotion
+# The relay's poll, the safety net under LISTEN: long, so that only working
+# notifications start the tasks created after the switch quickly.
+RELAY_POLL = 10.0
+SETTLED_AFTER = 1.5  # seconds after the promotion by which every process is back
+
+
+@pytest.fixture
+async def replicated() -> AsyncIterator[tuple[OwnPostgres, OwnPostgres]]:
+    """A primary and its synchronous standby; both stopped and deleted afterwards."""
+    primary = OwnPostgres("primary", synchronous_standby_names=STANDBY)
+    standby: OwnPostgres | None = None
+    try:
+        await asyncio.to_thread(primary.create)
+        standby = await asyncio.to_thread(primary.standby, STANDBY)
+        yield primary, standby
+    finally:
+        await asyncio.to_thread(primary.destroy)
+        if standby is not None:
+            await asyncio.to_thread(standby.destroy)
+
+
+async def sync_state(primary: OwnPostgres) -> list[str]:
+    conn = await asyncpg.connect(primary.url.replace("/taskbox", "/postgres"))
+    try:
+        rows = await conn.fetch("SELECT application_name, sync_state FROM pg_stat_replication")
+    finally:
+        await conn.close()
+    return [f"{row['application_name']}={row['sync_state']}" for row in rows]
+
+
+async def every_task_settled(dsn: str, ids: list[object]) -> tuple[list[object], list[object]]:
+    """(ids answered 201 but missing, ids of tasks not terminal)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT id, status FROM tasks")
+    finally:
+        await conn.close()
+    status = {row["id"]: row["status"] for row in rows}
+    return [i for i in ids if i not in status], [i for i, s in status.items() if s not in TERMINAL]
+
+
+async def test_a_primary_failover_loses_no_acknowledged_task_and_strands_none(
+    replicated: tuple[OwnPostgres, OwnPostgres],
+    broker_settings: BrokerSettings,
+    fault_report: Callable[[str], None],
+    tmp_path: Path,
+) -> None:
+    primary, standby = replicated
+    await wait_until(
+        lambda: sync_state(primary), lambda s: s == [f"{STANDBY}=sync"], "standby in sync", 20
+    )
+    dsn = (
+        f"postgresql://postgres@{primary.host},{standby.host}/taskbox"
+        "?target_session_attrs=read-write"
+    )
+    executions = tmp_path / "executions"
+    env = {k: v for k, v in os.environ.items() if k != "TASKBOX_FAILPOINTS"}
+    env.update(
+        DATABASE_URL=dsn,
+        AMQP_URL=broker_settings.amqp_url,
+        EXCHANGE_NAME=broker_settings.exchange_name,
+        QUEUE_NAME=broker_settings.queue_name,
+        DEAD_LETTER_EXCHANGE=broker_settings.dead_letter_exchange,
+        DEAD_LETTER_QUEUE=broker_settings.dead_letter_queue,
+        PYTHONUNBUFFERED="1",
+    )
+    # alembic (through SQLAlchemy) reads the list of hosts too
+    migrated = await run_command("db", ["migrate"], env)
+    assert migrated.code == 0, migrated
+    conn = await asyncpg.connect(dsn)
+    try:
+        await install_audit(conn)
+    finally:
+        await conn.close()
+
+    procs = Cluster(env)
+    try:
+        _, base_url = await procs.api()
+        relay = await procs.relay(RELAY_POLL_INTERVAL=str(RELAY_POLL))
+        consumers = [
+            await procs.consumer(
+                TASK_MODULES=recorder.__name__, TASKBOX_EXECUTION_LOG=str(executions)
+            )
+            for _ in range(2)
+        ]
+
+        started = time.monotonic()
+        stop_at = started + KILL_AFTER + DETECTION + LOAD_AFTER
+        load = asyncio.create_task(create_at_a_steady_rate(base_url, RATE, stop_at))
+        await asyncio.sleep(KILL_AFTER)
+        killed_at = time.monotonic()
+        await asyncio.to_thread(primary.kill)
+        await asyncio.sleep(DETECTION)
+        await asyncio.to_thread(standby.promote)
+        promoted_at = time.monotonic()
+        answers = await load
+
+        # The client's view: 201 or 503 + Retry-After, and the api back after the switch.
+        wrong = refused_wrongly(answers)
+        assert wrong == [], f"{len(wrong)} answers neither 201 nor 503+Retry-After: {wrong[:3]}"
+        ids = accepted(answers)
+        before = [a.task_id for a in answers if a.status == 201 and a.answered_at < killed_at]
+        after = [a for a in answers if a.status == 201 and a.answered_at > promoted_at]
+        assert len(before) > RATE * KILL_AFTER / 2, "too few creates before the kill"
+        assert after, "the api never answered 201 after the promotion"
+        switch = min(a.answered_at for a in after) - killed_at
+        unavailable = sum(1 for a in answers if a.status == 503)
+
+        # Every 201 is on the new primary, by id; every task ends; none twice, none stale.
+        new_primary = standby.url
+        lost, stuck = await wait_until(
+            lambda: every_task_settled(new_primary, ids),
+            lambda v: bool(v[0]) or not v[1],
+            "every task terminal on the new primary",
+            30,
+            0.5,
+            procs.logs,
+        )
+        conn = await asyncpg.connect(new_primary)
+        try:
+            in_recovery = await conn.fetchval("SELECT pg_is_in_recovery()")
+            twice = await conn.fetch(TERMINAL_WRITTEN_TWICE)
+            stale = await conn.fetch(STALE_WRITES)
+            statuses = Counter(r["status"] for r in await conn.fetch("SELECT status FROM tasks"))
+            # Started how long after its create, for tasks created once every process
+            # was back: LISTEN's doing, if well under the relay's poll interval.
+            latency = await conn.fetchval(
+                "SELECT extract(epoch FROM max(started_at - created_at)) FROM tasks"
+                " WHERE created_at > now() - make_interval(secs => $1)",
+                time.monotonic() - promoted_at - SETTLED_AFTER,
+            )
+        finally:
+            await conn.close()
+        runs = Counter(task_id for task_id, _, _ in recorder.read(str(executions)))
+        duplicates = sum(n - 1 for n in runs.values() if n > 1)
+        listen_back = relay.output.count("LISTEN connection re-established")
+
+        fault_report(
+            f"postgres failover: accepted={len(ids)} (before the kill {len(before)})"
+            f" lost={len(lost)} stuck={len(stuck)} results_committed_twice={len(twice)}"
+            f" stale_writes={len(stale)} duplicate_executions={duplicates}"
+            f" 503s={unavailable} switch={switch:.2f}s (kill -> first 201 after promote,"
+            f" detection {DETECTION}s) post-switch start latency max={latency or 0:.2f}s"
+            f" listen_reconnects={listen_back} outcomes={dict(statuses)}"
+        )
+        assert not in_recovery, "the promoted standby still is a standby"
+        assert lost == [], f"{len(lost)} tasks answered 201 are not on the new primary"
+        assert stuck == [], f"{len(stuck)} tasks never finished: {stuck[:5]}"
+        assert twice == [], [dict(r) for r in twice[:5]]
+        assert stale == [], [dict(r) for r in stale[:5]]
+        assert listen_back >= 1, relay.output
+        assert latency is not None, "no task was created after the switch settled"
+        assert latency < RELAY_POLL / 4, "tasks waited for the relay's poll: LISTEN is dead"
+        for proc in (relay, *consumers):
+            assert proc.proc is not None and proc.proc.returncode is None, proc.output
+    except BaseException:
+        print(procs.logs())
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            await procs.close()
