@@ -17,6 +17,7 @@ import httpx
 
 @dataclass(frozen=True)
 class Answer:
+    n: int  # the create's number, in its payload: {"n": n}
     sent_at: float  # time.monotonic()
     answered_at: float
     status: int | None  # None: no HTTP answer at all (a connection error, a timeout)
@@ -30,9 +31,10 @@ async def _create(client: httpx.AsyncClient, n: int) -> Answer:
     try:
         reply = await client.post("/api/v1/tasks", json={"type": "echo", "payload": {"n": n}})
     except httpx.HTTPError as exc:
-        return Answer(sent_at, time.monotonic(), None, None, None, repr(exc))
+        return Answer(n, sent_at, time.monotonic(), None, None, None, repr(exc))
     task_id = uuid.UUID(reply.json()["id"]) if reply.status_code == 201 else None
     return Answer(
+        n,
         sent_at,
         time.monotonic(),
         reply.status_code,

@@ -114,6 +114,14 @@ class OwnPostgres:
         replica.start()
         return replica
 
+    def wal_receiver(self) -> int:
+        """The pid of this standby's WAL receiver (its streaming connection's end)."""
+        out = self._run(
+            "psql", "-h", str(self.root), "-p", str(self.port), "-U", "postgres", "-d", "postgres",
+            "-Atc", "SELECT pid FROM pg_stat_wal_receiver",
+        )  # fmt: skip
+        return int(out.stdout.strip())
+
     def promote(self) -> None:
         """End recovery: this standby becomes a primary that accepts writes."""
         self._run("pg_ctl", "-D", str(self.data), "-w", "promote")

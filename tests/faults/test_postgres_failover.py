@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -56,6 +57,7 @@ pytestmark = pytest.mark.integration
 STANDBY = "taskbox_standby"
 RATE = 100  # creates a second
 KILL_AFTER = 2.5  # seconds of load before the primary dies
+FROZEN = 0.3  # the standby's WAL receiver is stopped this long before the kill
 DETECTION = 0.5  # a failover manager's delay between the death and the promotion
 LOAD_AFTER = 4.0  # seconds of load after the promotion
 # The relay's poll, the safety net under LISTEN: long, so that only working
@@ -147,9 +149,19 @@ async def test_a_primary_failover_loses_no_acknowledged_task_and_strands_none(
         started = time.monotonic()
         stop_at = started + KILL_AFTER + DETECTION + LOAD_AFTER
         load = asyncio.create_task(create_at_a_steady_rate(base_url, RATE, stop_at))
-        await asyncio.sleep(KILL_AFTER)
-        killed_at = time.monotonic()
-        await asyncio.to_thread(primary.kill)
+        await asyncio.sleep(KILL_AFTER - FROZEN)
+        # Commits waiting for the standby at the moment of death: their outcome is
+        # unknown to whoever sent them (the api's creates, the consumers' claims and
+        # outcomes). The WAL the frozen receiver had not read yet may or may not reach
+        # the standby; either way the rules must hold.
+        receiver = await asyncio.to_thread(standby.wal_receiver)
+        os.kill(receiver, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(FROZEN)
+            killed_at = time.monotonic()
+            await asyncio.to_thread(primary.kill)
+        finally:
+            os.kill(receiver, signal.SIGCONT)
         await asyncio.sleep(DETECTION)
         await asyncio.to_thread(standby.promote)
         promoted_at = time.monotonic()
@@ -165,6 +177,8 @@ async def test_a_primary_failover_loses_no_acknowledged_task_and_strands_none(
         assert after, "the api never answered 201 after the promotion"
         switch = min(a.answered_at for a in after) - killed_at
         unavailable = sum(1 for a in answers if a.status == 503)
+        # Creates in flight at the kill: sent before it, answered after it.
+        in_flight = {a.n: a.status for a in answers if a.sent_at < killed_at < a.answered_at}
 
         # Every 201 is on the new primary, by id; every task ends; none twice, none stale.
         new_primary = standby.url
@@ -182,10 +196,16 @@ async def test_a_primary_failover_loses_no_acknowledged_task_and_strands_none(
             twice = await conn.fetch(TERMINAL_WRITTEN_TWICE)
             stale = await conn.fetch(STALE_WRITES)
             statuses = Counter(r["status"] for r in await conn.fetch("SELECT status FROM tasks"))
+            # An unknown outcome that was in fact committed: the client saw no 201 but the
+            # task exists (and runs); its retry would be the duplicate.
+            unacknowledged = await conn.fetchval(
+                "SELECT count(*) FROM tasks WHERE (payload->>'n')::int = ANY($1::int[])",
+                [n for n, status in in_flight.items() if status != 201],
+            )
             # Started how long after its create, for tasks created once every process
             # was back: LISTEN's doing, if well under the relay's poll interval.
-            latency = await conn.fetchval(
-                "SELECT extract(epoch FROM max(started_at - created_at)) FROM tasks"
+            latency, settled_tasks = await conn.fetchrow(
+                "SELECT extract(epoch FROM max(started_at - created_at)), count(*) FROM tasks"
                 " WHERE created_at > now() - make_interval(secs => $1)",
                 time.monotonic() - promoted_at - SETTLED_AFTER,
             )
@@ -199,9 +219,14 @@ async def test_a_primary_failover_loses_no_acknowledged_task_and_strands_none(
             f"postgres failover: accepted={len(ids)} (before the kill {len(before)})"
             f" lost={len(lost)} stuck={len(stuck)} results_committed_twice={len(twice)}"
             f" stale_writes={len(stale)} duplicate_executions={duplicates}"
-            f" 503s={unavailable} switch={switch:.2f}s (kill -> first 201 after promote,"
-            f" detection {DETECTION}s) post-switch start latency max={latency or 0:.2f}s"
-            f" listen_reconnects={listen_back} outcomes={dict(statuses)}"
+            f" outcomes={dict(statuses)}"
+        )
+        fault_report(
+            f"postgres failover: switch={switch:.2f}s (kill -> first 201 after the promote,"
+            f" {DETECTION}s of it detection) 503s={unavailable}"
+            f" in_flight_at_kill={dict(Counter(in_flight.values()))}"
+            f" committed_without_201={unacknowledged} listen_reconnects={listen_back}"
+            f" start_latency_after_switch={latency or 0:.2f}s (max of {settled_tasks})"
         )
         assert not in_recovery, "the promoted standby still is a standby"
         assert lost == [], f"{len(lost)} tasks answered 201 are not on the new primary"
