@@ -114,11 +114,11 @@ class OwnPostgres:
         replica.start()
         return replica
 
-    def wal_receiver(self) -> int:
-        """The pid of this standby's WAL receiver (its streaming connection's end)."""
+    def wal_sender(self, standby: str) -> int:
+        """The pid of the process streaming this primary's WAL to ``standby``."""
         out = self._run(
             "psql", "-h", str(self.root), "-p", str(self.port), "-U", "postgres", "-d", "postgres",
-            "-Atc", "SELECT pid FROM pg_stat_wal_receiver",
+            "-Atc", f"SELECT pid FROM pg_stat_replication WHERE application_name = '{standby}'",
         )  # fmt: skip
         return int(out.stdout.strip())
 

@@ -57,7 +57,7 @@ pytestmark = pytest.mark.integration
 STANDBY = "taskbox_standby"
 RATE = 100  # creates a second
 KILL_AFTER = 2.5  # seconds of load before the primary dies
-FROZEN = 0.3  # the standby's WAL receiver is stopped this long before the kill
+FROZEN = 0.3  # the WAL sender to the standby is stopped this long before the kill
 DETECTION = 0.5  # a failover manager's delay between the death and the promotion
 LOAD_AFTER = 4.0  # seconds of load after the promotion
 # The relay's poll, the safety net under LISTEN: long, so that only working
@@ -150,18 +150,15 @@ async def test_a_primary_failover_loses_no_acknowledged_task_and_strands_none(
         stop_at = started + KILL_AFTER + DETECTION + LOAD_AFTER
         load = asyncio.create_task(create_at_a_steady_rate(base_url, RATE, stop_at))
         await asyncio.sleep(KILL_AFTER - FROZEN)
-        # Commits waiting for the standby at the moment of death: their outcome is
-        # unknown to whoever sent them (the api's creates, the consumers' claims and
-        # outcomes). The WAL the frozen receiver had not read yet may or may not reach
-        # the standby; either way the rules must hold.
-        receiver = await asyncio.to_thread(standby.wal_receiver)
-        os.kill(receiver, signal.SIGSTOP)
-        try:
-            await asyncio.sleep(FROZEN)
-            killed_at = time.monotonic()
-            await asyncio.to_thread(primary.kill)
-        finally:
-            os.kill(receiver, signal.SIGCONT)
+        # The worst moment: commits waiting for the standby when the primary dies, their
+        # outcome unknown to whoever sent them (the api's creates, the consumers' claims
+        # and outcomes), and their WAL lost with it. The primary's WAL sender is frozen,
+        # then killed with the rest: what it had not sent never reaches the standby.
+        sender = await asyncio.to_thread(primary.wal_sender, STANDBY)
+        os.kill(sender, signal.SIGSTOP)
+        await asyncio.sleep(FROZEN)
+        killed_at = time.monotonic()
+        await asyncio.to_thread(primary.kill)
         await asyncio.sleep(DETECTION)
         await asyncio.to_thread(standby.promote)
         promoted_at = time.monotonic()
@@ -173,7 +170,8 @@ async def test_a_primary_failover_loses_no_acknowledged_task_and_strands_none(
         ids = accepted(answers)
         before = [a.task_id for a in answers if a.status == 201 and a.answered_at < killed_at]
         after = [a for a in answers if a.status == 201 and a.answered_at > promoted_at]
-        assert len(before) > RATE * KILL_AFTER / 2, "too few creates before the kill"
+        # (how many depends on the machine's other load: half a second's worth will do)
+        assert len(before) >= RATE / 2, "too few creates before the kill to mean much"
         assert after, "the api never answered 201 after the promotion"
         switch = min(a.answered_at for a in after) - killed_at
         unavailable = sum(1 for a in answers if a.status == 503)
