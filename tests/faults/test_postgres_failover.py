@@ -31,6 +31,7 @@ import contextlib
 import os
 import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -90,7 +91,9 @@ async def sync_state(primary: OwnPostgres) -> list[str]:
     return [f"{row['application_name']}={row['sync_state']}" for row in rows]
 
 
-async def every_task_settled(dsn: str, ids: list[object]) -> tuple[list[object], list[object]]:
+async def every_task_settled(
+    dsn: str, ids: list[uuid.UUID]
+) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
     """(ids answered 201 but missing, ids of tasks not terminal)."""
     conn = await asyncpg.connect(dsn)
     try:
@@ -234,6 +237,11 @@ async def test_a_primary_failover_loses_no_acknowledged_task_and_strands_none(
         assert listen_back >= 1, relay.output
         assert latency is not None, "no task was created after the switch settled"
         assert latency < RELAY_POLL / 4, "tasks waited for the relay's poll: LISTEN is dead"
+        # The operator's screen reads the same list of hosts and finds the new primary.
+        status = await run_command("relay", ["status"], env)
+        assert status.code == 0, status
+        assert f"postgres {primary.host},{standby.host}/taskbox" in status.stdout, status
+        assert f"DONE {len(ids) + unacknowledged}" in status.stdout, status
         for proc in (relay, *consumers):
             assert proc.proc is not None and proc.proc.returncode is None, proc.output
     except BaseException:
