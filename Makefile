@@ -67,6 +67,10 @@ test: $(STAMP) ## run every test (the fault suite included) against the local Po
 test-faults: $(STAMP) ## the fault-injection suite alone: chaos run and crash windows (about 1.5 min)
 	$(BIN)/pytest tests/faults
 
+.PHONY: test-failover
+test-failover: $(STAMP) ## Postgres primary failover under load: own primary + synchronous standby, kill -9, promote (about 20 s)
+	$(BIN)/pytest tests/faults/test_postgres_failover.py
+
 .PHONY: fuzz
 fuzz: $(STAMP) ## schemathesis against the API on a fresh database (one to two minutes); FUZZ_ARGS='--seed 1'
 	$(BIN)/python -m tests.fuzz.run $(FUZZ_ARGS)

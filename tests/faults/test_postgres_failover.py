@@ -163,6 +163,7 @@ async def test_a_primary_failover_loses_no_acknowledged_task_and_strands_none(
         killed_at = time.monotonic()
         await asyncio.to_thread(primary.kill)
         await asyncio.sleep(DETECTION)
+        promoting_at = time.monotonic()
         await asyncio.to_thread(standby.promote)
         promoted_at = time.monotonic()
         answers = await load
@@ -223,8 +224,10 @@ async def test_a_primary_failover_loses_no_acknowledged_task_and_strands_none(
             f" outcomes={dict(statuses)}"
         )
         fault_report(
-            f"postgres failover: switch={switch:.2f}s (kill -> first 201 after the promote,"
-            f" {DETECTION}s of it detection) 503s={unavailable}"
+            f"postgres failover: switch={switch:.2f}s (kill -> first 201 after the promote:"
+            f" detection {promoting_at - killed_at:.2f}s, promote"
+            f" {promoted_at - promoting_at:.2f}s, back {switch - (promoted_at - killed_at):.2f}s)"
+            f" 503s={unavailable}"
             f" in_flight_at_kill={dict(Counter(in_flight.values()))}"
             f" committed_without_201={unacknowledged} listen_reconnects={listen_back}"
             f" start_latency_after_switch={latency or 0:.2f}s (max of {settled_tasks})"
