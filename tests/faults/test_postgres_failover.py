@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
 from taskbox.broker.settings import BrokerSettings
@@ -82,6 +83,20 @@ async def replicated() -> AsyncIterator[tuple[OwnPostgres, OwnPostgres]]:
             await asyncio.to_thread(standby.destroy)
 
 
+def process_env(dsn: str, broker: BrokerSettings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TASKBOX_FAILPOINTS"}
+    env.update(
+        DATABASE_URL=dsn,
+        AMQP_URL=broker.amqp_url,
+        EXCHANGE_NAME=broker.exchange_name,
+        QUEUE_NAME=broker.queue_name,
+        DEAD_LETTER_EXCHANGE=broker.dead_letter_exchange,
+        DEAD_LETTER_QUEUE=broker.dead_letter_queue,
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
 async def sync_state(primary: OwnPostgres) -> list[str]:
     conn = await asyncpg.connect(primary.url.replace("/taskbox", "/postgres"))
     try:
@@ -119,16 +134,7 @@ async def test_a_primary_failover_loses_no_acknowledged_task_and_strands_none(
         "?target_session_attrs=read-write"
     )
     executions = tmp_path / "executions"
-    env = {k: v for k, v in os.environ.items() if k != "TASKBOX_FAILPOINTS"}
-    env.update(
-        DATABASE_URL=dsn,
-        AMQP_URL=broker_settings.amqp_url,
-        EXCHANGE_NAME=broker_settings.exchange_name,
-        QUEUE_NAME=broker_settings.queue_name,
-        DEAD_LETTER_EXCHANGE=broker_settings.dead_letter_exchange,
-        DEAD_LETTER_QUEUE=broker_settings.dead_letter_queue,
-        PYTHONUNBUFFERED="1",
-    )
+    env = process_env(dsn, broker_settings)
     # alembic (through SQLAlchemy) reads the list of hosts too
     migrated = await run_command("db", ["migrate"], env)
     assert migrated.code == 0, migrated
@@ -247,6 +253,89 @@ async def test_a_primary_failover_loses_no_acknowledged_task_and_strands_none(
         assert f"DONE {len(ids) + unacknowledged}" in status.stdout, status
         for proc in (relay, *consumers):
             assert proc.proc is not None and proc.proc.returncode is None, proc.output
+    except BaseException:
+        print(procs.logs())
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            await procs.close()
+
+
+@pytest.fixture
+async def two_servers() -> AsyncIterator[tuple[OwnPostgres, OwnPostgres]]:
+    """Two unrelated servers, for a DSN's list of hosts; deleted afterwards."""
+    servers = [OwnPostgres("first"), OwnPostgres("second")]
+    try:
+        await asyncio.gather(*(asyncio.to_thread(server.create) for server in servers))
+        yield servers[0], servers[1]
+    finally:
+        for server in servers:
+            await asyncio.to_thread(server.destroy)
+
+
+async def task_count(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        count: int = await conn.fetchval("SELECT count(*) FROM tasks WHERE status = 'DONE'")
+    finally:
+        await conn.close()
+    return count
+
+
+async def test_a_primary_that_turns_read_only_sends_every_process_to_the_writable_host(
+    two_servers: tuple[OwnPostgres, OwnPostgres], broker_settings: BrokerSettings
+) -> None:
+    """A server can stop accepting writes under open connections (demoted, or set
+    ``default_transaction_read_only`` when its disk fills). The api answers 503 with
+    Retry-After, never 500, and every process's connections, the relay's LISTEN
+    included, move to the host of the list that accepts writes; no restart."""
+    first, second = two_servers
+    for server in (first, second):
+        migrated = await run_command("db", ["migrate"], process_env(server.url, broker_settings))
+        assert migrated.code == 0, migrated
+    dsn = (
+        f"postgresql://postgres@{first.host},{second.host}/taskbox?target_session_attrs=read-write"
+    )
+    procs = Cluster(process_env(dsn, broker_settings))
+    try:
+        _, base_url = await procs.api()
+        relay = await procs.relay(RELAY_POLL_INTERVAL=str(RELAY_POLL))
+        await procs.consumer()
+        async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+            for _ in range(5):
+                reply = await client.post("/api/v1/tasks", json={"type": "echo", "payload": {}})
+                assert reply.status_code == 201, reply.text
+            await wait_until(lambda: task_count(first.url), lambda n: n == 5, "5 DONE on first", 20)
+
+            conn = await asyncpg.connect(first.url)
+            try:
+                await conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+                await conn.execute("SELECT pg_reload_conf()")
+            finally:
+                await conn.close()
+
+            # Each pooled connection fails once (503) and is dropped; then 201s again.
+            answers = Counter[int]()
+            deadline = time.monotonic() + 10
+            while answers[201] < 5 and time.monotonic() < deadline:
+                reply = await client.post("/api/v1/tasks", json={"type": "echo", "payload": {}})
+                answers[reply.status_code] += 1
+                if reply.status_code == 503:
+                    assert reply.headers.get("Retry-After"), reply.headers
+                else:
+                    assert reply.status_code == 201, reply.text
+        print(f"read-only primary: answers {dict(answers)}")
+        assert answers[201] == 5, f"the api never left the read-only host: {dict(answers)}"
+        # Started and finished by a relay (its poll is long: woken by its LISTEN, which
+        # must have moved too) and a consumer, on the writable host.
+        await wait_until(
+            lambda: task_count(second.url),
+            lambda n: n == 5,
+            "5 DONE on the writable host",
+            RELAY_POLL / 2,
+            context=procs.logs,
+        )
+        assert "LISTEN connection re-established" in relay.output, relay.output
     except BaseException:
         print(procs.logs())
         raise
