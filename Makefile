@@ -97,6 +97,10 @@ bench: $(STAMP) $(PEERS_STAMP) ## run the benchmarks against same-run baselines 
 		{ echo "wrk is missing: install it (apt-get install wrk)"; exit 1; }; }
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+.PHONY: bench-pg
+bench-pg: $(STAMP) ## what Postgres spends per task (WAL bytes, commits, index entries), on a Postgres of its own; BENCH_PG_ARGS='--tasks 5000'
+	$(BIN)/python -m bench.pg_cost $(BENCH_PG_ARGS)
+
 .PHONY: bench-quick
 bench-quick: $(STAMP) ## the benchmarks with tiny counts: a check that the suite still runs
 	$(MAKE) bench BENCH_ARGS=--quick

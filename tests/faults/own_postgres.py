@@ -122,6 +122,13 @@ class OwnPostgres:
         )  # fmt: skip
         return int(out.stdout.strip())
 
+    def wal_record_stats(self, start: str, end: str) -> str:
+        """``pg_waldump --stats=record`` of the WAL between two LSNs (bench/pg_cost.py)."""
+        pg_wal = str(self.data / "pg_wal")
+        return self._run(
+            "pg_waldump", "--stats=record", "-p", pg_wal, "-s", start, "-e", end
+        ).stdout
+
     def promote(self) -> None:
         """End recovery: this standby becomes a primary that accepts writes."""
         self._run("pg_ctl", "-D", str(self.data), "-w", "promote")
