@@ -64,7 +64,7 @@ test: $(STAMP) ## run every test (the fault suite included) against the local Po
 	$(BIN)/pytest
 
 .PHONY: test-faults
-test-faults: $(STAMP) ## the fault-injection suite alone: chaos run and crash windows (about 1.5 min)
+test-faults: $(STAMP) ## the fault-injection suite alone: chaos run, crash windows, Postgres crash and failover (about 2 min)
 	$(BIN)/pytest tests/faults
 
 .PHONY: test-failover
