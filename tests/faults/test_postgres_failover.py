@@ -8,8 +8,10 @@ standby has it. Every Taskbox process knows both hosts:
 ``postgresql://h1,h2/taskbox?target_session_attrs=read-write`` connects to whichever
 accepts writes. Creates arrive over HTTP at a steady rate; the primary's postmaster
 and all its children are killed with SIGKILL (a dead machine: a commit waiting for its
-standby gets no answer at all), and after a failover manager's detection delay the
-standby is promoted. Then:
+standby gets no answer at all). Just before, the primary's WAL sender is frozen for a
+moment, so that creates, claims and outcomes are waiting for the standby when the
+primary dies and their WAL dies with it: the worst moment. After a failover manager's
+detection delay the standby is promoted. Then:
 
 - every 201 is on the new primary, by id (the synchronous standby's promise);
 - during the switch the api answered 503 with Retry-After, never a 500, and no request
@@ -21,7 +23,13 @@ standby is promoted. Then:
   a loss): every task reaches a terminal state, no outcome was written twice, no stale
   owner wrote one (the fault suite's audit): ``lost=0 stuck=0``.
 
-It prints the switch time: from the kill to the first 201 after the promotion.
+It prints the switch time: from the kill to the first 201 after the promotion. With
+an asynchronous standby (``synchronous_standby_names`` empty) it fails: the 201s
+answered while the WAL sender was frozen are lost.
+
+A second test turns a server read-only under open connections (no failover tool
+needed to see it): every process must move to the next host of the list that accepts
+writes.
 """
 
 from __future__ import annotations
