@@ -8,6 +8,7 @@ What a Postgres fault test needs to check a client's view: which creates were an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -44,18 +45,45 @@ async def _create(client: httpx.AsyncClient, n: int) -> Answer:
     )
 
 
-async def create_at_a_steady_rate(base_url: str, rate: float, stop_at: float) -> list[Answer]:
-    """POST one echo task every 1/``rate`` s until ``stop_at`` (monotonic); every answer,
-    in the order they were sent. A slow answer does not slow the rate: each create is
+class SteadyLoad:
+    """POST one echo task every 1/``rate`` s until stopped, keeping every answer (in
+    ``answers``, as they arrive). A slow answer does not slow the rate: each create is
     its own request, as from many clients."""
-    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
-        jobs: list[asyncio.Task[Answer]] = []
-        next_at = time.monotonic()
-        while time.monotonic() < stop_at:
-            jobs.append(asyncio.create_task(_create(client, len(jobs))))
-            next_at += 1 / rate
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-        return list(await asyncio.gather(*jobs))
+
+    def __init__(self, base_url: str, rate: float) -> None:
+        self.base_url = base_url
+        self.rate = rate
+        self.answers: list[Answer] = []
+        self.stop = asyncio.Event()
+
+    def accepted(self) -> int:
+        """How many creates were answered 201 so far."""
+        return sum(1 for a in self.answers if a.status == 201)
+
+    async def run(self) -> list[Answer]:
+        """Until ``stop`` is set; every answer, in the order the creates were sent."""
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=10) as client:
+            jobs: list[asyncio.Task[Answer]] = []
+            next_at = time.monotonic()
+            while not self.stop.is_set():
+                job = asyncio.create_task(_create(client, len(jobs)))
+                job.add_done_callback(lambda done: self.answers.append(done.result()))
+                jobs.append(job)
+                next_at += 1 / self.rate
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self.stop.wait(), timeout=max(0.0, next_at - time.monotonic())
+                    )
+            return list(await asyncio.gather(*jobs))
+
+
+async def create_at_a_steady_rate(base_url: str, rate: float, stop_at: float) -> list[Answer]:
+    """A ``SteadyLoad`` until ``stop_at`` (monotonic)."""
+    load = SteadyLoad(base_url, rate)
+    running = asyncio.create_task(load.run())
+    await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+    load.stop.set()
+    return await running
 
 
 def accepted(answers: list[Answer]) -> list[uuid.UUID]:
