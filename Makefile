@@ -68,7 +68,7 @@ test-faults: $(STAMP) ## the fault-injection suite alone: chaos run, crash windo
 	$(BIN)/pytest tests/faults
 
 .PHONY: test-failover
-test-failover: $(STAMP) ## Postgres primary failover under load: own primary + synchronous standby, kill -9, promote (about 20 s)
+test-failover: $(STAMP) ## Postgres primary failover under load: own primary + synchronous standby, kill -9, promote; a server turning read-only (under a minute)
 	$(BIN)/pytest tests/faults/test_postgres_failover.py
 
 .PHONY: fuzz
