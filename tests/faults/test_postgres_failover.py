@@ -186,9 +186,13 @@ async def test_a_primary_failover_loses_no_acknowledged_task_and_strands_none(
         # then killed with the rest: what it had not sent never reaches the standby.
         sender = await asyncio.to_thread(primary.wal_sender, STANDBY)
         os.kill(sender, signal.SIGSTOP)
-        await asyncio.sleep(FROZEN)
-        killed_at = time.monotonic()
-        await asyncio.to_thread(primary.kill)
+        try:
+            await asyncio.sleep(FROZEN)
+            killed_at = time.monotonic()
+            await asyncio.to_thread(primary.kill)
+        finally:  # (gone after the kill; left stopped, it would hang the teardown's stop)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(sender, signal.SIGCONT)
         await asyncio.sleep(DETECTION)
         promoting_at = time.monotonic()
         await asyncio.to_thread(standby.promote)
