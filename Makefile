@@ -64,8 +64,12 @@ test: $(STAMP) ## run every test (the fault suite included) against the local Po
 	$(BIN)/pytest
 
 .PHONY: test-faults
-test-faults: $(STAMP) ## the fault-injection suite alone: chaos run and crash windows (about 1.5 min)
+test-faults: $(STAMP) ## the fault-injection suite alone: chaos run, crash windows, Postgres crash and failover (about 2 min)
 	$(BIN)/pytest tests/faults
+
+.PHONY: test-failover
+test-failover: $(STAMP) ## Postgres primary failover under load: own primary + synchronous standby, kill -9, promote; a server turning read-only (under a minute)
+	$(BIN)/pytest tests/faults/test_postgres_failover.py
 
 .PHONY: fuzz
 fuzz: $(STAMP) ## schemathesis against the API on a fresh database (one to two minutes); FUZZ_ARGS='--seed 1'
@@ -92,6 +96,10 @@ bench: $(STAMP) $(PEERS_STAMP) ## run the benchmarks against same-run baselines 
 	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; apt-get install -y -qq wrk >/dev/null || \
 		{ echo "wrk is missing: install it (apt-get install wrk)"; exit 1; }; }
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+.PHONY: bench-pg
+bench-pg: $(STAMP) ## what Postgres spends per task (WAL bytes, commits, index entries), on a Postgres of its own; BENCH_PG_ARGS='--tasks 5000'
+	$(BIN)/python -m bench.pg_cost $(BENCH_PG_ARGS)
 
 .PHONY: bench-quick
 bench-quick: $(STAMP) ## the benchmarks with tiny counts: a check that the suite still runs

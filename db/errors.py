@@ -4,7 +4,11 @@ One list for every process: the api answers 503 for these, the relay and the con
 back off and retry. A Postgres restart shows up as any of them, depending on the moment
 it hits: refused or reset sockets, "the database system is shutting down / starting
 up", "not currently accepting connections", a terminated backend, or asyncpg's pool
-tripping over a connection that died under it.
+tripping over a connection that died under it. A primary failover adds "no host is
+writable yet" (asyncpg's TargetServerAttributeNotMatched, an InternalClientError, when
+the DSN lists several hosts with target_session_attrs=read-write) and "cannot execute
+... in a read-only transaction" from a server that stopped accepting writes under an
+open connection (db/pool.py then drops that connection).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.InsufficientResourcesError,  # too many connections, disk full
     asyncpg.DeadlockDetectedError,  # the other transaction won; ours can simply retry
     asyncpg.SerializationError,
+    # The server turned read-only (demoted, or default_transaction_read_only when its
+    # disk fills): nothing was written; the next connection may find a writable host.
+    asyncpg.ReadOnlySQLTransactionError,
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import asyncpg
@@ -10,6 +11,8 @@ import orjson
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
 from taskbox.db.settings import DatabaseSettings
 from taskbox.runtime.lifecycle import connect_with_retry
+
+log = logging.getLogger(__name__)
 
 
 def _encode_jsonb(value: Any) -> bytes:
@@ -31,14 +34,39 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+def writable(conn: asyncpg.Connection) -> bool:
+    """Whether the server last said it accepts writes on ``conn``: neither a standby
+    (``in_hot_standby``) nor read-only by default (``default_transaction_read_only``).
+
+    Postgres reports both whenever they change (from 14 on), with the reply to the next
+    statement; reading them costs no round trip. They are what asyncpg checks at connect
+    time for ``target_session_attrs=read-write``.
+    """
+    settings = conn.get_settings()
+    return not any(
+        getattr(settings, name, "off") == "on"
+        for name in ("in_hot_standby", "default_transaction_read_only")
+    )
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Reset nothing when a connection goes back to the pool.
+    """Reset nothing when a connection goes back to the pool, but drop one whose server
+    no longer accepts writes.
 
     asyncpg's default reset sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL;
     UNLISTEN *; RESET ALL`` on every release: a round trip on every request. Taskbox
     leaves no session state on a pooled connection (LISTEN and advisory locks live on
     dedicated connections), and asyncpg still rolls back a transaction left open.
+
+    A server can turn read-only under an open connection (a primary set to
+    ``default_transaction_read_only`` when its disk fills, or demoted by a failover
+    tool): kept, the connection would fail every write until the pool retires it
+    minutes later. Closed, the pool's next connect goes through the DSN's hosts again
+    and, with ``target_session_attrs=read-write``, reaches the one that accepts writes.
     """
+    if not writable(conn):
+        log.warning("the database server no longer accepts writes; closing the connection")
+        conn.terminate()
 
 
 async def connect(settings: DatabaseSettings) -> asyncpg.Connection:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings
 
@@ -22,6 +24,34 @@ def plain_dsn(url: str) -> str:
     )
 
 
+def sqlalchemy_dsn(dsn: str) -> str:
+    """The plain DSN ``dsn`` as the URL SQLAlchemy's asyncpg dialect (alembic) reads.
+
+    libpq and asyncpg take several hosts in the authority, ``h1:p1,h2:p2`` (a primary
+    and its standbys, with ``target_session_attrs`` picking the writable one); SQLAlchemy
+    parses the authority as one host and one port and fails on the comma. It takes the
+    same list as repeated ``host=h:p`` query parameters and hands them, with the other
+    parameters, to ``asyncpg.connect``: one connection logic for the migrations and the
+    processes.
+    """
+    rest = plain_dsn(dsn)[len("postgresql://") :]
+    authority, _, path = rest.partition("/")
+    userinfo, at, hosts = authority.rpartition("@")
+    if "," not in hosts:
+        return "postgresql+asyncpg://" + rest
+    if "[" in hosts:
+        # SQLAlchemy splits each host=... at its first ":"; name such hosts by DNS.
+        raise ValueError("DATABASE_URL: IPv6 literals in a list of hosts are not supported")
+    database, _, query = path.partition("?")
+    # SQLAlchemy wants a port on every listed host; libpq's default where none is given.
+    listed = "&".join(
+        "host=" + quote(host if ":" in host else f"{host}:5432", safe=":")
+        for host in hosts.split(",")
+    )
+    query = f"{listed}&{query}" if query else listed
+    return f"postgresql+asyncpg://{userinfo}{at}/{database}?{query}"
+
+
 class DatabaseSettings(BaseSettings):
     """Where Postgres is and how each process talks to it."""
 
@@ -29,7 +59,11 @@ class DatabaseSettings(BaseSettings):
 
     database_url: str = Field(
         "postgresql://postgres@127.0.0.1:5432/taskbox",
-        description="Postgres DSN; postgresql://, postgres:// and postgresql+asyncpg:// accepted.",
+        description=(
+            "Postgres DSN; postgresql://, postgres:// and postgresql+asyncpg:// accepted. "
+            "Several hosts (h1:p1,h2:p2) with ?target_session_attrs=read-write follow a "
+            "failover to whichever is the primary."
+        ),
     )
     db_pool_min_size: int = Field(2, ge=0)
     db_pool_max_size: int = Field(10, ge=1)
@@ -53,4 +87,4 @@ class DatabaseSettings(BaseSettings):
     @property
     def sqlalchemy_url(self) -> str:
         """The same DSN with the driver SQLAlchemy and alembic need."""
-        return "postgresql+asyncpg://" + self.database_url[len("postgresql://") :]
+        return sqlalchemy_dsn(self.database_url)

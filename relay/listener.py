@@ -20,7 +20,7 @@ import asyncpg
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential_jitter
 
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
-from taskbox.db.pool import connect
+from taskbox.db.pool import connect, writable
 from taskbox.db.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,11 @@ class OutboxListener:
                     pass
         except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
             log.warning("LISTEN self-check failed: %s", type(exc).__name__)
+            return False
+        if not writable(conn):
+            # NOTIFY still works on a read-only server, but the api's wake-ups now go to
+            # the one that accepts writes, which the reconnect finds.
+            log.warning("LISTEN connection's server no longer accepts writes")
             return False
         return True
 

@@ -54,10 +54,12 @@ class Snapshot:
 
 
 def _where(url: str) -> str:
-    """host:port/path of a URL, without user or password."""
+    """host:port/path of a URL, without user or password. The authority is shown as
+    written, so a DATABASE_URL listing a primary and its standbys (h1:p1,h2:p2) shows
+    them all (urlsplit's port would raise on the list)."""
     parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.hostname}{port}{parts.path if parts.path not in ('', '/') else ''}"
+    hosts = parts.netloc.rpartition("@")[2]
+    return f"{hosts}{parts.path if parts.path not in ('', '/') else ''}"
 
 
 def _problem(exc: BaseException) -> str:

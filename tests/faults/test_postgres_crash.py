@@ -18,15 +18,14 @@ import asyncio
 import contextlib
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
-import httpx
 import pytest
 
 from taskbox.broker.settings import BrokerSettings
 from tests.faults.cluster import FAST_CONSUMER, FAST_RELAY
+from tests.faults.load import accepted, create_at_a_steady_rate, refused_wrongly
 from tests.faults.own_postgres import OwnPostgres
 from tests.integration.processes import ServiceProcess, free_port, run_command
 
@@ -46,33 +45,6 @@ async def own_postgres() -> AsyncIterator[OwnPostgres]:
         yield cluster
     finally:
         await asyncio.to_thread(cluster.destroy)
-
-
-async def create_at_a_steady_rate(base_url: str, stop_at: float) -> list[uuid.UUID]:
-    """POST one echo task every 1/RATE s until ``stop_at``; the ids answered 201."""
-    accepted: list[uuid.UUID] = []
-
-    async def create(client: httpx.AsyncClient, n: int) -> None:
-        with contextlib.suppress(httpx.HTTPError):
-            answer = await client.post("/api/v1/tasks", json={"type": "echo", "payload": {"n": n}})
-            if answer.status_code == 201:
-                accepted.append(uuid.UUID(answer.json()["id"]))
-            else:  # the crash: a 503, never anything else
-                assert answer.status_code == 503, answer.text
-
-    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
-        inflight: set[asyncio.Task[None]] = set()
-        n = 0
-        next_at = time.monotonic()
-        while time.monotonic() < stop_at:
-            job = asyncio.create_task(create(client, n))
-            inflight.add(job)
-            job.add_done_callback(inflight.discard)
-            n += 1
-            next_at += 1 / RATE
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-        await asyncio.gather(*inflight)
-    return accepted
 
 
 async def test_a_postgres_crash_loses_no_accepted_task_and_strands_none(
@@ -99,15 +71,18 @@ async def test_a_postgres_crash_loses_no_accepted_task_and_strands_none(
     try:
         started = time.monotonic()
         load = asyncio.create_task(
-            create_at_a_steady_rate(f"http://127.0.0.1:{port}", started + LOAD_FOR)
+            create_at_a_steady_rate(f"http://127.0.0.1:{port}", RATE, started + LOAD_FOR)
         )
         await asyncio.sleep(CRASH_AFTER)
         await asyncio.to_thread(own_postgres.crash)
         await asyncio.sleep(DOWN_FOR)
         await asyncio.to_thread(own_postgres.start)
-        accepted = await load
+        answers = await load
+        # the crash: a 503, never anything else
+        assert refused_wrongly(answers) == [], refused_wrongly(answers)[:3]
+        ids = accepted(answers)
         # (how many of the later ones the api took depends on how soon its pool is back)
-        assert len(accepted) > RATE * CRASH_AFTER / 2, "too few creates to mean much"
+        assert len(ids) > RATE * CRASH_AFTER / 2, "too few creates to mean much"
 
         conn = await asyncpg.connect(own_postgres.url)
         try:
@@ -115,7 +90,7 @@ async def test_a_postgres_crash_loses_no_accepted_task_and_strands_none(
             while True:
                 rows = await conn.fetch("SELECT id, status FROM tasks")
                 status = {row["id"]: row["status"] for row in rows}
-                lost = [task_id for task_id in accepted if task_id not in status]
+                lost = [task_id for task_id in ids if task_id not in status]
                 unfinished = [task_id for task_id, s in status.items() if s != "DONE"]
                 if lost or not unfinished or time.monotonic() > deadline:
                     break
@@ -123,7 +98,7 @@ async def test_a_postgres_crash_loses_no_accepted_task_and_strands_none(
         finally:
             await conn.close()
         print(
-            f"postgres crash: {len(accepted)} tasks accepted, lost={len(lost)} "
+            f"postgres crash: {len(ids)} tasks accepted, lost={len(lost)} "
             f"stuck={len(unfinished)} (of {len(status)} in the database)"
         )
         assert lost == [], f"{len(lost)} tasks answered 201 are gone after the crash"

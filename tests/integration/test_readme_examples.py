@@ -200,6 +200,16 @@ INVENTORY = [
     Entry(PAUSING, "taskbox queues", run_by="test_queue_commands"),
     Entry("Fault suite", "chaos:", elsewhere="an output sample of tests/faults/test_chaos.py"),
     Entry(
+        "Postgres failover",
+        "DATABASE_URL=postgresql://taskbox@db1:5432,db2:5432/",
+        elsewhere="a setting; tests/faults/test_postgres_failover.py runs every process on it",
+    ),
+    Entry(
+        "Postgres failover",
+        "postgres failover:",
+        elsewhere="an output sample of tests/faults/test_postgres_failover.py",
+    ),
+    Entry(
         "Run with Docker",
         "cp .env.example .env",
         elsewhere="needs a Docker engine; tests/integration/test_containers.py checks the "

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import orjson
 import pytest
 from pydantic import ValidationError
+from sqlalchemy.engine import make_url
 
 from taskbox.api import pagination
 from taskbox.api.settings import ApiSettings
@@ -61,6 +62,31 @@ def test_database_url_is_normalised_to_plain_postgresql(given: str, expected: st
     settings = DatabaseSettings(database_url=given, _env_file=None)
     assert settings.database_url == expected
     assert settings.sqlalchemy_url == "postgresql+asyncpg://" + expected[len("postgresql://") :]
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (
+            "postgresql://u@h1:5001,h2:5002/taskbox?target_session_attrs=read-write",
+            "postgresql+asyncpg://u@/taskbox?host=h1:5001&host=h2:5002"
+            "&target_session_attrs=read-write",
+        ),
+        # a host without its port gets libpq's default: SQLAlchemy wants one on each
+        (
+            "postgresql://u:p%40ss@h1,h2:5433/taskbox",
+            "postgresql+asyncpg://u:p%40ss@/taskbox?host=h1:5432&host=h2:5433",
+        ),
+    ],
+    ids=["read-write", "default-port"],
+)
+def test_a_list_of_hosts_reaches_sqlalchemy_as_host_parameters(given: str, expected: str) -> None:
+    """Alembic goes through SQLAlchemy, which reads one host from the authority."""
+    settings = DatabaseSettings(database_url=given, _env_file=None)
+    assert settings.database_url == given  # asyncpg reads the list as it is
+    assert settings.sqlalchemy_url == expected
+    connect_args = make_url(expected).get_dialect()().create_connect_args(make_url(expected))[1]
+    assert connect_args["host"] == ["h1", "h2"]
 
 
 def test_database_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
