@@ -69,7 +69,13 @@ async def test_migrated_template_matches_the_metadata_exactly(template_database:
     dsn = database_dsn(template_database)
 
     assert await schema_differences(dsn) == []
-    assert await tables(dsn) == {"tasks", "outbox", "queue_consumers", "alembic_version"}
+    assert await tables(dsn) == {
+        "tasks",
+        "outbox",
+        "queue_consumers",
+        "schedules",
+        "alembic_version",
+    }
     assert await versions(dsn) == [head_revision(DatabaseSettings(database_url=dsn))]
 
 
@@ -141,7 +147,13 @@ async def test_downgrade_to_base_then_upgrade_to_head(database_url: str) -> None
 
     await asyncio.to_thread(command.upgrade, config, "head")
 
-    assert await tables(database_url) == {"tasks", "outbox", "queue_consumers", "alembic_version"}
+    assert await tables(database_url) == {
+        "tasks",
+        "outbox",
+        "queue_consumers",
+        "schedules",
+        "alembic_version",
+    }
     assert await versions(database_url) == [head]
     assert await schema_differences(database_url) == []
     conn = await asyncpg.connect(database_url)
