@@ -31,6 +31,7 @@ import asyncpg
 from taskbox.db.tasks import NewTask, create_schedule_tasks
 from taskbox.schedules.timing import (
     CatchUp,
+    InvalidTiming,
     due_fire_times,
     first_fire_time,
     timing_of,
@@ -209,9 +210,18 @@ class FireReport:
     created: list[Tick] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # missed ticks left out, by schedule
     claimed: int = 0
+    # Schedules whose stored timing no longer reads (a zone the tz database dropped):
+    # left as they are, reported, never allowed to stop the others.
+    broken: dict[str, str] = field(default_factory=dict)
 
 
-async def fire_due(conn: asyncpg.Connection, *, catch_up_max: int, limit: int = 100) -> FireReport:
+# Schedules claimed per tick transaction; more due than this are claimed by the next.
+FIRE_BATCH = 100
+
+
+async def fire_due(
+    conn: asyncpg.Connection, *, catch_up_max: int, limit: int = FIRE_BATCH
+) -> FireReport:
     """Turn every due tick of up to ``limit`` schedules into its task, in one
     transaction with the schedules' advance (see the module docstring)."""
     report = FireReport()
@@ -219,7 +229,11 @@ async def fire_due(conn: asyncpg.Connection, *, catch_up_max: int, limit: int = 
         due = await conn.fetch(_CLAIM_DUE, limit)
         report.claimed = len(due)
         for row in due:
-            timing = timing_of(row["cron"], row["interval_seconds"], row["timezone"])
+            try:
+                timing = timing_of(row["cron"], row["interval_seconds"], row["timezone"])
+            except InvalidTiming as exc:
+                report.broken[row["name"]] = str(exc)
+                continue
             ticks = due_fire_times(
                 timing, row["next_fire_at"], row["db_now"], row["catch_up"], catch_up_max
             )

@@ -22,12 +22,14 @@ from pydantic import ValidationError
 
 from taskbox.broker.topology import TopologyMismatch
 from taskbox.db.pool import open_pool
+from taskbox.db.schedules import ScheduleDefinition
 from taskbox.relay import replay, status
 from taskbox.relay.housekeeping import Housekeeper, cleanup
 from taskbox.relay.listener import OutboxListener
 from taskbox.relay.metrics import RelayMetrics
 from taskbox.relay.monitoring import observe, refresh_backlog
 from taskbox.relay.relay import OutboxRelay, open_broker
+from taskbox.relay.scheduler import InvalidCodeSchedule, Scheduler, declared_schedules
 from taskbox.relay.settings import RelaySettings
 from taskbox.runtime.lifecycle import (
     EXIT_LOOP_DIED,
@@ -41,13 +43,28 @@ from taskbox.runtime.logs import configure
 from taskbox.runtime.probes import PortUnavailable, Probes, start_probe_server
 from taskbox.runtime.settings import describe_invalid
 from taskbox.runtime.telemetry import start_tracing
+from taskbox.tasktypes import load_registry
 
 log = logging.getLogger("taskbox.relay")
 
 EXIT_USAGE = 2
 
 
-async def serve(settings: RelaySettings, tracer: Tracer | None = None) -> None:
+def code_schedules(settings: RelaySettings) -> list[ScheduleDefinition]:
+    """The schedules the task modules declare, checked; raises InvalidCodeSchedule
+    (or RuntimeError for a task module that cannot be imported)."""
+    if not settings.scheduler_enabled:
+        return []
+    registry = load_registry(settings.task_modules, builtin_types=settings.builtin_task_types)
+    return declared_schedules(registry, settings.default_max_attempts)
+
+
+async def serve(
+    settings: RelaySettings,
+    tracer: Tracer | None = None,
+    declared: list[ScheduleDefinition] | None = None,
+) -> None:
+    declared = declared or []
     shutdown = Shutdown()
     shutdown.install()
     metrics = RelayMetrics()
@@ -68,15 +85,18 @@ async def serve(settings: RelaySettings, tracer: Tracer | None = None) -> None:
         background["listener"] = listener.run()
     if settings.retention_interval > 0:
         background["housekeeping"] = Housekeeper(settings, metrics).run()
+    if settings.scheduler_enabled:
+        background["scheduler"] = Scheduler(settings, declared, wake, metrics).run()
     if server is not None:
         observe(probes, settings, metrics, pool, connection, relay, listener)
         background["metrics"] = server.serve()
         background["backlog"] = refresh_backlog(pool, metrics, settings.relay_backlog_interval)
     log.info(
-        "relay running: batch %d, poll every %.1fs, LISTEN %s",
+        "relay running: batch %d, poll every %.1fs, LISTEN %s, scheduler %s",
         settings.relay_batch_size,
         settings.relay_poll_interval,
         "on" if settings.relay_listen else "off",
+        f"candidate ({len(declared)} code schedules)" if settings.scheduler_enabled else "off",
     )
     try:
         await supervise(relay.run(shutdown.requested), background)
@@ -139,9 +159,14 @@ def main(argv: list[str] | None = None, command_prog: str | None = None) -> int:
         return asyncio.run(cleanup(settings))
     if command == "status":
         return asyncio.run(status.status(settings, as_json=args.json))
+    try:
+        declared = code_schedules(settings)
+    except (InvalidCodeSchedule, RuntimeError) as exc:
+        log.critical("%s", exc)
+        return EXIT_USAGE
     tracing = start_tracing(settings, "taskbox-relay")
     try:
-        run_service(serve(settings, tracing.tracer))
+        run_service(serve(settings, tracing.tracer, declared))
     except LoopDied:
         return EXIT_LOOP_DIED
     except PortUnavailable as exc:
