@@ -14,8 +14,7 @@ import os
 import signal
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -30,6 +29,7 @@ from taskbox.db import replay as replay_store
 from taskbox.db.grants import PROCESSES, Process
 from taskbox.db.outbox import PublishRefusal, claim_batch, notify, record_publish_outcome
 from taskbox.db.pool import connect
+from taskbox.db.roles import RolesError, apply_roles
 from taskbox.db.schedules import (
     SCHEDULER_LOCK,
     ScheduleDefinition,
@@ -44,7 +44,6 @@ from taskbox.db.schedules import (
     sync_code_schedules,
     update_schedule,
 )
-from taskbox.db.roles import RolesError, apply_roles
 from taskbox.db.settings import DatabaseSettings
 from taskbox.db.states import CANCEL_LATER, CANCEL_NOW, TaskStatus
 from taskbox.db.tasks import (
