@@ -29,6 +29,7 @@ from typing import Any
 import asyncpg
 
 from taskbox.db.tasks import NewTask, create_schedule_tasks
+from taskbox.runtime import failpoints
 from taskbox.schedules.timing import (
     CatchUp,
     InvalidTiming,
@@ -239,6 +240,9 @@ async def fire_due(
             )
             created = await create_schedule_tasks(conn, task_of(row), row["name"], ticks.fire_times)
             report.created += [Tick(row["name"], task["run_at"], task["id"]) for task in created]
+            # A kill here leaves the ticks' tasks inserted and the schedule not yet
+            # advanced, uncommitted: the fault tests prove neither survives alone.
+            failpoints.hit("scheduler.before_advance")
             if ticks.skipped:
                 report.skipped[row["name"]] = ticks.skipped
             await conn.execute(_ADVANCE, row["name"], ticks.next_fire_at)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -111,7 +112,8 @@ class Scheduler:
             "tcp_keepalives_idle": str(retry * 2),
             "tcp_keepalives_interval": str(retry),
             "tcp_keepalives_count": "3",
-            "application_name": "taskbox-scheduler",
+            # pg_stat_activity shows which relay process leads
+            "application_name": f"taskbox-scheduler:{os.getpid()}",
         }
 
     async def run(self) -> None:
