@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from taskbox.runtime.queues import check_queue_name
+from taskbox.schedules.naming import check_schedule_name
 from taskbox.schedules.timing import CATCH_UP_POLICIES, CatchUp, Cron, Interval, Timing
 
 
@@ -29,8 +30,7 @@ class Periodic:
     catch_up: CatchUp = "skip"
 
     def __post_init__(self) -> None:
-        if not self.name or len(self.name) > 200 or not self.name.isprintable():
-            raise ValueError(f"a schedule name is 1-200 printable characters, not {self.name!r}")
+        check_schedule_name(self.name)
         if not isinstance(self.timing, Cron | Interval):
             raise ValueError("schedule= takes cron(...) or every(...)")
         if not 0 <= self.priority <= 9:
