@@ -306,3 +306,70 @@ async def sync_code_schedules(
         removed = [row["name"] for row in await conn.fetch(_DELETE_UNDECLARED, names)]
         clashes = [row["name"] for row in await conn.fetch(_API_NAMES, names)]
     return CodeSync(removed, clashes)
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleSummary:
+    """One line of ``taskbox status`` and ``taskbox schedules list``."""
+
+    name: str
+    source: str
+    task_type: str
+    timing: str  # the cron line and its zone, or "every N s"
+    paused: bool
+    next_fire_at: datetime
+
+
+_SUMMARIES = (
+    "SELECT name, source, task_type, cron, interval_seconds, timezone, paused, next_fire_at"
+    " FROM schedules ORDER BY next_fire_at, name"
+)
+# Who leads: the session holding the scheduler's lock in this database; its
+# application_name is taskbox-scheduler:<pid of the relay process>.
+_LEADER = """
+SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.classid = 0 AND l.objid = $1 AND l.granted
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+async def summaries(conn: asyncpg.Connection) -> list[ScheduleSummary]:
+    """Every schedule, soonest next tick first."""
+    found = []
+    for row in await conn.fetch(_SUMMARIES):
+        if row["cron"] is not None:
+            timing = f"cron {row['cron']} ({row['timezone']})"
+        else:
+            timing = f"every {row['interval_seconds']:g} s"
+        found.append(
+            ScheduleSummary(
+                row["name"],
+                row["source"],
+                row["task_type"],
+                timing,
+                row["paused"],
+                row["next_fire_at"],
+            )
+        )
+    return found
+
+
+async def scheduler_leader(conn: asyncpg.Connection) -> str | None:
+    """The application_name of the leading scheduler's session, or None when none
+    leads (seeing other sessions' names needs pg_read_all_stats or the same role)."""
+    name: str | None = await conn.fetchval(_LEADER, SCHEDULER_LOCK)
+    return name
+
+
+_SET_PAUSED = f"""
+UPDATE schedules SET paused = $2, updated_at = now() WHERE name = $1 AND source = 'api'
+RETURNING {SCHEDULE_COLUMNS}
+"""  # noqa: S608 - a constant
+
+
+async def set_paused(
+    conn: asyncpg.Connection | asyncpg.Pool, name: str, paused: bool
+) -> asyncpg.Record | None:
+    """Pause or resume an API schedule (its next tick stays: on resume, the ticks missed
+    meanwhile follow its catch-up policy); None when there is no API schedule ``name``."""
+    return await conn.fetchrow(_SET_PAUSED, name, paused)

@@ -4,7 +4,8 @@ or an operator command.
 python -m taskbox.relay [run]        the relay (the default)
 python -m taskbox.relay replay ...   send tasks through the outbox again (see --help)
 python -m taskbox.relay cleanup      one retention sweep now
-python -m taskbox.relay status       one screen on tasks, outbox, queues
+python -m taskbox.relay status       one screen on tasks, outbox, queues, schedules
+python -m taskbox.relay schedules .. list, show, pause, resume, run or delete schedules
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 from taskbox.broker.topology import TopologyMismatch
 from taskbox.db.pool import open_pool
 from taskbox.db.schedules import ScheduleDefinition
-from taskbox.relay import replay, status
+from taskbox.relay import replay, schedule_commands, status
 from taskbox.relay.housekeeping import Housekeeper, cleanup
 from taskbox.relay.listener import OutboxListener
 from taskbox.relay.metrics import RelayMetrics
@@ -138,6 +139,15 @@ def build_parser(command_prog: str | None = None) -> argparse.ArgumentParser:
         help="one screen: tasks by status, outbox backlog and lag, queue depths",
     )
     status_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    schedule_commands.configure_parser(
+        commands.add_parser(
+            "schedules",
+            prog=command_prog,
+            help="list, show, pause, resume, run now or delete periodic tasks",
+            description=schedule_commands.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     return parser
 
 
@@ -147,6 +157,8 @@ def main(argv: list[str] | None = None, command_prog: str | None = None) -> int:
     command = args.command or "run"
     if command == "replay":
         replay.check_arguments(args.replay_parser, args)
+    if command == "schedules":
+        schedule_commands.check_arguments(args.schedules_parser, args)
     try:
         settings = RelaySettings()
     except ValidationError as exc:
@@ -159,6 +171,8 @@ def main(argv: list[str] | None = None, command_prog: str | None = None) -> int:
         return asyncio.run(cleanup(settings))
     if command == "status":
         return asyncio.run(status.status(settings, as_json=args.json))
+    if command == "schedules":
+        return asyncio.run(schedule_commands.run(args, settings))
     try:
         declared = code_schedules(settings)
     except (InvalidCodeSchedule, RuntimeError) as exc:

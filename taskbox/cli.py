@@ -63,6 +63,11 @@ SUBCOMMANDS = {
         "one screen: tasks, outbox backlog and lag, queues",
     ),
     "cleanup": Subcommand(_relay, ("cleanup",), "one retention sweep now"),
+    "schedules": Subcommand(
+        _relay,
+        ("schedules",),
+        "periodic tasks: list, show, pause, resume, run now, delete",
+    ),
     "roles": Subcommand(
         _db,
         ("roles",),
@@ -78,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "environment and .env (see README, Configuration).",
         epilog="'taskbox COMMAND --help' shows the options of COMMAND. Each command is "
         "also 'python -m taskbox.api|relay|consumer', 'python -m taskbox.db migrate|roles' "
-        "and 'python -m taskbox.relay replay|status|cleanup'.",
+        "and 'python -m taskbox.relay replay|status|cleanup|schedules'.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, subcommand in SUBCOMMANDS.items():
