@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from taskbox.schedules.naming import SCHEDULE_NAME_PATTERN
 from taskbox.schedules.timing import CatchUp
 
+# Over the API, no schedule ticks faster than once a second: a client's typo of
+# 0.001 would otherwise create a task per millisecond (catch_up=all: a hundred a pass).
+MIN_INTERVAL = 1.0
+
 _TIMING = "Give exactly one of `cron` (five fields, read in `timezone`) and `interval_seconds`."
 
 
@@ -25,7 +29,10 @@ class _ScheduleFields(BaseModel):
         None, max_length=200, description="A five-field cron line, e.g. `0 6 * * 1-5`."
     )
     interval_seconds: float | None = Field(
-        None, gt=0, allow_inf_nan=False, description="Every this many seconds instead of cron."
+        None,
+        ge=MIN_INTERVAL,
+        allow_inf_nan=False,
+        description=f"Every this many seconds (at least {MIN_INTERVAL:g}) instead of cron.",
     )
     timezone: str = Field("UTC", max_length=64, description="IANA zone the cron line is read in.")
     priority: int = Field(0, ge=0, le=9, description="Priority of every tick's task.")
@@ -74,7 +81,7 @@ class ScheduleUpdate(BaseModel):
     type: str | None = Field(None, min_length=1, max_length=200)
     payload: dict[str, Any] | None = None
     cron: str | None = Field(None, max_length=200)
-    interval_seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
+    interval_seconds: float | None = Field(None, ge=MIN_INTERVAL, allow_inf_nan=False)
     timezone: str | None = Field(None, max_length=64)
     priority: int | None = Field(None, ge=0, le=9)
     queue: str | None = None

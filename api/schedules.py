@@ -157,7 +157,15 @@ class ScheduleService:
         return updated
 
     async def set_paused(self, name: str, paused: bool) -> Row:
-        return await self.update(name, ScheduleUpdate(paused=paused))
+        """Pause or resume, without checking the task again: a schedule whose type was
+        since removed can still be paused (its ticks would fail every time)."""
+        row = await self._row(name)
+        if row["source"] == "code":
+            raise ReadOnlySchedule(name)
+        changed: Row | None = await schedule_store.set_paused(self._pool, name, paused)
+        if changed is None:
+            raise ScheduleNotFound(name)  # deleted meanwhile
+        return changed
 
     async def delete(self, name: str) -> None:
         row = await self._row(name)

@@ -81,6 +81,7 @@ async def test_create_list_get_show_the_next_five_fire_times(client: httpx.Async
         ({}, ["body", "cron"]),
         ({"cron": "* * * * *", "interval_seconds": 5.0}, ["body", "cron"]),
         ({"interval_seconds": 0}, ["body", "interval_seconds"]),
+        ({"interval_seconds": 0.001}, ["body", "interval_seconds"]),
         ({"interval_seconds": 5, "type": "nope"}, ["body", "type"]),
         ({"interval_seconds": 5, "type": "sleep", "payload": {"seconds": -1}}, None),
         ({"interval_seconds": 5, "queue": "elsewhere"}, ["body", "queue"]),
@@ -135,11 +136,11 @@ async def test_pause_stops_ticks_and_resume_catches_up_by_policy(
     client: httpx.AsyncClient, scheduler: asyncpg.Connection
 ) -> None:
     for name, catch_up in (("skipper", "skip"), ("keeper", "all")):
-        body = {"name": name, "type": "echo", "interval_seconds": 0.5, "catch_up": catch_up}
+        body = {"name": name, "type": "echo", "interval_seconds": 1, "catch_up": catch_up}
         assert (await client.post(URL, json=body)).status_code == 201
         paused = await client.post(f"{URL}/{name}/pause")
         assert paused.status_code == 200 and paused.json()["paused"] is True
-    await asyncio.sleep(2.2)  # four ticks or so go by while paused
+    await asyncio.sleep(3.2)  # three ticks go by while paused
     assert await fire(scheduler) == 0
     assert await scheduler.fetchval("SELECT count(*) FROM tasks") == 0
     for name in ("skipper", "keeper"):
@@ -150,7 +151,7 @@ async def test_pause_stops_ticks_and_resume_catches_up_by_policy(
         await scheduler.fetch("SELECT schedule_name, count(*) FROM tasks GROUP BY schedule_name")
     )
     assert counts["skipper"] == 1  # skip: one task now for the missed ticks
-    assert counts["keeper"] >= 4  # all: one per missed tick
+    assert counts["keeper"] >= 3  # all: one per missed tick
 
 
 async def test_run_now_creates_one_extra_task_without_moving_the_schedule(
@@ -200,13 +201,13 @@ async def test_code_schedules_are_listed_read_only_but_run_now(
 async def test_delete_stops_ticks_and_keeps_the_tasks(
     client: httpx.AsyncClient, scheduler: asyncpg.Connection
 ) -> None:
-    body = {"name": "brief", "type": "echo", "interval_seconds": 0.2}
+    body = {"name": "brief", "type": "echo", "interval_seconds": 1}
     assert (await client.post(URL, json=body)).status_code == 201
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.1)
     assert await fire(scheduler) == 1
     assert (await client.delete(f"{URL}/brief")).status_code == 204
     assert (await client.delete(f"{URL}/brief")).status_code == 404
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(1.1)
     assert await fire(scheduler) == 0
     assert await scheduler.fetchval("SELECT count(*) FROM tasks") == 1
 
