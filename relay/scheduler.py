@@ -54,11 +54,11 @@ def declared_schedules(
     """The registry's code schedules as stored rows, checked against its task types as
     the api checks an API schedule; InvalidCodeSchedule names the first bad one."""
     return [
-        _definition(periodic, registry, default_max_attempts) for periodic in registry.schedules()
+        definition_of(periodic, registry, default_max_attempts) for periodic in registry.schedules()
     ]
 
 
-def _definition(
+def definition_of(
     periodic: Periodic, registry: TaskRegistry, default_max_attempts: int
 ) -> ScheduleDefinition:
     where = f"schedule {periodic.name!r}"

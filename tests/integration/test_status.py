@@ -131,6 +131,7 @@ async def test_the_schedules_command_lists_shows_pauses_resumes_runs_and_deletes
     now = datetime.now(UTC)
     await create_schedule(pool, ScheduleDefinition("nightly", "echo", cron="0 3 * * *"), now)
     taskbox = [str(Path(sys.executable).parent / "taskbox"), "schedules"]
+    env = service_env
     listed = await run_argv([*taskbox, "list"], service_env)
     assert listed.code == 0, listed
     assert "nightly  echo  cron 0 3 * * * (UTC)  next " in listed.stdout
@@ -151,3 +152,22 @@ async def test_the_schedules_command_lists_shows_pauses_resumes_runs_and_deletes
     assert deleted.code == 0, deleted
     assert await pool.fetchval("SELECT count(*) FROM schedules") == 0
     assert await pool.fetchval("SELECT count(*) FROM tasks") == 1  # the run-now task stays
+
+    create = [*taskbox, "create", "weekday", "--type", "echo", "--payload", '{"k": 1}']
+    made = await run_argv([*create, "--cron", "0 6 * * 1-5", "--timezone", "Europe/Berlin"], env)
+    assert made.code == 0 and "created schedule 'weekday': next " in made.stdout, made
+    again = await run_argv([*create, "--every", "60"], env)
+    assert again.code == 1 and "exists already" in again.stderr
+    for bad, said in (
+        (["--cron", "61 * * * *"], "not a cron line"),
+        (["--cron", "* * * * *", "--timezone", "Mars/Base"], "unknown time zone"),
+        (["--every", "60", "--type", "nope"], "no task type 'nope'"),
+    ):
+        refused = await run_argv([*create[:3], "other", *create[4:], *bad], env)
+        assert refused.code == 2 and said in refused.stderr, refused
+    row = await pool.fetchrow("SELECT * FROM schedules WHERE name = 'weekday'")
+    assert (row["cron"], row["timezone"], row["payload"]) == (
+        "0 6 * * 1-5",
+        "Europe/Berlin",
+        {"k": 1},
+    )
