@@ -86,10 +86,12 @@ async def serve(
         background["listener"] = listener.run()
     if settings.retention_interval > 0:
         background["housekeeping"] = Housekeeper(settings, metrics).run()
+    scheduler = None
     if settings.scheduler_enabled:
-        background["scheduler"] = Scheduler(settings, declared, wake, metrics).run()
+        scheduler = Scheduler(settings, declared, wake, metrics)
+        background["scheduler"] = scheduler.run()
     if server is not None:
-        observe(probes, settings, metrics, pool, connection, relay, listener)
+        observe(probes, settings, metrics, pool, connection, relay, listener, scheduler)
         background["metrics"] = server.serve()
         background["backlog"] = refresh_backlog(pool, metrics, settings.relay_backlog_interval)
     log.info(
