@@ -103,6 +103,7 @@ class Scheduler:
         self.leading = False
         self.alive_at = time.monotonic()  # for /healthz
         self.terms = 0  # how often this process took the lead
+        self._broken_reported: set[str] = set()
 
     def _keepalives(self) -> dict[str, str]:
         # The server drops a silent leader's session (and so its lock) after about
@@ -186,10 +187,14 @@ class Scheduler:
                 self.metrics.schedule_ticks.labels("skipped").inc(skipped)
                 log.warning("schedule %r: %d missed ticks skipped (catch-up policy)", name, skipped)
             for name, error in report.broken.items():
-                log.error("schedule %r cannot fire: %s", name, error)
+                if name not in self._broken_reported:  # once, not on every pass
+                    log.error("schedule %r cannot fire: %s", name, error)
+            self._broken_reported = set(report.broken)
             if report.claimed >= schedules.FIRE_BATCH and len(report.broken) < report.claimed:
                 continue  # a full claim may have left due schedules behind
             until = await schedules.seconds_until_due(conn)
             # Wake at the next tick, and at least every poll interval: an API edit or a
-            # new schedule may fall due sooner than anything seen now.
-            await asyncio.sleep(poll if until is None else min(poll, max(0.0, until)))
+            # new schedule may fall due sooner than anything seen now. A broken schedule
+            # stays due for ever: with one about, the poll interval paces the loop.
+            wait = poll if until is None else min(poll, max(0.0, until))
+            await asyncio.sleep(poll if report.broken else wait)

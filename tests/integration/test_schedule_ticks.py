@@ -100,3 +100,29 @@ async def test_a_scheduler_killed_inside_its_tick_transaction_leaves_nothing_beh
         assert counted.first == before["next_fire_at"]
     finally:
         await owner.close()
+
+
+async def test_a_schedule_whose_timing_no_longer_reads_never_stops_the_others(
+    db_settings: DatabaseSettings,
+) -> None:
+    """A stored zone the tz database no longer has (or a row written by hand): the
+    schedule is reported and left due, and every other schedule fires as before."""
+    owner = await connect(db_settings)
+    try:
+        await owner.execute(
+            "INSERT INTO schedules (name, task_type, interval_seconds, timezone, next_fire_at)"
+            " VALUES ('broken', 'echo', 1, 'Gone/Zone', now() - interval '1 hour')"
+        )
+        await create_schedule(
+            owner,
+            ScheduleDefinition("healthy", "echo", {}, interval_seconds=1.0),
+            datetime.now(UTC) - timedelta(seconds=1),
+        )
+        report = await fire_due(owner, catch_up_max=10)
+        assert list(report.broken) == ["broken"]
+        assert "Gone/Zone" in report.broken["broken"]
+        assert [tick.schedule for tick in report.created] == ["healthy"]
+        broken = await get_schedule(owner, "broken")
+        assert broken is not None and broken["next_fire_at"] < datetime.now(UTC)
+    finally:
+        await owner.close()
