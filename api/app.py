@@ -16,7 +16,8 @@ from taskbox.api.errors import PROBLEM_JSON, REQUEST_ID_HEADER
 from taskbox.api.metrics import ApiMetrics
 from taskbox.api.middleware import ApiKeyGate, ContentLengthLimit, JsonBodiesOnly, RequestIds
 from taskbox.api.notifier import OutboxNotifier
-from taskbox.api.routes import docs, health, metrics, queues, tasks
+from taskbox.api.routes import docs, health, metrics, queues, schedules, tasks
+from taskbox.api.schedules import ScheduleService
 from taskbox.api.service import PostgresTaskStore, TaskService
 from taskbox.api.settings import ApiSettings
 from taskbox.db.pool import create_pool
@@ -67,6 +68,7 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
             # after the colon, which this line makes visible at once.
             names = ", ".join(name for name, _ in app.state.api_key_names)
             log.info("API keys accepted, by name: %s", names)
+        app.state.schedules = ScheduleService(pool, app.state.service, notifier.wake)
         if not app.state.api_keys:
             log.warning(
                 "API_KEYS is empty: the API is UNAUTHENTICATED; anyone who can reach it "
@@ -122,6 +124,7 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
     errors.install(app)
     app.include_router(tasks.router)
     app.include_router(queues.router)
+    app.include_router(schedules.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(docs.router)

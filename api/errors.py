@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
 from taskbox.api.batch import UnreadableBody
+from taskbox.api.schedules import ReadOnlySchedule, ScheduleExists, ScheduleNotFound
 from taskbox.api.service import IdempotencyConflict, InvalidRequest, TaskFinished, TaskNotFound
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
 
@@ -153,6 +154,18 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(IdempotencyConflict)
     async def _reused_key(request: Request, exc: IdempotencyConflict) -> JSONResponse:
+        return problem(request, 409, str(exc))
+
+    @app.exception_handler(ScheduleNotFound)
+    async def _no_schedule(request: Request, exc: ScheduleNotFound) -> JSONResponse:
+        return problem(request, 404, str(exc.args[0]))
+
+    @app.exception_handler(ScheduleExists)
+    async def _schedule_exists(request: Request, exc: ScheduleExists) -> JSONResponse:
+        return problem(request, 409, str(exc))
+
+    @app.exception_handler(ReadOnlySchedule)
+    async def _read_only(request: Request, exc: ReadOnlySchedule) -> JSONResponse:
         return problem(request, 409, str(exc))
 
     @app.exception_handler(TaskFinished)

@@ -75,6 +75,9 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
                 "idempotency_key",
                 "request_digest",
                 "queue",
+                # a schedule's "run now" (db.schedules.run_now) carries its name
+                "schedule_name",
+                "schedule_fire_at",
             ),
         ),
         TableGrant(
@@ -88,15 +91,53 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
         TableGrant("queue_consumers", ("SELECT",)),
         TableGrant("queue_pauses", ("SELECT",)),
         TableGrant("queue_events", ("SELECT",)),
+        # /api/v1/schedules: API schedules are made, edited and deleted here (the
+        # statements themselves leave code schedules alone)
+        TableGrant(
+            "schedules",
+            ("SELECT", "DELETE"),
+            insert_columns=(
+                "name",
+                "task_type",
+                "payload",
+                "cron",
+                "interval_seconds",
+                "timezone",
+                "priority",
+                "queue",
+                "max_attempts",
+                "catch_up",
+                "paused",
+                "source",
+                "next_fire_at",
+            ),
+            update_columns=(
+                "task_type",
+                "payload",
+                "cron",
+                "interval_seconds",
+                "timezone",
+                "priority",
+                "queue",
+                "max_attempts",
+                "catch_up",
+                "paused",
+                "next_fire_at",
+                "updated_at",
+            ),
+        ),
     ),
     # Claims due outbox rows (FOR UPDATE SKIP LOCKED needs UPDATE on some column, which
     # the publish bookkeeping has anyway), flips their tasks NEW -> PENDING and back on a
     # refusal, deletes what retention allows, reads the overview for its gauges and
-    # `relay status`. It inserts nothing: `relay replay` runs as the owner (see README).
+    # `relay status`. Its scheduler creates each schedule tick's task and task.created
+    # row exactly as the api creates a task (db.tasks), advances the schedule, and writes
+    # the code schedules of its task modules. `relay replay` runs as the owner (README).
     "relay": (
         TableGrant(
             "outbox",
             ("SELECT", "DELETE"),
+            insert_columns=("task_id", "kind", "body", "headers", "available_at"),
             update_columns=(
                 "published_at",
                 "publish_attempts",
@@ -104,8 +145,59 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
                 "available_at",
                 "parked_queue",
             ),
+            identity_sequence=True,
+            insert_values=("kind", ("task.created",)),
         ),
-        TableGrant("tasks", ("SELECT", "DELETE"), update_columns=("status", "updated_at")),
+        TableGrant(
+            "tasks",
+            ("SELECT", "DELETE"),
+            insert_columns=(
+                "type",
+                "payload",
+                "priority",
+                "max_attempts",
+                "run_at",
+                "queue",
+                "schedule_name",
+                "schedule_fire_at",
+            ),
+            update_columns=("status", "updated_at"),
+        ),
+        # the scheduler: claims due schedules (FOR UPDATE), advances them, and writes
+        # and deletes code schedules (db.schedules.sync_code_schedules)
+        TableGrant(
+            "schedules",
+            ("SELECT", "DELETE"),
+            insert_columns=(
+                "name",
+                "task_type",
+                "payload",
+                "cron",
+                "interval_seconds",
+                "timezone",
+                "priority",
+                "queue",
+                "max_attempts",
+                "catch_up",
+                "paused",
+                "source",
+                "next_fire_at",
+            ),
+            update_columns=(
+                "task_type",
+                "payload",
+                "cron",
+                "interval_seconds",
+                "timezone",
+                "priority",
+                "queue",
+                "max_attempts",
+                "catch_up",
+                "paused",
+                "next_fire_at",
+                "updated_at",
+            ),
+        ),
         # `taskbox status` lists the queues and the consumers seen on them; retention
         # deletes the rows of consumers gone for a day
         TableGrant("queue_consumers", ("SELECT", "DELETE")),
@@ -165,4 +257,11 @@ FUNCTIONS: dict[Process, tuple[str, ...]] = {
     "consumer": (),
 }
 
-TABLES: tuple[str, ...] = ("tasks", "outbox", "queue_consumers", "queue_pauses", "queue_events")
+TABLES: tuple[str, ...] = (
+    "tasks",
+    "outbox",
+    "queue_consumers",
+    "queue_pauses",
+    "queue_events",
+    "schedules",
+)

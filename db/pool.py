@@ -69,12 +69,16 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
-async def connect(settings: DatabaseSettings) -> asyncpg.Connection:
-    """A single connection outside the pool (the relay's LISTEN connection)."""
+async def connect(
+    settings: DatabaseSettings, server_settings: dict[str, str] | None = None
+) -> asyncpg.Connection:
+    """A single connection outside the pool (the relay's LISTEN connection, the
+    scheduler's leader session), with session ``server_settings`` if given."""
     conn = await asyncpg.connect(
         settings.database_url,
         command_timeout=settings.db_command_timeout,
         timeout=settings.db_connect_timeout,
+        server_settings=server_settings,
     )
     await init_connection(conn)
     return conn

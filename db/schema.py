@@ -13,6 +13,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Double,
     ForeignKey,
     Identity,
     Index,
@@ -73,6 +74,10 @@ tasks = Table(
     # The Taskbox queue the task is routed to (taskbox.runtime.queues): the relay
     # publishes its messages to that queue's AMQP queue. Fixed at creation.
     Column("queue", Text, nullable=False, server_default=text("'default'")),
+    # The schedule tick this task was created for (db.schedules): the schedule's name
+    # and the fire time; a "run now" task has the name and no fire time.
+    Column("schedule_name", Text),
+    Column("schedule_fire_at", DateTime(timezone=True)),
     CheckConstraint(f"status IN ({_status_list})", name="status"),
     CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
     CheckConstraint("max_attempts >= 1", name="max_attempts"),
@@ -94,6 +99,16 @@ Index(
     tasks.c.idempotency_key,
     unique=True,
     postgresql_where=text("idempotency_key IS NOT NULL"),
+)
+# Exactly one task per schedule tick: a second scheduler, or one retrying after a crash,
+# can never insert the same (schedule, fire time) again. Also how a schedule's last
+# ticks are found.
+Index(
+    "uq_tasks_schedule_tick",
+    tasks.c.schedule_name,
+    tasks.c.schedule_fire_at,
+    unique=True,
+    postgresql_where=text("schedule_name IS NOT NULL"),
 )
 # The rescue of stuck tasks only ever looks at running ones.
 Index(
@@ -185,3 +200,37 @@ queue_events = Table(
     CheckConstraint("action IN ('pause', 'resume')", name="action"),
 )
 Index("ix_queue_events_queue_id", queue_events.c.queue, queue_events.c.id)
+# Periodic tasks (taskbox.schedules): one row per schedule, declared in code
+# (source 'code', written by the scheduler from its task modules) or over the API.
+# next_fire_at is the earliest tick not yet turned into a task; the scheduler creates
+# the tick's task and advances it in one transaction (db.schedules).
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("task_type", Text, nullable=False),
+    Column("payload", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("cron", Text),
+    Column("interval_seconds", Double),
+    Column("timezone", Text, nullable=False, server_default=text("'UTC'")),
+    Column("priority", SmallInteger, nullable=False, server_default=text("0")),
+    Column("queue", Text, nullable=False, server_default=text("'default'")),
+    Column("max_attempts", Integer, nullable=False, server_default=text("3")),
+    Column("catch_up", Text, nullable=False, server_default=text("'skip'")),
+    Column("paused", Boolean, nullable=False, server_default=text("false")),
+    Column("source", Text, nullable=False, server_default=text("'api'")),
+    Column("next_fire_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    CheckConstraint("(cron IS NULL) <> (interval_seconds IS NULL)", name="timing"),
+    CheckConstraint("catch_up IN ('skip', 'all')", name="catch_up"),
+    CheckConstraint("source IN ('api', 'code')", name="source"),
+    CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
+    CheckConstraint("max_attempts >= 1", name="max_attempts"),
+)
+# The scheduler's claim: the running schedules that are due, earliest first.
+Index(
+    "ix_schedules_next_fire_at",
+    schedules.c.next_fire_at,
+    postgresql_where=text("NOT paused"),
+)

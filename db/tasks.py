@@ -110,6 +110,20 @@ _INSERT_GROUP_WITH_OUTBOX = _with_created_events(
     joined="JOIN i ON i.id = task.id",
 )
 
+# The tasks of one schedule's ticks: one row per fire time $7, each keyed by (schedule
+# name $6, fire time) and due at its fire time. The unique index uq_tasks_schedule_tick
+# makes a tick's task exist at most once: a tick inserted before (by a scheduler that
+# lost its leadership, or one whose commit was lost with the answer) is skipped, not
+# duplicated. A NULL fire time is a "run now": it takes no tick's key and runs at once.
+_INSERT_SCHEDULED_TASKS_WITH_OUTBOX = _with_created_events(
+    """INSERT INTO tasks (type, payload, priority, max_attempts, run_at, queue,
+                       schedule_name, schedule_fire_at)
+    SELECT $1, $2, $3, $4, fire_at, $5, $6, fire_at
+    FROM unnest($7::timestamptz[]) AS i(fire_at)
+    ON CONFLICT (schedule_name, schedule_fire_at) WHERE schedule_name IS NOT NULL DO NOTHING""",
+    "$8",
+)
+
 _GET_BY_KEY = f"SELECT {TASK_COLUMNS}, request_digest FROM tasks WHERE idempotency_key = $1"  # noqa: S608
 _GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"  # noqa: S608
 _GET_STATUS = "SELECT id, status, updated_at FROM tasks WHERE id = $1"
@@ -199,6 +213,31 @@ async def create_group(
     )
     by_id = {row["id"]: row for row in rows}
     return [by_id[task_id] for task_id in ids]
+
+
+async def create_schedule_tasks(
+    conn: asyncpg.Connection,
+    task: NewTask,
+    schedule_name: str,
+    fire_times: Sequence[datetime | None],
+    headers: dict[str, Any] | None = None,
+) -> list[asyncpg.Record]:
+    """Insert a task (with its outbox row, as every create) for each tick of
+    ``schedule_name`` at ``fire_times`` that has none yet; None is a "run now" task.
+    Returns the tasks inserted, in no particular order. ``task.run_at`` and
+    ``task.delay`` are ignored: a tick's task is due at its fire time."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        _INSERT_SCHEDULED_TASKS_WITH_OUTBOX,
+        task.type,
+        task.payload,
+        task.priority,
+        task.max_attempts,
+        task.queue,
+        schedule_name,
+        list(fire_times),
+        headers or {},
+    )
+    return rows
 
 
 def request_digest(task: NewTask) -> bytes:

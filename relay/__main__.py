@@ -4,8 +4,9 @@ or an operator command.
 python -m taskbox.relay [run]        the relay (the default)
 python -m taskbox.relay replay ...   send tasks through the outbox again (see --help)
 python -m taskbox.relay cleanup      one retention sweep now
-python -m taskbox.relay status       one screen on tasks, outbox, queues
+python -m taskbox.relay status       one screen on tasks, outbox, queues, schedules
 python -m taskbox.relay queues ...   list, show, pause and resume queues (see --help)
+python -m taskbox.relay schedules .. list, show, pause, resume, run or delete schedules
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from pydantic import ValidationError
 
 from taskbox.broker.topology import TopologyMismatch
 from taskbox.db.pool import open_pool
-from taskbox.relay import queue_commands, replay, status
+from taskbox.db.schedules import ScheduleDefinition
+from taskbox.relay import queue_commands, replay, schedule_commands, status
 from taskbox.relay.housekeeping import Housekeeper, cleanup
 from taskbox.relay.listener import OutboxListener
 from taskbox.relay.metrics import RelayMetrics
 from taskbox.relay.monitoring import observe, refresh_backlog
 from taskbox.relay.relay import OutboxRelay, open_broker
+from taskbox.relay.scheduler import InvalidCodeSchedule, Scheduler, declared_schedules
 from taskbox.relay.settings import RelaySettings
 from taskbox.runtime.lifecycle import (
     EXIT_LOOP_DIED,
@@ -42,13 +45,28 @@ from taskbox.runtime.logs import configure
 from taskbox.runtime.probes import PortUnavailable, Probes, start_probe_server
 from taskbox.runtime.settings import describe_invalid
 from taskbox.runtime.telemetry import start_tracing
+from taskbox.tasktypes import load_registry
 
 log = logging.getLogger("taskbox.relay")
 
 EXIT_USAGE = 2
 
 
-async def serve(settings: RelaySettings, tracer: Tracer | None = None) -> None:
+def code_schedules(settings: RelaySettings) -> list[ScheduleDefinition]:
+    """The schedules the task modules declare, checked; raises InvalidCodeSchedule
+    (or RuntimeError for a task module that cannot be imported)."""
+    if not settings.scheduler_enabled:
+        return []
+    registry = load_registry(settings.task_modules, builtin_types=settings.builtin_task_types)
+    return declared_schedules(registry, settings.default_max_attempts)
+
+
+async def serve(
+    settings: RelaySettings,
+    tracer: Tracer | None = None,
+    declared: list[ScheduleDefinition] | None = None,
+) -> None:
+    declared = declared or []
     shutdown = Shutdown()
     shutdown.install()
     metrics = RelayMetrics()
@@ -69,15 +87,20 @@ async def serve(settings: RelaySettings, tracer: Tracer | None = None) -> None:
         background["listener"] = listener.run()
     if settings.retention_interval > 0:
         background["housekeeping"] = Housekeeper(settings, metrics).run()
+    scheduler = None
+    if settings.scheduler_enabled:
+        scheduler = Scheduler(settings, declared, wake, metrics)
+        background["scheduler"] = scheduler.run()
     if server is not None:
-        observe(probes, settings, metrics, pool, connection, relay, listener)
+        observe(probes, settings, metrics, pool, connection, relay, listener, scheduler)
         background["metrics"] = server.serve()
         background["backlog"] = refresh_backlog(pool, metrics, settings.relay_backlog_interval)
     log.info(
-        "relay running: batch %d, poll every %.1fs, LISTEN %s",
+        "relay running: batch %d, poll every %.1fs, LISTEN %s, scheduler %s",
         settings.relay_batch_size,
         settings.relay_poll_interval,
         "on" if settings.relay_listen else "off",
+        f"candidate ({len(declared)} code schedules)" if settings.scheduler_enabled else "off",
     )
     try:
         await supervise(relay.run(shutdown.requested), background)
@@ -128,6 +151,15 @@ def build_parser(command_prog: str | None = None) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    schedule_commands.configure_parser(
+        commands.add_parser(
+            "schedules",
+            prog=command_prog,
+            help="list, show, pause, resume, run now or delete periodic tasks",
+            description=schedule_commands.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     return parser
 
 
@@ -137,6 +169,8 @@ def main(argv: list[str] | None = None, command_prog: str | None = None) -> int:
     command = args.command or "run"
     if command == "replay":
         replay.check_arguments(args.replay_parser, args)
+    if command == "schedules":
+        schedule_commands.check_arguments(args.schedules_parser, args)
     try:
         settings = RelaySettings()
     except ValidationError as exc:
@@ -151,9 +185,16 @@ def main(argv: list[str] | None = None, command_prog: str | None = None) -> int:
         return asyncio.run(status.status(settings, as_json=args.json))
     if command == "queues":
         return asyncio.run(queue_commands.run(args, settings))
+    if command == "schedules":
+        return asyncio.run(schedule_commands.run(args, settings))
+    try:
+        declared = code_schedules(settings)
+    except (InvalidCodeSchedule, RuntimeError) as exc:
+        log.critical("%s", exc)
+        return EXIT_USAGE
     tracing = start_tracing(settings, "taskbox-relay")
     try:
-        run_service(serve(settings, tracing.tracer))
+        run_service(serve(settings, tracing.tracer, declared))
     except LoopDied:
         return EXIT_LOOP_DIED
     except PortUnavailable as exc:

@@ -93,6 +93,20 @@ class RelayMetrics:
         )
         for table in ("outbox", "tasks"):
             self.retention_deleted.labels(table)
+        self.scheduler_leader = Gauge(
+            "taskbox_scheduler_leader",
+            "1 while this relay is the scheduler (holds the leader lock), else 0.",
+            registry=r,
+        )
+        self.schedule_ticks = Counter(
+            "taskbox_schedule_ticks",
+            "Schedule ticks this relay turned into tasks (created) or left out by the "
+            "catch-up policy (skipped).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("created", "skipped"):
+            self.schedule_ticks.labels(outcome)
 
     def record_backlog(self, backlog: Backlog) -> None:
         self.backlog_rows.set(backlog.rows)

@@ -14,6 +14,7 @@ from taskbox.db.errors import TRANSIENT_DB_ERRORS
 from taskbox.relay.listener import OutboxListener
 from taskbox.relay.metrics import RelayMetrics
 from taskbox.relay.relay import OutboxRelay
+from taskbox.relay.scheduler import Scheduler
 from taskbox.relay.settings import RelaySettings
 from taskbox.runtime.probes import AttributeCollector, Probes, ReadCounter, ReadGauge
 from taskbox.runtime.readiness import broker_check, database_check
@@ -45,6 +46,7 @@ def observe(
     connection: AbstractConnection,
     relay: OutboxRelay,
     listener: OutboxListener | None,
+    scheduler: Scheduler | None = None,
 ) -> None:
     """Register the relay's counters and arm its probes (ready to answer from now on)."""
     values: list[ReadCounter | ReadGauge] = [
@@ -80,6 +82,12 @@ def observe(
         settings.relay_poll_interval + settings.relay_publish_timeout + settings.db_command_timeout
     )
     probes.watch("drain", lambda: relay.alive_at, within=max(stall, 30.0))
+    if scheduler is not None:
+        # A candidate beats every SCHEDULER_LEADER_RETRY, a leader every pass; either may
+        # wait out a slow statement, or a reconnect's backoff (at most 5 retries' worth).
+        retry = settings.scheduler_leader_retry
+        stuck = 2 * (settings.db_command_timeout + 5 * retry + settings.scheduler_poll_interval)
+        probes.watch("scheduler", lambda: scheduler.alive_at, within=max(stuck, 30.0))
     probes.require("database", database_check(pool))
     probes.require("broker", broker_check(connection))
     if listener is not None:

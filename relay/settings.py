@@ -7,12 +7,14 @@ from pydantic import Field
 from taskbox.broker.settings import BrokerSettings
 from taskbox.db.settings import DatabaseSettings
 from taskbox.runtime.durations import Duration, OptionalDuration
-from taskbox.runtime.settings import MetricsSettings, ProcessSettings
+from taskbox.runtime.settings import MetricsSettings, ProcessSettings, TaskTypeSettings
 
 _WEEK = 7 * 86400.0
 
 
-class RelaySettings(DatabaseSettings, BrokerSettings, ProcessSettings, MetricsSettings):
+class RelaySettings(
+    DatabaseSettings, BrokerSettings, ProcessSettings, MetricsSettings, TaskTypeSettings
+):
     relay_batch_size: int = Field(500, ge=1, le=10_000, description="Rows claimed per transaction.")
     relay_concurrency: int = Field(
         2, ge=1, le=16, description="Batches in flight at once while draining a backlog."
@@ -48,4 +50,31 @@ class RelaySettings(DatabaseSettings, BrokerSettings, ProcessSettings, MetricsSe
     )
     retention_batch: int = Field(
         1000, ge=1, le=100_000, description="Rows deleted per statement by a sweep."
+    )
+    # Periodic tasks (relay.scheduler): every relay is a candidate, one leads.
+    scheduler_enabled: bool = Field(
+        True, description="Be a scheduler candidate; false: this relay never fires schedules."
+    )
+    scheduler_poll_interval: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="Longest sleep of the leading scheduler: how soon a new or edited "
+        "schedule is seen.",
+    )
+    scheduler_leader_retry: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="Seconds between a standby scheduler's tries to take the lead: the "
+        "bound on a hand-over after the leader dies.",
+    )
+    schedule_catch_up_max: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Most missed ticks a catch_up=all schedule creates after an outage.",
+    )
+    default_max_attempts: int = Field(
+        3, ge=1, le=100, description="max_attempts of a code schedule's tasks whose type sets none."
     )

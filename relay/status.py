@@ -17,7 +17,7 @@ import aio_pika
 import asyncpg
 import orjson
 
-from taskbox.db import overview, queues
+from taskbox.db import overview, queues, schedules
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
 from taskbox.db.pool import connect
 from taskbox.db.states import TaskStatus
@@ -51,6 +51,8 @@ class Snapshot:
     dead_letters: QueueState
     # The AMQP queue of every other Taskbox queue in use, in the order of ``queues``
     named_queues: list[QueueState] = field(default_factory=list)
+    schedules: list[schedules.ScheduleSummary] | None = None
+    scheduler: str | None = None  # the leading scheduler's session name
 
 
 def _where(url: str) -> str:
@@ -80,6 +82,8 @@ async def _database(settings: RelaySettings) -> dict[str, Any]:
             "outbox_table": await overview.outbox_size(conn),
             "last_publish_error": await overview.last_publish_error(conn),
             "queues": await queues.list_queues(conn),
+            "schedules": await schedules.summaries(conn),
+            "scheduler": await schedules.scheduler_leader(conn),
         }
     except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
         return {"database_problem": _problem(exc)}
@@ -134,6 +138,8 @@ async def snapshot(settings: RelaySettings) -> Snapshot:
         queue=queue,
         dead_letters=dead,
         named_queues=others,
+        schedules=database.get("schedules"),
+        scheduler=database.get("scheduler"),
     )
 
 
@@ -180,6 +186,7 @@ def render(snap: Snapshot, settings: RelaySettings) -> str:
             f"{format_duration(settings.outbox_retention)}: OUTBOX_RETENTION)"
         )
         lines += _queue_lines(snap.queues or [])
+        lines += _schedule_lines(snap.schedules or [], snap.scheduler, snap.at)
     amqp = [("amqp queues", snap.queue), *(("", q) for q in snap.named_queues)]
     for label, queue in (*amqp, ("dead letters", snap.dead_letters)):
         if queue.problem is not None:
@@ -221,6 +228,25 @@ def queue_line(q: queues.QueueView) -> str:
         f"{q.name}: {q.waiting:,} waiting, {q.running:,} running, "
         f"{q.consumers:,} consumers{oldest}{unserved}{paused}"
     )
+
+
+def _schedule_lines(
+    found: list[schedules.ScheduleSummary], leader: str | None, now: datetime
+) -> list[str]:
+    """One line per schedule with its next fire time, soonest first."""
+    if not found:
+        return []
+    led = f"led by {leader}" if leader else "NO SCHEDULER LEADS (is a relay running?)"
+    lines = [f"schedules     {len(found)}, {led}"]
+    for s in found:
+        if s.paused:
+            when = "PAUSED"
+        else:
+            late = (now - s.next_fire_at).total_seconds()
+            due = f" (due {format_duration(late)} ago)" if late > 5 else ""
+            when = f"next {s.next_fire_at:%Y-%m-%d %H:%M:%S} UTC{due}"
+        lines.append(f"{'':<13} {s.name}: {s.task_type}, {s.timing}, {when} [{s.source}]")
+    return lines
 
 
 def healthy(snap: Snapshot) -> bool:

@@ -1,6 +1,7 @@
 """Taskbox for its users: the one import root a program needs.
 
-Handler authors write ``from taskbox import task, TaskContext, PermanentError, Retry``;
+Handler authors write ``from taskbox import task, TaskContext, PermanentError, Retry``
+(and ``cron``, ``every``, ``periodic`` for periodic tasks);
 their tests use ``taskbox.testing``; a program that only submits tasks uses
 ``taskbox.client`` (``Client``, ``AsyncClient``).
 
@@ -24,8 +25,11 @@ if TYPE_CHECKING:
         Retry,
         TaskContext,
         TaskRegistry,
+        cron,
         default_registry,
+        every,
         on,
+        periodic,
         task,
     )
 
@@ -36,8 +40,11 @@ __all__ = [
     "Retry",
     "TaskContext",
     "TaskRegistry",
+    "cron",
     "default_registry",
+    "every",
     "on",
+    "periodic",
     "task",
 ]
 

@@ -111,8 +111,9 @@ class ProcessSettings(TracingSettings):
 
 
 class TaskTypeSettings(BaseSettings):
-    """Which task types a process knows: the api's (what it accepts) and the
-    consumer's (what it runs). The relay moves tasks of any type and reads neither."""
+    """Which task types a process knows: the api's (what it accepts), the consumer's
+    (what it runs) and the relay's (the schedules its task modules declare, for its
+    scheduler; it moves tasks of any type)."""
 
     model_config = ENV_CONFIG
 

@@ -5,6 +5,7 @@ the consumer reads it to run handlers. A user module adds its own types with the
 ``task`` decorator (hooks with ``on``) and is loaded through the ``TASK_MODULES`` setting.
 """
 
+from taskbox.tasktypes.periodic import Periodic
 from taskbox.tasktypes.registry import (
     AttemptEvent,
     Hook,
@@ -14,9 +15,12 @@ from taskbox.tasktypes.registry import (
     TaskContext,
     TaskRegistry,
     TaskType,
+    cron,
     default_registry,
+    every,
     load_registry,
     on,
+    periodic,
     task,
 )
 
@@ -24,13 +28,17 @@ __all__ = [
     "AttemptEvent",
     "Hook",
     "HookEvent",
+    "Periodic",
     "PermanentError",
     "Retry",
     "TaskContext",
     "TaskRegistry",
     "TaskType",
+    "cron",
     "default_registry",
+    "every",
     "load_registry",
     "on",
+    "periodic",
     "task",
 ]

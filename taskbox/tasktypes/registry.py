@@ -24,6 +24,10 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel
 
 from taskbox.runtime.queues import DEFAULT_QUEUE, check_queue_name
+from taskbox.schedules.timing import CatchUp, Timing
+from taskbox.schedules.timing import cron as cron  # re-exported: taskbox.cron
+from taskbox.schedules.timing import every as every  # re-exported: taskbox.every
+from taskbox.tasktypes.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +149,7 @@ def _positive(name: str, value: float | None) -> None:
 class TaskRegistry:
     def __init__(self) -> None:
         self._types: dict[str, TaskType] = {}
+        self._schedules: dict[str, Periodic] = {}
         self.hooks = Hooks()
 
     def register(
@@ -194,10 +199,19 @@ class TaskRegistry:
         retry_max: float | None = None,
         retry_jitter: float | None = None,
         queue: str | Iterable[str] = DEFAULT_QUEUE,
+        schedule: Timing | None = None,
+        payload: dict[str, Any] | None = None,
+        catch_up: CatchUp = "skip",
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated ``handler(payload, ctx)`` (``async def`` or plain
         ``def``) under ``name``, with its policy and its queue (or queues, the first
-        its own)."""
+        its own). With ``schedule`` (``cron(...)`` or ``every(...)``), also a periodic
+        task of that name creating a task with ``payload`` on every tick."""
+        if schedule is not None:
+            # Checked at import, where the mistake is, not when a scheduler first fires.
+            payload_model.model_validate(payload or {})
+        elif payload is not None:
+            raise ValueError("payload= is the payload of a schedule: give schedule= too")
 
         def decorate(handler: HandlerT) -> HandlerT:
             self.register(
@@ -211,9 +225,46 @@ class TaskRegistry:
                 retry_jitter=retry_jitter,
                 queue=queue,
             )
+            if schedule is not None:
+                self.periodic(name, name, schedule, payload, catch_up=catch_up)
             return handler
 
         return decorate
+
+    def periodic(
+        self,
+        name: str,
+        task_type: str,
+        schedule: Timing,
+        payload: dict[str, Any] | None = None,
+        *,
+        priority: int = 0,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        catch_up: CatchUp = "skip",
+    ) -> Periodic:
+        """Declare a schedule ``name`` creating a ``task_type`` task on every tick of
+        ``schedule``. The type may be registered later (or by another registry); the
+        relay checks the payload against it when it loads its task modules."""
+        periodic = Periodic(
+            name,
+            task_type,
+            schedule,
+            dict(payload or {}),
+            priority,
+            queue,
+            max_attempts,
+            catch_up,
+        )
+        existing = self._schedules.get(name)
+        if existing is not None and existing != periodic:
+            raise ValueError(f"schedule {name!r} is already declared")
+        self._schedules[name] = periodic
+        return periodic
+
+    def schedules(self) -> list[Periodic]:
+        """The schedules declared in code on this registry, by name."""
+        return [self._schedules[name] for name in sorted(self._schedules)]
 
     def on(self, event: HookEvent) -> Callable[[HookT], HookT]:
         """Register the decorated ``hook(event: AttemptEvent)`` for ``event``."""
@@ -244,7 +295,12 @@ class TaskRegistry:
             existing = self._types.get(task_type.name)
             if existing is not None and existing.handler is not task_type.handler:
                 raise ValueError(f"task type {task_type.name!r} is already registered")
+        for periodic in other._schedules.values():
+            declared = self._schedules.get(periodic.name)
+            if declared is not None and declared != periodic:
+                raise ValueError(f"schedule {periodic.name!r} is already declared")
         self._types.update(other._types)
+        self._schedules.update(other._schedules)
         for event, hooks in other.hooks.by_event.items():
             for hook in hooks:
                 if hook not in self.hooks[event]:  # a registry included twice runs it once
@@ -262,6 +318,8 @@ class TaskRegistry:
     def _copy(self, types: dict[str, TaskType]) -> TaskRegistry:
         registry = TaskRegistry()
         registry._types = types
+        # A schedule of a type left out would only fail: it goes with its type.
+        registry._schedules = {n: p for n, p in self._schedules.items() if p.task_type in types}
         for event, hooks in self.hooks.by_event.items():
             for hook in hooks:
                 registry.hooks.add(event, hook)
@@ -281,8 +339,12 @@ def task(
     retry_max: float | None = None,
     retry_jitter: float | None = None,
     queue: str | Iterable[str] = DEFAULT_QUEUE,
+    schedule: Timing | None = None,
+    payload: dict[str, Any] | None = None,
+    catch_up: CatchUp = "skip",
 ) -> Callable[[HandlerT], HandlerT]:
-    """``default_registry.task(...)``: register the decorated handler under ``name``."""
+    """``default_registry.task(...)``: register the decorated handler under ``name``
+    (and, with ``schedule``, a periodic task of that name)."""
     return default_registry.task(
         name,
         payload_model,
@@ -292,6 +354,33 @@ def task(
         retry_max=retry_max,
         retry_jitter=retry_jitter,
         queue=queue,
+        schedule=schedule,
+        payload=payload,
+        catch_up=catch_up,
+    )
+
+
+def periodic(
+    name: str,
+    task_type: str,
+    schedule: Timing,
+    payload: dict[str, Any] | None = None,
+    *,
+    priority: int = 0,
+    queue: str | None = None,
+    max_attempts: int | None = None,
+    catch_up: CatchUp = "skip",
+) -> Periodic:
+    """``default_registry.periodic(...)``: declare a schedule in code."""
+    return default_registry.periodic(
+        name,
+        task_type,
+        schedule,
+        payload,
+        priority=priority,
+        queue=queue,
+        max_attempts=max_attempts,
+        catch_up=catch_up,
     )
 
 

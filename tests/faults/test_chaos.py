@@ -57,6 +57,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ import httpx
 import pytest
 
 from taskbox.broker.settings import BrokerSettings
+from taskbox.db.schedules import ScheduleDefinition, create_schedule
 from taskbox.db.settings import DatabaseSettings
 from taskbox.runtime.queues import amqp_queue_name
 from tests.conftest import AMQP_URL
@@ -85,6 +87,7 @@ from tests.faults.cluster import (
 from tests.faults.proxy import TcpProxy
 from tests.faults.side_queue import SIDE_QUEUE
 from tests.integration.processes import ServiceProcess
+from tests.integration.schedule_checks import count_ticks
 
 SEED = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(1_000_000))
 TASK_COUNT = int(os.environ.get("CHAOS_TASKS", "3000"))
@@ -705,6 +708,12 @@ async def wait_terminal(pool: asyncpg.Pool, faults: Faults, within: float) -> fl
 # -- the run --------------------------------------------------------------------------
 
 
+# A 1-second schedule ticks through the whole run (issue 17): catch_up=all, so every tick
+# from its first to its last must have exactly one task, whatever the relays (each a
+# scheduler candidate) went through. Paused when the faults stop, so the run drains.
+TICK_SCHEDULE = "chaos-tick"
+TICK_STEP = timedelta(seconds=1)
+
 ABANDONED = "abandoning a handler that ignored its"
 OWNERSHIP_LOST = "stopping an attempt whose task is no longer ours"
 FENCED = "not recorded: the task changed owner meanwhile"  # a stale writer turned away
@@ -796,6 +805,13 @@ async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twi
         recorder.ENV: str(executions),
     }
     try:
+        await create_schedule(
+            pool,
+            ScheduleDefinition(
+                TICK_SCHEDULE, "echo", {"tick": True}, interval_seconds=1.0, catch_up="all"
+            ),
+            datetime.now(UTC),
+        )
         _, base_url = await cluster.api(TASK_MODULES=f"{MISBEHAVING},{SIDE}")
         relays = await asyncio.gather(*(cluster.relay(**relay_env) for _ in range(2)))
         consumers = await asyncio.gather(
@@ -822,17 +838,20 @@ async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twi
             await asyncio.gather(load.run(LOAD_SECONDS), faults.run(LOAD_SECONDS))
             loaded = time.monotonic() - loaded
             faults.note("faults stopped; draining")
+            await pool.execute("UPDATE schedules SET paused = true WHERE name = $1", TICK_SCHEDULE)
             drained = await wait_terminal(pool, faults, DRAIN_DEADLINE)
         stop_supervising.set()
         await supervisor
         verdict = await check(pool, load.acknowledged, executions, faults.killed)
+        async with pool.acquire() as conn:
+            ticks = await count_ticks(conn, TICK_SCHEDULE, TICK_STEP)
         happened = fault_summary(faults, verdict, cluster)
         fault_report(
             verdict.line(
                 faults.counts,
                 f"load={loaded:.0f}s drain={drained:.1f}s"
                 f" api_errors={sum(load.api_errors.values())}"
-                f" unexpected_exits={len(faults.unexpected_exits)}",
+                f" unexpected_exits={len(faults.unexpected_exits)} {ticks}",
             )
         )
         fault_report("chaos faults: " + " ".join(f"{kind}={n}" for kind, n in happened.items()))
@@ -864,6 +883,8 @@ async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twi
             len(verdict.stale_writes),
         ) == (0, 0, 0, 0), evidence
         assert verdict.wrong == [], evidence
+        assert (ticks.missing, ticks.duplicated) == ([], []), f"{ticks}\n{evidence}"
+        assert ticks.ticks >= 10, ticks
         assert load.api_errors == Counter(), (
             f"the API did not answer as it should: {load.api_errors}"
         )

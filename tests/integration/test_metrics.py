@@ -87,7 +87,7 @@ async def test_relay_metrics_health_and_backlog(
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
         health = await client.get("/healthz")
         assert (health.status_code, health.json()["status"]) == (200, "ok")
-        assert set(health.json()["loops"]) == {"drain"}
+        assert set(health.json()["loops"]) == {"drain", "scheduler"}
 
         async def ready() -> bool:
             response = await client.get("/readyz")

@@ -85,6 +85,7 @@ class Entry:
 QUICK = "Your own tasks, from your own project"
 QUEUES = "Queues: routing tasks to consumer pools"
 PAUSING = "Pausing and resuming a queue"
+PERIODIC = "Periodic tasks"
 INVENTORY = [
     Entry("Taskbox", "client --REST--> api", elsewhere="a diagram"),
     Entry(
@@ -135,6 +136,12 @@ INVENTORY = [
     ),
     Entry("Retention", "$ taskbox cleanup", run_by="test_operator_commands"),
     Entry("Status: one screen", "$ taskbox status", run_by="test_operator_commands"),
+    Entry(
+        "Status: one screen",
+        "schedules     2, led by",
+        elsewhere="an output sample; tests/integration/test_status.py::"
+        "test_status_lists_schedules_with_their_next_fire_time_and_who_leads prints it",
+    ),
     Entry(
         "Metrics and health",
         "$ curl -s localhost:9101",
@@ -198,6 +205,17 @@ INVENTORY = [
         "pauses, shows and resumes a queue over the API with named keys",
     ),
     Entry(PAUSING, "taskbox queues", run_by="test_queue_commands"),
+    Entry(
+        PERIODIC,
+        "# myapp/reports.py",
+        elsewhere="tests/unit/test_readme_periodic.py::"
+        "test_the_periodic_tasks_example_declares_its_two_schedules (run as a user's module)",
+    ),
+    Entry(
+        PERIODIC,
+        "curl -s -X POST localhost:8000/api/v1/schedules",
+        run_by="test_api_examples",
+    ),
     Entry("Fault suite", "chaos:", elsewhere="an output sample of tests/faults/test_chaos.py"),
     Entry(
         "Postgres failover",
@@ -236,6 +254,7 @@ COMMAND_TABLE = {
     "TASK_RETENTION=30d taskbox cleanup": "test_operator_commands",
     "taskbox roles --dry-run": "test_operator_commands",
     'taskbox queues pause media --reason "INC-1234"': "test_queue_commands",
+    "taskbox schedules list": "test_operator_commands",
 }
 
 MISSING = """README.md {what} is neither run nor accounted for:
@@ -736,6 +755,17 @@ async def test_api_examples(
     else:
         raise AssertionError(f"no consumer line like {logged} among {lines}")
 
+    # Periodic tasks: each curl, on the api with a key, in README order (create, get,
+    # PATCH, pause, resume, run now, delete), each answering the status its comment says.
+    for command in readme.shell_commands(
+        example(PERIODIC, "curl -s -X POST localhost:8000/api/v1/schedules").text
+    ):
+        shown = await curl(command, shell_env, with_key, prefix=key)
+        if "/run " in command.text + " ":
+            assert body(shown)["status"] == "NEW", shown
+        elif "-X DELETE" not in command.text:
+            assert body(shown)["name"] == "weekday-report", shown
+
     program = example("Python client", "from taskbox.client import")
     (tmp_path / "client_example.py").write_text(
         substituted(
@@ -824,6 +854,12 @@ async def test_operator_commands(
 
     roles = await sh(table[7], shell_env)
     assert roles.code == 0, roles
+    await pool.execute(
+        "INSERT INTO schedules (name, task_type, cron, next_fire_at)"
+        " VALUES ('nightly', 'echo', '0 3 * * *', now() + interval '1 hour')"
+    )
+    listed = await sh(table[9], shell_env)
+    assert listed.code == 0 and "nightly  echo  cron 0 3 * * * (UTC)" in listed.stdout, listed
 
     name = f"taskbox_readme_{uuid.uuid4().hex[:12]}"
     migrate = substituted(table[3], {"postgresql://postgres@127.0.0.1/taskbox": database_dsn(name)})

@@ -14,8 +14,8 @@ import os
 import signal
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,6 +30,20 @@ from taskbox.db.grants import FUNCTIONS, PROCESSES, TABLES, Process
 from taskbox.db.outbox import PublishRefusal, claim_batch, notify, record_publish_outcome
 from taskbox.db.pool import connect
 from taskbox.db.roles import RolesError, apply_roles
+from taskbox.db.schedules import (
+    SCHEDULER_LOCK,
+    ScheduleDefinition,
+    create_schedule,
+    delete_schedule,
+    fire_due,
+    get_schedule,
+    list_schedules,
+    recent_ticks,
+    run_now,
+    seconds_until_due,
+    sync_code_schedules,
+    update_schedule,
+)
 from taskbox.db.settings import DatabaseSettings
 from taskbox.db.states import CANCEL_LATER, CANCEL_NOW, TaskStatus
 from taskbox.db.tasks import (
@@ -167,15 +181,19 @@ MAY_NOT: dict[Process, list[str]] = {
         "UPDATE outbox SET published_at = now()",
         "DELETE FROM outbox",  # a cancel leaves the unsent row to the relay
         "SELECT headers FROM outbox",  # it only ever adds rows
+        "UPDATE schedules SET source = 'api'",  # code schedules stay read-only
     ],
     "relay": [
-        INSERT_TASK,
+        # it creates schedule ticks' tasks (db.tasks), but only born NEW and unclaimed
+        "INSERT INTO tasks (type, payload, status) VALUES ('echo', '{}', 'DONE')",
+        "INSERT INTO tasks (type, payload, idempotency_key) VALUES ('echo', '{}', 'k')",
         INSERT_OUTBOX,  # a replay's row: replay runs as the owner
+        "INSERT INTO outbox (task_id, kind, body) VALUES (gen_random_uuid(), 'task.retry', '{}')",
         "UPDATE tasks SET result = '{}'",
         "UPDATE tasks SET payload = '{}'",
         "UPDATE tasks SET max_attempts = 9",
         "UPDATE outbox SET body = '{}'",
-        "SELECT nextval(pg_get_serial_sequence('outbox', 'id'))",
+        "UPDATE schedules SET source = 'api'",
     ],
     "consumer": [
         "DELETE FROM tasks",
@@ -186,6 +204,7 @@ MAY_NOT: dict[Process, list[str]] = {
         "UPDATE tasks SET max_attempts = 9",
         "UPDATE outbox SET published_at = now()",
         INSERT_OUTBOX,
+        "SELECT * FROM schedules",
     ],
 }
 
@@ -686,7 +705,14 @@ async def test_a_rerun_changes_nothing_and_takes_back_what_was_added(
         granted = await privileges(conn, roles)
         assert ("column tasks.type", api, "INSERT") in granted
         assert ("column tasks.status", api, "INSERT") not in granted
-        assert not [p for p in granted if p[1] == api and p[2] in ("UPDATE", "DELETE")]
+        # The api changes tasks only by cancel_task() (schedules are its own to edit)
+        assert not [
+            p
+            for p in granted
+            if p[1] == api
+            and p[2] in ("UPDATE", "DELETE")
+            and p[0].split()[-1].split(".")[0] in ("tasks", "outbox")
+        ]
         assert ("table tasks", api, "INSERT") not in granted
         assert ("function cancel_task(uuid)", api, "EXECUTE") in granted
         assert not [p for p in granted if p[0].startswith("function") and p[1] != api]
@@ -1022,3 +1048,29 @@ async def test_api_relay_and_consumer_run_a_task_under_their_roles(
         assert await relay.stop(signal.SIGTERM) == 0, relay.output
     for proc in (relay, consumer):
         assert "permission denied" not in proc.output, proc.output
+
+
+async def test_the_relay_role_schedules_and_the_api_role_manages_schedules(
+    roles: Roles, database_url: str
+) -> None:
+    now = datetime.now(UTC)
+    code = ScheduleDefinition("nightly", "echo", {"n": 1}, cron="0 3 * * *")
+    api_made = ScheduleDefinition("every-second", "echo", {}, interval_seconds=1.0, catch_up="all")
+    async with connected(roles, "relay") as relay:
+        assert await relay.fetchval("SELECT pg_try_advisory_lock($1)", SCHEDULER_LOCK)
+        sync = await sync_code_schedules(relay, [code], now)
+        assert sync.removed == [] and sync.clashes == []
+        async with connected(roles, "api") as api:
+            assert await create_schedule(api, api_made, now - timedelta(seconds=5)) is not None
+            assert await update_schedule(api, replace(api_made, priority=3), now) is not None
+            row = await get_schedule(api, "every-second")
+            assert row is not None
+            await run_now(api, row)
+            assert len(await list_schedules(api)) == 2
+        report = await fire_due(relay, catch_up_max=10)
+        assert len(report.created) in (4, 5)  # made 5 s back: each second since, every one
+        assert await seconds_until_due(relay) is not None
+        async with connected(roles, "api") as api:
+            assert len(await recent_ticks(api, "every-second", 10)) >= 2
+            assert await delete_schedule(api, "every-second")
+        assert (await sync_code_schedules(relay, [], now)).removed == ["nightly"]

@@ -36,6 +36,7 @@ ALL_TABLES = {
     "queue_consumers",
     "queue_pauses",
     "queue_events",
+    "schedules",
     "alembic_version",
 }
 

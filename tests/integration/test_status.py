@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
 import aio_pika
 import asyncpg
 import orjson
 
 from taskbox.broker.settings import BrokerSettings
+from taskbox.db.schedules import SCHEDULER_LOCK, ScheduleDefinition, create_schedule
 from taskbox.db.tasks import NewTask, create_task
 from taskbox.runtime.queues import amqp_queue_name
 from tests.integration.helpers_broker import topology
-from tests.integration.processes import free_port, run_command
+from tests.integration.processes import free_port, run_argv, run_command
 
 
 async def test_status_shows_tasks_outbox_and_queues(
@@ -121,3 +126,76 @@ async def test_status_shows_the_amqp_queue_of_every_queue_in_use(
     assert lines[at + 1] == f"              {media}: 3 ready, 0 consumers", result.stdout
     named = orjson.loads(as_json.stdout)["named_queues"]
     assert [(q["name"], q["messages"]) for q in named] == [(media, 3)]
+
+
+async def test_status_lists_schedules_with_their_next_fire_time_and_who_leads(
+    pool: asyncpg.Pool, service_env: dict[str, str]
+) -> None:
+    now = datetime.now(UTC)
+    await create_schedule(pool, ScheduleDefinition("nightly", "echo", cron="0 3 * * *"), now)
+    await create_schedule(
+        pool, ScheduleDefinition("beat", "echo", interval_seconds=60.0, paused=True), now
+    )
+    result = await run_command("relay", ["status"], service_env)
+    assert result.code == 0, result
+    out = result.stdout
+    assert "schedules     2, NO SCHEDULER LEADS" in out
+    assert "nightly: echo, cron 0 3 * * * (UTC), next " in out
+    assert "beat: echo, every 60 s, PAUSED [api]" in out
+    document = orjson.loads((await run_command("relay", ["status", "--json"], service_env)).stdout)
+    assert [s["name"] for s in document["schedules"]] == ["beat", "nightly"]
+
+    async with pool.acquire() as leader:  # as a leading relay's scheduler holds it
+        assert await leader.fetchval("SELECT pg_try_advisory_lock($1)", SCHEDULER_LOCK)
+        await leader.execute("SET application_name = 'taskbox-scheduler:4242'")
+        result = await run_command("relay", ["status"], service_env)
+        await leader.execute("SELECT pg_advisory_unlock_all()")
+    assert "schedules     2, led by taskbox-scheduler:4242" in result.stdout
+
+
+async def test_the_schedules_command_lists_shows_pauses_resumes_runs_and_deletes(
+    pool: asyncpg.Pool, service_env: dict[str, str]
+) -> None:
+    now = datetime.now(UTC)
+    await create_schedule(pool, ScheduleDefinition("nightly", "echo", cron="0 3 * * *"), now)
+    taskbox = [str(Path(sys.executable).parent / "taskbox"), "schedules"]
+    env = service_env
+    listed = await run_argv([*taskbox, "list"], service_env)
+    assert listed.code == 0, listed
+    assert "nightly  echo  cron 0 3 * * * (UTC)  next " in listed.stdout
+    paused = await run_argv([*taskbox, "pause", "nightly"], service_env)
+    assert paused.code == 0 and "paused" in paused.stdout
+    assert await pool.fetchval("SELECT paused FROM schedules WHERE name = 'nightly'")
+    resumed = await run_argv([*taskbox, "resume", "nightly"], service_env)
+    assert resumed.code == 0, resumed
+    ran = await run_argv([*taskbox, "run", "nightly"], service_env)
+    assert ran.code == 0 and "created task" in ran.stdout
+    shown = await run_argv([*taskbox, "show", "nightly"], service_env)
+    document = orjson.loads(shown.stdout)
+    assert len(document["next_fire_times"]) == 5 and len(document["last_ticks"]) == 1
+    missing = await run_argv([*taskbox, "show", "nope"], service_env)
+    assert missing.code == 1 and "no schedule named 'nope'" in missing.stderr
+    assert (await run_argv([*taskbox, "pause"], service_env)).code == 2
+    deleted = await run_argv([*taskbox, "delete", "nightly"], service_env)
+    assert deleted.code == 0, deleted
+    assert await pool.fetchval("SELECT count(*) FROM schedules") == 0
+    assert await pool.fetchval("SELECT count(*) FROM tasks") == 1  # the run-now task stays
+
+    create = [*taskbox, "create", "weekday", "--type", "echo", "--payload", '{"k": 1}']
+    made = await run_argv([*create, "--cron", "0 6 * * 1-5", "--timezone", "Europe/Berlin"], env)
+    assert made.code == 0 and "created schedule 'weekday': next " in made.stdout, made
+    again = await run_argv([*create, "--every", "60"], env)
+    assert again.code == 1 and "exists already" in again.stderr
+    for bad, said in (
+        (["--cron", "61 * * * *"], "not a cron line"),
+        (["--cron", "* * * * *", "--timezone", "Mars/Base"], "unknown time zone"),
+        (["--every", "60", "--type", "nope"], "no task type 'nope'"),
+    ):
+        refused = await run_argv([*create[:3], "other", *create[4:], *bad], env)
+        assert refused.code == 2 and said in refused.stderr, refused
+    row = await pool.fetchrow("SELECT * FROM schedules WHERE name = 'weekday'")
+    assert (row["cron"], row["timezone"], row["payload"]) == (
+        "0 6 * * 1-5",
+        "Europe/Berlin",
+        {"k": 1},
+    )

@@ -42,9 +42,10 @@ def test_builtin_task_types_are_on_by_default(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("BUILTIN_TASK_TYPES", "false")
     assert ApiSettings(_env_file=None).builtin_task_types is False
     assert ConsumerSettings(_env_file=None).builtin_task_types is False
-    # The relay runs no handler and validates no payload: it reads neither setting.
-    assert "builtin_task_types" not in RelaySettings.model_fields
-    assert "task_modules" not in RelaySettings.model_fields
+    # The relay runs no handler, but its scheduler reads the schedules the task modules
+    # declare and checks their payloads, as the api would.
+    assert RelaySettings(_env_file=None).builtin_task_types is False
+    assert "task_modules" in RelaySettings.model_fields
 
 
 def test_with_builtins_the_registry_has_them_and_the_user_modules_types() -> None:

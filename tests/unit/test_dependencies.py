@@ -23,6 +23,7 @@ PROCESS_PACKAGES = (
     "db",
     "taskbox/broker",
     "taskbox/runtime",
+    "taskbox/schedules",
     "taskbox/tasktypes",
     "tasktypes",
 )
