@@ -241,8 +241,8 @@ def _isolation_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None
         if run["slow_load"]:
             slow = run["slow"]
             add(
-                "    slow pool: processing min-max / waiting at end",
-                f"{slow['processing_min']}-{slow['processing_max']} / {slow['waiting_at_end']}",
+                "    slow pool: full in samples / running, waiting at end",
+                f"{slow['full_share']:.0%} / {slow['processing_at_end']}, {slow['waiting_at_end']}",
                 f"busy throughout: {slow['busy']}",
                 slow["busy"],
             )
@@ -253,6 +253,7 @@ def _isolation_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None
             f"<= {r['target_ratio']:g}x (start p99 {ratio['start_p99']:.2f}x)",
             ratio["done_p99"] <= r["target_ratio"],
         )
+    add("  A runs' p99, largest / smallest", f"{r['idle_p99_spread']:.2f}x", "the noise", None)
 
 
 def _print_table(rows: list[tuple[str, str, str, str]]) -> None:
