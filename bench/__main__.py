@@ -250,7 +250,8 @@ def _isolation_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None
         add(
             f"  pair {n + 1}: B / A created -> DONE p99",
             f"{ratio['done_p99']:.2f}x",
-            f"<= {r['target_ratio']:g}x (start p99 {ratio['start_p99']:.2f}x)",
+            f"<= {r['target_ratio']:g}x (start p99 {ratio['start_p99']:.2f}x; "
+            f"control, insert -> relay p99 {ratio['to_relay_p99']:.2f}x)",
             ratio["done_p99"] <= r["target_ratio"],
         )
     add("  A runs' p99, largest / smallest", f"{r['idle_p99_spread']:.2f}x", "the noise", None)

@@ -718,6 +718,9 @@ async def isolation(
         {
             "done_p99": b["done_p99_ms"] / a["done_p99_ms"],
             "start_p99": b["start_p99_ms"] / a["start_p99_ms"],
+            # A control: insert -> relay claim happens before any consumer sees the
+            # task, so the slow pool cannot lengthen it; what it moves is the box.
+            "to_relay_p99": b["stages_p99_ms"]["to_relay"] / a["stages_p99_ms"]["to_relay"],
         }
         for a, b in zip(runs[::2], runs[1::2], strict=True)
     ]
