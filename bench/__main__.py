@@ -53,8 +53,8 @@ QUICK: dict[str, dict[str, Any]] = {
     "consumer": {"tasks": 1_000},
     "e2e": {"rate": 100, "seconds": 2, "sustained_seconds": 2},
     "memory": {"total": 10_000, "checkpoint": 5_000},
-    # 24 x 1 s on 4 handlers: 6 s of slow work against about 3 s of measurement
-    "isolation": {"rate": 50, "seconds": 2, "slow_tasks": 24, "slow_seconds": 1.0},
+    # 16 x 2 s on 4 handlers: 8 s of slow work against about 3 s of measurement
+    "isolation": {"rate": 50, "seconds": 2, "slow_tasks": 16, "slow_seconds": 2.0},
     # every peer still runs every workload, so the harness cannot rot unnoticed
     "peers": {
         "ingest_seconds": 1,
