@@ -92,7 +92,7 @@ $(PEERS_STAMP): bench/peers/requirements.txt
 peers-venv: $(PEERS_STAMP) ## the benchmark peers' own venv (.venv-peers: pgqueuer, Celery, procrastinate)
 
 .PHONY: bench
-bench: $(STAMP) $(PEERS_STAMP) ## run the benchmarks against same-run baselines and peers (about 15 minutes; needs wrk)
+bench: $(STAMP) $(PEERS_STAMP) ## run the benchmarks against same-run baselines and peers (about 19 minutes; needs wrk)
 	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; apt-get install -y -qq wrk >/dev/null || \
 		{ echo "wrk is missing: install it (apt-get install wrk)"; exit 1; }; }
 	$(BIN)/python -m bench $(BENCH_ARGS)

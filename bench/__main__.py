@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ FULL: dict[str, dict[str, Any]] = {
     "consumer": {"tasks": 20_000},
     "e2e": {"rate": 200, "seconds": 15, "sustained_seconds": 15},
     "memory": {"total": 100_000, "checkpoint": 10_000},
+    # The slow pool (4 handlers) holds 200 x 2 s = 100 s of work: busy past every run.
+    "isolation": {"rate": 100, "seconds": 15, "slow_tasks": 200, "slow_seconds": 2.0},
     "peers": {
         "ingest_seconds": 10,
         "ingest_rounds": 2,
@@ -50,6 +53,8 @@ QUICK: dict[str, dict[str, Any]] = {
     "consumer": {"tasks": 1_000},
     "e2e": {"rate": 100, "seconds": 2, "sustained_seconds": 2},
     "memory": {"total": 10_000, "checkpoint": 5_000},
+    # 16 x 2 s on 4 handlers: 8 s of slow work against about 3 s of measurement
+    "isolation": {"rate": 50, "seconds": 2, "slow_tasks": 16, "slow_seconds": 2.0},
     # every peer still runs every workload, so the harness cannot rot unnoticed
     "peers": {
         "ingest_seconds": 1,
@@ -68,6 +73,7 @@ RUNNERS = {
     "consumer": scenarios.consumer_drain,
     "e2e": scenarios.end_to_end,
     "memory": scenarios.memory,
+    "isolation": scenarios.isolation,
     "peers": peer_suite.peers,
 }
 
@@ -215,7 +221,40 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             "<= 10%",
             r["consumer_growth"] <= 0.10,
         )
+    if r := results.get("isolation"):
+        _isolation_rows(r, add)
     return rows
+
+
+def _isolation_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None], None]) -> None:
+    """Each run of the A B A B sequence, then each pair's ratio and the verdict."""
+    pool = f"{r['slow_tasks']} x {r['slow_seconds']:g} s on slow:{r['slow_pool']}"
+    add(f"queue isolation, default at {r['rate']:g}/s", "created -> DONE", "created -> start", None)
+    for n, run in enumerate(r["runs"]):
+        label = f"B {pool}" if run["slow_load"] else "A slow idle"
+        add(
+            f"  run {n + 1} {label}, p50 / p99 ms",
+            f"{run['done_p50_ms']:.1f} / {run['done_p99_ms']:.1f}",
+            f"{run['start_p50_ms']:.1f} / {run['start_p99_ms']:.1f}",
+            None,
+        )
+        if run["slow_load"]:
+            slow = run["slow"]
+            add(
+                "    slow pool: full in samples / running, waiting at end",
+                f"{slow['full_share']:.0%} / {slow['processing_at_end']}, {slow['waiting_at_end']}",
+                f"busy throughout: {slow['busy']}",
+                slow["busy"],
+            )
+    for n, ratio in enumerate(r["ratios"]):
+        add(
+            f"  pair {n + 1}: B / A created -> DONE p99",
+            f"{ratio['done_p99']:.2f}x",
+            f"<= {r['target_ratio']:g}x (start p99 {ratio['start_p99']:.2f}x; "
+            f"control, insert -> relay p99 {ratio['to_relay_p99']:.2f}x)",
+            ratio["done_p99"] <= r["target_ratio"],
+        )
+    add("  A runs' p99, largest / smallest", f"{r['idle_p99_spread']:.2f}x", "the noise", None)
 
 
 def _print_table(rows: list[tuple[str, str, str, str]]) -> None:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import asyncpg
 
 from taskbox.broker.settings import BrokerSettings
 from taskbox.db.settings import plain_dsn
+from taskbox.runtime.queues import amqp_queue_name
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = plain_dsn(
@@ -71,7 +72,9 @@ async def _admin(sql: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def stage(name: str) -> AsyncIterator[Stage]:
+async def stage(name: str, queues: Iterable[str] = ()) -> AsyncIterator[Stage]:
+    """A fresh database and broker names; ``queues``: the Taskbox queues besides
+    ``default`` the scenario uses, whose AMQP queues go with the stage too."""
     db = f"taskbox_bench_{name}_{uuid.uuid4().hex[:6]}"
     await _admin(f'CREATE DATABASE "{db}"')
     url = ADMIN_DSN.rsplit("/", 1)[0] + "/" + db
@@ -107,6 +110,7 @@ async def stage(name: str) -> AsyncIterator[Stage]:
                 broker.dead_letter_watch_queue,
                 f"{broker.queue_name}.raw",
                 f"{broker.queue_name}.raw-priority",
+                *(amqp_queue_name(broker.queue_name, queue) for queue in queues),
             ):
                 await channel.queue_delete(queue)
             for exchange in (broker.exchange_name, broker.dead_letter_exchange):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import os
@@ -21,7 +22,9 @@ import asyncpg
 import httpx
 
 from bench.harness import ROOT, Process, Stage, percentile, stage, taskbox, wait_until
+from bench.queue_tasks import SLOW_QUEUE, SLOW_TYPE
 from taskbox.api.notifier import OutboxNotifier
+from taskbox.api.schemas import MAX_BATCH
 from taskbox.db.pool import create_pool
 from taskbox.db.settings import DatabaseSettings
 from taskbox.db.tasks import NewTask, create_task
@@ -498,7 +501,10 @@ async def _open_loop(url: str, rate: float, seconds: float) -> list[tuple[str, f
     """POST at a fixed arrival rate whatever the responses do; (task id, time of 201)."""
     total = int(rate * seconds)
     answered: list[tuple[str, float]] = []
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    # Idle connections expire here before the api's keep-alive timeout (5 s) closes
+    # them: at the same 5 s, a POST could go out on a connection the api is closing
+    # and fail with a ReadError, which happened on a loaded box.
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200, keepalive_expiry=2.0)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
 
         async def post() -> None:
@@ -518,8 +524,20 @@ async def _open_loop(url: str, rate: float, seconds: float) -> list[tuple[str, f
     return answered
 
 
+async def _ids_done(database_url: str, ids: list[str]) -> bool:
+    done = await _count(
+        database_url,
+        "SELECT count(*) FROM tasks WHERE id = ANY($1::uuid[]) AND status = 'DONE'",
+        ids,
+    )
+    return done == len(ids)
+
+
 async def _latencies(st: Stage, answered: list[tuple[str, float]]) -> Result:
-    await wait_until(lambda: _all_done(st.database_url, len(answered)), within=60, interval=0.1)
+    # The answered tasks themselves: other tasks on the stage (another queue's) may be
+    # DONE too, and must not end the wait early.
+    ids = [i for i, _ in answered]
+    await wait_until(lambda: _ids_done(st.database_url, ids), within=60, interval=0.1)
     conn = await asyncpg.connect(st.database_url)
     try:
         # Each timestamp is its transaction's start (now()): created_at the api's
@@ -533,7 +551,8 @@ async def _latencies(st: Stage, answered: list[tuple[str, float]]) -> Result:
             " extract(epoch FROM o.published_at - t.created_at) AS to_relay,"
             " extract(epoch FROM t.started_at - o.published_at) AS relay_to_start,"
             " extract(epoch FROM t.finished_at - t.started_at) AS start_to_done"
-            " FROM tasks t JOIN outbox o ON o.task_id = t.id"
+            " FROM tasks t JOIN outbox o ON o.task_id = t.id WHERE t.id = ANY($1::uuid[])",
+            ids,
         )
     finally:
         await conn.close()
@@ -671,6 +690,178 @@ async def memory(total: int, checkpoint: int, chunk: int = 5000) -> Result:
         "consumer_growth": last["consumer_mib"] / first["consumer_mib"] - 1,
         "target_growth": 0.10,
         "cpu_ms_per_task": {k: 1000 * v / total for k, v in cpu.items()},
+    }
+
+
+# -- 7. queue isolation ------------------------------------------------------------------
+
+SLOW_POOL = 4  # the slow queue's concurrency: its handler threads too (HANDLER_THREADS > 4)
+ISOLATION_ENV = {
+    "TASK_MODULES": "bench.queue_tasks:app",
+    "CONSUMER_QUEUES": f"default:50,{SLOW_QUEUE}:{SLOW_POOL}",
+}
+ISOLATION_TARGET = 1.2  # issue 15: default's p99 under slow load within 1.2x of without
+
+
+async def isolation(
+    rate: float, seconds: float, slow_tasks: int, slow_seconds: float, pairs: int = 2
+) -> Result:
+    """``default`` tasks (echo) at a fixed arrival rate through one consumer that also
+    serves ``slow``: run A with the slow queue idle, run B with its pool fully busy
+    with blocking handlers. Pairs alternate A B A B, so drift on a shared box hits both
+    alike; each run is a fresh stage."""
+    runs: list[Result] = []
+    for _ in range(pairs):
+        for load in (0, slow_tasks):
+            runs.append(await _isolation_run(rate, seconds, load, slow_seconds))
+    ratios = [
+        {
+            "done_p99": b["done_p99_ms"] / a["done_p99_ms"],
+            "start_p99": b["start_p99_ms"] / a["start_p99_ms"],
+            # A control: insert -> relay claim happens before any consumer sees the
+            # task, so the slow pool cannot lengthen it; what it moves is the box.
+            "to_relay_p99": b["stages_p99_ms"]["to_relay"] / a["stages_p99_ms"]["to_relay"],
+        }
+        for a, b in zip(runs[::2], runs[1::2], strict=True)
+    ]
+    idle_p99 = [run["done_p99_ms"] for run in runs[::2]]
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "slow_tasks": slow_tasks,
+        "slow_seconds": slow_seconds,
+        "slow_pool": SLOW_POOL,
+        "runs": runs,
+        "ratios": ratios,
+        "target_ratio": ISOLATION_TARGET,
+        "isolated": all(r["done_p99"] <= ISOLATION_TARGET for r in ratios),
+        # The A runs against each other: what the box's noise alone does to the p99,
+        # the yardstick for reading B / A.
+        "idle_p99_spread": max(idle_p99) / min(idle_p99),
+        "slow_busy_throughout": all(r["slow"]["busy"] for r in runs[1::2]),
+    }
+
+
+async def _isolation_run(
+    rate: float, seconds: float, slow_tasks: int, slow_seconds: float
+) -> Result:
+    """One run: api, relay and one consumer serving both queues; ``slow_tasks`` of
+    ``slow_seconds`` each fill the slow pool first (none: run A)."""
+    async with stage("isolation", queues=(SLOW_QUEUE,)) as st:
+        env = {**st.env, **ISOLATION_ENV}
+        port = _free_port()
+        procs = [
+            await taskbox("api", env, API_PORT=str(port), API_ACCESS_LOG="false").start(),
+            await taskbox("relay", env).start(),
+            await taskbox("consumer", env).start(),
+        ]
+        try:
+            await asyncio.sleep(1.0)
+            base = f"http://127.0.0.1:{port}/api/v1/tasks"
+            # Until a first round of default tasks is DONE, the consumer may still be
+            # connecting: without this, A's first second measures start-up, not load.
+            warm = await _open_loop(base, rate, 1.0)
+            await wait_until(
+                lambda: _ids_done(st.database_url, [i for i, _ in warm]), within=60, interval=0.1
+            )
+            if slow_tasks:
+                await _fill_slow_pool(st, base, slow_tasks, slow_seconds)
+            # Sampled in both runs, so that the load generator's process does the same
+            # work in A as in B.
+            sampler = _SlowSampler(st.database_url)
+            await sampler.start()
+            try:
+                answered = await _open_loop(base, rate, seconds)
+                result = await _latencies(st, answered)
+            finally:
+                samples = await sampler.stop()
+        finally:
+            for proc in reversed(procs):
+                await proc.stop()
+    result["slow_load"] = bool(slow_tasks)
+    result["slow"] = _slow_summary(samples)
+    return result
+
+
+async def _fill_slow_pool(st: Stage, base: str, tasks: int, seconds: float) -> None:
+    """Create ``tasks`` slow tasks over HTTP and wait until the pool runs SLOW_POOL."""
+    task = {"type": SLOW_TYPE, "payload": {"seconds": seconds}}
+    async with httpx.AsyncClient(timeout=30) as client:
+        for offset in range(0, tasks, MAX_BATCH):
+            batch = [task] * min(MAX_BATCH, tasks - offset)
+            response = await client.post(f"{base}/batch", json={"tasks": batch})
+            response.raise_for_status()
+
+    conn = await asyncpg.connect(st.database_url)
+    try:
+
+        async def pool_full() -> bool:
+            return (await _slow_statuses(conn)).get("PROCESSING", 0) >= SLOW_POOL
+
+        await wait_until(pool_full, within=30, interval=0.05)
+    finally:
+        await conn.close()
+
+
+async def _slow_statuses(conn: asyncpg.Connection) -> dict[str, int]:
+    rows = await conn.fetch(
+        "SELECT status, count(*) FROM tasks WHERE queue = $1 GROUP BY status", SLOW_QUEUE
+    )
+    return {r["status"]: r["count"] for r in rows}
+
+
+class _SlowSampler:
+    """The slow queue's tasks by status every ``interval`` seconds, through the
+    measurement: the proof that its pool stayed busy the whole time."""
+
+    def __init__(self, database_url: str, interval: float = 0.1) -> None:
+        self._database_url = database_url
+        self._interval = interval
+        self._samples: list[dict[str, int]] = []
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        conn = await asyncpg.connect(self._database_url)
+        self._task = asyncio.create_task(self._run(conn))
+
+    async def _run(self, conn: asyncpg.Connection) -> None:
+        # Stopped by the event, never cancelled mid-query: the last sample is taken
+        # after the stop, at the end of the measurement.
+        try:
+            while True:
+                self._samples.append(await _slow_statuses(conn))
+                if self._stopping.is_set():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self._interval)
+        finally:
+            await conn.close()
+
+    async def stop(self) -> list[dict[str, int]]:
+        assert self._task is not None
+        self._stopping.set()
+        await self._task
+        return self._samples
+
+
+def _slow_summary(samples: list[dict[str, int]]) -> Result:
+    running = [s.get("PROCESSING", 0) for s in samples]
+    end = samples[-1]
+    waiting = end.get("NEW", 0) + end.get("PENDING", 0)
+    full = sum(1 for r in running if r >= SLOW_POOL)
+    return {
+        "samples": len(samples),
+        "processing_min": min(running),
+        "processing_max": max(running),
+        "full_share": full / len(samples),
+        "processing_at_end": end.get("PROCESSING", 0),
+        "waiting_at_end": waiting,
+        "done_at_end": end.get("DONE", 0),
+        # Work still waited at the end (so it never ran out), and the pool was full in
+        # all but the odd sample: one that falls between a task's DONE commit and the
+        # claim of the next sees slots free for that moment, more often on a busy box.
+        "busy": waiting > 0 and full / len(samples) >= 0.9,
     }
 
 
