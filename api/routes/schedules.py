@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request, Response, status
 
 from taskbox.api import rendering
+from taskbox.api.routes.responses import NOT_JSON, TOO_LARGE
 from taskbox.api.schedule_schemas import (
     Schedule,
     ScheduleCreate,
@@ -68,6 +69,8 @@ def _schedule(row: Mapping[str, Any]) -> dict[str, Any]:
     ),
     responses={
         409: {"model": Problem, "description": "A schedule with this name exists"},
+        **TOO_LARGE,
+        **NOT_JSON,
         **_INVALID,
         **_UNAVAILABLE,
     },
@@ -96,7 +99,7 @@ async def list_schedules(request: Request) -> ScheduleList:
     "/{name}",
     response_model=ScheduleDetail,
     summary="Get a schedule, its next five fire times and its last ticks",
-    responses={**_NOT_FOUND, **_UNAVAILABLE},
+    responses={**_NOT_FOUND, **_INVALID, **_UNAVAILABLE},
 )
 async def get_schedule(name: Name, request: Request) -> ScheduleDetail:
     view = await _service(request).get(name)
@@ -123,7 +126,7 @@ async def get_schedule(name: Name, request: Request) -> ScheduleDetail:
         "(`cron`, `interval_seconds`, `timezone`) starts the schedule afresh from now; "
         "`paused: false` resumes it, and missed ticks follow its `catch_up` policy."
     ),
-    responses={**_NOT_FOUND, **_READ_ONLY, **_INVALID, **_UNAVAILABLE},
+    responses={**_NOT_FOUND, **_READ_ONLY, **TOO_LARGE, **NOT_JSON, **_INVALID, **_UNAVAILABLE},
 )
 async def update_schedule(name: Name, body: ScheduleUpdate, request: Request) -> Schedule:
     return Schedule(**_schedule(await _service(request).update(name, body)))
@@ -134,7 +137,7 @@ async def update_schedule(name: Name, body: ScheduleUpdate, request: Request) ->
     response_model=Schedule,
     summary="Pause a schedule",
     description="No tick creates a task until it is resumed; tasks already created stay.",
-    responses={**_NOT_FOUND, **_READ_ONLY, **_UNAVAILABLE},
+    responses={**_NOT_FOUND, **_READ_ONLY, **_INVALID, **_UNAVAILABLE},
 )
 async def pause_schedule(name: Name, request: Request) -> Schedule:
     return Schedule(**_schedule(await _service(request).set_paused(name, True)))
@@ -145,7 +148,7 @@ async def pause_schedule(name: Name, request: Request) -> Schedule:
     response_model=Schedule,
     summary="Resume a schedule",
     description="Ticks missed while paused follow the schedule's `catch_up` policy.",
-    responses={**_NOT_FOUND, **_READ_ONLY, **_UNAVAILABLE},
+    responses={**_NOT_FOUND, **_READ_ONLY, **_INVALID, **_UNAVAILABLE},
 )
 async def resume_schedule(name: Name, request: Request) -> Schedule:
     return Schedule(**_schedule(await _service(request).set_paused(name, False)))
@@ -160,7 +163,7 @@ async def resume_schedule(name: Name, request: Request) -> Schedule:
         "Creates one extra task of the schedule, due now, without moving its ticks; it "
         "is listed among the schedule's last ticks with no fire time."
     ),
-    responses={**_NOT_FOUND, **_UNAVAILABLE},
+    responses={**_NOT_FOUND, **_INVALID, **_UNAVAILABLE},
 )
 async def run_schedule_now(name: Name, request: Request) -> Response:
     task = await _service(request).run_now(name)
@@ -172,7 +175,7 @@ async def run_schedule_now(name: Name, request: Request) -> Response:
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete a schedule",
     description="No further ticks; the tasks it created stay.",
-    responses={**_NOT_FOUND, **_READ_ONLY, **_UNAVAILABLE},
+    responses={**_NOT_FOUND, **_READ_ONLY, **_INVALID, **_UNAVAILABLE},
 )
 async def delete_schedule(name: Name, request: Request) -> Response:
     await _service(request).delete(name)

@@ -149,8 +149,22 @@ async def test_every_documented_422_is_a_problem_and_fastapis_own_schema_is_gone
         for method, operation in operations.items()
         if "422" in operation["responses"]
     )
-    # Each of these takes a body, a query or a header that can be invalid.
-    assert with_422 == [(TASKS, "get"), (TASKS, "post"), (f"{TASKS}/batch", "post")]
+    # Each of these takes a body, a query, a header or a name that can be invalid.
+    assert with_422 == [
+        ("/api/v1/queues/{name}", "get"),
+        ("/api/v1/queues/{name}/pause", "post"),
+        ("/api/v1/queues/{name}/resume", "post"),
+        ("/api/v1/schedules", "post"),
+        ("/api/v1/schedules/{name}", "delete"),
+        ("/api/v1/schedules/{name}", "get"),
+        ("/api/v1/schedules/{name}", "patch"),
+        ("/api/v1/schedules/{name}/pause", "post"),
+        ("/api/v1/schedules/{name}/resume", "post"),
+        ("/api/v1/schedules/{name}/run", "post"),
+        (TASKS, "get"),
+        (TASKS, "post"),
+        (f"{TASKS}/batch", "post"),
+    ]
     for path, method in with_422:
         content = schema["paths"][path][method]["responses"]["422"]["content"]
         assert content == {

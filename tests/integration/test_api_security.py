@@ -78,6 +78,17 @@ ROUTES = [
     ("GET", f"{TASKS}/{uuid.UUID(int=1)}/status", None),
     ("DELETE", f"{TASKS}/{uuid.UUID(int=1)}", None),
     ("GET", "/api/v1/queues", None),
+    ("GET", "/api/v1/queues/media", None),
+    ("POST", "/api/v1/queues/media/pause", {"reason": "x"}),
+    ("POST", "/api/v1/queues/media/resume", {"reason": "x"}),
+    ("GET", "/api/v1/schedules", None),
+    ("POST", "/api/v1/schedules", {"name": "n", "type": "echo", "interval_seconds": 60}),
+    ("GET", "/api/v1/schedules/n", None),
+    ("PATCH", "/api/v1/schedules/n", {"paused": True}),
+    ("DELETE", "/api/v1/schedules/n", None),
+    ("POST", "/api/v1/schedules/n/pause", None),
+    ("POST", "/api/v1/schedules/n/resume", None),
+    ("POST", "/api/v1/schedules/n/run", None),
 ]
 
 
