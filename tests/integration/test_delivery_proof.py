@@ -8,6 +8,7 @@ them; the others run real relay and consumer processes with handlers that misbeh
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import uuid
 from collections.abc import AsyncIterator
@@ -229,12 +230,13 @@ async def test_an_outcome_postgres_refuses_fails_alone_and_its_batch_mates_commi
     assert consumer.metrics.unstorable._value.get() == 1
 
 
-async def test_a_refusal_that_is_not_about_the_values_fails_no_outcome(
+async def test_a_read_only_database_fails_no_outcome_and_is_waited_out(
     pool: asyncpg.Pool, db_settings: DatabaseSettings
 ) -> None:
-    """A database that refuses every write (read-only after a failover, say) is not one
-    outcome's fault: nothing is written as UnstorableOutcome, the error reaches the
-    completer (which dies, so the process exits 3 and the rescue takes over)."""
+    """A database that refuses every write (a demoted primary after a failover, or one
+    set read-only) is not one outcome's fault: nothing is written as UnstorableOutcome;
+    the completer waits it out as an outage, and the outcomes are written once the
+    database takes writes again (on a new connection: the pool drops read-only ones)."""
     ids = [await new_task(pool, "echo", {"n": n}, max_attempts=1) for n in range(2)]
     leases = {row["id"]: row["lease"] for row in [await claim(pool, t, "w1") for t in ids]}
     outcomes = [Outcome(t, 1, "DONE", result={"ok": True}, lease=leases[t]) for t in ids]
@@ -243,13 +245,19 @@ async def test_a_refusal_that_is_not_about_the_values_fails_no_outcome(
     read_only = await create_pool(db_settings, min_size=1, max_size=2)
     try:
         consumer = TaskConsumer(read_only, TaskRegistry(), ConsumerSettings(), "w1")
-        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
-            await consumer._write_outcomes(outcomes)
-    finally:
-        await read_only.close()
+        writing = asyncio.create_task(consumer._write_outcomes(outcomes))
+        await asyncio.sleep(1.5)
+        assert not writing.done(), "a read-only database is an outage to wait out"
+        statuses = [(await fetch_task(pool, t))["status"] for t in ids]
+        assert statuses == ["PROCESSING", "PROCESSING"]
+        assert consumer.metrics.unstorable._value.get() == 0
         await pool.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        await asyncio.wait_for(writing, 30)
+    finally:
+        await pool.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        await read_only.close()
     statuses = [(await fetch_task(pool, t))["status"] for t in ids]
-    assert statuses == ["PROCESSING", "PROCESSING"]
+    assert statuses == ["DONE", "DONE"]
     assert consumer.metrics.unstorable._value.get() == 0
 
 
@@ -410,24 +418,17 @@ async def test_a_shutdown_ends_when_its_last_running_task_is_lost_meanwhile(
 async def test_a_consumer_whose_background_loop_dies_exits_3_with_tasks_running(
     pool: asyncpg.Pool, stack: Stack
 ) -> None:
-    # The database goes read-only under a running task: the heartbeat loop dies on its
-    # refusal, and the process must exit 3 for its supervisor, not wait for ever for
-    # outcomes its (cancelled) completer will never commit.
+    # The schema changes under a running task (a column the heartbeat writes is gone:
+    # an error no retry can help): the heartbeat loop dies on it, and the process must
+    # exit 3 for its supervisor, not wait for ever for outcomes its (cancelled)
+    # completer will never commit.
     await stack.relay()
-    consumer = await stack.consumer(SHUTDOWN_GRACE="0.5")
+    consumer = await stack.consumer(SHUTDOWN_GRACE="0.5", HEARTBEAT_INTERVAL="0.2")
     task_id = await new_task(pool, "sleep", {"seconds": 30})
     await wait_status(pool, task_id, "PROCESSING", stack=stack)
-    database = await pool.fetchval("SELECT current_database()")
-    await pool.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+    await pool.execute("ALTER TABLE tasks RENAME COLUMN heartbeat_at TO heartbeat_gone")
     try:
-        await pool.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
         assert await consumer.wait(timeout=20) == 3, consumer.output
     finally:
-        async with pool.acquire() as conn:  # it may be a new, read-only session
-            await conn.execute("SET default_transaction_read_only = off")
-            await conn.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
-        await pool.expire_connections()
+        await pool.execute("ALTER TABLE tasks RENAME COLUMN heartbeat_gone TO heartbeat_at")
     assert "background loop" in consumer.output
