@@ -11,12 +11,13 @@ import sys
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
 import orjson
 
+from taskbox.broker import connection as broker_connection
+from taskbox.broker.nodes import where
 from taskbox.db import overview, queues
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
 from taskbox.db.pool import connect
@@ -50,13 +51,6 @@ class Snapshot:
     dead_letters: QueueState
 
 
-def _where(url: str) -> str:
-    """host:port/path of a URL, without user or password."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.hostname}{port}{parts.path if parts.path not in ('', '/') else ''}"
-
-
 def _problem(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -85,7 +79,9 @@ async def _database(settings: RelaySettings) -> dict[str, Any]:
 async def _queues(settings: RelaySettings) -> tuple[QueueState, QueueState]:
     names = (settings.queue_name, settings.dead_letter_queue)
     try:
-        connection = await aio_pika.connect(settings.amqp_url, timeout=_BROKER_TIMEOUT)
+        connection = await broker_connection.connect(
+            settings.amqp_urls, connect_timeout=_BROKER_TIMEOUT
+        )
     except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
         problem = _problem(exc)
         return (
@@ -139,8 +135,8 @@ def _size(count: int) -> str:
 
 def render(snap: Snapshot, settings: RelaySettings) -> str:
     lines = [
-        f"Taskbox  {snap.at:%Y-%m-%d %H:%M:%S} UTC   postgres {_where(settings.database_url)}"
-        f"   rabbitmq {_where(settings.amqp_url)}",
+        f"Taskbox  {snap.at:%Y-%m-%d %H:%M:%S} UTC   postgres {where(settings.database_url)}"
+        f"   rabbitmq {','.join(where(url) for url in settings.amqp_urls)}",
         "",
     ]
     if snap.database_problem is not None:
