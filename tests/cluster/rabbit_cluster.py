@@ -36,6 +36,7 @@ import aio_pika
 
 from tests.integration.processes import free_port
 
+PARTITION_HANDLING = os.environ.get("TEST_RABBIT_PARTITION_HANDLING", "pause_minority")
 RABBIT_BIN = Path(os.environ.get("TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 
 
@@ -49,7 +50,7 @@ def rabbitmq_installed() -> bool:
 _CONFIG = """\
 listeners.tcp.1 = 127.0.0.1:{amqp_port}
 loopback_users = none
-cluster_partition_handling = pause_minority
+cluster_partition_handling = {partition_handling}
 disk_free_limit.absolute = 50MB
 vm_memory_high_watermark.relative = 0.2
 log.console = false
@@ -108,7 +109,9 @@ class RabbitNode:
 
     def prepare(self) -> None:
         self.base.mkdir(parents=True)
-        (self.base / "rabbitmq.conf").write_text(_CONFIG.format(amqp_port=self.amqp_port))
+        (self.base / "rabbitmq.conf").write_text(
+            _CONFIG.format(amqp_port=self.amqp_port, partition_handling=PARTITION_HANDLING)
+        )
         (self.base / "enabled_plugins").write_text("[].\n")
         (self.base / "rabbitmq-env.conf").write_text(
             "# this node's settings are in its environment\n"
@@ -246,6 +249,24 @@ class RabbitCluster:
                 seen = views[0]
             await asyncio.sleep(0.5)
         raise AssertionError(f"cluster not whole in {within}s: {seen} of {want}")
+
+    async def leader(self, queue: str) -> RabbitNode:
+        """The node that leads quorum queue ``queue`` now (asked of any running node)."""
+        last: Exception | None = None
+        for via in self.nodes:
+            try:
+                text = await self.ctl(
+                    via, "list_queues", "name", "leader", "--quiet", "--no-table-headers"
+                )
+            except AssertionError as exc:
+                last = exc
+                continue
+            for line in text.splitlines():
+                fields = line.split()
+                if len(fields) == 2 and fields[0] == queue:
+                    return self.node(fields[1])
+            raise AssertionError(f"no leader listed for {queue!r}:\n{text}")
+        raise AssertionError(f"no node answered list_queues: {last}")
 
     async def beam_pid(self, node: RabbitNode) -> int:
         return int((await self.eval(node, "os:getpid().")).strip('"'))
