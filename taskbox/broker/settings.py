@@ -33,6 +33,14 @@ class BrokerSettings(BaseSettings):
         "RabbitMQ dead-letters it; the consumers' dead-letter watch then sends its task "
         "again through the outbox. Empty: the broker's default (none on 3.x, 20 on 4.x).",
     )
+    queue_dead_letter_strategy: Literal["at-least-once", "at-most-once"] = Field(
+        "at-least-once",
+        description="Quorum queues only (x-dead-letter-strategy): at-least-once keeps a "
+        "dead-lettered message in the task queue until the dead-letter queues confirmed "
+        "it (with x-overflow=reject-publish, which it requires), so a message the broker "
+        "gives up on is never dropped on the way to the dead-letter watch; at-most-once "
+        "(the broker's default) sends neither argument, for a queue declared without them.",
+    )
     queue_max_priority: int | None = Field(
         None,
         ge=0,
