@@ -292,6 +292,32 @@ class RabbitCluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.to_thread(node.proc.wait, 30)
 
+    async def partition(self, node: RabbitNode) -> None:
+        """Cut ``node``'s distribution links to the other nodes, leaving its client
+        port open: a partition, made without iptables (the test machine has none).
+
+        The node is told a wrong cookie for each peer and disconnected from them, so
+        every handshake between them fails from either side (each side checks the
+        cookie it holds for the other), while the CLI, another node name, still gets
+        in. With pause_minority the cut-off node then stops serving by itself."""
+        peers = ", ".join(f"'{n.name}'" for n in self.nodes if n is not node)
+        await self.eval(
+            node,
+            f"[erlang:set_cookie(N, tbx_partitioned) || N <- [{peers}]], "
+            f"[erlang:disconnect_node(N) || N <- [{peers}]], ok.",
+        )
+
+    async def heal(self, node: RabbitNode) -> None:
+        """Undo ``partition``: the right cookie for every peer again; the nodes find
+        each other (a paused node pings its peers) and the cluster becomes whole."""
+        peers = ", ".join(f"'{n.name}'" for n in self.nodes if n is not node)
+        await self.eval(
+            node,
+            f"[erlang:set_cookie(N, erlang:get_cookie()) || N <- [{peers}]], "
+            f"[net_adm:ping(N) || N <- [{peers}]], ok.",
+        )
+        await self.wait_clustered()
+
     async def accepts(self, node: RabbitNode) -> bool:
         try:
             async with asyncio.timeout(5):

@@ -197,3 +197,39 @@ async def test_every_node_restarted_in_turn(
     )
     for line in seen:
         cluster_report(line)
+
+
+@pytest.mark.timeout(300)
+async def test_the_queue_leaders_node_is_cut_off_from_the_others(
+    processes: Cluster,
+    rabbit: RabbitCluster,
+    broker_settings: BrokerSettings,
+    audited: asyncpg.Pool,
+    cluster_report: Callable[[str], None],
+) -> None:
+    queue = broker_settings.queue_name
+    seen: list[str] = []
+
+    async def partition_the_leader(watch: PublishWatch) -> None:
+        leader = await rabbit.leader(queue)
+        assert leader is rabbit.nodes[0], f"the leader is {leader.name}, not the first node"
+        down = time.monotonic()
+        # Its clients stay connected until pause_minority stops it: they must move.
+        await rabbit.partition(leader)
+        resumed = await carries_on_without(leader, down, watch, audited)
+        seen.append(
+            f"partition: cut {leader.name} off; {resumed}; "
+            f"new leader {(await rabbit.leader(queue)).name}"
+        )
+        await rabbit.heal(leader)
+
+    await under_load(
+        processes,
+        audited,
+        first_node_for_all(rabbit.urls),
+        partition_the_leader,
+        "partition",
+        cluster_report,
+    )
+    for line in seen:
+        cluster_report(line)
