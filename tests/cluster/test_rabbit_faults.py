@@ -216,9 +216,18 @@ async def test_the_queue_leaders_node_is_cut_off_from_the_others(
         down = time.monotonic()
         # Its clients stay connected until pause_minority stops it: they must move.
         await rabbit.partition(leader)
+        # pause_minority: alone, the node stops its listener (so it really was cut off).
+        await wait_until(
+            lambda: rabbit.accepts(leader),
+            lambda accepts: not accepts,
+            f"{leader.name} to pause",
+            RESUME_BOUND,
+            every=0.5,
+        )
+        paused = time.monotonic() - down
         resumed = await carries_on_without(leader, down, watch, audited)
         seen.append(
-            f"partition: cut {leader.name} off; {resumed}; "
+            f"partition: cut {leader.name} off, paused after {paused:.1f}s; {resumed}; "
             f"new leader {(await rabbit.leader(queue)).name}"
         )
         await rabbit.heal(leader)
