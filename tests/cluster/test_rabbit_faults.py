@@ -1,6 +1,8 @@
 """Taskbox on a three-node RabbitMQ cluster with quorum queues, under load, while nodes
-fail: the queue leader's node SIGKILLed, and every node restarted in turn (a rolling
-upgrade). An api, two relays and two consumers run with AMQP_URL naming all three
+fail: the queue leader's node SIGKILLed, the leader's node cut off from the others (a
+partition: RabbitCluster.partition), and every node restarted in turn (a rolling
+upgrade). With the leader's node gone or cut off, every process starts on it, so all of
+them must move to another node for publishing and consuming to go on. An api, two relays and two consumers run with AMQP_URL naming all three
 nodes, each process with the list in another order, so that some lose their node and
 some do not. Tasks arrive at a steady rate over HTTP throughout.
 
