@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from taskbox.broker.connection import NEXT_NODE_PAUSE, FailoverConnection
 from taskbox.broker.nodes import parse_amqp_urls, where
 from taskbox.broker.settings import BrokerSettings
 from taskbox.runtime.settings import describe_invalid, mask_url
@@ -77,3 +78,25 @@ def test_where_names_host_port_and_vhost_only() -> None:
         "rabbit1:5672",
         "rabbit3:5671/prod",
     ]
+
+
+async def test_a_failover_connection_moves_to_the_next_node_after_each_loss() -> None:
+    # No broker: _move_on is what _on_connection_close runs for each failed attempt or
+    # lost connection; the next attempt connects to self.url.
+    urls = [ONE, TWO, THREE]
+    connection = FailoverConnection(urls)
+    full = connection.reconnect_interval
+    assert str(connection.url) == ONE
+    seen = []
+    for _ in range(4):
+        connection._move_on()
+        seen.append((connection.node, connection.reconnect_interval))
+    # The next two nodes right away; after a whole round of failures, the full interval.
+    assert seen == [
+        ("rabbit2:5672", NEXT_NODE_PAUSE),
+        ("rabbit3:5671/prod", NEXT_NODE_PAUSE),
+        ("rabbit1:5672", full),
+        ("rabbit2:5672", NEXT_NODE_PAUSE),
+    ]
+    assert str(connection.url) == TWO
+    await connection.close()
