@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -38,6 +39,10 @@ from tests.integration.processes import free_port
 
 PARTITION_HANDLING = os.environ.get("TEST_RABBIT_PARTITION_HANDLING", "pause_minority")
 RABBIT_BIN = Path(os.environ.get("TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
+
+
+# A node name of this harness: tbx<pid of the session that started it><letter>@localhost
+_NODE_NAME = re.compile(r"tbx(\d+)[a-z]@localhost")
 
 
 def rabbitmq_installed() -> bool:
@@ -216,6 +221,7 @@ class RabbitCluster:
         return "\n".join(texts)
 
     async def start(self) -> RabbitCluster:
+        self.sweep_orphans()
         self.home.mkdir(parents=True)
         cookie = self.home / ".erlang.cookie"
         cookie.write_text(secrets.token_hex(16).upper())
@@ -326,6 +332,33 @@ class RabbitCluster:
             return False
         await connection.close()
         return True
+
+    @staticmethod
+    def sweep_orphans() -> list[int]:
+        """Kill the nodes of an earlier session whose pytest died without its finalizers
+        (SIGKILL): beam processes whose node is named ``tbx<pid>..`` after a process that
+        no longer exists, with a taskbox-rabbit- directory; their directories go too.
+        Nothing else is touched: not the default node, not a live session's nodes."""
+        killed = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                if "beam" not in args[0]:
+                    continue
+                owner = next(
+                    (int(m.group(1)) for a in args if (m := _NODE_NAME.fullmatch(a))), None
+                )
+                root = next((a for a in args if "/taskbox-rabbit-" in a), None)
+                if owner is None or root is None or Path(f"/proc/{owner}").exists():
+                    continue
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+                base = root[: root.index("/taskbox-rabbit-")]
+                name = root[len(base) + 1 :].split("/", 1)[0]
+                shutil.rmtree(Path(base) / name, ignore_errors=True)
+        return killed
 
     def _own_beams(self) -> list[int]:
         """Pids of beam processes started with this cluster's directory: ours alone."""

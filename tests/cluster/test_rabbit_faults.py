@@ -1,10 +1,11 @@
 """Taskbox on a three-node RabbitMQ cluster with quorum queues, under load, while nodes
 fail: the queue leader's node SIGKILLed, the leader's node cut off from the others (a
 partition: RabbitCluster.partition), and every node restarted in turn (a rolling
-upgrade). With the leader's node gone or cut off, every process starts on it, so all of
-them must move to another node for publishing and consuming to go on. An api, two relays and two consumers run with AMQP_URL naming all three
-nodes, each process with the list in another order, so that some lose their node and
-some do not. Tasks arrive at a steady rate over HTTP throughout.
+upgrade). An api, two relays and two consumers run with AMQP_URL naming all three
+nodes. For the leader's node killed or cut off, every process starts on that node, so
+all of them must move for publishing and consuming to go on without it; for the
+rolling restart each starts on another node. Tasks arrive at a steady rate over HTTP
+throughout.
 
 After each fault every task the api acknowledged must be DONE, with
 ``lost=0 stuck=0 results_committed_twice=0`` (and no stale writes) from the audit
