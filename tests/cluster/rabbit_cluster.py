@@ -37,7 +37,10 @@ import aio_pika
 
 from tests.integration.processes import free_port
 
+# pause_minority by default (see _CONFIG); another value (ignore, autoheal) to see how
+# the suite fares with it: the partition test expects the cut-off node to pause.
 PARTITION_HANDLING = os.environ.get("TEST_RABBIT_PARTITION_HANDLING", "pause_minority")
+# The scripts themselves, not the /usr/sbin wrapper (module docstring).
 RABBIT_BIN = Path(os.environ.get("TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 
 
@@ -49,8 +52,7 @@ def rabbitmq_installed() -> bool:
     return (RABBIT_BIN / "rabbitmq-server").exists() and (RABBIT_BIN / "rabbitmqctl").exists()
 
 
-# Short detection times, so a killed or cut-off node counts as gone within a test's
-# patience; pause_minority, so a node cut off from the others stops serving clients
+# pause_minority, so a node cut off from the others stops serving clients
 # (they move to the majority) instead of running a second, diverging cluster.
 _CONFIG = """\
 listeners.tcp.1 = 127.0.0.1:{amqp_port}
