@@ -54,6 +54,12 @@ class Load:
         self._stop.set()
 
 
+# Rows a relay published (confirmed, then committed). Not the rows it closed unsent
+# because their task had finished (published_at set, with last_error saying so): a
+# relay closes those without RabbitMQ, so they would show progress with no broker.
+PUBLISHED = "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL AND last_error IS NULL"
+
+
 @dataclass
 class PublishWatch:
     """The moments (time.monotonic()) at which the count of published outbox rows grew:
@@ -68,9 +74,7 @@ class PublishWatch:
         last = -1
         while not self._stop.is_set():
             with contextlib.suppress(OSError, asyncpg.PostgresError):
-                count = await self.pool.fetchval(
-                    "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL"
-                )
+                count = await self.pool.fetchval(PUBLISHED)
                 if count != last:
                     if last >= 0:
                         self.progress.append(time.monotonic())
