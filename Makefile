@@ -64,12 +64,12 @@ test: $(STAMP) ## run every test (the fault suite included) against the local Po
 	$(BIN)/pytest
 
 .PHONY: test-faults
-test-faults: $(STAMP) ## the fault-injection suites: chaos run, crash windows, then the RabbitMQ cluster's (about 8.5 min)
+test-faults: $(STAMP) ## the fault-injection suites: chaos run, crash windows, then the RabbitMQ cluster's (4 to 8 min)
 	$(BIN)/pytest tests/faults
 	$(BIN)/pytest -m cluster tests/cluster
 
 .PHONY: test-cluster
-test-cluster: $(STAMP) ## its own three-node RabbitMQ cluster on loopback: leader kill, partition, rolling restart under load (about 7 min)
+test-cluster: $(STAMP) ## its own three-node RabbitMQ cluster on loopback: leader kill, partition, rolling restart under load (2 to 6 min)
 	$(BIN)/pytest -m cluster tests/cluster
 
 .PHONY: fuzz

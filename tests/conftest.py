@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "integration" in parts:
             item.add_marker(pytest.mark.integration)
         if parts[:2] == ["tests", "cluster"]:
-            # Its own RabbitMQ cluster, about seven minutes: `make test-cluster` (and
+            # Its own RabbitMQ cluster, 2 to 6 minutes: `make test-cluster` (and
             # `make test-faults`) run it; plain `pytest` leaves it out (addopts -m).
             item.add_marker(pytest.mark.cluster)
 
