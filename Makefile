@@ -64,8 +64,13 @@ test: $(STAMP) ## run every test (the fault suite included) against the local Po
 	$(BIN)/pytest
 
 .PHONY: test-faults
-test-faults: $(STAMP) ## the fault-injection suite alone: chaos run, crash windows, Postgres crash and failover (about 2 min)
+test-faults: $(STAMP) ## the fault-injection suites: chaos run, crash windows, Postgres crash and failover, then the RabbitMQ cluster's (4 to 8 min)
 	$(BIN)/pytest tests/faults
+	$(BIN)/pytest -m cluster tests/cluster
+
+.PHONY: test-cluster
+test-cluster: $(STAMP) ## its own three-node RabbitMQ cluster on loopback: leader kill, partition, rolling restart under load (2 to 6 min)
+	$(BIN)/pytest -m cluster tests/cluster
 
 .PHONY: test-failover
 test-failover: $(STAMP) ## Postgres primary failover under load: own primary + synchronous standby, kill -9, promote; a server turning read-only (under a minute)

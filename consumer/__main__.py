@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 from opentelemetry.trace import Tracer
 from pydantic import ValidationError
 
+from taskbox.broker import connection as broker_connection
 from taskbox.broker import pipeline, topology
 from taskbox.broker.topology import TopologyMismatch
 from taskbox.consumer.dead_letters import DeadLetterWatch
@@ -51,8 +52,8 @@ async def open_queue(
 ) -> tuple[AbstractRobustConnection, dict[str, AbstractQueue], AbstractQueue]:
     """The connection, the AMQP queue of each Taskbox queue served (by name, declared
     if missing) and the dead-letter watch queue."""
-    connection = await aio_pika.connect_robust(
-        settings.amqp_url, client_properties={"connection_name": "taskbox-consumer"}
+    connection = await broker_connection.connect_robust(
+        settings.amqp_urls, client_properties={"connection_name": "taskbox-consumer"}
     )
     try:
         settings = await topology.fit_existing_queue(connection, settings)

@@ -56,6 +56,13 @@ _REFUSALS: tuple[type[BaseException], ...] = (
 )
 
 
+def _nacked(result: object) -> bool:
+    """The broker answered basic.nack (not a return: that is the routing's doing)."""
+    return isinstance(result, aiormq.exceptions.DeliveryError) and isinstance(
+        result.frame, Basic.Nack
+    )
+
+
 class ChannelSource(Protocol):
     """aio-pika's (robust) channel, which hands out the aiormq channel of the moment:
     a new one after every reconnection."""
@@ -171,6 +178,24 @@ class OutboxPublisher:
             within=self._timeout,
         )
 
+    async def _renew_channel(self) -> None:
+        """Replace the publishing channel with a new one on the same connection.
+
+        A nack is RabbitMQ saying its queue could not take the message. On 3.10, a
+        channel that first published to a quorum queue while its leader was being
+        elected (a client that moved to another node as the old leader died) nacks
+        every later publish to it, long after a new leader took over (20-30 s and on
+        in our runs), while a new
+        channel publishes at once (tests/cluster). So a nack costs the channel: closing
+        the aiormq channel under the robust one makes aio-pika open another and
+        restore its declarations, as after a channel error. Nacks are rare otherwise;
+        the rows themselves back off as refused."""
+        with contextlib.suppress(Exception):
+            underlay = await self._channel.get_underlay_channel()
+            await underlay.close()
+            async with asyncio.timeout(self._timeout):
+                await self._channel.get_underlay_channel()  # waits for the new one
+
     def _routing_key_of(self, queue: str) -> str:
         key = self._routing_keys.get(queue)
         if key is None:
@@ -246,6 +271,8 @@ class OutboxPublisher:
             raise BrokerUnavailable(
                 f"no publisher confirm within {self._timeout:g}s for any of {len(rows)} messages"
             )
+        if any(_nacked(result) for result in results):
+            await self._renew_channel()
         report = PublishReport()
         for row, result in zip(rows, results, strict=True):
             if isinstance(result, Basic.Ack):

@@ -19,6 +19,7 @@ import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 from opentelemetry.trace import Tracer
 
+from taskbox.broker import connection as broker_connection
 from taskbox.broker import pipeline, topology
 from taskbox.db import outbox
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
@@ -40,8 +41,8 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 
 
 async def open_broker(settings: RelaySettings) -> tuple[AbstractRobustConnection, OutboxPublisher]:
-    connection = await aio_pika.connect_robust(
-        settings.amqp_url, client_properties={"connection_name": "taskbox-relay"}
+    connection = await broker_connection.connect_robust(
+        settings.amqp_urls, client_properties={"connection_name": "taskbox-relay"}
     )
     try:
         settings = await topology.fit_existing_queue(connection, settings)

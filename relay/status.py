@@ -17,6 +17,8 @@ import aio_pika
 import asyncpg
 import orjson
 
+from taskbox.broker import connection as broker_connection
+from taskbox.broker.nodes import where
 from taskbox.db import overview, queues, schedules
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
 from taskbox.db.pool import connect
@@ -99,7 +101,9 @@ async def _queues(settings: RelaySettings, named: list[str]) -> list[QueueState]
         *(amqp_queue_name(settings.queue_name, queue) for queue in named),
     ]
     try:
-        connection = await aio_pika.connect(settings.amqp_url, timeout=_BROKER_TIMEOUT)
+        connection = await broker_connection.connect(
+            settings.amqp_urls, connect_timeout=_BROKER_TIMEOUT
+        )
     except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
         problem = _problem(exc)
         return [QueueState(name, None, None, problem, reachable=False) for name in names]
@@ -155,7 +159,7 @@ def _size(count: int) -> str:
 def render(snap: Snapshot, settings: RelaySettings) -> str:
     lines = [
         f"Taskbox  {snap.at:%Y-%m-%d %H:%M:%S} UTC   postgres {_where(settings.database_url)}"
-        f"   rabbitmq {_where(settings.amqp_url)}",
+        f"   rabbitmq {','.join(where(url) for url in settings.amqp_urls)}",
         "",
     ]
     if snap.database_problem is not None:

@@ -36,8 +36,13 @@ def database_dsn(name: str) -> str:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "integration" in item.nodeid.split("/"):
+        parts = item.nodeid.split("/")
+        if "integration" in parts:
             item.add_marker(pytest.mark.integration)
+        if parts[:2] == ["tests", "cluster"]:
+            # Its own RabbitMQ cluster, 2 to 6 minutes: `make test-cluster` (and
+            # `make test-faults`) run it; plain `pytest` leaves it out (addopts -m).
+            item.add_marker(pytest.mark.cluster)
 
 
 async def _admin(sql: str) -> None:

@@ -3,39 +3,22 @@
 from __future__ import annotations
 
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings
 
+from taskbox.broker.nodes import parse_amqp_urls
 from taskbox.runtime.settings import ENV_CONFIG
-
-_AMQP_SCHEMES = ("amqp", "amqps")
-
-
-def check_amqp_url(url: str) -> str:
-    """``url`` if aio-pika can connect with it; else a ValueError that names what is
-    wrong without repeating any part of the URL but its scheme (it may hold a password)."""
-    scheme = url.split("://", 1)[0] if "://" in url else "no scheme"
-    if scheme.lower() not in _AMQP_SCHEMES:
-        raise ValueError(f"AMQP_URL must start with amqp:// or amqps://; got {scheme!r}")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - parsed on access: raises for a port that is not one
-    except ValueError:
-        # urlsplit's own message quotes the port, which may be a piece of a password
-        # with an unescaped / or @ in it.
-        raise ValueError(
-            "AMQP_URL is not a valid URL: a port that is not a number up to 65535, an "
-            "unclosed [IPv6 host], or a / ? # in the password (percent-encode them)"
-        ) from None
-    return url
 
 
 class BrokerSettings(BaseSettings):
     model_config = ENV_CONFIG
 
-    amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", description="RabbitMQ URL.")
+    amqp_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        description="RabbitMQ URL, or a cluster's nodes' URLs separated by commas, tried in "
+        "turn on every connect and reconnect (broker.nodes).",
+    )
     exchange_name: str = Field("taskbox", min_length=1)
     queue_name: str = Field("taskbox.tasks", min_length=1)
     dead_letter_exchange: str = Field("taskbox.dlx", min_length=1)
@@ -49,6 +32,14 @@ class BrokerSettings(BaseSettings):
         description="Quorum queues only (x-delivery-limit): deliveries of one message before "
         "RabbitMQ dead-letters it; the consumers' dead-letter watch then sends its task "
         "again through the outbox. Empty: the broker's default (none on 3.x, 20 on 4.x).",
+    )
+    queue_dead_letter_strategy: Literal["at-least-once", "at-most-once"] = Field(
+        "at-least-once",
+        description="Quorum queues only (x-dead-letter-strategy): at-least-once keeps a "
+        "dead-lettered message in the task queue until the dead-letter queues confirmed "
+        "it (with x-overflow=reject-publish, which it requires), so a message the broker "
+        "gives up on is never dropped on the way to the dead-letter watch; at-most-once "
+        "(the broker's default) sends neither argument, for a queue declared without them.",
     )
     queue_max_priority: int | None = Field(
         None,
@@ -69,7 +60,8 @@ class BrokerSettings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: str) -> str:
-        return check_amqp_url(value)
+        parse_amqp_urls(value)
+        return value
 
     @field_validator("queue_max_priority", "queue_delivery_limit", mode="before")
     @classmethod
@@ -86,6 +78,11 @@ class BrokerSettings(BaseSettings):
                 "quorum queues do not support priorities"
             )
         return self
+
+    @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The nodes of AMQP_URL, in the order given (one for a single broker)."""
+        return parse_amqp_urls(self.amqp_url)
 
     @property
     def max_priority(self) -> int:

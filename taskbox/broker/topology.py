@@ -65,6 +65,14 @@ def queue_arguments(settings: BrokerSettings) -> dict[str, Any]:
         arguments["x-max-priority"] = settings.max_priority
     if settings.queue_type == "quorum" and settings.queue_delivery_limit is not None:
         arguments["x-delivery-limit"] = settings.queue_delivery_limit
+    if settings.queue_type == "quorum" and settings.queue_dead_letter_strategy == "at-least-once":
+        # At-most-once (the default) drops a dead letter the dead-letter queues did not
+        # take (their leader away, say); at-least-once keeps it in the task queue until
+        # they confirm, and RabbitMQ honours it only with reject-publish overflow (with
+        # drop-head it falls back to at-most-once). Without a length limit, overflow
+        # never happens, so reject-publish costs nothing.
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
     return arguments
 
 
@@ -121,7 +129,8 @@ async def _declare_queue(
         raise TopologyMismatch(
             f"RabbitMQ refused to declare queue {name!r} with {arguments}: {exc}. The queue "
             "exists with other arguments (made by an older Taskbox, or with another "
-            "QUEUE_TYPE or QUEUE_MAX_PRIORITY). Either set those settings to match it, or "
+            "QUEUE_TYPE, QUEUE_MAX_PRIORITY, QUEUE_DELIVERY_LIMIT or "
+            "QUEUE_DEAD_LETTER_STRATEGY). Either set those settings to match it, or "
             f"drain it and delete it (rabbitmqctl delete_queue {name}) so that it is "
             "declared anew, or point QUEUE_NAME at a new queue."
         ) from None
@@ -223,6 +232,12 @@ class QueueDeclarer:
 
 
 async def declare(channel: AbstractChannel, settings: BrokerSettings) -> Topology:
+    if settings.queue_type == "quorum":
+        log.warning(
+            "QUEUE_TYPE=quorum: task priorities are not honoured (RabbitMQ 3.x quorum "
+            "queues have none); tasks are delivered in the order they were published, "
+            "whatever their priority"
+        )
     dlx = await _declare_exchange(
         channel, settings.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, "DEAD_LETTER_EXCHANGE"
     )

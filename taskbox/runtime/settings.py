@@ -157,14 +157,22 @@ _QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pwd|token|secret)=)[^&#
 MASK = "***"
 
 
+# A comma that begins another URL of a list.
+_NEXT_URL = re.compile(r"\s*,\s*(?=[a-z][a-z0-9+.-]*://)", re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
     """``url`` with its password as ***: ``scheme://user:***@host/...``, and the value
     of a ``password=`` (or token, secret) query parameter too.
 
     Made for the URLs a setting rejects, so it assumes nothing is well formed:
     everything between ``://`` and the last ``@`` is the user and password, even when
-    it holds an unescaped ``@``, ``/`` or ``:``.
+    it holds an unescaped ``@``, ``/`` or ``:``. A list of URLs (AMQP_URL naming a
+    cluster's nodes) is masked URL by URL, so each keeps its host.
     """
+    several = _NEXT_URL.split(url)
+    if len(several) > 1:
+        return ",".join(mask_url(one) for one in several)
     start = url.find("://")
     start = 0 if start < 0 else start + 3
     at = url.rfind("@")

@@ -70,6 +70,8 @@ COMMANDS = {
 # The settings whose default (127.0.0.1) cannot work in a container: compose must set them.
 NEED_CONTAINER_VALUE = {"DATABASE_URL", "AMQP_URL", "API_HOST", "METRICS_HOST"}
 DOCKER_SECTION = "# --- docker compose"
+# The cluster profile's further RabbitMQ nodes (docker compose --profile cluster).
+RABBITMQ_PEERS = ("rabbitmq-2", "rabbitmq-3")
 
 
 # --- reading the files ------------------------------------------------------------------
@@ -219,7 +221,7 @@ def seconds(duration: str) -> float:
 def test_compose_file_has_the_stack_and_no_version_key() -> None:
     spec = compose()
     assert "version" not in spec  # obsolete in the Compose specification
-    assert set(spec["services"]) == {"postgres", "rabbitmq", *APP_SETTINGS, *POOLS}
+    assert set(spec["services"]) == {"postgres", "rabbitmq", *RABBITMQ_PEERS, *APP_SETTINGS, *POOLS}
     assert service("postgres")["image"] == "postgres:15"
     assert service("rabbitmq")["image"] == "rabbitmq:3.10-management"
     assert "15672:15672" in " ".join(service("rabbitmq")["ports"])
@@ -271,9 +273,10 @@ def test_settings_without_a_container_default_are_provided(name: str) -> None:
             environment["DATABASE_URL"] or "",
         ), environment["DATABASE_URL"]
     if "AMQP_URL" in needed:
+        # every node of the cluster profile, in order (README, "Running on a RabbitMQ cluster")
+        node = r"amqp://\$\{RABBITMQ_DEFAULT_USER:-\w+\}:\$\{RABBITMQ_DEFAULT_PASS:\?[^}]+\}"
         assert re.fullmatch(
-            r"amqp://\$\{RABBITMQ_DEFAULT_USER:-\w+\}:\$\{RABBITMQ_DEFAULT_PASS:\?[^}]+\}"
-            r"@rabbitmq:5672/",
+            rf"{node}@rabbitmq:5672/,{node}@rabbitmq-2:5672/,{node}@rabbitmq-3:5672/",
             environment["AMQP_URL"] or "",
         ), environment["AMQP_URL"]
     if "API_HOST" in needed:
@@ -289,13 +292,16 @@ SECRETS = {
     "API_KEYS",
     "POSTGRES_PASSWORD",
     "RABBITMQ_DEFAULT_PASS",
+    "RABBITMQ_ERLANG_COOKIE",
     "TASKBOX_API_PASSWORD",
     "TASKBOX_RELAY_PASSWORD",
     "TASKBOX_CONSUMER_PASSWORD",
 }
 NEEDED_SECRETS = {
     "postgres": {"POSTGRES_PASSWORD"},
-    "rabbitmq": {"RABBITMQ_DEFAULT_PASS"},
+    "rabbitmq": {"RABBITMQ_DEFAULT_PASS", "RABBITMQ_ERLANG_COOKIE"},
+    "rabbitmq-2": {"RABBITMQ_DEFAULT_PASS", "RABBITMQ_ERLANG_COOKIE"},
+    "rabbitmq-3": {"RABBITMQ_DEFAULT_PASS", "RABBITMQ_ERLANG_COOKIE"},
     # the database owner's: migrations, and the roles and their passwords
     "migrate": {"POSTGRES_PASSWORD"},
     "roles": {
@@ -385,7 +391,7 @@ def test_every_substitution_has_a_default_or_is_required_with_a_message() -> Non
 
 
 def test_no_password_or_key_has_a_default() -> None:
-    secret = re.compile(r"PASS|KEY|SECRET|TOKEN")
+    secret = re.compile(r"PASS|KEY|SECRET|TOKEN|COOKIE")
     for name, rest in substitutions(compose()):
         if secret.search(name):
             assert rest.startswith(":?"), f"${{{name}{rest}}}: a secret with a default"
@@ -492,6 +498,31 @@ def test_servers_are_healthchecked_and_keep_their_data_in_named_volumes() -> Non
         assert test in " ".join(service(name)["healthcheck"]["test"])
         (volume,) = service(name)["volumes"]
         assert volume.split(":", 1)[0] in volumes
+
+
+def test_the_cluster_profile_adds_two_rabbitmq_nodes_that_join_the_first() -> None:
+    """docker compose --profile cluster: rabbitmq and two peers, one Erlang cookie, each
+    peer its own volume and health check, joining rabbit@rabbitmq once; the relays and
+    consumers list all three nodes (above). Without the profile nothing changes."""
+    volumes = set(compose()["volumes"])
+    for name in RABBITMQ_PEERS:
+        peer = service(name)
+        assert peer["profiles"] == ["cluster"]
+        assert peer["image"] == service("rabbitmq")["image"]
+        assert peer["hostname"] == name
+        assert (
+            peer["environment"]["RABBITMQ_ERLANG_COOKIE"]
+            == (service("rabbitmq")["environment"]["RABBITMQ_ERLANG_COOKIE"])
+        )
+        assert "join_cluster rabbit@rabbitmq" in " ".join(peer["command"])
+        assert peer["depends_on"] == {"rabbitmq": {"condition": "service_healthy"}}
+        assert "rabbitmq-diagnostics" in " ".join(peer["healthcheck"]["test"])
+        (volume,) = peer["volumes"]
+        assert volume.split(":", 1)[0] in volumes
+        assert "ports" not in peer
+    for name, spec in compose()["services"].items():
+        if name not in RABBITMQ_PEERS:
+            assert "profiles" not in spec, name
 
 
 def test_start_order_migrations_once_before_the_api_and_workers() -> None:
@@ -633,6 +664,7 @@ OPERATOR_VALUES = {
     "API_KEYS": "smoke-test-key-5b1e",
     "POSTGRES_PASSWORD": "smoke-test-postgres",
     "RABBITMQ_DEFAULT_PASS": "smoke-test-rabbitmq",
+    "RABBITMQ_ERLANG_COOKIE": "smoke-test-cookie",
     "TASKBOX_API_PASSWORD": "smoke-test-api",
     "TASKBOX_RELAY_PASSWORD": "smoke-test-relay",
     "TASKBOX_CONSUMER_PASSWORD": "smoke-test-consumer",

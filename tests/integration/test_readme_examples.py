@@ -228,6 +228,18 @@ INVENTORY = [
         elsewhere="an output sample of tests/faults/test_postgres_failover.py",
     ),
     Entry(
+        "Fault suite",
+        "leader kill:",
+        elsewhere="an output sample of tests/cluster/test_rabbit_faults.py (make test-cluster)",
+    ),
+    Entry(
+        "Running on a RabbitMQ cluster",
+        "AMQP_URL=amqp://taskbox:PASS@rabbit1",
+        elsewhere="settings for a cluster elsewhere; tests/cluster/test_rabbit_faults.py runs "
+        "the processes with such a list (its own cluster's nodes) and QUEUE_TYPE=quorum, "
+        "tests/unit/test_amqp_nodes.py parses it",
+    ),
+    Entry(
         "Run with Docker",
         "cp .env.example .env",
         elsewhere="needs a Docker engine; tests/integration/test_containers.py checks the "

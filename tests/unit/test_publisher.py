@@ -63,12 +63,16 @@ class FakeChannel:
     write_queue: asyncio.Queue[ChannelFrame] = field(default_factory=asyncio.Queue)
     _all_sent: asyncio.Event = field(default_factory=asyncio.Event)
     _tags_seen: int = 0
+    closed: bool = False  # the publisher closed it to get a new one (after a nack)
 
     def __post_init__(self) -> None:
         self._broker = asyncio.get_running_loop().create_task(self._serve())
 
     def create_future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
+
+    async def close(self) -> None:
+        self.closed = True
 
     async def _serve(self) -> None:
         while True:
@@ -296,6 +300,25 @@ async def test_a_failed_publish_refuses_only_its_row(outcome: Outcome, error: st
     assert report.published == [11, 13]
     assert report.refused == [PublishRefusal(outbox_id=12, error=error, retry_in=50.0)]
     assert delay.calls == [5]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "renewed"),
+    [(nack(), True), (returned(), False), (NeverConfirmed(), False)],
+    ids=["nack", "return", "timeout"],
+)
+async def test_a_nack_costs_the_channel_a_return_or_timeout_does_not(
+    outcome: Outcome, renewed: bool
+) -> None:
+    """RabbitMQ 3.10 keeps nacking on a channel that first published to a quorum queue
+    during a leader election (tests/cluster): after a nack the publisher closes the
+    aiormq channel, and aio-pika's robust channel opens another."""
+    channel = FakeChannel(outcomes={12: outcome})
+    report = await make_publisher(channel, RecordingDelay()).publish_batch(
+        [outbox_row(11), outbox_row(12)]
+    )
+    assert report.published == [11]
+    assert channel.closed is renewed
 
 
 @pytest.mark.parametrize(

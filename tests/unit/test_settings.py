@@ -360,6 +360,22 @@ def test_a_quorum_queue_gets_an_explicit_delivery_limit(monkeypatch: pytest.Monk
     assert "x-delivery-limit" not in queue_arguments(BrokerSettings(queue_type="quorum"))
 
 
+def test_a_quorum_queue_dead_letters_at_least_once_unless_told_otherwise() -> None:
+    arguments = queue_arguments(BrokerSettings(queue_type="quorum"))
+    # at-least-once needs reject-publish: with drop-head RabbitMQ falls back to at-most-once
+    assert arguments["x-dead-letter-strategy"] == "at-least-once"
+    assert arguments["x-overflow"] == "reject-publish"
+    plain = queue_arguments(
+        BrokerSettings(queue_type="quorum", queue_dead_letter_strategy="at-most-once")
+    )
+    assert "x-dead-letter-strategy" not in plain
+    assert "x-overflow" not in plain
+    # Classic queues have no dead-letter strategy: neither argument is sent.
+    classic = queue_arguments(BrokerSettings(queue_type="classic"))
+    assert "x-dead-letter-strategy" not in classic
+    assert "x-overflow" not in classic
+
+
 def test_the_dead_letter_watch_queue_is_named_after_the_dead_letter_queue() -> None:
     settings = BrokerSettings(dead_letter_queue="ops.dead")
     assert settings.dead_letter_watch_queue == "ops.dead.watch"
