@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -49,9 +52,9 @@ def writable(conn: asyncpg.Connection) -> bool:
     )
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Reset nothing when a connection goes back to the pool, but drop one whose server
-    no longer accepts writes.
+def _session_keeper(database_url: str) -> Callable[[asyncpg.Connection], Awaitable[None]]:
+    """The pool's reset: nothing when a connection goes back to the pool, but drop one
+    whose server no longer accepts writes.
 
     asyncpg's default reset sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL;
     UNLISTEN *; RESET ALL`` on every release: a round trip on every request. Taskbox
@@ -63,10 +66,26 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     tool): kept, the connection would fail every write until the pool retires it
     minutes later. Closed, the pool's next connect goes through the DSN's hosts again
     and, with ``target_session_attrs=read-write``, reaches the one that accepts writes.
+    With a single host there is nowhere else to go: one connection a second is dropped
+    at most, so that a read-only server gets its writable sessions back soon after it
+    takes writes again, without a storm of new connections while it does not.
     """
-    if not writable(conn):
+    several = "," in urlsplit(database_url).netloc or "target_session_attrs" in database_url
+    min_interval = 0.0 if several else 1.0
+    last_drop = -min_interval
+
+    async def keep_session(conn: asyncpg.Connection) -> None:
+        nonlocal last_drop
+        if writable(conn):
+            return
+        now = time.monotonic()
+        if now - last_drop < min_interval:
+            return
+        last_drop = now
         log.warning("the database server no longer accepts writes; closing the connection")
         conn.terminate()
+
+    return keep_session
 
 
 async def connect(
@@ -93,7 +112,7 @@ async def create_pool(settings: DatabaseSettings, **overrides: Any) -> asyncpg.P
         # surface (as a 503 in the api) long before a client gives up.
         "timeout": settings.db_connect_timeout,
         "init": init_connection,
-        "reset": _keep_session,
+        "reset": _session_keeper(settings.database_url),
     }
     options.update(overrides)
     pool = await asyncpg.create_pool(settings.database_url, **options)

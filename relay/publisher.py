@@ -142,13 +142,16 @@ class OutboxPublisher:
         self._routing_key = routing_key
         self._timeout = timeout
         self._retry_delay = retry_delay  # attempt number -> seconds
+        self._renewing = asyncio.Lock()  # one channel renewal or restore at a time
 
     async def _underlay(self) -> pipeline.Channel:
         # A robust channel waits for its reconnection here; the relay holds a claim
         # meanwhile, so a closed channel fails the batch at once instead (the relay backs
         # off and the robust connection comes back on its own).
         if self._channel.is_closed:
-            raise BrokerUnavailable("the AMQP channel is closed")
+            await self._restore_if_dead()
+            if self._channel.is_closed:
+                raise BrokerUnavailable("the AMQP channel is closed")
         try:
             async with asyncio.timeout(self._timeout):
                 channel: pipeline.Channel = await self._channel.get_underlay_channel()
@@ -178,23 +181,45 @@ class OutboxPublisher:
             within=self._timeout,
         )
 
-    async def _renew_channel(self) -> None:
-        """Replace the publishing channel with a new one on the same connection.
+    async def _renew_channel(self, nacked_on: Any) -> None:
+        """Replace the publishing channel ``nacked_on`` with a new one on the same
+        connection.
 
         A nack is RabbitMQ saying its queue could not take the message. On 3.10, a
         channel that first published to a quorum queue while its leader was being
         elected (a client that moved to another node as the old leader died) nacks
         every later publish to it, long after a new leader took over (20-30 s and on
-        in our runs), while a new
-        channel publishes at once (tests/cluster). So a nack costs the channel: closing
-        the aiormq channel under the robust one makes aio-pika open another and
-        restore its declarations, as after a channel error. Nacks are rare otherwise;
-        the rows themselves back off as refused."""
+        in our runs), while a new channel publishes at once (tests/cluster). So a nack
+        costs the channel: closing the aiormq channel under the robust one makes
+        aio-pika open another and restore its declarations, as after a channel error.
+
+        One renewal at a time, and only of the channel that nacked: with concurrent
+        batches, a second batch's nack on the same channel (or on the new one, before
+        aio-pika finished restoring it) must not close a channel mid-restore, which
+        aio-pika would then never restore. Each renewal waits, bounded, for the restore
+        to finish. Nacks are rare otherwise; the rows themselves back off as refused."""
+        async with self._renewing:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._timeout):
+                    current = await self._channel.get_underlay_channel()
+                    if current is not nacked_on or getattr(current, "is_closed", False):
+                        return  # renewed already, or gone with its connection
+                    await current.close()
+                    ready = getattr(self._channel, "ready", None)  # a robust channel's
+                    if ready is not None:
+                        await ready()
+
+    async def _restore_if_dead(self) -> None:
+        """A robust channel closed while its connection is up is restored only when the
+        connection drops; a restore that failed (say, a declaration the broker refused
+        once) would leave the relay publishing nothing until then. aio-pika's own
+        restore does nothing while the connection is down or a restore is under way."""
+        restore = getattr(self._channel, "restore", None)
+        if restore is None:
+            return
         with contextlib.suppress(Exception):
-            underlay = await self._channel.get_underlay_channel()
-            await underlay.close()
-            async with asyncio.timeout(self._timeout):
-                await self._channel.get_underlay_channel()  # waits for the new one
+            async with self._renewing, asyncio.timeout(self._timeout):
+                await restore()
 
     def _routing_key_of(self, queue: str) -> str:
         key = self._routing_keys.get(queue)
@@ -255,6 +280,7 @@ class OutboxPublisher:
         with broker_errors(
             f"the batch could not be written to the broker within {self._timeout:g}s"
         ):
+            used = await self._underlay()  # the channel this batch goes out on
             results = await self._publish(batch)
         for result in results:
             if isinstance(result, asyncio.CancelledError) and being_cancelled():
@@ -272,7 +298,7 @@ class OutboxPublisher:
                 f"no publisher confirm within {self._timeout:g}s for any of {len(rows)} messages"
             )
         if any(_nacked(result) for result in results):
-            await self._renew_channel()
+            await self._renew_channel(used)
         report = PublishReport()
         for row, result in zip(rows, results, strict=True):
             if isinstance(result, Basic.Ack):

@@ -76,13 +76,22 @@ class FailoverConnection(RobustConnection):
         self.reconnect_interval = self._full_interval
 
 
+# Each connect and reconnect attempt gives up after this long. aiormq waits for the
+# broker's handshake without a bound of its own, so a node that accepts TCP but never
+# speaks AMQP (a frozen VM, half a partition) would hold a process for ever, and with a
+# list of nodes it would never move on to the next.
+CONNECT_TIMEOUT = 10.0
+
+
 async def connect_robust(
     urls: Sequence[str], client_properties: FieldTable | None = None
 ) -> AbstractRobustConnection:
     """A robust connection to the first node of ``urls`` that answers; it reconnects
     to the next ones in turn. Raises the last node's error when none answers."""
     if len(urls) == 1:
-        return await aio_pika.connect_robust(urls[0], client_properties=client_properties)
+        return await aio_pika.connect_robust(
+            urls[0], client_properties=client_properties, timeout=CONNECT_TIMEOUT
+        )
     error: BaseException | None = None
     for start in range(len(urls)):
         # Each try begins at another node, so the first node being down does not stop
@@ -93,7 +102,7 @@ async def connect_robust(
             **({"client_properties": client_properties} if client_properties else {}),
         )
         try:
-            await connection.connect()
+            await connection.connect(timeout=CONNECT_TIMEOUT)
         except CONNECTION_EXCEPTIONS as exc:
             error = exc
             log.warning("cannot reach RabbitMQ node %s: %s", where(order[0]), exc)

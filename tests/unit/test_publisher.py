@@ -321,6 +321,22 @@ async def test_a_nack_costs_the_channel_a_return_or_timeout_does_not(
     assert channel.closed is renewed
 
 
+async def test_a_channel_nacked_by_two_batches_is_renewed_once() -> None:
+    """Concurrent batches nacked on one channel: the second must not close the channel
+    the first renewal gave (aio-pika would not restore a channel closed while it was
+    restoring it, and the relay would publish nothing until the connection dropped)."""
+    old = FakeChannel(outcomes={12: nack()})
+    source = FakeRobustChannel(old)
+    source.reconnected.set()
+    publisher = make_publisher(source, RecordingDelay())
+    await publisher._renew_channel(old)
+    assert old.closed
+    fresh = FakeChannel()
+    source.underlay = fresh  # what aio-pika's restore put in its place
+    await publisher._renew_channel(old)  # the other batch's nack, on the old channel
+    assert not fresh.closed
+
+
 @pytest.mark.parametrize(
     ("outcome", "error"),
     [
