@@ -39,6 +39,8 @@ import orjson
 # without counting another attempt. (The consumer never claims a task it is running:
 # it holds further deliveries of a running task until that attempt's outcome is
 # written or refused.) Every claim takes a new lease, the lost reply's too.
+# A NEW task's message must be its newest row's: a NOT EXISTS on the task's rows
+# (ix_outbox_task_id), as in db.outbox, never a max(id) over the outbox's key.
 # The outer SELECT reports, for every requested id, whether it exists at all, so the
 # caller can dead-letter messages that name no task.
 _CLAIM = """
@@ -56,8 +58,8 @@ WITH delivery AS (
     WHERE t.id = d.id AND NOT t.cancel_requested
       AND (t.status = 'PENDING'
            OR (t.status = 'NEW'
-               AND d.outbox_id >= (SELECT coalesce(max(o.id), 0) FROM outbox AS o
-                                   WHERE o.task_id = t.id))
+               AND NOT EXISTS (SELECT 1 FROM outbox AS o
+                               WHERE o.task_id = t.id AND o.id > d.outbox_id))
            OR (t.status = 'PROCESSING' AND t.heartbeat_at < now() - make_interval(secs => $4)
                AND t.attempts < t.max_attempts)
            OR (t.status = 'PROCESSING' AND t.worker_id = $3))
@@ -191,7 +193,7 @@ _REQUEUE_DEAD_LETTERED = f"""
 WITH requeued AS (
     UPDATE tasks AS t SET status = 'NEW', updated_at = now()
     WHERE t.id = $1 AND t.status = 'PENDING'
-      AND $2 >= (SELECT coalesce(max(o.id), 0) FROM outbox AS o WHERE o.task_id = t.id)
+      AND NOT EXISTS (SELECT 1 FROM outbox AS o WHERE o.task_id = t.id AND o.id > $2)
     RETURNING t.id, t.type, t.priority
 ), queued AS (
     INSERT INTO outbox (task_id, kind, body, headers)

@@ -78,6 +78,9 @@ ORDER BY b.available_at, b.id
 # a consumer claiming or finishing it, or a cancel, each taking it past NEW; waiting
 # instead would hold this batch's locks while the other waits for them (a consumer's
 # claim or outcome batch locks several tasks in an order of its own): a deadlock.
+# "Newest" is a NOT EXISTS on the task's rows (ix_outbox_task_id), not a max(id): the
+# planner turns max() into a backward walk of the whole outbox's primary key, filtered
+# by task, which took seconds a batch behind a large backlog (bench/BASELINE.md).
 # Refused rows keep published_at NULL, record why and wait out a backoff, so they never
 # block the rows behind them; their tasks stay NEW, since nothing of theirs reached the
 # queue.
@@ -97,7 +100,7 @@ WITH published AS (
 ), flippable AS (
     SELECT t.id FROM tasks AS t JOIN published AS p ON p.task_id = t.id
     WHERE t.status = 'NEW'
-      AND p.id >= (SELECT max(o.id) FROM outbox AS o WHERE o.task_id = t.id)
+      AND NOT EXISTS (SELECT 1 FROM outbox AS o WHERE o.task_id = t.id AND o.id > p.id)
     FOR UPDATE OF t SKIP LOCKED
 )
 UPDATE tasks SET status = 'PENDING', updated_at = now()
