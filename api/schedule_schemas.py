@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from taskbox.schedules.naming import SCHEDULE_NAME_PATTERN
 from taskbox.schedules.timing import CatchUp
@@ -78,16 +79,19 @@ class ScheduleUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    type: str | None = Field(None, min_length=1, max_length=200)
-    payload: dict[str, Any] | None = None
+    # Left out: unchanged. Only queue, max_attempts (back to the type's own) and the
+    # timing fields may be given as null; the document shows the others without null,
+    # which the service refuses with a 422 naming the field.
+    type: Annotated[str, Field(min_length=1, max_length=200)] | SkipJsonSchema[None] = None
+    payload: dict[str, Any] | SkipJsonSchema[None] = None
     cron: str | None = Field(None, max_length=200)
     interval_seconds: float | None = Field(None, ge=MIN_INTERVAL, allow_inf_nan=False)
-    timezone: str | None = Field(None, max_length=64)
-    priority: int | None = Field(None, ge=0, le=9)
+    timezone: Annotated[str, Field(max_length=64)] | SkipJsonSchema[None] = None
+    priority: Annotated[int, Field(ge=0, le=9)] | SkipJsonSchema[None] = None
     queue: str | None = None
     max_attempts: int | None = Field(None, ge=1)
-    catch_up: CatchUp | None = None
-    paused: bool | None = None
+    catch_up: CatchUp | SkipJsonSchema[None] = None
+    paused: bool | SkipJsonSchema[None] = None
 
 
 class Schedule(BaseModel):

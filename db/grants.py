@@ -56,6 +56,42 @@ class TableGrant:
     insert_values: tuple[str, tuple[str, ...]] | None = None
 
 
+# What makes and edits a schedule: the api (API schedules) and the relay's scheduler
+# (code schedules, and each tick's advance) write the same columns.
+SCHEDULES = TableGrant(
+    "schedules",
+    ("SELECT", "DELETE"),
+    insert_columns=(
+        "name",
+        "task_type",
+        "payload",
+        "cron",
+        "interval_seconds",
+        "timezone",
+        "priority",
+        "queue",
+        "max_attempts",
+        "catch_up",
+        "paused",
+        "source",
+        "next_fire_at",
+    ),
+    update_columns=(
+        "task_type",
+        "payload",
+        "cron",
+        "interval_seconds",
+        "timezone",
+        "priority",
+        "queue",
+        "max_attempts",
+        "catch_up",
+        "paused",
+        "next_fire_at",
+        "updated_at",
+    ),
+)
+
 GRANTS: dict[Process, tuple[TableGrant, ...]] = {
     # Creates tasks and their task.created outbox rows (one statement, db.tasks), reads
     # and lists tasks, and cancels through cancel_task(). It never reads the outbox, and
@@ -93,39 +129,7 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
         TableGrant("queue_events", ("SELECT",)),
         # /api/v1/schedules: API schedules are made, edited and deleted here (the
         # statements themselves leave code schedules alone)
-        TableGrant(
-            "schedules",
-            ("SELECT", "DELETE"),
-            insert_columns=(
-                "name",
-                "task_type",
-                "payload",
-                "cron",
-                "interval_seconds",
-                "timezone",
-                "priority",
-                "queue",
-                "max_attempts",
-                "catch_up",
-                "paused",
-                "source",
-                "next_fire_at",
-            ),
-            update_columns=(
-                "task_type",
-                "payload",
-                "cron",
-                "interval_seconds",
-                "timezone",
-                "priority",
-                "queue",
-                "max_attempts",
-                "catch_up",
-                "paused",
-                "next_fire_at",
-                "updated_at",
-            ),
-        ),
+        SCHEDULES,
     ),
     # Claims due outbox rows (FOR UPDATE SKIP LOCKED needs UPDATE on some column, which
     # the publish bookkeeping has anyway), flips their tasks NEW -> PENDING and back on a
@@ -165,39 +169,7 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
         ),
         # the scheduler: claims due schedules (FOR UPDATE), advances them, and writes
         # and deletes code schedules (db.schedules.sync_code_schedules)
-        TableGrant(
-            "schedules",
-            ("SELECT", "DELETE"),
-            insert_columns=(
-                "name",
-                "task_type",
-                "payload",
-                "cron",
-                "interval_seconds",
-                "timezone",
-                "priority",
-                "queue",
-                "max_attempts",
-                "catch_up",
-                "paused",
-                "source",
-                "next_fire_at",
-            ),
-            update_columns=(
-                "task_type",
-                "payload",
-                "cron",
-                "interval_seconds",
-                "timezone",
-                "priority",
-                "queue",
-                "max_attempts",
-                "catch_up",
-                "paused",
-                "next_fire_at",
-                "updated_at",
-            ),
-        ),
+        SCHEDULES,
         # `taskbox status` lists the queues and the consumers seen on them; retention
         # deletes the rows of consumers gone for a day
         TableGrant("queue_consumers", ("SELECT", "DELETE")),

@@ -102,6 +102,19 @@ async def test_an_invalid_schedule_is_a_422_naming_the_field(
     assert (await client.get(URL)).json()["items"] == []
 
 
+@pytest.mark.parametrize("field", ["type", "payload", "timezone", "priority", "catch_up", "paused"])
+async def test_an_edit_giving_null_where_none_is_allowed_is_a_422_naming_the_field(
+    client: httpx.AsyncClient, field: str
+) -> None:
+    """The document shows these fields without null (fuzz finding: a null priority was a
+    500 in a constraint check); the service refuses one with a 422 naming it."""
+    made = await client.post(URL, json={"name": "nulls", "type": "echo", "interval_seconds": 60})
+    assert made.status_code == 201, made.text
+    response = await client.patch(f"{URL}/nulls", json={field: None})
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["loc"] == ["body", field]
+
+
 async def test_an_edit_takes_effect_at_the_next_tick(
     client: httpx.AsyncClient, scheduler: asyncpg.Connection
 ) -> None:

@@ -30,6 +30,7 @@ from taskbox.db.outbox import claim_batch
 from taskbox.db.tasks import NewTask, create_task
 from taskbox.runtime.queues import amqp_queue_name
 from tests.integration.conftest import app_client_for
+from tests.integration.helpers_broker import queue_depth
 from tests.integration.processes import ServiceProcess, free_port
 
 KEY = "k-ops-7f3a"
@@ -50,16 +51,6 @@ async def media_queue(broker_settings: BrokerSettings) -> AsyncIterator[str]:
     async with connection:
         channel = await connection.channel()
         await channel.queue_delete(name)
-
-
-async def depth(settings: BrokerSettings, name: str) -> int:
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(name, passive=True)
-        count = queue.declaration_result.message_count
-        assert count is not None
-        return count
 
 
 async def create(client: httpx.AsyncClient, type_: str, n: int, **extra: Any) -> uuid.UUID:
@@ -136,7 +127,7 @@ async def test_a_paused_queue_holds_its_tasks_while_the_others_flow_and_resume_d
                 held,
             )
             assert parked == len(held)
-            assert await depth(broker_settings, media_queue) == 0
+            assert await queue_depth(broker_settings, media_queue) == 0
 
             # Messages RabbitMQ already holds stay there while paused, even across a
             # consumer restart: the pause lives in Postgres.
@@ -151,7 +142,7 @@ async def test_a_paused_queue_holds_its_tasks_while_the_others_flow_and_resume_d
             in_rabbit = [await _new(pool, "media") for _ in range(3)]
             await _publish_as_the_relay_did(pool, broker_settings, media_queue, in_rabbit)
             await asyncio.sleep(1.5)
-            assert await depth(broker_settings, media_queue) == 3
+            assert await queue_depth(broker_settings, media_queue) == 3
             assert set((await statuses(pool, in_rabbit)).values()) == {"NEW"}
 
             listed = {q["name"]: q for q in (await client.get("/api/v1/queues")).json()["items"]}
@@ -203,7 +194,7 @@ async def test_a_paused_queue_holds_its_tasks_while_the_others_flow_and_resume_d
         for process in (media, general, relay):
             assert await process.stop(signal.SIGTERM) == 0, process.output
         assert await api.stop(signal.SIGTERM) in (0, -signal.SIGTERM), api.output
-    assert await depth(broker_settings, media_queue) == 0
+    assert await queue_depth(broker_settings, media_queue) == 0
 
 
 async def _new(conn: asyncpg.Pool | asyncpg.Connection, queue: str) -> uuid.UUID:
