@@ -18,6 +18,7 @@ not change are skipped and counted, as are tasks that changed meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -228,10 +229,8 @@ async def run(
     except BaseException as exc:
         # Best effort: with the connection gone the row stays 'running', as after a
         # crash; either way its counts are those of the chunks that committed.
-        try:
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
             await conn.execute(_FAILED, started.id, f"{type(exc).__name__}: {exc}"[:500])
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-            pass
         raise
 
 
@@ -253,7 +252,8 @@ async def _perform(
             SampleTask(row["id"], row["status"], row["type"], row["created_at"])
             for row in await select_page(conn, selection, SAMPLE_SIZE)
         ]
-        done = _record(await conn.fetchrow(_FINISH, started.id, "done", None, would, matched - would))
+        skipped = matched - would
+        done = _record(await conn.fetchrow(_FINISH, started.id, "done", None, would, skipped))
         return Outcome(done, sample)
     replay_headers = {
         "who": request.actor,

@@ -4,11 +4,11 @@ A replay is a new ``task.replay`` outbox row plus the task's move back to NEW, i
 transaction per chunk; the relay then publishes the row as usual. The move is one
 conditional UPDATE guarded by :data:`db.states.REPLAYABLE` (or ``REPLAYABLE_FORCED``),
 in the SQL function ``replay_tasks()`` (migration 0010) that the api's bulk retry
-(:mod:`db.actions`) calls too, so a task that changed meanwhile (a consumer claimed it) is refused, never run twice
-at once. A replay leaves the lease alone (only a claim raises it), so a consumer that
-still believes it owns an older claim stays fenced out; the task keeps its attempt
-count, and ``max_attempts`` grows by one if needed so that a task that used up its
-attempts gets one more.
+(:mod:`db.actions`) calls too, so a task that changed meanwhile (a consumer claimed
+it) is refused, never run twice at once. A replay leaves the lease alone (only a
+claim raises it), so a consumer that still believes it owns an older claim stays
+fenced out; the task keeps its attempt count, and ``max_attempts`` grows by one if
+needed so that a task that used up its attempts gets one more.
 """
 
 from __future__ import annotations
