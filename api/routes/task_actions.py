@@ -109,12 +109,17 @@ async def retry_tasks(body: BulkRetry, request: Request, pool: Pool) -> BulkActi
     },
 )
 async def list_task_actions(
+    request: Request,
     pool: Pool,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: Annotated[
         str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
     ] = None,
 ) -> TaskActionPage:
+    for name in ("limit", "cursor"):
+        # FastAPI reads the last of repeated values; a client repeating one made a mistake.
+        if len(request.query_params.getlist(name)) > 1:
+            raise InvalidRequest.at(["query", name], f"give {name} once", "value_error")
     before = None
     if cursor is not None:
         try:

@@ -328,3 +328,13 @@ async def test_all_selects_every_task_only_when_said(
     assert answer.status_code == 200, answer.text
     assert (answer.json()["matched"], answer.json()["changed"]) == (2, 1)
     assert answer.json()["filter"] == {"all": True}
+
+
+async def test_the_listing_refuses_a_repeated_parameter(ops: httpx.AsyncClient) -> None:
+    # Found by make fuzz: FastAPI took the last of limit=[...]&limit=15.0 and answered 200.
+    answer = await ops.get("/api/v1/task-actions?limit=null&limit=15")
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["errors"][0]["loc"] == ["query", "limit"]
+    assert (await ops.get("/api/v1/task-actions?cursor=x")).status_code == 422
+    assert (await ops.get("/api/v1/task-actions/0")).status_code == 422
+    assert (await ops.get(f"/api/v1/task-actions/{2**63}")).status_code == 422
