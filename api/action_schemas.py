@@ -7,7 +7,14 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from taskbox.api.params import IsoDatetime, StorableText
 from taskbox.db.actions import MAX_IDS, SAMPLE_SIZE, TaskFilter
@@ -70,9 +77,13 @@ class BulkAction(BaseModel):
         False, description="Count and show a sample of the selected tasks; change nothing."
     )
 
+    @field_validator("reason")
+    @classmethod
+    def _reason_is_plain(cls, value: str) -> str:
+        return check_reason(value)
+
     @model_validator(mode="after")
     def _checked(self) -> BulkAction:
-        self.reason = check_reason(self.reason)
         after, before = self.created_after, self.created_before
         if after is not None and before is not None and after >= before:
             raise ValueError("created_after must be earlier than created_before")

@@ -55,7 +55,7 @@ def json_media_type_refusal(content_type: bytes | None) -> str | None:
 
 
 class JsonBodiesOnly:
-    """Answer a request whose body is not declared JSON with a 415, body unread.
+    """Answer a request whose body is not declared JSON with a 415, body unparsed.
 
     Every body this API accepts is JSON. It once read form-encoded and untyped bodies as
     JSON too, for ``curl -d``'s sake, which let any web page create tasks on an api
@@ -205,7 +205,8 @@ class ApiKeyGate:
     FastAPI reads and validates a body before it runs the route's dependencies, so the
     auth dependency alone answered a stranger's malformed POST with a 422 and made the
     server parse bodies it was going to refuse. The gate answers such a request 401
-    from its headers, body unread, and is the only check the task routes have: every
+    from its headers, the body discarded unparsed (``answer_unread``), and is the only
+    check the task routes have: every
     route under /api/ is behind it (``api.auth``).
     """
 

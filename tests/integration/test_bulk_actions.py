@@ -275,7 +275,8 @@ async def test_replay_tasks_moves_exactly_the_replayable_statuses(
     ("body", "where", "says"),
     [
         ({"type": "x"}, ["body", "reason"], "Field required"),
-        ({"type": "x", "reason": "  "}, ["body"], "a reason is required"),
+        ({"type": "x", "reason": "  "}, ["body", "reason"], "a reason is required"),
+        ({"type": "x", "reason": "a\nb"}, ["body", "reason"], "one line of printable text"),
         ({"reason": "why"}, ["body"], '"all": true'),
         ({"reason": "why", "dry_run": True}, ["body"], "choose which tasks"),
         ({"status": ["DONE", "LOST"], "reason": "why"}, ["body", "status", 1], "NEW"),
@@ -298,6 +299,7 @@ async def test_replay_tasks_moves_exactly_the_replayable_statuses(
     ids=[
         "no-reason",
         "blank-reason",
+        "two-line-reason",
         "empty-filter",
         "empty-dry-run",
         "bad-status",
