@@ -16,7 +16,7 @@ from taskbox.api.errors import PROBLEM_JSON, REQUEST_ID_HEADER
 from taskbox.api.metrics import ApiMetrics
 from taskbox.api.middleware import ApiKeyGate, ContentLengthLimit, JsonBodiesOnly, RequestIds
 from taskbox.api.notifier import OutboxNotifier
-from taskbox.api.routes import docs, health, metrics, queues, schedules, tasks
+from taskbox.api.routes import docs, health, metrics, queues, schedules, task_actions, tasks
 from taskbox.api.schedules import ScheduleService
 from taskbox.api.service import PostgresTaskStore, TaskService
 from taskbox.api.settings import ApiSettings
@@ -123,6 +123,8 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
     app.state.metrics_require_auth = settings.metrics_require_auth
     errors.install(app)
     app.include_router(tasks.router)
+    app.include_router(task_actions.bulk_router)
+    app.include_router(task_actions.router)
     app.include_router(queues.router)
     app.include_router(schedules.router)
     app.include_router(health.router)

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Sequence
 
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskbox.api.auth import CHALLENGE, bearer_token, refusal
@@ -18,6 +19,16 @@ from taskbox.api.errors import REQUEST_ID_HEADER, problem, route_path
 from taskbox.runtime.logs import bind_request_id, unbind
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+# How much of a refused request's body is read (and thrown away) before the answer.
+# A server that answers and closes while the client still sends leaves unread bytes
+# in its socket, and the kernel then resets the connection: the client (urllib, most
+# HTTP libraries) reports a broken pipe or a reset instead of the answer. Reading the
+# rest first lets the client finish sending and read the problem document. Bounded,
+# because the request is refused: a stranger may not make the api read without end
+# (API_BODY_TIMEOUT bounds the time, this the bytes); past it the connection is closed
+# as before. A few MiB cover the usual mistake, a file a little too large.
+DISCARD_LIMIT = 8 * 1024 * 1024
 _CURL_HINT = "with curl: --json '{...}', or -H 'Content-Type: application/json' -d '{...}'"
 
 
@@ -44,7 +55,7 @@ def json_media_type_refusal(content_type: bytes | None) -> str | None:
 
 
 class JsonBodiesOnly:
-    """Answer a request whose body is not declared JSON with a 415, body unread.
+    """Answer a request whose body is not declared JSON with a 415, body unparsed.
 
     Every body this API accepts is JSON. It once read form-encoded and untyped bodies as
     JSON too, for ``curl -d``'s sake, which let any web page create tasks on an api
@@ -62,9 +73,32 @@ class JsonBodiesOnly:
             detail = json_media_type_refusal(_header(scope, b"content-type"))
             if detail is not None:
                 response = problem(Request(scope), 415, detail)
-                await response(scope, receive, send)
+                await answer_unread(response, scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+async def answer_unread(response: Response, scope: Scope, receive: Receive, send: Send) -> None:
+    """Send ``response`` to a request refused from its head, after discarding up to
+    :data:`DISCARD_LIMIT` bytes of its body (see there why), so that the client reads
+    the answer rather than a reset. A body still arriving past the limit is left
+    unread: the server then closes the connection after the answer."""
+    if scope["method"] in _BODY_METHODS and _has_body(scope):
+        declared = _content_length(scope)
+        if declared is None or declared <= DISCARD_LIMIT:
+            await _discard_body(receive, DISCARD_LIMIT)
+    await response(scope, receive, send)
+
+
+async def _discard_body(receive: Receive, limit: int) -> None:
+    discarded = 0
+    while discarded <= limit:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            return
+        discarded += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _has_body(scope: Scope) -> bool:
@@ -86,8 +120,8 @@ class ContentLengthLimit:
     as they arrive, streamed or not, and its 413 passes through our exception handlers
     as a problem document. A body whose declared length is already too large, though,
     it turns away with a plain-text 413 once the app reads it or answers; this gate sits
-    outside it, refuses such a request before any of the app runs, body unread, and
-    answers in the problem shape.
+    outside it, refuses such a request before any of the app runs, and answers in the
+    problem shape once it has discarded the body (``answer_unread``).
     """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
@@ -104,7 +138,7 @@ class ContentLengthLimit:
                     f"the request body ({declared} bytes) exceeds the limit of "
                     f"{self.max_body_bytes} bytes",
                 )
-                await response(scope, receive, send)
+                await answer_unread(response, scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -171,7 +205,8 @@ class ApiKeyGate:
     FastAPI reads and validates a body before it runs the route's dependencies, so the
     auth dependency alone answered a stranger's malformed POST with a 422 and made the
     server parse bodies it was going to refuse. The gate answers such a request 401
-    from its headers, body unread, and is the only check the task routes have: every
+    from its headers, the body discarded unparsed (``answer_unread``), and is the only
+    check the task routes have: every
     route under /api/ is behind it (``api.auth``).
     """
 
@@ -184,7 +219,7 @@ class ApiKeyGate:
             detail = refusal(bearer_token(_authorization(scope)), self.keys)
             if detail is not None:
                 response = problem(Request(scope), 401, detail, headers=CHALLENGE)
-                await response(scope, receive, send)
+                await answer_unread(response, scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

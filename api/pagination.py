@@ -37,3 +37,19 @@ def decode(cursor: str) -> tuple[datetime, uuid.UUID]:
     if position[0].tzinfo is None or out_of_range(position[0]) is not None:
         raise InvalidCursor(_NOT_OURS)
     return position
+
+
+# Task actions page on their id alone (newest first): the same opaque shape.
+def encode_id(action_id: int) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(["id", action_id])).decode().rstrip("=")
+
+
+def decode_id(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        tag, action_id = orjson.loads(raw)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise InvalidCursor(_NOT_OURS) from exc
+    if tag != "id" or type(action_id) is not int or not 1 <= action_id < 2**63:
+        raise InvalidCursor(_NOT_OURS)
+    return action_id

@@ -21,9 +21,11 @@ Two rules no column grant can express are enforced otherwise:
   see who inserts, and moving the api's one-statement creates into a SECURITY DEFINER
   function would put them behind a function call on the hottest path for nothing more.
 - Which status changes the api may make: only the cancel (NEW/PENDING -> CANCELLED,
-  PROCESSING -> cancel_requested), so the api updates no column of ``tasks`` at all and
-  calls ``cancel_task(uuid)`` instead, a SECURITY DEFINER function of migration 0004
-  that runs as the tables' owner and performs exactly that transition. A policy could
+  PROCESSING -> cancel_requested) and the operator's replay (bulk retry), so the api
+  updates no column of ``tasks`` at all and calls ``cancel_task(uuid)`` instead, a
+  SECURITY DEFINER function of migration 0004 that runs as the tables' owner and
+  performs exactly that transition, and ``replay_tasks()`` of 0010 for the replay
+  (which also writes its ``task.replay`` outbox rows). A policy could
   limit the statuses a row may have after an update, not the transition from the one
   before, and would let the api set, say, PENDING -> PROCESSING.
 
@@ -130,6 +132,15 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
         # /api/v1/schedules: API schedules are made, edited and deleted here (the
         # statements themselves leave code schedules alone)
         SCHEDULES,
+        # bulk cancel and retry (db.actions): the action's audit row and its progress;
+        # the tasks themselves change through cancel_task() and replay_tasks()
+        TableGrant(
+            "task_actions",
+            ("SELECT",),
+            insert_columns=("action", "filter", "reason", "actor", "dry_run"),
+            update_columns=("matched", "changed", "skipped", "state", "error", "finished_at"),
+            identity_sequence=True,
+        ),
     ),
     # Claims due outbox rows (FOR UPDATE SKIP LOCKED needs UPDATE on some column, which
     # the publish bookkeeping has anyway), flips their tasks NEW -> PENDING and back on a
@@ -224,6 +235,7 @@ FUNCTIONS: dict[Process, tuple[str, ...]] = {
         "cancel_task(uuid)",
         "pause_queue(text, text, text)",
         "resume_queue(text, text, text, text)",
+        "replay_tasks(uuid[], boolean, jsonb)",
     ),
     "relay": (),
     "consumer": (),
@@ -236,4 +248,5 @@ TABLES: tuple[str, ...] = (
     "queue_pauses",
     "queue_events",
     "schedules",
+    "task_actions",
 )

@@ -3,11 +3,12 @@
 A replay is a new ``task.replay`` outbox row plus the task's move back to NEW, in one
 transaction per chunk; the relay then publishes the row as usual. The move is one
 conditional UPDATE guarded by :data:`db.states.REPLAYABLE` (or ``REPLAYABLE_FORCED``),
-so a task that changed meanwhile (a consumer claimed it) is refused, never run twice
-at once. A replay leaves the lease alone (only a claim raises it), so a consumer that
-still believes it owns an older claim stays fenced out; the task keeps its attempt
-count, and ``max_attempts`` grows by one if needed so that a task that used up its
-attempts gets one more.
+in the SQL function ``replay_tasks()`` (migration 0010) that the api's bulk retry
+(:mod:`db.actions`) calls too, so a task that changed meanwhile (a consumer claimed
+it) is refused, never run twice at once. A replay leaves the lease alone (only a
+claim raises it), so a consumer that still believes it owns an older claim stays
+fenced out; the task keeps its attempt count, and ``max_attempts`` grows by one if
+needed so that a task that used up its attempts gets one more.
 """
 
 from __future__ import annotations
@@ -29,24 +30,9 @@ CANDIDATE_COLUMNS = (
     "extract(epoch FROM now() - updated_at) AS idle"
 )
 
-_REPLAY_CHUNK = """
-WITH moved AS (
-    UPDATE tasks
-    SET status = 'NEW', result = NULL, error = NULL, finished_at = NULL,
-        heartbeat_at = NULL, cancel_requested = false,
-        max_attempts = GREATEST(max_attempts, attempts + 1), updated_at = now()
-    WHERE id = ANY($1::uuid[]) AND status = ANY($2::text[])
-    RETURNING id, type, priority
-), event AS (
-    INSERT INTO outbox (task_id, kind, body, headers)
-    SELECT id, 'task.replay',
-           jsonb_build_object('task_id', id, 'type', type, 'priority', priority),
-           $3
-    FROM moved
-    RETURNING id, task_id
-)
-SELECT task_id, id AS outbox_id FROM event
-"""
+# replay_tasks() of migration 0010 (SECURITY DEFINER): the api's bulk retry calls the
+# same function, which performs exactly this move and nothing else.
+_REPLAY_CHUNK = "SELECT task_id, outbox_id FROM replay_tasks($1::uuid[], $2, $3)"
 
 _CURRENT_STATUS = "SELECT id, status FROM tasks WHERE id = ANY($1::uuid[])"
 
@@ -59,6 +45,8 @@ class Selection:
     outbox_ids: tuple[int, int] | None = None  # inclusive range of outbox row ids
     statuses: Sequence[TaskStatus] = ()
     type: str | None = None
+    queue: str | None = None
+    created_after: datetime | None = None  # exclusive, as the API's listing has it
     created_since: datetime | None = None
     created_until: datetime | None = None
     stale_for: float | None = None  # seconds PENDING without being picked up
@@ -69,6 +57,8 @@ class Selection:
             or self.outbox_ids
             or self.statuses
             or self.type is not None
+            or self.queue is not None
+            or self.created_after is not None
             or self.created_since is not None
             or self.created_until is not None
             or self.stale_for is not None
@@ -90,6 +80,10 @@ def _where(selection: Selection, param: Parameters) -> str:
         conditions.append(f"status = ANY({param([s.value for s in selection.statuses])}::text[])")
     if selection.type is not None:
         conditions.append(f"type = {param(selection.type)}")
+    if selection.queue is not None:
+        conditions.append(f"queue = {param(selection.queue)}")
+    if selection.created_after is not None:
+        conditions.append(f"created_at > {param(selection.created_after)}")
     if selection.created_since is not None:
         conditions.append(f"created_at >= {param(selection.created_since)}")
     if selection.created_until is not None:
@@ -168,7 +162,7 @@ async def replay_chunk(
     """Replay these tasks in one transaction: new outbox rows, tasks back to NEW."""
     result = ChunkResult()
     async with conn.transaction():
-        rows = await conn.fetch(_REPLAY_CHUNK, list(task_ids), sorted(replayable(force)), headers)
+        rows = await conn.fetch(_REPLAY_CHUNK, list(task_ids), force, headers)
         result.replayed = {row["task_id"]: row["outbox_id"] for row in rows}
         others = [task_id for task_id in task_ids if task_id not in result.replayed]
         if others:

@@ -234,3 +234,25 @@ Index(
     schedules.c.next_fire_at,
     postgresql_where=text("NOT paused"),
 )
+
+# Every bulk cancel and retry (db.actions), dry runs included: what it selected, who
+# and why, and its progress, updated after each chunk. The audit trail, kept.
+task_actions = Table(
+    "task_actions",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("action", Text, nullable=False),
+    Column("filter", JSONB, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("dry_run", Boolean, nullable=False, server_default=text("false")),
+    Column("matched", BigInteger, nullable=False, server_default=text("0")),
+    Column("changed", BigInteger, nullable=False, server_default=text("0")),
+    Column("skipped", BigInteger, nullable=False, server_default=text("0")),
+    Column("state", Text, nullable=False, server_default=text("'running'")),
+    Column("error", Text),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("finished_at", DateTime(timezone=True)),
+    CheckConstraint("action IN ('cancel', 'retry')", name="action"),
+    CheckConstraint("state IN ('running', 'done', 'failed')", name="state"),
+)

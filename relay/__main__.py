@@ -6,6 +6,7 @@ python -m taskbox.relay replay ...   send tasks through the outbox again (see --
 python -m taskbox.relay cleanup      one retention sweep now
 python -m taskbox.relay status       one screen on tasks, outbox, queues, schedules
 python -m taskbox.relay queues ...   list, show, pause and resume queues (see --help)
+python -m taskbox.relay tasks ...    cancel or retry every task a filter selects (see --help)
 python -m taskbox.relay schedules .. list, show, pause, resume, run or delete schedules
 """
 
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 from taskbox.broker.topology import TopologyMismatch
 from taskbox.db.pool import open_pool
 from taskbox.db.schedules import ScheduleDefinition
-from taskbox.relay import queue_commands, replay, schedule_commands, status
+from taskbox.relay import queue_commands, replay, schedule_commands, status, task_commands
 from taskbox.relay.housekeeping import Housekeeper, cleanup
 from taskbox.relay.listener import OutboxListener
 from taskbox.relay.metrics import RelayMetrics
@@ -151,6 +152,15 @@ def build_parser(command_prog: str | None = None) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    task_commands.configure_parser(
+        commands.add_parser(
+            "tasks",
+            prog=command_prog,
+            help="cancel or retry every task a filter selects, audited",
+            description=task_commands.DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     schedule_commands.configure_parser(
         commands.add_parser(
             "schedules",
@@ -171,6 +181,8 @@ def main(argv: list[str] | None = None, command_prog: str | None = None) -> int:
         replay.check_arguments(args.replay_parser, args)
     if command == "schedules":
         schedule_commands.check_arguments(args.schedules_parser, args)
+    if command == "tasks":
+        task_commands.check_arguments(args.tasks_parser, args)
     try:
         settings = RelaySettings()
     except ValidationError as exc:
@@ -187,6 +199,8 @@ def main(argv: list[str] | None = None, command_prog: str | None = None) -> int:
         return asyncio.run(queue_commands.run(args, settings))
     if command == "schedules":
         return asyncio.run(schedule_commands.run(args, settings))
+    if command == "tasks":
+        return asyncio.run(task_commands.run(args, settings))
     try:
         declared = code_schedules(settings)
     except (InvalidCodeSchedule, RuntimeError) as exc:

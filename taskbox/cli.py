@@ -64,6 +64,7 @@ SUBCOMMANDS = {
     ),
     "cleanup": Subcommand(_relay, ("cleanup",), "one retention sweep now"),
     "queues": Subcommand(_relay, ("queues",), "list, show, pause and resume queues"),
+    "tasks": Subcommand(_relay, ("tasks",), "cancel or retry every task a filter selects, audited"),
     "schedules": Subcommand(
         _relay,
         ("schedules",),
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "environment and .env (see README, Configuration).",
         epilog="'taskbox COMMAND --help' shows the options of COMMAND. Each command is "
         "also 'python -m taskbox.api|relay|consumer', 'python -m taskbox.db migrate|roles' "
-        "and 'python -m taskbox.relay replay|status|cleanup|queues|schedules'.",
+        "and 'python -m taskbox.relay replay|status|cleanup|queues|tasks|schedules'.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, subcommand in SUBCOMMANDS.items():

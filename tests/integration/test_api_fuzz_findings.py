@@ -161,9 +161,13 @@ async def test_every_documented_422_is_a_problem_and_fastapis_own_schema_is_gone
         ("/api/v1/schedules/{name}/pause", "post"),
         ("/api/v1/schedules/{name}/resume", "post"),
         ("/api/v1/schedules/{name}/run", "post"),
+        ("/api/v1/task-actions", "get"),
+        ("/api/v1/task-actions/{action_id}", "get"),
         (TASKS, "get"),
         (TASKS, "post"),
         (f"{TASKS}/batch", "post"),
+        (f"{TASKS}/cancel", "post"),
+        (f"{TASKS}/retry", "post"),
     ]
     for path, method in with_422:
         content = schema["paths"][path][method]["responses"]["422"]["content"]

@@ -1371,6 +1371,38 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
         "404": "Problem",
         "503": "Problem",
     },
+    # bulk actions: an empty filter, a bad status or a missing reason is a 422
+    (f"{TASKS}/cancel", "post"): {
+        "200": "BulkActionResult",
+        "400": "Problem",
+        "401": "Problem",
+        "413": "Problem",
+        "415": "Problem",
+        "422": "Problem",
+        "503": "Problem",
+    },
+    (f"{TASKS}/retry", "post"): {
+        "200": "BulkActionResult",
+        "400": "Problem",
+        "401": "Problem",
+        "413": "Problem",
+        "415": "Problem",
+        "422": "Problem",
+        "503": "Problem",
+    },
+    ("/api/v1/task-actions", "get"): {
+        "200": "TaskActionPage",
+        "401": "Problem",
+        "422": "Problem",
+        "503": "Problem",
+    },
+    ("/api/v1/task-actions/{action_id}", "get"): {
+        "200": "TaskActionView",
+        "401": "Problem",
+        "404": "Problem",
+        "422": "Problem",
+        "503": "Problem",
+    },
     ("/healthz", "get"): {"200": None},
     ("/readyz", "get"): {"200": None, "503": None},
 }

@@ -86,6 +86,7 @@ QUICK = "Your own tasks, from your own project"
 QUEUES = "Queues: routing tasks to consumer pools"
 PAUSING = "Pausing and resuming a queue"
 PERIODIC = "Periodic tasks"
+BULK = "Bulk actions: `POST /api/v1/tasks/cancel`, `POST /api/v1/tasks/retry`"
 INVENTORY = [
     Entry("Taskbox", "client --REST--> api", elsewhere="a diagram"),
     Entry(
@@ -114,6 +115,15 @@ INVENTORY = [
         "Get just the status: `GET /api/v1/tasks/{id}/status`", "curl", run_by="test_api_examples"
     ),
     Entry("Cancel a task: `DELETE /api/v1/tasks/{id}`", "curl", run_by="test_api_examples"),
+    Entry(
+        BULK,
+        "curl -s -H",
+        elsewhere="output samples; tests/integration/test_bulk_actions.py::"
+        "test_cancel_by_filter_over_the_api_with_a_dry_run_first sends such bodies (dry run, "
+        "cancel, then the action and the listing) with a named key, and "
+        "test_retry_is_the_replay_and_the_cli_and_api_agree the retry",
+    ),
+    Entry(BULK, "taskbox tasks cancel", run_by="test_task_commands"),
     Entry("Health: `GET /healthz`, `GET /readyz`", "curl", run_by="test_api_examples"),
     Entry("Tracing: the `traceparent` header", "curl", run_by="test_api_examples"),
     Entry(
@@ -267,6 +277,7 @@ COMMAND_TABLE = {
     "taskbox roles --dry-run": "test_operator_commands",
     'taskbox queues pause media --reason "INC-1234"': "test_queue_commands",
     "taskbox schedules list": "test_operator_commands",
+    'taskbox tasks cancel --type resize --reason "INC-1234" --dry-run': "test_task_commands",
 }
 
 MISSING = """README.md {what} is neither run nor accounted for:
@@ -923,3 +934,47 @@ async def test_queue_commands(pool: asyncpg.Pool, shell_env: dict[str, str]) -> 
     )
     no_reason = await sh("taskbox queues pause media", shell_env)
     assert no_reason.code == 2 and "--reason" in no_reason.stderr, no_reason
+
+
+async def test_task_commands(pool: asyncpg.Pool, shell_env: dict[str, str]) -> None:
+    """The README's `taskbox tasks` lines, in order, and the Commands table's example:
+    each exits 0 and does what it says (the dry runs change nothing, the cancel cancels
+    the queue's waiting tasks, the retry sends the recent FAILED sha256 task again)."""
+    waiting = [
+        (await create_task(pool, NewTask("resize", {}, 0, 3, queue="media")))["id"]
+        for _ in range(2)
+    ]
+    failed = (await create_task(pool, NewTask("sha256", {"text": "x"}, 0, 3)))["id"]
+    await pool.execute("UPDATE tasks SET status = 'FAILED', attempts = 3 WHERE id = $1", failed)
+    block = example(BULK, "taskbox tasks cancel")
+    commands = [line for line in block.text.splitlines() if line.strip()]
+    assert [c.split()[:3] for c in commands] == [["taskbox", "tasks", "cancel"]] * 2 + [
+        ["taskbox", "tasks", "retry"]
+    ] * 2
+
+    table_example = readme.command_table_examples()[10]
+    assert table_example.startswith("taskbox tasks cancel")
+    looked = await sh(table_example, shell_env)
+    assert looked.code == 0 and "selected 2, would cancel 2, would skip 0" in looked.stdout, looked
+
+    dry, cancel, retry, by_id = [await sh(command, shell_env) for command in commands]
+    for result in (dry, cancel, retry, by_id):
+        assert result.code == 0, result
+    assert "selected 2, would cancel 2" in dry.stdout, dry
+    assert "selected 2, changed 2, skipped 0" in cancel.stdout, cancel
+    assert "selected 1, changed 1, skipped 0" in retry.stdout, retry
+    assert "selected 0" in by_id.stdout, by_id  # the README's example id names no task here
+    statuses = await pool.fetch("SELECT id, status FROM tasks")
+    assert {row["id"]: row["status"] for row in statuses} == {
+        waiting[0]: "CANCELLED",
+        waiting[1]: "CANCELLED",
+        failed: "NEW",
+    }
+    actions = await pool.fetch("SELECT action, dry_run, reason FROM task_actions ORDER BY id")
+    assert [tuple(row) for row in actions] == [
+        ("cancel", True, "INC-1234"),
+        ("cancel", True, "INC-1234"),
+        ("cancel", False, "INC-1234"),
+        ("retry", False, "bad deploy"),
+        ("retry", False, "rerun"),
+    ]

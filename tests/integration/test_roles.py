@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from taskbox.api.settings import ApiSettings
-from taskbox.db import execution, outbox, overview, queues, retention
+from taskbox.db import actions, execution, outbox, overview, queues, retention
 from taskbox.db import replay as replay_store
 from taskbox.db.grants import FUNCTIONS, PROCESSES, TABLES, Process
 from taskbox.db.outbox import PublishRefusal, claim_batch, notify, record_publish_outcome
@@ -573,6 +573,39 @@ async def test_the_relay_role_cannot_replay_which_runs_as_the_owner(
         assert list(result.replayed) == [task_id]
     finally:
         await owner.close()
+
+
+async def test_the_api_role_runs_bulk_actions_and_no_other_role_may(
+    roles: Roles, database_url: str
+) -> None:
+    """Bulk cancel and retry (db.actions) under the api role: the audit row and its
+    progress by its grants, the tasks through cancel_task() and replay_tasks()."""
+    owner = await connect(DatabaseSettings(database_url=database_url))
+    try:
+        waiting, failed = await make_tasks(owner, 2)
+        await owner.execute("UPDATE tasks SET status = 'FAILED' WHERE id = $1", failed)
+    finally:
+        await owner.close()
+
+    def bulk(action: actions.Action, task_id: uuid.UUID) -> actions.BulkRequest:
+        chosen = actions.TaskFilter(ids=(task_id,))
+        return actions.BulkRequest(action, chosen, "roles test", "ops", chunk_size=1)
+
+    async with connected(roles, "api") as api:
+        cancelled = await actions.run(api, bulk("cancel", waiting), outbox_channel=roles.channel)
+        retried = await actions.run(api, bulk("retry", failed), outbox_channel=roles.channel)
+        assert (cancelled.action.changed, retried.action.changed) == (1, 1)
+        assert [a.state for a in await actions.list_page(api, 10)] == ["done", "done"]
+        assert (
+            await refused(api, ["DELETE FROM task_actions", "UPDATE task_actions SET actor = 'x'"])
+            == []
+        )
+    for process in ("relay", "consumer"):
+        async with connected(roles, process) as conn:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await actions.run(conn, bulk("cancel", waiting), outbox_channel=roles.channel)
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.fetch("SELECT * FROM replay_tasks($1::uuid[], true, '{}')", [failed])
 
 
 async def test_the_consumer_role_claims_heartbeats_finishes_rescues_and_requeues(

@@ -37,6 +37,7 @@ ALL_TABLES = {
     "queue_pauses",
     "queue_events",
     "schedules",
+    "task_actions",
     "alembic_version",
 }
 

@@ -11,7 +11,12 @@ from pydantic import SecretStr, ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
 from taskbox.api.auth import exposure_refusal, key_bytes, key_matches, loopback_only
-from taskbox.api.middleware import ContentLengthLimit, JsonBodiesOnly, json_media_type_refusal
+from taskbox.api.middleware import (
+    DISCARD_LIMIT,
+    ContentLengthLimit,
+    JsonBodiesOnly,
+    json_media_type_refusal,
+)
 from taskbox.api.settings import ApiSettings
 from taskbox.db.storable import MAX_STRING, UnstorablePayload, check_storable
 
@@ -195,7 +200,8 @@ async def call_gate(
         called = True
 
     async def receive() -> Message:
-        raise AssertionError("the gate must not read the body")
+        # A refusing gate reads (and drops) the body before it answers: see answer_unread.
+        return {"type": "http.request", "body": b"x" * 11, "more_body": False}
 
     sent: list[Message] = []
 
@@ -216,6 +222,35 @@ async def call_gate(
     gate = JsonBodiesOnly(app) if limit is None else ContentLengthLimit(app, limit)
     await gate(scope, receive, send)
     return called, sent
+
+
+async def test_a_body_past_the_discard_limit_is_left_unread() -> None:
+    """Past DISCARD_LIMIT the answer goes out without reading: the server then closes."""
+    sent: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("the app must not run")
+
+    async def receive() -> Message:
+        raise AssertionError("a body past the discard limit must not be read")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    length = str(DISCARD_LIMIT + 1).encode()
+    scope: Scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/api/v1/tasks",
+        "raw_path": b"/api/v1/tasks",
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "http",
+        "server": ("test", 80),
+        "headers": [(b"content-length", length)],
+    }
+    await ContentLengthLimit(app, 10)(scope, receive, send)
+    assert sent[0]["status"] == 413
 
 
 async def test_a_declared_length_over_the_limit_is_answered_without_the_app() -> None:
