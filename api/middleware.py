@@ -6,6 +6,8 @@ a header scan per request, which the benchmarked ingest path can afford.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import uuid
 from collections.abc import Sequence
@@ -29,6 +31,11 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # (API_BODY_TIMEOUT bounds the time, this the bytes); past it the connection is closed
 # as before. A few MiB cover the usual mistake, a file a little too large.
 DISCARD_LIMIT = 8 * 1024 * 1024
+# And for how long: a stranger trickling a body to a refusal would otherwise hold one of
+# the api's connections until API_BODY_TIMEOUT. A client sending at any usable speed
+# finishes a body within the limit well inside it; one that does not is answered and
+# closed as before.
+DISCARD_SECONDS = 2.0
 _CURL_HINT = "with curl: --json '{...}', or -H 'Content-Type: application/json' -d '{...}'"
 
 
@@ -80,13 +87,16 @@ class JsonBodiesOnly:
 
 async def answer_unread(response: Response, scope: Scope, receive: Receive, send: Send) -> None:
     """Send ``response`` to a request refused from its head, after discarding up to
-    :data:`DISCARD_LIMIT` bytes of its body (see there why), so that the client reads
+    :data:`DISCARD_LIMIT` bytes of its body for at most :data:`DISCARD_SECONDS` (see
+    there why), so that the client reads
     the answer rather than a reset. A body still arriving past the limit is left
     unread: the server then closes the connection after the answer."""
     if scope["method"] in _BODY_METHODS and _has_body(scope):
         declared = _content_length(scope)
         if declared is None or declared <= DISCARD_LIMIT:
-            await _discard_body(receive, DISCARD_LIMIT)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DISCARD_SECONDS):
+                    await _discard_body(receive, DISCARD_LIMIT)
     await response(scope, receive, send)
 
 

@@ -3,6 +3,7 @@ the declared-length gate."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
+from taskbox.api import middleware
 from taskbox.api.auth import exposure_refusal, key_bytes, key_matches, loopback_only
 from taskbox.api.middleware import (
     DISCARD_LIMIT,
@@ -250,6 +252,41 @@ async def test_a_body_past_the_discard_limit_is_left_unread() -> None:
         "headers": [(b"content-length", length)],
     }
     await ContentLengthLimit(app, 10)(scope, receive, send)
+    assert sent[0]["status"] == 413
+
+
+async def test_a_trickled_body_is_answered_after_the_discard_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that stops sending mid-body gets its answer after DISCARD_SECONDS, not
+    at API_BODY_TIMEOUT: a refusal is not a way to hold a connection."""
+    monkeypatch.setattr(middleware, "DISCARD_SECONDS", 0.05)
+    sent: list[Message] = []
+    stalled = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("the app must not run")
+
+    async def receive() -> Message:
+        await stalled.wait()  # never set: the rest of the body never comes
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/api/v1/tasks",
+        "raw_path": b"/api/v1/tasks",
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "http",
+        "server": ("test", 80),
+        "headers": [(b"content-length", b"1000")],
+    }
+    async with asyncio.timeout(5):
+        await ContentLengthLimit(app, 10)(scope, receive, send)
     assert sent[0]["status"] == 413
 
 
