@@ -63,6 +63,8 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
             max_schedule_delay=settings.max_schedule_delay,
             max_page_bytes=settings.max_page_bytes,
             tracer=tracing.tracer,
+            callback_destinations=settings.allow_list,
+            callback_secret_set=settings.webhook_callback_secret is not None,
         )
         if app.state.api_key_names:
             # The names, never the keys: a key written name:key is checked as its part

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from taskbox.relay.settings import RelaySettings
 from taskbox.relay.webhooks import DeliveryWorker
 from taskbox.webhooks import new_secret
 from tests.integration.conftest import app_client_for
+from tests.integration.processes import ServiceProcess, free_port
 from tests.integration.webhook_receiver import (
     Answer,
     Received,
@@ -441,3 +443,118 @@ async def test_patch_refuses_null_and_internal_urls(local_api_settings: ApiSetti
         assert internal.status_code == 422 and "private" in internal.json()["detail"]
         missing = await client.patch(f"/api/v1/webhooks/{uuid.uuid4()}", json={"enabled": True})
         assert missing.status_code == 404
+
+
+# --- callback_url, and the whole path through real processes -------------------------
+
+
+async def test_callback_url_is_refused_without_the_secret_and_when_internal(
+    local_api_settings: ApiSettings, api_settings: ApiSettings
+) -> None:
+    task = {"type": "echo", "payload": {}, "callback_url": "http://127.0.0.1:9/cb"}
+    async with app_client_for(local_api_settings) as client:
+        answered = await client.post("/api/v1/tasks", json=task)
+        assert answered.status_code == 422, answered.text
+        assert answered.json()["errors"][0]["loc"] == ["body", "callback_url"]
+        assert "WEBHOOK_CALLBACK_SECRET" in answered.json()["detail"]
+    with_secret = api_settings.model_copy(update={"webhook_callback_secret": new_secret()})
+    async with app_client_for(with_secret) as client:
+        answered = await client.post("/api/v1/tasks", json=task)
+        assert answered.status_code == 422, answered.text
+        assert "a loopback address" in answered.json()["detail"]
+        batch = await client.post(
+            "/api/v1/tasks/batch",
+            json={"tasks": [{"type": "echo", "payload": {}}, task]},
+        )
+        assert batch.status_code == 422, batch.text
+        assert batch.json()["errors"][0]["loc"] == ["body", "tasks", 1, "callback_url"]
+        bad = await client.post("/api/v1/tasks", json={**task, "callback_url": "gopher://x/"})
+        assert bad.status_code == 422 and "http:// or https://" in bad.json()["detail"]
+
+
+async def test_keyed_creates_with_another_callback_url_conflict(
+    api_settings: ApiSettings,
+) -> None:
+    settings = api_settings.model_copy(
+        update={"webhook_callback_secret": new_secret(), "webhook_allowed_hosts": LOCAL}
+    )
+    task = {"type": "echo", "payload": {}, "callback_url": "http://127.0.0.1:9/a"}
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    async with app_client_for(settings) as client:
+        assert (await client.post("/api/v1/tasks", json=task, headers=key)).status_code == 201
+        assert (await client.post("/api/v1/tasks", json=task, headers=key)).status_code == 200
+        other = {**task, "callback_url": "http://127.0.0.1:9/b"}
+        assert (await client.post("/api/v1/tasks", json=other, headers=key)).status_code == 409
+
+
+async def test_outcomes_reach_subscriptions_and_callbacks_through_real_processes(
+    service_env: dict[str, str],
+) -> None:
+    """api, relay (its delivery worker) and consumer as processes: a subscription and a
+    per-task callback_url (single and batch creates) each get their signed event."""
+    callback_secret = new_secret()
+    env = {
+        **service_env,
+        "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        "WEBHOOK_CALLBACK_SECRET": callback_secret,
+        "WEBHOOK_RETRY_BASE_DELAY": "0.1",
+    }
+    port = free_port()
+    async with Receiver(failing_first(1)) as receiver:
+        api = await ServiceProcess("api", env, API_PORT=str(port)).start()
+        relay = await ServiceProcess("relay", env).start()
+        consumer = await ServiceProcess("consumer", env).start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                made = await client.post(
+                    "/api/v1/webhooks",
+                    json={"url": f"{receiver.url}/sub", "events": ["task.done", "task.failed"]},
+                )
+                assert made.status_code == 201, made.text
+                secret = made.json()["secret"]
+                single = await client.post(
+                    "/api/v1/tasks",
+                    json={
+                        "type": "echo",
+                        "payload": {"n": 1},
+                        "callback_url": f"{receiver.url}/cb",
+                    },
+                )
+                assert single.status_code == 201, single.text
+                batch = await client.post(
+                    "/api/v1/tasks/batch",
+                    json={
+                        "tasks": [
+                            {"type": "echo", "payload": {"n": 2}},
+                            {
+                                "type": "fail",
+                                "payload": {},
+                                "max_attempts": 1,
+                                "callback_url": f"{receiver.url}/cb",
+                            },
+                        ]
+                    },
+                )
+                assert batch.status_code == 201, batch.text
+                # 3 subscription events, 2 callbacks, and the first request's retry
+                requests = await receiver.wait_for(6, timeout=30)
+                await asyncio.sleep(0.3)
+                assert len(receiver.requests) == 6
+        finally:
+            assert await consumer.stop(signal.SIGTERM) == 0, consumer.output
+            assert await relay.stop(signal.SIGTERM) == 0, relay.output
+            assert await api.stop(signal.SIGTERM) in (0, -signal.SIGTERM), api.output
+    delivered = requests[1:]  # the first got a 500 and came again
+    by_path: dict[str, list[tuple[str, str]]] = {"/sub": [], "/cb": []}
+    for request in delivered:
+        event = verified(secret if request.path == "/sub" else callback_secret, request)
+        by_path[request.path].append((event["data"]["id"], event["type"]))
+    single_id, (echo_id, fail_id) = (
+        single.json()["id"],
+        [t["id"] for t in batch.json()["items"]],
+    )
+    assert sorted(by_path["/sub"]) == sorted(
+        [(single_id, "task.done"), (echo_id, "task.done"), (fail_id, "task.failed")]
+    )
+    assert sorted(by_path["/cb"]) == sorted([(single_id, "task.done"), (fail_id, "task.failed")])
+    assert "webhooks on" in relay.output
