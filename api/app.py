@@ -73,7 +73,7 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
             log.info("API keys accepted, by name: %s", names)
         app.state.schedules = ScheduleService(pool, app.state.service, notifier.wake)
         app.state.webhooks = WebhookService(
-            pool, registry, settings.allow_list, settings.webhook_secret_grace
+            pool, registry, settings.allow_list, settings.webhook_rotation_grace
         )
         if not app.state.api_keys:
             log.warning(

@@ -8,7 +8,7 @@ from taskbox.broker.settings import BrokerSettings
 from taskbox.db.settings import DatabaseSettings
 from taskbox.runtime.durations import Duration, OptionalDuration
 from taskbox.runtime.settings import MetricsSettings, ProcessSettings, TaskTypeSettings
-from taskbox.webhooks.settings import WebhookSettings
+from taskbox.webhooks.settings import WebhookDeliverySettings
 
 _WEEK = 7 * 86400.0
 
@@ -19,7 +19,7 @@ class RelaySettings(
     ProcessSettings,
     MetricsSettings,
     TaskTypeSettings,
-    WebhookSettings,
+    WebhookDeliverySettings,
 ):
     relay_batch_size: int = Field(500, ge=1, le=10_000, description="Rows claimed per transaction.")
     relay_concurrency: int = Field(

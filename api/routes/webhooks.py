@@ -132,7 +132,7 @@ async def delete_webhook(webhook_id: uuid.UUID, request: Request) -> Response:
     summary="Rotate a webhook's secret",
     description=(
         "A new secret signs from now on, shown only in this answer; for "
-        "WEBHOOK_SECRET_GRACE (a day by default) the previous one signs too, so receivers "
+        "WEBHOOK_ROTATION_GRACE (a day by default) the previous one signs too, so receivers "
         "can switch over without refusing a delivery."
     ),
     responses={**_NOT_FOUND, **_UNAVAILABLE},
