@@ -196,7 +196,11 @@ async def test_delivered_at_least_once_signed_retried_with_backoff_and_recorded(
         _, secret = await subscribe(pool, f"{receiver.url}/hooks?x=1")
         task_id = await finish(pool)
         (delivery,) = await deliveries_of(pool, task_id)
-        async with running_worker(pool, relay_settings(db_settings)):
+        # a backoff well above the worker's poll interval (0.1 s), so that spacing shows
+        settings = relay_settings(
+            db_settings, webhook_retry_base_delay=0.3, webhook_retry_max_delay=1.0
+        )
+        async with running_worker(pool, settings):
             row = await wait_status(pool, delivery["id"], "delivered")
         requests = receiver.requests
     assert len(requests) == 3
@@ -215,7 +219,8 @@ async def test_delivered_at_least_once_signed_retried_with_backoff_and_recorded(
     assert row["attempts"] == 3 and row["delivered_at"] is not None
     # backoff: the retries were spaced, not sent back to back
     gaps = [(b["at"] - a["at"]).total_seconds() for a, b in itertools.pairwise(attempts)]
-    assert all(gap >= 0.02 for gap in gaps), gaps
+    # jitter draws from the top half: at least 0.15 s, then at least 0.3 s
+    assert gaps[0] >= 0.15 and gaps[1] >= 0.3, gaps
 
 
 async def test_failed_after_the_limit_then_replayed_over_the_api(
