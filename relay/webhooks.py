@@ -154,6 +154,11 @@ class DeliveryWorker:
             error = f"no complete answer within {self._settings.webhook_timeout:g}s"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except Exception as exc:
+            # Still an attempt, recorded and retried: a bug here must not leave the
+            # delivery leased and silent, nor kill the loop.
+            log.exception("webhook delivery %s: unexpected error", delivery_id)
+            error = f"{type(exc).__name__}: {exc}"
         latency = time.monotonic() - started
         self._metrics.webhook_attempt_seconds.observe(latency)
         delivered = status_code is not None and 200 <= status_code < 300
