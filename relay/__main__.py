@@ -83,9 +83,13 @@ async def serve(
     wake = asyncio.Event()
     relay = OutboxRelay(pool, publisher, settings, wake, metrics, tracer)
     background: dict[str, Coroutine[Any, Any, None]] = {}
+    # The delivery worker's own wake-up, on its own channel: a webhook NOTIFY must not
+    # start an outbox drain, nor an outbox one a look for deliveries.
+    webhook_wake = asyncio.Event()
+    channels = {WEBHOOK_CHANNEL: webhook_wake} if settings.webhook_delivery else {}
     listener = None
     if settings.relay_listen:
-        listener = OutboxListener(settings, wake, settings.relay_listen_check_interval)
+        listener = OutboxListener(settings, wake, settings.relay_listen_check_interval, channels)
         background["listener"] = listener.run()
     if settings.retention_interval > 0:
         background["housekeeping"] = Housekeeper(settings, metrics).run()
@@ -94,15 +98,7 @@ async def serve(
         scheduler = Scheduler(settings, declared, wake, metrics)
         background["scheduler"] = scheduler.run()
     if settings.webhook_delivery:
-        # Its own wake-up and LISTEN channel: a webhook NOTIFY must not start an outbox
-        # drain, nor an outbox one a look for deliveries.
-        webhook_wake = asyncio.Event()
         background["webhooks"] = DeliveryWorker(pool, settings, webhook_wake, metrics).run()
-        if settings.relay_listen:
-            channel = settings.model_copy(update={"outbox_channel": WEBHOOK_CHANNEL})
-            background["webhook-listener"] = OutboxListener(
-                channel, webhook_wake, settings.relay_listen_check_interval
-            ).run()
     if server is not None:
         observe(probes, settings, metrics, pool, connection, relay, listener, scheduler)
         background["metrics"] = server.serve()

@@ -22,10 +22,11 @@ from taskbox.api.settings import ApiSettings
 from taskbox.db import webhooks as store
 from taskbox.db.settings import DatabaseSettings
 from taskbox.db.tasks import NewTask, cancel_task, create_task
+from taskbox.relay.listener import OutboxListener
 from taskbox.relay.metrics import RelayMetrics
 from taskbox.relay.settings import RelaySettings
 from taskbox.relay.webhooks import DeliveryWorker
-from taskbox.webhooks import new_secret
+from taskbox.webhooks import WEBHOOK_CHANNEL, new_secret
 from tests.integration.conftest import app_client_for
 from tests.integration.processes import ServiceProcess, free_port
 from tests.integration.webhook_receiver import (
@@ -563,3 +564,31 @@ async def test_outcomes_reach_subscriptions_and_callbacks_through_real_processes
     )
     assert sorted(by_path["/cb"]) == sorted([(single_id, "task.done"), (fail_id, "task.failed")])
     assert "webhooks on" in relay.output
+
+
+async def test_the_enqueue_notify_wakes_the_worker_through_the_relays_listener(
+    pool: asyncpg.Pool, db_settings: DatabaseSettings
+) -> None:
+    """A poll far away: only the trigger's NOTIFY, heard on the relay's one LISTEN
+    connection (its webhook channel), can bring the delivery out within seconds."""
+    settings = relay_settings(db_settings, webhook_poll_interval=60.0)
+    outbox_wake, webhook_wake = asyncio.Event(), asyncio.Event()
+    listener = OutboxListener(settings, outbox_wake, 1.0, {WEBHOOK_CHANNEL: webhook_wake})
+    async with Receiver() as receiver:
+        await subscribe(pool, receiver.url)
+        listening = asyncio.create_task(listener.run())
+        worker = DeliveryWorker(pool, settings, webhook_wake, RelayMetrics())
+        delivering = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(10):
+                await outbox_wake.wait()  # set once the listener is connected and listening
+            await asyncio.sleep(0.3)  # the worker has looked once, found nothing, sleeps
+            outbox_wake.clear()
+            await finish(pool)
+            await receiver.wait_for(1, timeout=5)
+        finally:
+            for task in (delivering, listening):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    assert not outbox_wake.is_set()  # a webhook NOTIFY does not start an outbox drain
