@@ -16,10 +16,20 @@ from taskbox.api.errors import PROBLEM_JSON, REQUEST_ID_HEADER
 from taskbox.api.metrics import ApiMetrics
 from taskbox.api.middleware import ApiKeyGate, ContentLengthLimit, JsonBodiesOnly, RequestIds
 from taskbox.api.notifier import OutboxNotifier
-from taskbox.api.routes import docs, health, metrics, queues, schedules, task_actions, tasks
+from taskbox.api.routes import (
+    docs,
+    health,
+    metrics,
+    queues,
+    schedules,
+    task_actions,
+    tasks,
+    webhooks,
+)
 from taskbox.api.schedules import ScheduleService
 from taskbox.api.service import PostgresTaskStore, TaskService
 from taskbox.api.settings import ApiSettings
+from taskbox.api.webhooks import WebhookService
 from taskbox.db.pool import create_pool
 from taskbox.runtime.telemetry import OFF, Tracing
 from taskbox.tasktypes import load_registry
@@ -62,6 +72,8 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
             max_schedule_delay=settings.max_schedule_delay,
             max_page_bytes=settings.max_page_bytes,
             tracer=tracing.tracer,
+            callback_destinations=settings.allow_list,
+            callback_secret_set=settings.webhook_callback_secret is not None,
         )
         if app.state.api_key_names:
             # The names, never the keys: a key written name:key is checked as its part
@@ -69,6 +81,9 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
             names = ", ".join(name for name, _ in app.state.api_key_names)
             log.info("API keys accepted, by name: %s", names)
         app.state.schedules = ScheduleService(pool, app.state.service, notifier.wake)
+        app.state.webhooks = WebhookService(
+            pool, registry, settings.allow_list, settings.webhook_rotation_grace
+        )
         if not app.state.api_keys:
             log.warning(
                 "API_KEYS is empty: the API is UNAUTHENTICATED; anyone who can reach it "
@@ -127,6 +142,8 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
     app.include_router(task_actions.router)
     app.include_router(queues.router)
     app.include_router(schedules.router)
+    app.include_router(webhooks.router)
+    app.include_router(webhooks.deliveries_router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(docs.router)

@@ -25,6 +25,7 @@ from starlette.types import Scope
 from taskbox.api.batch import UnreadableBody
 from taskbox.api.schedules import ReadOnlySchedule, ScheduleExists, ScheduleNotFound
 from taskbox.api.service import IdempotencyConflict, InvalidRequest, TaskFinished, TaskNotFound
+from taskbox.api.webhooks import DeliveryNotFound, NotReplayable, WebhookNotFound
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ReadOnlySchedule)
     async def _read_only(request: Request, exc: ReadOnlySchedule) -> JSONResponse:
+        return problem(request, 409, str(exc))
+
+    @app.exception_handler(WebhookNotFound)
+    @app.exception_handler(DeliveryNotFound)
+    async def _no_webhook(request: Request, exc: LookupError) -> JSONResponse:
+        return problem(request, 404, str(exc.args[0]))
+
+    @app.exception_handler(NotReplayable)
+    async def _not_replayable(request: Request, exc: NotReplayable) -> JSONResponse:
         return problem(request, 409, str(exc))
 
     @app.exception_handler(TaskFinished)

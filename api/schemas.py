@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from taskbox.api.params import IsoDatetime
 from taskbox.db.states import TaskStatus
 from taskbox.runtime.queues import DEFAULT_QUEUE, MAX_QUEUE_NAME, MAX_REASON, check_reason
+from taskbox.webhooks.destinations import MAX_URL
 
 
 class TaskCreate(BaseModel):
@@ -58,6 +59,14 @@ class TaskCreate(BaseModel):
         max_length=MAX_QUEUE_NAME,
         description="The queue to route the task to: one the task type is registered for. "
         "When absent, the type's own queue.",
+    )
+    callback_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_URL,
+        description="An http(s) URL the task's outcome (task.done, task.failed, "
+        "task.cancelled) is POSTed to as a signed webhook (signed with "
+        "WEBHOOK_CALLBACK_SECRET, which must be set); checked like a webhook's URL.",
     )
 
 

@@ -31,6 +31,13 @@ from taskbox.db.storable import MAX_STRING, UnstorablePayload, check_storable
 from taskbox.runtime.durations import format_duration
 from taskbox.runtime.queues import InvalidQueueName, check_queue_name
 from taskbox.tasktypes import TaskRegistry, TaskType
+from taskbox.webhooks import (
+    AllowList,
+    InvalidWebhookUrl,
+    UnsafeDestination,
+    check_url,
+    resolve_destination,
+)
 
 TaskRow = Mapping[str, Any]
 
@@ -202,8 +209,12 @@ class TaskService:
         max_schedule_delay: float = 365 * 86400.0,
         max_page_bytes: int = 1_048_576,
         tracer: Tracer | None = None,
+        callback_destinations: AllowList | None = None,
+        callback_secret_set: bool = False,
     ) -> None:
         self._spans = CreateSpans(tracer)
+        self._callback_destinations = callback_destinations or AllowList()
+        self._callback_secret_set = callback_secret_set
         self._max_page_bytes = max_page_bytes
         self._max_payload_string = max_payload_string
         self._max_schedule_delay = max_schedule_delay
@@ -259,7 +270,48 @@ class TaskService:
             run_at=run_at,
             delay=delay,
             queue=self._queue(request, task_type),
+            callback_url=self._callback_url(request),
         )
+
+    def _callback_url(self, request: TaskCreate) -> str | None:
+        """The callback_url's form (its destination is checked by ``check_callbacks``)."""
+        if request.callback_url is None:
+            return None
+        if not self._callback_secret_set:
+            raise InvalidRequest.at(
+                ["body", "callback_url"],
+                "callback_url needs the server's WEBHOOK_CALLBACK_SECRET to sign its "
+                "deliveries, and it is not set: set it (whsec_<base64>) or subscribe a "
+                "webhook instead",
+                "callback_secret_unset",
+            )
+        try:
+            check_url(request.callback_url)
+        except InvalidWebhookUrl as exc:
+            raise InvalidRequest.at(["body", "callback_url"], str(exc), "invalid_url") from None
+        return request.callback_url
+
+    async def check_callbacks(self, tasks: list[task_store.NewTask], loc: list[str | int]) -> None:
+        """Every callback_url's host resolves to addresses webhooks may reach; else
+        InvalidRequest at ``loc`` (+ the position, for a batch) saying why."""
+        problems = []
+        for position, task in enumerate(tasks):
+            if task.callback_url is None:
+                continue
+            try:
+                await resolve_destination(check_url(task.callback_url), self._callback_destinations)
+            except UnsafeDestination as exc:
+                # a batch's tasks are found by their position under ["body", "tasks"]
+                prefix = [*loc, position] if loc[-1] == "tasks" else loc
+                problems.append(
+                    {
+                        "loc": [*prefix, "callback_url"],
+                        "msg": str(exc),
+                        "type": "unsafe_destination",
+                    }
+                )
+        if problems:
+            raise InvalidRequest(problems)
 
     @staticmethod
     def _queue(request: TaskCreate, task_type: TaskType) -> str:
@@ -319,6 +371,7 @@ class TaskService:
         """Store the task and its outbox row; the row's headers carry the trace context
         (the caller's ``traceparent`` continued, or a new trace) to the consumer."""
         task = self.validate(request)
+        await self.check_callbacks([task], ["body"])
         with self._spans.create(traceparent, {TASK_TYPE: task.type}) as (span, headers):
             row = await self._store.create(task, headers)
             if span is not None:
@@ -345,6 +398,7 @@ class TaskService:
         if problems:
             problems.sort(key=_position)
             raise InvalidRequest(problems)
+        await self.check_callbacks(tasks, ["body", "tasks"])
         # The request is one hop of the trace: every task of it carries that hop's
         # context, so all of them are found under one trace id in the logs.
         with self._spans.create(traceparent, {TASK_COUNT: len(tasks)}) as (_, headers):
@@ -361,6 +415,7 @@ class TaskService:
         """Like ``create``, once per key: the same key with the same request returns the
         task it created (and False); with a different request it is a conflict."""
         task = self.validate(request)
+        await self.check_callbacks([task], ["body"])
         with self._spans.create(traceparent, {TASK_TYPE: task.type}) as (span, headers):
             row, created = await self._store.create_once(task, headers, idempotency_key)
             if span is not None:

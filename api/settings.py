@@ -11,9 +11,10 @@ from pydantic_settings import NoDecode
 from taskbox.db.settings import DatabaseSettings
 from taskbox.runtime.durations import Duration
 from taskbox.runtime.settings import ProcessSettings, TaskTypeSettings
+from taskbox.webhooks.settings import WebhookApiSettings
 
 
-class ApiSettings(DatabaseSettings, ProcessSettings, TaskTypeSettings):
+class ApiSettings(DatabaseSettings, ProcessSettings, TaskTypeSettings, WebhookApiSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     api_workers: int = Field(1, ge=1, description="uvicorn worker processes.")

@@ -94,6 +94,50 @@ SCHEDULES = TableGrant(
     ),
 )
 
+# Webhooks (db.webhooks): the api makes and edits subscriptions, reads deliveries and
+# their attempts and replays failed ones; the relay's delivery worker reads the
+# subscriptions (url, secrets), leases and settles deliveries and records attempts.
+# Nobody inserts a delivery: the trigger of migration 0009 does, as the owner.
+WEBHOOK_COLUMNS = ("url", "events", "task_types", "queues", "enabled")
+API_WEBHOOKS = (
+    TableGrant(
+        "webhooks",
+        ("SELECT", "DELETE"),
+        insert_columns=(*WEBHOOK_COLUMNS, "secret"),
+        update_columns=(
+            *WEBHOOK_COLUMNS,
+            "secret",
+            "previous_secret",
+            "previous_secret_expires_at",
+            "updated_at",
+        ),
+    ),
+    TableGrant(
+        "webhook_deliveries", ("SELECT",), update_columns=("status", "attempts", "next_attempt_at")
+    ),
+    TableGrant("webhook_attempts", ("SELECT",)),
+)
+RELAY_WEBHOOKS = (
+    TableGrant("webhooks", ("SELECT",)),
+    TableGrant(
+        "webhook_deliveries",
+        ("SELECT",),
+        update_columns=("status", "attempts", "next_attempt_at", "delivered_at"),
+    ),
+    TableGrant(
+        "webhook_attempts",
+        insert_columns=(
+            "delivery_id",
+            "attempt",
+            "status_code",
+            "latency_ms",
+            "error",
+            "response_body",
+        ),
+        identity_sequence=True,
+    ),
+)
+
 GRANTS: dict[Process, tuple[TableGrant, ...]] = {
     # Creates tasks and their task.created outbox rows (one statement, db.tasks), reads
     # and lists tasks, and cancels through cancel_task(). It never reads the outbox, and
@@ -116,6 +160,7 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
                 # a schedule's "run now" (db.schedules.run_now) carries its name
                 "schedule_name",
                 "schedule_fire_at",
+                "callback_url",
             ),
         ),
         TableGrant(
@@ -141,6 +186,7 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
             update_columns=("matched", "changed", "skipped", "state", "error", "finished_at"),
             identity_sequence=True,
         ),
+        *API_WEBHOOKS,
     ),
     # Claims due outbox rows (FOR UPDATE SKIP LOCKED needs UPDATE on some column, which
     # the publish bookkeeping has anyway), flips their tasks NEW -> PENDING and back on a
@@ -186,6 +232,7 @@ GRANTS: dict[Process, tuple[TableGrant, ...]] = {
         TableGrant("queue_consumers", ("SELECT", "DELETE")),
         # the claim parks the rows of the paused queues
         TableGrant("queue_pauses", ("SELECT",)),
+        *RELAY_WEBHOOKS,
     ),
     # Claims, heartbeats, finishes and rescues tasks (every column an attempt owns); a
     # retry, a rescued task and a dead-lettered one sent again are task.retry outbox
@@ -249,4 +296,7 @@ TABLES: tuple[str, ...] = (
     "queue_events",
     "schedules",
     "task_actions",
+    "webhooks",
+    "webhook_deliveries",
+    "webhook_attempts",
 )

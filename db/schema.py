@@ -20,13 +20,14 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     SmallInteger,
     Table,
     Text,
     Uuid,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from taskbox.db.states import TaskStatus
 
@@ -78,6 +79,9 @@ tasks = Table(
     # and the fire time; a "run now" task has the name and no fire time.
     Column("schedule_name", Text),
     Column("schedule_fire_at", DateTime(timezone=True)),
+    # Where the task's outcome is posted when it ends (a webhook of its own, signed with
+    # WEBHOOK_CALLBACK_SECRET); fixed at creation.
+    Column("callback_url", Text),
     CheckConstraint(f"status IN ({_status_list})", name="status"),
     CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
     CheckConstraint("max_attempts >= 1", name="max_attempts"),
@@ -256,3 +260,89 @@ task_actions = Table(
     CheckConstraint("action IN ('cancel', 'retry')", name="action"),
     CheckConstraint("state IN ('running', 'done', 'failed')", name="state"),
 )
+
+# Webhook subscriptions: where to post which task outcomes. The secrets sign deliveries
+# (HMAC needs the key itself, so it is stored as is, and shown only once, at creation);
+# after a rotation the previous one signs too until previous_secret_expires_at.
+# task_types / queues NULL: every type / queue.
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("id", Uuid, primary_key=True, server_default=text("gen_random_uuid()")),
+    Column("url", Text, nullable=False),
+    Column("events", ARRAY(Text), nullable=False),
+    Column("task_types", ARRAY(Text)),
+    Column("queues", ARRAY(Text)),
+    Column("secret", Text, nullable=False),
+    Column("previous_secret", Text),
+    Column("previous_secret_expires_at", DateTime(timezone=True)),
+    Column("enabled", Boolean, nullable=False, server_default=text("true")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    CheckConstraint(
+        "cardinality(events) >= 1"
+        " AND events <@ ARRAY['task.done', 'task.failed', 'task.cancelled']::text[]",
+        name="events",
+    ),
+)
+
+# The webhook outbox: one row per (outcome, destination), written by the trigger of
+# migration 0009 in the very transaction that commits the outcome, so a committed
+# outcome's webhook cannot be lost. webhook_id NULL: the task's own callback_url. The
+# body is the event document, fixed at enqueue; a retry sends it again under the same
+# id. A worker leases a row by moving next_attempt_at past its attempt's timeout.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", Uuid, primary_key=True, server_default=text("gen_random_uuid()")),
+    Column("webhook_id", Uuid, ForeignKey("webhooks.id", ondelete="CASCADE")),
+    Column("url", Text, nullable=False),
+    Column("task_id", Uuid, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+    Column("event", Text, nullable=False),
+    Column("body", JSONB, nullable=False),
+    Column("status", Text, nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column(
+        "next_attempt_at", DateTime(timezone=True), nullable=False, server_default=text("now()")
+    ),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("delivered_at", DateTime(timezone=True)),
+    CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="status"),
+)
+# The workers' claim: due pending rows only, however long the delivered history grows.
+Index(
+    "ix_webhook_deliveries_due",
+    webhook_deliveries.c.next_attempt_at,
+    postgresql_where=text("status = 'pending'"),
+)
+# A subscription's deliveries, newest first; and the cascades from webhooks and tasks.
+Index(
+    "ix_webhook_deliveries_webhook_id_created_at",
+    webhook_deliveries.c.webhook_id,
+    webhook_deliveries.c.created_at.desc(),
+)
+Index("ix_webhook_deliveries_task_id", webhook_deliveries.c.task_id)
+
+# Every attempt of a delivery, kept with it: what the receiver answered (a 1 KiB prefix
+# of its body at most) or why there was no answer. ``attempt`` restarts at 1 after a
+# replay; ``id`` orders them all.
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    Column("id", BigInteger, Identity(always=False)),
+    Column(
+        "delivery_id",
+        Uuid,
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("attempt", Integer, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("status_code", Integer),
+    Column("latency_ms", Double, nullable=False),
+    Column("error", Text),
+    Column("response_body", Text),
+    PrimaryKeyConstraint("id"),
+    CheckConstraint("octet_length(response_body) <= 1024", name="response_body"),
+)
+Index("ix_webhook_attempts_delivery_id_id", webhook_attempts.c.delivery_id, webhook_attempts.c.id)

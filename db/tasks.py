@@ -59,20 +59,22 @@ SELECT {TASK_COLUMNS} FROM task
 
 def _insert_with_outbox(*, keyed: bool) -> str:
     """One task: headers $5, scheduled by ``run_at`` $6 or ``delay`` $7 seconds from
-    the database's clock, in queue $8.
+    the database's clock, in queue $8, its outcome posted to ``callback_url`` $9.
 
     The keyed variant inserts nothing (and so writes no outbox row) when the idempotency
-    key $9 is taken (it stores the request's digest $10 with the key); a concurrent
+    key $10 is taken (it stores the request's digest $11 with the key); a concurrent
     insert with the key waits on the first's index entry and, once that commits, finds
     the conflict too.
     """
     columns, values, on_conflict = "", "", ""
     if keyed:
-        columns, values = ", idempotency_key, request_digest", ", $9, $10"
+        columns, values = ", idempotency_key, request_digest", ", $10, $11"
         on_conflict = "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
-    insert = f"""INSERT INTO tasks (type, payload, priority, max_attempts, run_at, queue{columns})
+    insert = f"""INSERT INTO tasks (type, payload, priority, max_attempts, run_at, queue,
+                       callback_url{columns})
     VALUES ($1, $2, $3, $4,
-            coalesce($6::timestamptz, now() + make_interval(secs => $7::float8)), $8{values})
+            coalesce($6::timestamptz, now() + make_interval(secs => $7::float8)), $8,
+            $9{values})
     {on_conflict}"""  # noqa: S608 - every fragment is a constant
     return _with_created_events(insert, "$5")
 
@@ -86,27 +88,29 @@ _INSERT_KEYED_TASK_WITH_OUTBOX = _insert_with_outbox(keyed=True)
 # the request's order without a sort; the tests hold it to that. Every row of a batch
 # carries the same headers $7 (the batch request's trace context), sent once.
 _INSERT_TASKS_WITH_OUTBOX = _with_created_events(
-    """INSERT INTO tasks (type, payload, priority, max_attempts, run_at, queue)
+    """INSERT INTO tasks (type, payload, priority, max_attempts, run_at, queue, callback_url)
     SELECT type, payload, priority, max_attempts,
-           coalesce(run_at, now() + make_interval(secs => delay)), queue
+           coalesce(run_at, now() + make_interval(secs => delay)), queue, callback_url
     FROM unnest($1::text[], $2::jsonb[], $3::int2[], $4::int4[], $5::timestamptz[],
-                $6::float8[], $7::text[])
-        AS i(type, payload, priority, max_attempts, run_at, delay, queue)""",
-    "$8",
+                $6::float8[], $7::text[], $8::text[])
+        AS i(type, payload, priority, max_attempts, run_at, delay, queue, callback_url)""",
+    "$9",
 )
 
 # Concurrent single creates grouped by the api (api.grouping): like a batch, but each
 # task has its own headers (its request's trace context). The ids come from the api so
 # that each outbox row finds its task's headers by id.
 _INSERT_GROUP_WITH_OUTBOX = _with_created_events(
-    """INSERT INTO tasks (id, type, payload, priority, max_attempts, run_at, queue)
+    """INSERT INTO tasks (id, type, payload, priority, max_attempts, run_at, queue,
+                       callback_url)
     SELECT id, type, payload, priority, max_attempts,
-           coalesce(run_at, now() + make_interval(secs => delay)), queue
+           coalesce(run_at, now() + make_interval(secs => delay)), queue, callback_url
     FROM i""",
     "i.headers",
     inputs="""SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int2[], $5::int4[],
-                        $6::timestamptz[], $7::float8[], $8::text[], $9::jsonb[])
-        AS i(id, type, payload, priority, max_attempts, run_at, delay, queue, headers)""",
+                        $6::timestamptz[], $7::float8[], $8::text[], $9::text[], $10::jsonb[])
+        AS i(id, type, payload, priority, max_attempts, run_at, delay, queue, callback_url,
+             headers)""",
     joined="JOIN i ON i.id = task.id",
 )
 
@@ -148,6 +152,7 @@ class NewTask:
     run_at: datetime | None = None  # a moment (timezone-aware) before which it must not run
     delay: float | None = None  # or seconds from now, by the database's clock
     queue: str = DEFAULT_QUEUE  # the Taskbox queue it is routed to (checked by the caller)
+    callback_url: str | None = None  # where its outcome is posted (checked by the caller)
 
 
 async def create_task(
@@ -166,6 +171,7 @@ async def create_task(
         task.run_at,
         task.delay,
         task.queue,
+        task.callback_url,
     )
     assert row is not None
     return row
@@ -195,6 +201,7 @@ def _columns(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
         [task.run_at for task in tasks],
         [task.delay for task in tasks],
         [task.queue for task in tasks],
+        [task.callback_url for task in tasks],
     )
 
 
@@ -242,7 +249,7 @@ async def create_schedule_tasks(
 
 def request_digest(task: NewTask) -> bytes:
     """A fingerprint of what a keyed create asked for (type, payload, priority,
-    max_attempts, a queue other than the default), stored with the key: a repeat is
+    max_attempts, a queue other than the default, a callback_url), stored with the key: a repeat is
     compared with the request as first accepted, not with the row, which an operator's
     replay may have changed since."""
     asked: list[Any] = [task.type, task.payload, task.priority, task.max_attempts]
@@ -250,6 +257,9 @@ def request_digest(task: NewTask) -> bytes:
         # Only a named queue joins the digest: a digest stored before queues existed
         # (every such task is in the default queue) still matches its repeat.
         asked.append(task.queue)
+    if task.callback_url is not None:
+        # Likewise only when given: digests of tasks without one stay as they were.
+        asked.append({"callback_url": task.callback_url})
     canonical = orjson.dumps(asked, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(canonical).digest()
 
@@ -276,6 +286,7 @@ async def create_task_once(
             task.run_at,
             task.delay,
             task.queue,
+            task.callback_url,
             idempotency_key,
             request_digest(task),
         )

@@ -34,6 +34,7 @@ from taskbox.relay.monitoring import observe, refresh_backlog
 from taskbox.relay.relay import OutboxRelay, open_broker
 from taskbox.relay.scheduler import InvalidCodeSchedule, Scheduler, declared_schedules
 from taskbox.relay.settings import RelaySettings
+from taskbox.relay.webhooks import DeliveryWorker
 from taskbox.runtime.lifecycle import (
     EXIT_LOOP_DIED,
     LoopDied,
@@ -47,6 +48,7 @@ from taskbox.runtime.probes import PortUnavailable, Probes, start_probe_server
 from taskbox.runtime.settings import describe_invalid
 from taskbox.runtime.telemetry import start_tracing
 from taskbox.tasktypes import load_registry
+from taskbox.webhooks import WEBHOOK_CHANNEL
 
 log = logging.getLogger("taskbox.relay")
 
@@ -82,9 +84,13 @@ async def serve(
     wake = asyncio.Event()
     relay = OutboxRelay(pool, publisher, settings, wake, metrics, tracer)
     background: dict[str, Coroutine[Any, Any, None]] = {}
+    # The delivery worker's own wake-up, on its own channel: a webhook NOTIFY must not
+    # start an outbox drain, nor an outbox one a look for deliveries.
+    webhook_wake = asyncio.Event()
+    channels = {WEBHOOK_CHANNEL: webhook_wake} if settings.webhook_delivery else {}
     listener = None
     if settings.relay_listen:
-        listener = OutboxListener(settings, wake, settings.relay_listen_check_interval)
+        listener = OutboxListener(settings, wake, settings.relay_listen_check_interval, channels)
         background["listener"] = listener.run()
     if settings.retention_interval > 0:
         background["housekeeping"] = Housekeeper(settings, metrics).run()
@@ -92,16 +98,19 @@ async def serve(
     if settings.scheduler_enabled:
         scheduler = Scheduler(settings, declared, wake, metrics)
         background["scheduler"] = scheduler.run()
+    if settings.webhook_delivery:
+        background["webhooks"] = DeliveryWorker(pool, settings, webhook_wake, metrics).run()
     if server is not None:
         observe(probes, settings, metrics, pool, connection, relay, listener, scheduler)
         background["metrics"] = server.serve()
         background["backlog"] = refresh_backlog(pool, metrics, settings.relay_backlog_interval)
     log.info(
-        "relay running: batch %d, poll every %.1fs, LISTEN %s, scheduler %s",
+        "relay running: batch %d, poll every %.1fs, LISTEN %s, scheduler %s, webhooks %s",
         settings.relay_batch_size,
         settings.relay_poll_interval,
         "on" if settings.relay_listen else "off",
         f"candidate ({len(declared)} code schedules)" if settings.scheduler_enabled else "off",
+        "on" if settings.webhook_delivery else "off",
     )
     try:
         await supervise(relay.run(shutdown.requested), background)

@@ -6,6 +6,10 @@ its LISTEN gone). Every check interval it sends a NOTIFY to a private channel on
 same connection and waits for it to come back: a connection that looks open but
 delivers nothing (a half-dead TCP link, a terminated backend) is replaced. Each
 (re)connect wakes the drain loop, since notifications may have been missed meanwhile.
+
+Other loops of the relay (the webhook delivery worker) listen on the same connection,
+each on its own channel with its own wake-up: one LISTEN connection per relay, checked
+once, whatever it listens for.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import logging
 import os
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
@@ -28,10 +33,16 @@ log = logging.getLogger(__name__)
 
 class OutboxListener:
     def __init__(
-        self, settings: DatabaseSettings, wake: asyncio.Event, check_interval: float
+        self,
+        settings: DatabaseSettings,
+        wake: asyncio.Event,
+        check_interval: float,
+        channels: Mapping[str, asyncio.Event] | None = None,
     ) -> None:
         self._settings = settings
         self._wake = wake
+        # further channels, each with the wake-up of the loop it is for
+        self._channels = dict(channels or {})
         self._check_interval = check_interval
         self._check_channel = (
             f"{settings.outbox_channel}_check_{os.getpid()}_{uuid.uuid4().hex[:8]}"
@@ -45,7 +56,7 @@ class OutboxListener:
         if channel == self._check_channel:
             self._echo.put_nowait(payload)
         else:
-            self._wake.set()
+            self._channels.get(channel, self._wake).set()
 
     def _on_terminated(self, _conn: Any) -> None:
         self._lost.set()
@@ -64,6 +75,8 @@ class OutboxListener:
                 conn = await connect(self._settings)
                 await conn.add_listener(self._settings.outbox_channel, self._on_notify)
                 await conn.add_listener(self._check_channel, self._on_notify)
+                for channel in self._channels:
+                    await conn.add_listener(channel, self._on_notify)
                 conn.add_termination_listener(self._on_terminated)
                 return conn
         raise AssertionError("unreachable")
@@ -96,6 +109,8 @@ class OutboxListener:
             first = False
             self.healthy = True
             self._wake.set()
+            for wake in self._channels.values():
+                wake.set()
             try:
                 while not self._lost.is_set():
                     try:

@@ -108,6 +108,27 @@ class RelayMetrics:
         for outcome in ("created", "skipped"):
             self.schedule_ticks.labels(outcome)
 
+        self.webhook_deliveries = Counter(
+            "taskbox_webhook_deliveries",
+            "Webhook delivery attempts settled by this relay, by what followed: delivered, "
+            "retried (a later attempt is scheduled) or failed (no attempts left).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("delivered", "retried", "failed"):
+            self.webhook_deliveries.labels(outcome)
+        self.webhook_attempt_seconds = Histogram(
+            "taskbox_webhook_attempt_seconds",
+            "Seconds one webhook delivery attempt took, the receiver's answer included.",
+            buckets=PUBLISH_BUCKETS,
+            registry=r,
+        )
+        self.webhook_backlog = Gauge(
+            "taskbox_webhook_pending_deliveries",
+            "Webhook deliveries not yet delivered or failed (due or waiting out a backoff).",
+            registry=r,
+        )
+
     def record_backlog(self, backlog: Backlog) -> None:
         self.backlog_rows.set(backlog.rows)
         self.due_rows.set(backlog.due)

@@ -8,12 +8,18 @@ from taskbox.broker.settings import BrokerSettings
 from taskbox.db.settings import DatabaseSettings
 from taskbox.runtime.durations import Duration, OptionalDuration
 from taskbox.runtime.settings import MetricsSettings, ProcessSettings, TaskTypeSettings
+from taskbox.webhooks.settings import WebhookDeliverySettings
 
 _WEEK = 7 * 86400.0
 
 
 class RelaySettings(
-    DatabaseSettings, BrokerSettings, ProcessSettings, MetricsSettings, TaskTypeSettings
+    DatabaseSettings,
+    BrokerSettings,
+    ProcessSettings,
+    MetricsSettings,
+    TaskTypeSettings,
+    WebhookDeliverySettings,
 ):
     relay_batch_size: int = Field(500, ge=1, le=10_000, description="Rows claimed per transaction.")
     relay_concurrency: int = Field(

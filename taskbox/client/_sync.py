@@ -93,6 +93,7 @@ class Client:
         run_at: datetime | None = None,
         delay_seconds: float | None = None,
         queue: str | None = None,
+        callback_url: str | None = None,
         idempotency_key: str | None = None,
     ) -> Task:
         """Create a task. Without ``idempotency_key`` the client makes one for this
@@ -106,6 +107,7 @@ class Client:
             run_at=run_at,
             delay_seconds=delay_seconds,
             queue=queue,
+            callback_url=callback_url,
         )
         response = self._send(_core.create_call(task, idempotency_key))
         return _core.parse(response, Task)

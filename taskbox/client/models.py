@@ -42,6 +42,9 @@ class NewTask(BaseModel):
     run_at: datetime | None = None
     delay_seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
     queue: str | None = Field(None, min_length=1, max_length=64)  # None: the type's own
+    # where the outcome is posted as a signed webhook (the server needs
+    # WEBHOOK_CALLBACK_SECRET); None: nowhere
+    callback_url: str | None = Field(None, min_length=1, max_length=2048)
 
     def body(self) -> dict[str, Any]:
         """The JSON body: fields left at None are not sent, so the server's defaults apply."""

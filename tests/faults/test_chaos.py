@@ -33,6 +33,10 @@ the API acknowledged with what the database holds:
   held past TASK_STALE_AFTER is rescued before its handler can start, and the run that
   follows finds the task no longer its own. Elsewhere, one would be a new way to strand
   a claim: look at the timeline;
+- webhooks lost (must be 0): a terminal task whose event never reached the test's
+  webhook receiver with a valid signature and a 2xx answer, although the receiver
+  refuses some requests and leaves some unanswered past WEBHOOK_TIMEOUT and the
+  relays, whose delivery workers send them, are killed and cut off like the rest;
 - wrong outcomes (must be 0): a DONE task whose result is not what its handler returns,
   a FAILED task that failed for any reason but a lost worker or its own misbehaviour
   (UnserializableResult, HandlerCancelled, ...), a cancel answered 200 whose task did
@@ -65,11 +69,14 @@ import aio_pika
 import asyncpg
 import httpx
 import pytest
+import standardwebhooks
 
 from taskbox.broker.settings import BrokerSettings
+from taskbox.db import webhooks as webhook_store
 from taskbox.db.schedules import ScheduleDefinition, create_schedule
 from taskbox.db.settings import DatabaseSettings
 from taskbox.runtime.queues import amqp_queue_name
+from taskbox.webhooks import EVENTS, new_secret
 from tests.conftest import AMQP_URL
 from tests.faults import recorder
 from tests.faults.cluster import (
@@ -88,6 +95,7 @@ from tests.faults.proxy import TcpProxy
 from tests.faults.side_queue import SIDE_QUEUE
 from tests.integration.processes import ServiceProcess
 from tests.integration.schedule_checks import count_ticks
+from tests.integration.webhook_receiver import Answer, Received, Receiver
 
 SEED = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(1_000_000))
 TASK_COUNT = int(os.environ.get("CHAOS_TASKS", "3000"))
@@ -705,6 +713,76 @@ async def wait_terminal(pool: asyncpg.Pool, faults: Faults, within: float) -> fl
     return time.monotonic() - started
 
 
+# -- webhooks (issue 18) --------------------------------------------------------------
+#
+# One subscription to every outcome, at a receiver in this process that answers some
+# requests 500 and leaves some unanswered past WEBHOOK_TIMEOUT, while the relays (whose
+# delivery workers send them) are killed and cut off from Postgres with the rest. At the
+# end every terminal task's event must have been accepted (answered 2xx) at least once
+# with a signature the Standard Webhooks library verifies: webhooks_lost=0.
+WEBHOOK_RELAY = {
+    "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+    "WEBHOOK_TIMEOUT": "1",
+    "WEBHOOK_RETRY_BASE_DELAY": "0.2",
+    "WEBHOOK_RETRY_MAX_DELAY": "2",
+    "WEBHOOK_MAX_ATTEMPTS": "100",  # a delivery never runs out within the run
+    "WEBHOOK_POLL_INTERVAL": "0.2",
+}
+WEBHOOK_DRAIN_DEADLINE = 60.0
+EVENT_OF = dict(zip(TERMINAL, ("task.done", "task.failed", "task.cancelled"), strict=True))
+
+
+class WebhookSink:
+    """The receiver's plan: verifies each request on arrival (the library refuses a
+    timestamp older than five minutes), then answers 200, 500, or too late."""
+
+    def __init__(self, rng: random.Random, secret: str) -> None:
+        self._rng = rng
+        self._webhook = standardwebhooks.Webhook(secret)
+        self.accepted: set[tuple[str, str]] = set()  # (task id, event) answered 200
+        self.invalid = 0
+        self.refused = 0
+        self.hung = 0
+
+    def __call__(self, _count: int, request: Received) -> Answer:
+        try:
+            event = self._webhook.verify(request.body, request.headers)
+        except standardwebhooks.WebhookVerificationError:
+            self.invalid += 1
+            return Answer(400, b"bad signature")
+        roll = self._rng.random()
+        if roll < 0.15:
+            self.refused += 1
+            return Answer(500, b"try again")
+        if roll < 0.2:
+            self.hung += 1
+            return Answer(200, delay=2.5)  # past WEBHOOK_TIMEOUT: not an acceptance
+        self.accepted.add((event["data"]["id"], event["type"]))
+        return Answer(200)
+
+    def lost(self, terminal: list[asyncpg.Record]) -> list[str]:
+        """Terminal tasks whose event was never accepted."""
+        return [
+            f"{row['id']} {row['status']}"
+            for row in terminal
+            if (str(row["id"]), EVENT_OF[row["status"]]) not in self.accepted
+        ]
+
+
+async def wait_webhooks(pool: asyncpg.Pool, faults: Faults, within: float) -> float:
+    """Poll until every delivery is settled or ``within`` passed; the time taken."""
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        await faults.keep_running()
+        left = await pool.fetchval(
+            "SELECT count(*) FROM webhook_deliveries WHERE status <> 'delivered'"
+        )
+        if left == 0:
+            break
+        await asyncio.sleep(0.5)
+    return time.monotonic() - started
+
+
 # -- the run --------------------------------------------------------------------------
 
 
@@ -769,7 +847,7 @@ MUST_HAPPEN = (
 )
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(480)
 @pytest.mark.usefixtures("broker_guard")
 async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twice(
     audited: asyncpg.Pool,
@@ -786,7 +864,11 @@ async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twi
     executions = tmp_path / "executions.log"
     database = pg_proxy.url(db_settings.database_url)
     amqp = {"AMQP_URL": amqp_proxy.url(broker_settings.amqp_url)}
-    relay_env = {**amqp, "DATABASE_URL": f"{database}?application_name={RELAY_APP}"}
+    relay_env = {
+        **amqp,
+        **WEBHOOK_RELAY,
+        "DATABASE_URL": f"{database}?application_name={RELAY_APP}",
+    }
     # Each consumer slot has a Postgres link of its own, to pause one alone, and each
     # consumer process an application_name of its own, for the audit.
     consumer_pg = [await TcpProxy.to_url(db_settings.database_url).start() for _ in range(2)]
@@ -804,7 +886,13 @@ async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twi
         "HANDLER_CANCEL_GRACE": CANCEL_GRACE,
         recorder.ENV: str(executions),
     }
+    secret = new_secret()
+    sink = WebhookSink(random.Random(SEED + 2), secret)
+    receiver = await Receiver(sink).__aenter__()
     try:
+        await webhook_store.create_webhook(
+            pool, webhook_store.Subscription(f"{receiver.url}/chaos", EVENTS), secret
+        )
         await create_schedule(
             pool,
             ScheduleDefinition(
@@ -840,18 +928,27 @@ async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twi
             faults.note("faults stopped; draining")
             await pool.execute("UPDATE schedules SET paused = true WHERE name = $1", TICK_SCHEDULE)
             drained = await wait_terminal(pool, faults, DRAIN_DEADLINE)
+            hooks_drained = await wait_webhooks(pool, faults, WEBHOOK_DRAIN_DEADLINE)
         stop_supervising.set()
         await supervisor
         verdict = await check(pool, load.acknowledged, executions, faults.killed)
         async with pool.acquire() as conn:
             ticks = await count_ticks(conn, TICK_SCHEDULE, TICK_STEP)
         happened = fault_summary(faults, verdict, cluster)
+        terminal = await pool.fetch(
+            "SELECT id, status FROM tasks WHERE status = ANY($1::text[])", list(TERMINAL)
+        )
+        webhooks_lost = sink.lost(terminal)
         fault_report(
             verdict.line(
                 faults.counts,
                 f"load={loaded:.0f}s drain={drained:.1f}s"
                 f" api_errors={sum(load.api_errors.values())}"
-                f" unexpected_exits={len(faults.unexpected_exits)} {ticks}",
+                f" unexpected_exits={len(faults.unexpected_exits)} {ticks}"
+                f" webhooks_lost={len(webhooks_lost)} webhooks_accepted={len(sink.accepted)}"
+                f" webhook_requests={len(receiver.requests)} webhooks_refused={sink.refused}"
+                f" webhooks_hung={sink.hung} invalid_signatures={sink.invalid}"
+                f" webhook_drain={hooks_drained:.1f}s",
             )
         )
         fault_report("chaos faults: " + " ".join(f"{kind}={n}" for kind, n in happened.items()))
@@ -873,6 +970,8 @@ async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twi
                 *verdict.stranded_claims[:10],
                 "unexpected exits:",
                 *faults.unexpected_exits[:3],
+                "webhooks lost:",
+                *webhooks_lost[:10],
             ]
         )
         print(evidence)
@@ -883,6 +982,8 @@ async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twi
             len(verdict.stale_writes),
         ) == (0, 0, 0, 0), evidence
         assert verdict.wrong == [], evidence
+        assert (len(webhooks_lost), sink.invalid) == (0, 0), evidence
+        assert len(terminal) >= len(load.acknowledged) and sink.refused and sink.hung
         assert (ticks.missing, ticks.duplicated) == ([], []), f"{ticks}\n{evidence}"
         assert ticks.ticks >= 10, ticks
         assert load.api_errors == Counter(), (
@@ -900,6 +1001,7 @@ async def test_chaos_nothing_acknowledged_is_lost_and_no_result_is_committed_twi
         # Everyone survived the faults and still stops cleanly.
         await stop_cleanly(*faults.workers["consumer"], *faults.workers["relay"])
     finally:
+        await receiver.__aexit__(None, None, None)
         for proxy in consumer_pg:
             await proxy.close()
         await delete_queue(broker_settings, amqp_queue_name(broker_settings.queue_name, SIDE_QUEUE))

@@ -94,6 +94,16 @@ ROUTES = [
     ("POST", "/api/v1/schedules/n/pause", None),
     ("POST", "/api/v1/schedules/n/resume", None),
     ("POST", "/api/v1/schedules/n/run", None),
+    ("GET", "/api/v1/webhooks", None),
+    ("POST", "/api/v1/webhooks", {"url": "https://93.184.215.14/", "events": ["task.done"]}),
+    ("GET", f"/api/v1/webhooks/{uuid.UUID(int=1)}", None),
+    ("PATCH", f"/api/v1/webhooks/{uuid.UUID(int=1)}", {"enabled": False}),
+    ("DELETE", f"/api/v1/webhooks/{uuid.UUID(int=1)}", None),
+    ("POST", f"/api/v1/webhooks/{uuid.UUID(int=1)}/rotate-secret", None),
+    ("GET", f"/api/v1/webhooks/{uuid.UUID(int=1)}/deliveries", None),
+    ("POST", f"/api/v1/webhooks/{uuid.UUID(int=1)}/replay-failed", None),
+    ("GET", f"/api/v1/webhook-deliveries/{uuid.UUID(int=1)}", None),
+    ("POST", f"/api/v1/webhook-deliveries/{uuid.UUID(int=1)}/replay", None),
 ]
 
 

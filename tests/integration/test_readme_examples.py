@@ -36,6 +36,7 @@ import re
 import shlex
 import signal
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ from taskbox.consumer.settings import ConsumerSettings
 from taskbox.db.settings import DatabaseSettings
 from taskbox.db.tasks import NewTask, create_task
 from taskbox.relay.settings import RelaySettings
+from taskbox.webhooks import new_secret, sign
 from tests import readme
 from tests.conftest import ADMIN_DSN, database_dsn
 from tests.integration.helpers_broker import topology
@@ -86,6 +88,7 @@ QUICK = "Your own tasks, from your own project"
 QUEUES = "Queues: routing tasks to consumer pools"
 PAUSING = "Pausing and resuming a queue"
 PERIODIC = "Periodic tasks"
+WEBHOOKS = "Webhooks"
 BULK = "Bulk actions: `POST /api/v1/tasks/cancel`, `POST /api/v1/tasks/retry`"
 INVENTORY = [
     Entry("Taskbox", "client --REST--> api", elsewhere="a diagram"),
@@ -225,6 +228,16 @@ INVENTORY = [
         PERIODIC,
         "curl -s -X POST localhost:8000/api/v1/schedules",
         run_by="test_api_examples",
+    ),
+    Entry(
+        WEBHOOKS,
+        "curl -s -X POST localhost:8000/api/v1/webhooks",
+        run_by="test_webhook_examples",
+    ),
+    Entry(
+        WEBHOOKS,
+        "from standardwebhooks import",
+        run_by="test_the_webhook_receiver_example_verifies_deliveries",
     ),
     Entry("Fault suite", "chaos:", elsewhere="an output sample of tests/faults/test_chaos.py"),
     Entry(
@@ -978,3 +991,92 @@ async def test_task_commands(pool: asyncpg.Pool, shell_env: dict[str, str]) -> N
         ("retry", False, "bad deploy"),
         ("retry", False, "rerun"),
     ]
+
+
+# -- Webhooks -------------------------------------------------------------------------
+
+
+async def test_webhook_examples(
+    pool: asyncpg.Pool, shell_env: dict[str, str], processes: list[ServiceProcess]
+) -> None:
+    """The Webhooks section's curl commands, in README order, on an api with a key, the
+    local receiver's address allowed and a callback secret. Substituted: the port,
+    ``$KEY``'s value, the example URLs (-> a loopback URL the allow-list admits), ``<id>``
+    (the webhook the first command made) and ``<delivery_id>`` (a failed delivery of it,
+    written here as the delivery worker would leave one)."""
+    port = free_port()
+    api = ServiceProcess(
+        "api",
+        {**shell_env, "API_PORT": str(port), "API_KEYS": API_KEY},
+        argv=[TASKBOX, "api"],
+        WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
+        WEBHOOK_CALLBACK_SECRET=new_secret(),
+    )
+    processes.append(api)
+    await api.start()
+    key = f"export KEY={API_KEY}\n"
+    known = {
+        "localhost:8000": f"localhost:{port}",
+        "https://hooks.example.com/taskbox": "http://127.0.0.1:9/taskbox",
+        "https://hooks.example.com/task-done": "http://127.0.0.1:9/task-done",
+    }
+    block = example(WEBHOOKS, "curl -s -X POST localhost:8000/api/v1/webhooks")
+    for command in readme.shell_commands(block.text):
+        if "/deliveries?status=failed" in command.text:
+            task = await create_task(pool, NewTask("echo", {}, 0, 3))
+            known["<delivery_id>"] = str(
+                await pool.fetchval(
+                    "INSERT INTO webhook_deliveries"
+                    " (webhook_id, url, task_id, event, body, status, attempts)"
+                    " VALUES ($1, 'http://127.0.0.1:9/taskbox', $2, 'task.failed',"
+                    " '{\"type\": \"task.failed\"}', 'failed', 8) RETURNING id",
+                    uuid.UUID(known["<id>"]),
+                    task["id"],
+                )
+            )
+        replacements = {old: new for old, new in known.items() if old in command.text}
+        shown = await curl(command, shell_env, replacements, prefix=key)
+        if "-X DELETE" in command.text:
+            continue
+        answer = body(shown)
+        if "<id>" not in known:  # the create, the first command
+            assert answer["secret"].startswith("whsec_"), answer
+            known["<id>"] = answer["id"]
+        elif "rotate-secret" in command.text:
+            assert answer["previous_secret_expires_at"] is not None, answer
+        elif "/deliveries?" in command.text:
+            assert [d["id"] for d in answer["items"]] == [known["<delivery_id>"]], answer
+        elif "/replay-failed" in command.text:
+            assert answer == {"replayed": 0}, answer
+        elif command.text.endswith('/replay -H "Authorization: Bearer $KEY"'):
+            assert answer["status"] == "pending", answer
+        elif "/api/v1/tasks" in command.text:
+            assert answer["status"] == "NEW", answer
+    callback = await pool.fetchval("SELECT callback_url FROM tasks WHERE callback_url IS NOT NULL")
+    assert callback == "http://127.0.0.1:9/task-done"
+
+
+def test_the_webhook_receiver_example_verifies_deliveries(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The receiver snippet, with a secret of this test: a delivery signed as the relay
+    signs it is handled once (its repeat is acknowledged, not handled again), a forged
+    one is refused."""
+    secret = new_secret()
+    program = substituted(
+        example(WEBHOOKS, "from standardwebhooks import").text,
+        {'Webhook("whsec_...")': f'Webhook("{secret}")'},
+    )
+    scope: dict[str, Any] = {}
+    exec(compile(program, "README receiver example", "exec"), scope)
+    body = b'{"type":"task.done","data":{"id":"t1","result":{"ok":true}}}'
+    now = int(time.time())
+    headers = {
+        "webhook-id": "d1",
+        "webhook-timestamp": str(now),
+        "webhook-signature": sign([secret], "d1", now, body),
+    }
+    assert scope["handle"](body, headers) == 204
+    assert scope["handle"](body, headers) == 204
+    assert capsys.readouterr().out == "task.done t1 {'ok': True}\n"
+    assert scope["handle"](body.replace(b"t1", b"t2"), headers) == 400

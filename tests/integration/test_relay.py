@@ -277,6 +277,10 @@ async def test_notify_wakes_the_relay_long_before_its_poll(
 ) -> None:
     async with relay_processes(service_env, RELAY_POLL_INTERVAL="30") as (relay,):
         await wait_for_listeners(pool, 1)
+        # The listener wakes the drain once it has listened on all its channels (the
+        # webhook one too), a few round trips after its backend shows up: let that
+        # wake-up pass, or it would publish the task below without the NOTIFY.
+        await asyncio.sleep(0.5)
         (task,) = await create_tasks(pool, 1)
         # Without a NOTIFY nothing happens: the poll is 30 s away.
         await asyncio.sleep(0.5)

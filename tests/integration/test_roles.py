@@ -26,6 +26,7 @@ import pytest
 from taskbox.api.settings import ApiSettings
 from taskbox.db import actions, execution, outbox, overview, queues, retention
 from taskbox.db import replay as replay_store
+from taskbox.db import webhooks as webhook_store
 from taskbox.db.grants import FUNCTIONS, PROCESSES, TABLES, Process
 from taskbox.db.outbox import PublishRefusal, claim_batch, notify, record_publish_outcome
 from taskbox.db.pool import connect
@@ -63,6 +64,7 @@ from taskbox.relay.housekeeping import Housekeeper
 from taskbox.relay.listener import OutboxListener
 from taskbox.relay.metrics import RelayMetrics
 from taskbox.relay.settings import RelaySettings
+from taskbox.webhooks import new_secret
 from tests.integration.conftest import app_client_for, poll_until_done
 from tests.integration.processes import ServiceProcess, run_command
 
@@ -908,8 +910,17 @@ async def test_an_owner_with_createrole_needs_no_superuser(
         await conn.execute(f"CREATE ROLE {owner} LOGIN CREATEROLE")
         for table in (*TABLES, "alembic_version"):
             await conn.execute(f"ALTER TABLE {table} OWNER TO {owner}")
-        for function in {f for process in PROCESSES for f in FUNCTIONS[process]}:
-            await conn.execute(f"ALTER FUNCTION {function} OWNER TO {owner}")
+        # every function the migrations made (those granted to roles, and the trigger
+        # function of migration 0009 that none is granted)
+        functions = await conn.fetch(
+            "SELECT p.oid::regprocedure::text AS signature FROM pg_proc AS p"
+            " JOIN pg_namespace AS n ON n.oid = p.pronamespace WHERE n.nspname = 'public'"
+        )
+        assert {f.replace(" ", "") for p in PROCESSES for f in FUNCTIONS[p]} <= {
+            row["signature"] for row in functions
+        }
+        for row in functions:
+            await conn.execute(f"ALTER FUNCTION {row['signature']} OWNER TO {owner}")
         await conn.execute(f'ALTER DATABASE "{database}" OWNER TO {owner}')
     finally:
         await conn.close()
@@ -1107,3 +1118,75 @@ async def test_the_relay_role_schedules_and_the_api_role_manages_schedules(
             assert len(await recent_ticks(api, "every-second", 10)) >= 2
             assert await delete_schedule(api, "every-second")
         assert (await sync_code_schedules(relay, [], now)).removed == ["nightly"]
+
+
+async def test_webhooks_under_each_role(roles: Roles, database_url: str) -> None:
+    """The api role manages subscriptions and replays, the consumer role's outcome
+    enqueues deliveries through the trigger (which runs as the owner: the consumer has
+    no right on the webhook tables), the relay role claims and settles them."""
+    owner = await connect(DatabaseSettings(database_url=database_url))
+    try:
+        (task_id,) = await make_tasks(owner, 1)
+        async with connected(roles, "api") as api:
+            hook = await webhook_store.create_webhook(
+                api, webhook_store.Subscription("http://127.0.0.1:9/", ["task.done"]), new_secret()
+            )
+            assert await webhook_store.update_webhook(api, hook["id"], {"enabled": True})
+            assert await webhook_store.rotate_secret(api, hook["id"], new_secret(), 60)
+            assert len(await webhook_store.list_webhooks(api)) == 1
+        async with connected(roles, "consumer") as consumer:
+            # the finish's UPDATE, as the consumer writes it
+            await consumer.execute("UPDATE tasks SET status = 'DONE' WHERE id = $1", task_id)
+            assert (
+                await refused(
+                    consumer,
+                    [
+                        "SELECT * FROM webhooks",
+                        "SELECT * FROM webhook_deliveries",
+                        "INSERT INTO webhook_deliveries (url, task_id, event, body)"
+                        " VALUES ('http://x/', gen_random_uuid(), 'task.done', '{}')",
+                    ],
+                )
+                == []
+            )
+        async with connected(roles, "relay") as relay:
+            (claimed,) = await webhook_store.claim_due(relay, 10, 15.0)
+            assert claimed["webhook_id"] == hook["id"] and claimed["secret"].startswith("whsec_")
+            record = webhook_store.AttemptRecord(
+                claimed["id"], 1, 500, 1.5, "answered 500", "no", False, None
+            )
+            assert await webhook_store.record_attempt(relay, record) == "failed"
+            assert await webhook_store.pending_backlog(relay) == 0
+            assert (
+                await refused(
+                    relay,
+                    [
+                        "UPDATE webhooks SET url = 'http://x/'",
+                        "UPDATE webhook_deliveries SET body = '{}'",
+                        "DELETE FROM webhook_deliveries",
+                    ],
+                )
+                == []
+            )
+        async with connected(roles, "api") as api:
+            assert await webhook_store.replay_delivery(api, claimed["id"]) is not None
+            found = await webhook_store.get_delivery(api, claimed["id"])
+            assert found is not None and len(found[1]) == 1
+            assert len(await webhook_store.list_deliveries(api, hook["id"], None, 10)) == 1
+            assert await webhook_store.replay_failed(api, hook["id"]) == 0
+            assert (
+                await refused(
+                    api,
+                    [
+                        "INSERT INTO webhook_deliveries (url, task_id, event, body)"
+                        " VALUES ('http://x/', gen_random_uuid(), 'task.done', '{}')",
+                        "UPDATE webhook_deliveries SET body = '{}'",
+                        "INSERT INTO webhook_attempts (delivery_id, attempt, latency_ms)"
+                        " VALUES (gen_random_uuid(), 1, 1)",
+                    ],
+                )
+                == []
+            )
+            assert await webhook_store.delete_webhook(api, hook["id"])
+    finally:
+        await owner.close()

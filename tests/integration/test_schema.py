@@ -37,6 +37,9 @@ ALL_TABLES = {
     "queue_pauses",
     "queue_events",
     "schedules",
+    "webhooks",
+    "webhook_deliveries",
+    "webhook_attempts",
     "task_actions",
     "alembic_version",
 }

@@ -25,6 +25,7 @@ PROCESS_PACKAGES = (
     "taskbox/runtime",
     "taskbox/schedules",
     "taskbox/tasktypes",
+    "taskbox/webhooks",
     "tasktypes",
 )
 LOCAL = frozenset({"taskbox", "tasktypes", "tests", "bench"})

@@ -1,7 +1,7 @@
 """bulk actions: task_actions (the audit and progress of each), replay_tasks()
 
 Revision ID: 0010
-Revises: 0007
+Revises: 0009
 Create Date: 2026-12-07
 
 ``task_actions`` records every bulk cancel and retry, dry runs included: what it
@@ -16,8 +16,6 @@ too, so there is one replay. The statuses it moves are db.states.REPLAYABLE (PEN
 FAILED), with ``force`` REPLAYABLE_FORCED (DONE and CANCELLED too), written out here
 because a migration must not change when the code does; PROCESSING never.
 search_path is pinned and the tables qualified, as for cancel_task().
-
-Revises 0007: 0008 and 0009 are being written in parallel and are relinked at merge.
 """
 
 from collections.abc import Sequence
@@ -25,7 +23,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0010"
-down_revision: str | None = "0007"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
