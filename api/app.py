@@ -16,10 +16,12 @@ from taskbox.api.errors import PROBLEM_JSON, REQUEST_ID_HEADER
 from taskbox.api.metrics import ApiMetrics
 from taskbox.api.middleware import ApiKeyGate, ContentLengthLimit, JsonBodiesOnly, RequestIds
 from taskbox.api.notifier import OutboxNotifier
-from taskbox.api.routes import docs, health, metrics, queues, schedules, tasks
+from taskbox.api.routes import docs, events, health, metrics, queues, schedules, tasks
 from taskbox.api.schedules import ScheduleService
 from taskbox.api.service import PostgresTaskStore, TaskService
 from taskbox.api.settings import ApiSettings
+from taskbox.api.task_events import TaskEventHub
+from taskbox.api.waiting import StreamLimits
 from taskbox.db.pool import create_pool
 from taskbox.runtime.telemetry import OFF, Tracing
 from taskbox.tasktypes import load_registry
@@ -69,6 +71,13 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
             names = ", ".join(name for name, _ in app.state.api_key_names)
             log.info("API keys accepted, by name: %s", names)
         app.state.schedules = ScheduleService(pool, app.state.service, notifier.wake)
+        task_events = TaskEventHub(
+            settings,
+            max_subscribers=settings.task_wait_max_waiters,
+            check_interval=settings.task_events_check_interval,
+        )
+        task_events.start()
+        app.state.task_events = task_events
         if not app.state.api_keys:
             log.warning(
                 "API_KEYS is empty: the API is UNAUTHENTICATED; anyone who can reach it "
@@ -78,6 +87,7 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
         try:
             yield
         finally:
+            await task_events.close()
             await store.close()
             await notifier.close()
             await pool.close()
@@ -121,8 +131,13 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
     app.state.api_key_names = named_keys(settings)
     app.state.outbox_channel = settings.outbox_channel  # a resume wakes the relays on it
     app.state.metrics_require_auth = settings.metrics_require_auth
+    app.state.task_wait_max = settings.task_wait_max
+    app.state.task_wait_limits = StreamLimits(
+        heartbeat=settings.task_events_heartbeat, max_stream=settings.task_events_max_stream
+    )
     errors.install(app)
     app.include_router(tasks.router)
+    app.include_router(events.router)
     app.include_router(queues.router)
     app.include_router(schedules.router)
     app.include_router(health.router)

@@ -25,6 +25,7 @@ from starlette.types import Scope
 from taskbox.api.batch import UnreadableBody
 from taskbox.api.schedules import ReadOnlySchedule, ScheduleExists, ScheduleNotFound
 from taskbox.api.service import IdempotencyConflict, InvalidRequest, TaskFinished, TaskNotFound
+from taskbox.api.task_events import TooManyWaiters
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ReadOnlySchedule)
     async def _read_only(request: Request, exc: ReadOnlySchedule) -> JSONResponse:
         return problem(request, 409, str(exc))
+
+    @app.exception_handler(TooManyWaiters)
+    async def _too_many_waiters(request: Request, exc: TooManyWaiters) -> JSONResponse:
+        return problem(request, 503, str(exc), headers={"Retry-After": "1"})
 
     @app.exception_handler(TaskFinished)
     async def _finished(request: Request, exc: TaskFinished) -> JSONResponse:

@@ -11,8 +11,8 @@ import pytest
 
 from taskbox.db import execution
 from taskbox.db import tasks as task_store
-from taskbox.db.task_events import CHANNEL, TaskEvent, parse_events
 from taskbox.db.states import TaskStatus
+from taskbox.db.task_events import CHANNEL, TaskEvent, parse_events
 
 
 class Heard:

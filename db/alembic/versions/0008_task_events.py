@@ -54,10 +54,12 @@ BEGIN
         FOR chunk IN
             SELECT '[' || string_agg(entry, ',') || ']'
             FROM (
-                SELECT entry, sum(octet_length(entry) + 1) OVER (ROWS UNBOUNDED PRECEDING) AS upto
+                SELECT entry,
+                       sum(octet_length(entry) + 1) OVER (ROWS UNBOUNDED PRECEDING) AS upto
                 FROM (
-                    SELECT json_build_array(n.id, n.status, left(n.type, 200), left(n.queue, 200))::text
-                        AS entry
+                    SELECT json_build_array(
+                               n.id, n.status, left(n.type, 200), left(n.queue, 200)
+                           )::text AS entry
                     FROM taskbox_new_rows n
                 ) AS entries
             ) AS counted
@@ -69,10 +71,12 @@ BEGIN
         FOR chunk IN
             SELECT '[' || string_agg(entry, ',') || ']'
             FROM (
-                SELECT entry, sum(octet_length(entry) + 1) OVER (ROWS UNBOUNDED PRECEDING) AS upto
+                SELECT entry,
+                       sum(octet_length(entry) + 1) OVER (ROWS UNBOUNDED PRECEDING) AS upto
                 FROM (
-                    SELECT json_build_array(n.id, n.status, left(n.type, 200), left(n.queue, 200))::text
-                        AS entry
+                    SELECT json_build_array(
+                               n.id, n.status, left(n.type, 200), left(n.queue, 200)
+                           )::text AS entry
                     FROM taskbox_new_rows n
                     JOIN taskbox_old_rows o ON o.id = n.id
                     WHERE n.status IS DISTINCT FROM o.status
