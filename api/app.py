@@ -224,6 +224,7 @@ def _document_responses(app: FastAPI) -> None:
                     operation.get("responses", {}).pop("422", None)
         _drop_unused_validation_schemas(schema)
         _declare_api_key(schema)
+        _declare_wait_cap(schema, app.state.task_wait_max)
         for operations in paths.values():
             for operation in operations.values():
                 responses = operation.setdefault("responses", {})
@@ -251,6 +252,19 @@ def _declare_api_key(schema: dict[str, Any]) -> None:
         if path.startswith("/api/"):
             for operation in operations.values():
                 operation["security"] = [{BEARER.scheme_name: []}]
+
+
+def _declare_wait_cap(schema: dict[str, Any], cap: float) -> None:
+    """Give ``wait`` its maximum: TASK_WAIT_MAX is a setting, which the route's
+    declaration (made once, at import) cannot know; clients and the fuzzer read the
+    bound of the api they talk to from its document."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "query" and parameter.get("name") == "wait":
+                    for option in parameter["schema"].get("anyOf", [parameter["schema"]]):
+                        if option.get("type") == "number":
+                            option["maximum"] = cap
 
 
 def _never_invalid(operation: dict[str, Any]) -> bool:

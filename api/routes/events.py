@@ -67,7 +67,11 @@ def _streaming(body: Any) -> StreamingResponse:
             "content": {_EVENT_STREAM: {"schema": {"type": "string"}}},
         },
         422: {"model": Problem, "description": "A filter is invalid; `errors` says which"},
-        **_UNAVAILABLE,
+        503: {
+            "model": Problem,
+            "description": "This api process already serves TASK_WAIT_MAX_WAITERS waiting "
+            "requests and streams (with Retry-After)",
+        },
     },
 )
 async def stream_task_events(
