@@ -144,7 +144,7 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
     app.include_router(metrics.router)
     app.include_router(docs.router)
     app.state.metrics = api_metrics
-    _document_responses(app)
+    _document_responses(app, settings.task_wait_max)
     _gate_before_the_app(app, settings.max_body_bytes)
     return app
 
@@ -192,7 +192,7 @@ _REQUEST_ID_RESPONSE_HEADER = {
 }
 
 
-def _document_responses(app: FastAPI) -> None:
+def _document_responses(app: FastAPI, wait_cap: float | None = None) -> None:
     """Document what the route declarations cannot say.
 
     - Error bodies under the media type they are sent with: FastAPI files every
@@ -207,6 +207,7 @@ def _document_responses(app: FastAPI) -> None:
       its validation (the path does not match; api.errors answers 404).
     - The API key on every operation under /api/: ``api.middleware.ApiKeyGate``
       enforces it there, with no route dependency to derive the declaration from.
+    - ``wait``'s maximum, TASK_WAIT_MAX (``wait_cap``), which is a setting.
     - The ``X-Request-ID`` header of every response (api.middleware). The request
       header of the same name is described in the document's description rather than
       added to every operation's parameters.
@@ -224,7 +225,8 @@ def _document_responses(app: FastAPI) -> None:
                     operation.get("responses", {}).pop("422", None)
         _drop_unused_validation_schemas(schema)
         _declare_api_key(schema)
-        _declare_wait_cap(schema, app.state.task_wait_max)
+        if wait_cap is not None:
+            _declare_wait_cap(schema, wait_cap)
         for operations in paths.values():
             for operation in operations.values():
                 responses = operation.setdefault("responses", {})
