@@ -92,6 +92,9 @@ END
 $body$
 """
     )
+    # Only the triggers run it (Postgres checks no EXECUTE when a trigger fires): no role
+    # needs to call it, and the least-privilege roles are granted no function but theirs.
+    op.execute("REVOKE ALL ON FUNCTION public.taskbox_notify_task_events() FROM PUBLIC")
     op.execute("DROP TRIGGER IF EXISTS taskbox_task_inserted ON public.tasks")
     op.execute(
         """
