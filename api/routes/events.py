@@ -45,6 +45,27 @@ _STREAM_DOC = (
 )
 
 
+# One event as an event-stream parser reads it (what the OpenAPI document's schema of a
+# text/event-stream response describes, item by item).
+_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["task", "resync"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "`task`: `{id, status, type, queue}`; `resync`: `{reason}`",
+        },
+        "retry": {"type": "integer", "description": "Milliseconds before a reconnect"},
+    },
+    "required": ["data"],
+}
+_STREAM_OK = {
+    "description": "The event stream",
+    "content": {_EVENT_STREAM: {"schema": _EVENT_SCHEMA}},
+}
+
+
 def _streaming(body: Any) -> StreamingResponse:
     return StreamingResponse(body, media_type=_EVENT_STREAM, headers=waiting.EVENT_STREAM_HEADERS)
 
@@ -62,10 +83,7 @@ def _streaming(body: Any) -> StreamingResponse:
     ),
     response_class=StreamingResponse,
     responses={
-        200: {
-            "description": "The event stream",
-            "content": {_EVENT_STREAM: {"schema": {"type": "string"}}},
-        },
+        200: _STREAM_OK,
         422: {"model": Problem, "description": "A filter is invalid; `errors` says which"},
         503: {
             "model": Problem,
@@ -113,10 +131,7 @@ async def stream_task_events(
     ),
     response_class=StreamingResponse,
     responses={
-        200: {
-            "description": "The event stream",
-            "content": {_EVENT_STREAM: {"schema": {"type": "string"}}},
-        },
+        200: _STREAM_OK,
         404: {"model": Problem, "description": "No task has this id, or the id is not a UUID"},
         **_UNAVAILABLE,
     },
