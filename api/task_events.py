@@ -128,6 +128,7 @@ class TaskEventHub:
         self._echo: asyncio.Queue[str] = asyncio.Queue()
         self._lost = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        self._stopping = False
         self.connected = False
         self.reconnects = 0
 
@@ -240,7 +241,7 @@ class TaskEventHub:
     async def run(self) -> None:
         """Hold the connection for ever, replacing it whenever it is lost."""
         first = True
-        while True:
+        while not self._stopping:
             conn = await self._connect()
             self._lost.clear()
             if not first:
@@ -260,7 +261,13 @@ class TaskEventHub:
                         break
             finally:
                 self.connected = False
+                if self._stopping:
+                    # A goodbye the server understands, rather than a cut connection.
+                    with contextlib.suppress(*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
+                        await conn.close(timeout=1)
                 conn.terminate()
+            if self._stopping:
+                return
             self.reconnects += 1
             log.warning("task events connection lost; reconnecting")
 
@@ -277,8 +284,14 @@ class TaskEventHub:
             os._exit(70)
 
     async def close(self) -> None:
+        self._stopping = True
+        self._lost.set()
         if self._runner is not None:
-            self._runner.cancel()
+            # Connected, it ends by itself at once; still connecting (Postgres away), it
+            # is cancelled.
+            done, _ = await asyncio.wait({self._runner}, timeout=2)
+            if not done:
+                self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
         self._resync_all()
