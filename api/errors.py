@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
@@ -26,6 +26,7 @@ from taskbox.api.batch import UnreadableBody
 from taskbox.api.schedules import ReadOnlySchedule, ScheduleExists, ScheduleNotFound
 from taskbox.api.service import IdempotencyConflict, InvalidRequest, TaskFinished, TaskNotFound
 from taskbox.api.task_events import TooManyWaiters
+from taskbox.api.waiting import ClientGone
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ReadOnlySchedule)
     async def _read_only(request: Request, exc: ReadOnlySchedule) -> JSONResponse:
         return problem(request, 409, str(exc))
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        # Nobody is left to read it; uvicorn drops it. 499 as nginx logs such requests.
+        return Response(status_code=499)
 
     @app.exception_handler(TooManyWaiters)
     async def _too_many_waiters(request: Request, exc: TooManyWaiters) -> JSONResponse:

@@ -66,6 +66,41 @@ async def wait_for_outcome(
         hub.unsubscribe(subscription)
 
 
+class ClientGone(Exception):
+    """The client closed its connection while its long poll waited."""
+
+
+async def unless_disconnected(
+    receive: Callable[[], Awaitable[Mapping[str, Any]]],
+    waiting: Awaitable[Mapping[str, Any]],
+) -> Mapping[str, Any]:
+    """``waiting``'s answer; ClientGone (and ``waiting`` cancelled, its slot freed) if the
+    client disconnects first. A client that gives up on a long wait would otherwise hold
+    one of TASK_WAIT_MAX_WAITERS until the deadline.
+
+    The request has no body left to read (a GET), so ``receive`` has nothing to say but
+    the disconnect.
+    """
+
+    async def until_gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    answer = asyncio.ensure_future(waiting)
+    gone = asyncio.ensure_future(until_gone())
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (answer, gone):
+            if not task.done():
+                task.cancel()
+        # Let the cancelled long poll run its clean-up (the unsubscribe) before returning.
+        await asyncio.gather(answer, gone, return_exceptions=True)
+    if not answer.done() or answer.cancelled():
+        raise ClientGone
+    return answer.result()
+
+
 def _drain(subscription: Subscription) -> None:
     """Drop what else is queued: one read covers all of it."""
     while subscription.next_nowait() is not None:

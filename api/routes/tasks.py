@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
@@ -75,6 +76,15 @@ Wait = Annotated[
         "0 or absent answers at once. At most TASK_WAIT_MAX (60 by default).",
     ),
 ]
+
+
+async def _long_poll(
+    request: Request, read: waiting.ReadTask, task_id: uuid.UUID, wait: float
+) -> Mapping[str, Any]:
+    long_poll = waiting.wait_for_outcome(
+        request.app.state.task_events, read, task_id, _checked_wait(request, wait)
+    )
+    return await waiting.unless_disconnected(request.receive, long_poll)
 
 
 def _checked_wait(request: Request, wait: float) -> float:
@@ -287,9 +297,7 @@ async def get_task(
     task_id: uuid.UUID, service: Service, request: Request, wait: Wait = None
 ) -> Response:
     if wait:
-        row = await waiting.wait_for_outcome(
-            request.app.state.task_events, service.get, task_id, _checked_wait(request, wait)
-        )
+        row = await _long_poll(request, service.get, task_id, wait)
         return rendering.task_response(row)
     return rendering.task_response(await service.get(task_id))
 
@@ -305,9 +313,7 @@ async def get_task_status(
     task_id: uuid.UUID, service: Service, request: Request, wait: Wait = None
 ) -> Response:
     if wait:
-        row = await waiting.wait_for_outcome(
-            request.app.state.task_events, service.status, task_id, _checked_wait(request, wait)
-        )
+        row = await _long_poll(request, service.status, task_id, wait)
         return rendering.status_response(row)
     return rendering.status_response(await service.status(task_id))
 

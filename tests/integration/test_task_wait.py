@@ -17,6 +17,7 @@ from taskbox.api.task_events import APPLICATION_NAME_PREFIX
 from taskbox.db import execution
 from tests.conftest import ADMIN_DSN
 from tests.integration.conftest import app_client_for
+from tests.integration.processes import ServiceProcess, free_port
 
 TASKS = "/api/v1/tasks"
 
@@ -178,3 +179,21 @@ async def test_an_outcome_committed_while_the_listener_was_cut_off_still_wakes_t
     # The reconnect (backoff at most 5 s) and the re-read, not the 20 s deadline.
     assert time.monotonic() - allowed < 7.0
     assert await listening(pool) != pid
+
+
+async def test_a_client_that_gives_up_frees_its_waiter_slot(
+    service_env: dict[str, str], processes: list[ServiceProcess]
+) -> None:
+    port = free_port()
+    api = ServiceProcess("api", service_env, API_PORT=str(port), TASK_WAIT_MAX_WAITERS="1")
+    processes.append(await api.start())
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        task_id = await create(client)
+        # The only slot, taken for 30 s by a client that stops listening after 0.5 s.
+        with pytest.raises(httpx.ReadTimeout):
+            await client.get(f"{TASKS}/{task_id}", params={"wait": 30}, timeout=0.5)
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        response = await client.get(f"{TASKS}/{task_id}", params={"wait": 0.5})
+        assert response.status_code == 200, response.text
+        assert 0.4 < time.monotonic() - started < 3.0
