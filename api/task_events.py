@@ -287,9 +287,11 @@ class TaskEventHub:
         self._stopping = True
         self._lost.set()
         if self._runner is not None:
-            # Connected, it ends by itself at once; still connecting (Postgres away), it
-            # is cancelled.
-            done, _ = await asyncio.wait({self._runner}, timeout=2)
+            # Connected, it ends by itself at once; still connecting (Postgres away, or
+            # the process stopping as soon as it started), it is cancelled.
+            done: set[asyncio.Task[None]] = set()
+            if self.connected:
+                done, _ = await asyncio.wait({self._runner}, timeout=2)
             if not done:
                 self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):

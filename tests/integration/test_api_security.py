@@ -77,7 +77,6 @@ ROUTES = [
     ("GET", f"{TASKS}/{uuid.UUID(int=1)}", None),
     ("GET", f"{TASKS}/{uuid.UUID(int=1)}/status", None),
     ("DELETE", f"{TASKS}/{uuid.UUID(int=1)}", None),
-    ("GET", f"{TASKS}/{uuid.UUID(int=1)}?wait=1", None),
     ("GET", f"{TASKS}/{uuid.UUID(int=1)}/events", None),
     ("GET", f"{TASKS}/events", None),
     ("GET", "/api/v1/queues", None),
