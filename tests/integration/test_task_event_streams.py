@@ -147,3 +147,37 @@ async def test_a_finished_tasks_stream_sends_its_state_and_ends(
         assert missing.status_code == 404
         bad = await client.get(f"{TASKS}/events", params={"status": "SLEEPING"})
         assert bad.status_code == 422
+
+
+async def test_long_polls_and_streams_outlast_the_connection_timeouts(
+    service_env: dict[str, str], processes: list[ServiceProcess]
+) -> None:
+    """api.connection_limits bounds the time to send a request, not the time to answer
+    one: a wait or a stream longer than every connection timeout is served in full."""
+    port = free_port()
+    api = ServiceProcess(
+        "api",
+        service_env,
+        API_PORT=str(port),
+        API_HEADER_TIMEOUT="1",
+        API_BODY_TIMEOUT="1",
+        API_KEEP_ALIVE_TIMEOUT="1",
+        TASK_EVENTS_HEARTBEAT="0.5",
+        TASK_EVENTS_MAX_STREAM="2.5",
+    )
+    processes.append(await api.start())
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        task = (await client.post(TASKS, json={"type": "echo"})).json()
+        started = asyncio.get_running_loop().time()
+        waited = await client.get(f"{TASKS}/{task['id']}", params={"wait": 2.5})
+        assert waited.status_code == 200
+        assert waited.json()["status"] == "NEW"
+        assert asyncio.get_running_loop().time() - started > 2.4
+        stream = Stream()
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(await follow(client, f"{TASKS}/{task['id']}/events", stream), 6)
+        # The whole lifetime, heartbeats throughout, then a clean end.
+        assert asyncio.get_running_loop().time() - started > 2.4
+        assert stream.statuses() == ["NEW"]
+        assert len(stream.comments) >= 3
+        assert stream.ended
