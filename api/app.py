@@ -18,6 +18,7 @@ from taskbox.api.middleware import ApiKeyGate, ContentLengthLimit, JsonBodiesOnl
 from taskbox.api.notifier import OutboxNotifier
 from taskbox.api.routes import (
     docs,
+    events,
     health,
     metrics,
     queues,
@@ -29,6 +30,8 @@ from taskbox.api.routes import (
 from taskbox.api.schedules import ScheduleService
 from taskbox.api.service import PostgresTaskStore, TaskService
 from taskbox.api.settings import ApiSettings
+from taskbox.api.task_events import TaskEventHub
+from taskbox.api.waiting import StreamLimits
 from taskbox.api.webhooks import WebhookService
 from taskbox.db.pool import create_pool
 from taskbox.runtime.telemetry import OFF, Tracing
@@ -84,6 +87,13 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
         app.state.webhooks = WebhookService(
             pool, registry, settings.allow_list, settings.webhook_rotation_grace
         )
+        task_events = TaskEventHub(
+            settings,
+            max_subscribers=settings.task_wait_max_waiters,
+            check_interval=settings.task_events_check_interval,
+        )
+        task_events.start()
+        app.state.task_events = task_events
         if not app.state.api_keys:
             log.warning(
                 "API_KEYS is empty: the API is UNAUTHENTICATED; anyone who can reach it "
@@ -93,6 +103,7 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
         try:
             yield
         finally:
+            await task_events.close()
             await store.close()
             await notifier.close()
             await pool.close()
@@ -136,8 +147,13 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
     app.state.api_key_names = named_keys(settings)
     app.state.outbox_channel = settings.outbox_channel  # a resume wakes the relays on it
     app.state.metrics_require_auth = settings.metrics_require_auth
+    app.state.task_wait_max = settings.task_wait_max
+    app.state.task_wait_limits = StreamLimits(
+        heartbeat=settings.task_events_heartbeat, max_stream=settings.task_events_max_stream
+    )
     errors.install(app)
     app.include_router(tasks.router)
+    app.include_router(events.router)
     app.include_router(task_actions.bulk_router)
     app.include_router(task_actions.router)
     app.include_router(queues.router)
@@ -148,7 +164,7 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
     app.include_router(metrics.router)
     app.include_router(docs.router)
     app.state.metrics = api_metrics
-    _document_responses(app)
+    _document_responses(app, settings.task_wait_max)
     _gate_before_the_app(app, settings.max_body_bytes)
     return app
 
@@ -196,7 +212,7 @@ _REQUEST_ID_RESPONSE_HEADER = {
 }
 
 
-def _document_responses(app: FastAPI) -> None:
+def _document_responses(app: FastAPI, wait_cap: float | None = None) -> None:
     """Document what the route declarations cannot say.
 
     - Error bodies under the media type they are sent with: FastAPI files every
@@ -211,6 +227,7 @@ def _document_responses(app: FastAPI) -> None:
       its validation (the path does not match; api.errors answers 404).
     - The API key on every operation under /api/: ``api.middleware.ApiKeyGate``
       enforces it there, with no route dependency to derive the declaration from.
+    - ``wait``'s maximum, TASK_WAIT_MAX (``wait_cap``), which is a setting.
     - The ``X-Request-ID`` header of every response (api.middleware). The request
       header of the same name is described in the document's description rather than
       added to every operation's parameters.
@@ -228,6 +245,8 @@ def _document_responses(app: FastAPI) -> None:
                     operation.get("responses", {}).pop("422", None)
         _drop_unused_validation_schemas(schema)
         _declare_api_key(schema)
+        if wait_cap is not None:
+            _declare_wait_cap(schema, wait_cap)
         for operations in paths.values():
             for operation in operations.values():
                 responses = operation.setdefault("responses", {})
@@ -255,6 +274,19 @@ def _declare_api_key(schema: dict[str, Any]) -> None:
         if path.startswith("/api/"):
             for operation in operations.values():
                 operation["security"] = [{BEARER.scheme_name: []}]
+
+
+def _declare_wait_cap(schema: dict[str, Any], cap: float) -> None:
+    """Give ``wait`` its maximum: TASK_WAIT_MAX is a setting, which the route's
+    declaration (made once, at import) cannot know; clients and the fuzzer read the
+    bound of the api they talk to from its document."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "query" and parameter.get("name") == "wait":
+                    for option in parameter["schema"].get("anyOf", [parameter["schema"]]):
+                        if option.get("type") == "number":
+                            option["maximum"] = cap
 
 
 def _never_invalid(operation: dict[str, Any]) -> bool:

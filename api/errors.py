@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
@@ -25,6 +25,8 @@ from starlette.types import Scope
 from taskbox.api.batch import UnreadableBody
 from taskbox.api.schedules import ReadOnlySchedule, ScheduleExists, ScheduleNotFound
 from taskbox.api.service import IdempotencyConflict, InvalidRequest, TaskFinished, TaskNotFound
+from taskbox.api.task_events import TooManyWaiters
+from taskbox.api.waiting import ClientGone
 from taskbox.api.webhooks import DeliveryNotFound, NotReplayable, WebhookNotFound
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
 
@@ -177,6 +179,15 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(NotReplayable)
     async def _not_replayable(request: Request, exc: NotReplayable) -> JSONResponse:
         return problem(request, 409, str(exc))
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        # Nobody is left to read it; uvicorn drops it. 499 as nginx logs such requests.
+        return Response(status_code=499)
+
+    @app.exception_handler(TooManyWaiters)
+    async def _too_many_waiters(request: Request, exc: TooManyWaiters) -> JSONResponse:
+        return problem(request, 503, str(exc), headers={"Retry-After": "1"})
 
     @app.exception_handler(TaskFinished)
     async def _finished(request: Request, exc: TaskFinished) -> JSONResponse:

@@ -59,6 +59,38 @@ class ApiSettings(DatabaseSettings, ProcessSettings, TaskTypeSettings, WebhookAp
             "which a request is answered 503 (uvicorn's limit_concurrency)."
         ),
     )
+    # Waiting for results (api.task_events, api.waiting).
+    task_wait_max: Duration = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Longest `?wait=` a request may ask for, in seconds; above it, 422.",
+    )
+    task_wait_max_waiters: int = Field(
+        256,
+        ge=1,
+        description=(
+            "Long polls and event streams one api process serves at once; past it, 503 with "
+            "Retry-After. Each holds a connection: keep it below API_CONCURRENCY_LIMIT."
+        ),
+    )
+    task_events_heartbeat: Duration = Field(
+        15.0,
+        gt=0,
+        description="Seconds between two comment lines on a quiet event stream (proxies "
+        "close idle connections).",
+    )
+    task_events_max_stream: Duration = Field(
+        600.0,
+        gt=0,
+        description="How long an event stream stays open before the api ends it (the "
+        "client reconnects, as EventSource does by itself).",
+    )
+    task_events_check_interval: Duration = Field(
+        5.0,
+        gt=0,
+        description="Seconds between two self-checks of the api's task events connection.",
+    )
     default_max_attempts: int = Field(3, ge=1, le=100)
     max_max_attempts: int = Field(25, ge=1, description="Upper bound a client may ask for.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(

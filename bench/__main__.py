@@ -6,6 +6,7 @@ python -m bench --only relay,consumer
 BENCH_TRACING_BEFORE=<git ref> python -m bench --only tracing
                                  tracing off / on, and the api of <ref> (before tracing)
 python -m bench --only peers     issue 14's peers (pgqueuer, Celery, procrastinate) alone
+python -m bench --only waiters   1,000 long polls against 1,000 polling clients (issue 18)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import scenarios
+from bench import scenarios, waiters
 from bench.harness import machine
 from bench.peers import suite as peer_suite
 from bench.peers import table as peer_table
@@ -36,6 +37,7 @@ FULL: dict[str, dict[str, Any]] = {
     "memory": {"total": 100_000, "checkpoint": 10_000},
     # The slow pool (4 handlers) holds 200 x 2 s = 100 s of work: busy past every run.
     "isolation": {"rate": 100, "seconds": 15, "slow_tasks": 200, "slow_seconds": 2.0},
+    "waiters": {"count": 1000, "idle": 5.0},
     "peers": {
         "ingest_seconds": 10,
         "ingest_rounds": 2,
@@ -55,6 +57,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "memory": {"total": 10_000, "checkpoint": 5_000},
     # 16 x 2 s on 4 handlers: 8 s of slow work against about 3 s of measurement
     "isolation": {"rate": 50, "seconds": 2, "slow_tasks": 16, "slow_seconds": 2.0},
+    "waiters": {"count": 50, "idle": 1.0},
     # every peer still runs every workload, so the harness cannot rot unnoticed
     "peers": {
         "ingest_seconds": 1,
@@ -74,6 +77,7 @@ RUNNERS = {
     "e2e": scenarios.end_to_end,
     "memory": scenarios.memory,
     "isolation": scenarios.isolation,
+    "waiters": waiters.waiters,
     "peers": peer_suite.peers,
 }
 
@@ -93,6 +97,20 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"{r['batch_tasks_s']:,.0f}",
             f"{r['batch_ratio']:.1f}x single (>= 20x)",
             r["batch_ratio"] >= 20,
+        )
+    if r := results.get("waiters"):
+        lp, po = r["long_poll"], r["polling"]
+        add(
+            f"{r['clients']:,} waiters: api CPU s while waiting",
+            f"{lp['api_cpu_s_while_waiting']:.2f} long poll",
+            f"{po['api_cpu_s_while_waiting']:.2f} polling every {r['poll_interval_s']} s",
+            lp["api_cpu_s_while_waiting"] < po["api_cpu_s_while_waiting"],
+        )
+        add(
+            "  commit -> client sees DONE p50 / p99 ms",
+            f"{lp['latency_ms_p50']:.1f} / {lp['latency_ms_p99']:.1f}",
+            f"{po['latency_ms_p50']:.1f} / {po['latency_ms_p99']:.1f} polling",
+            None,
         )
     if r := results.get("tracing"):
         rates, cpu = r["req_s"], r["api_cpu_ms_per_request"]

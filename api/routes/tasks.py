@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
-from taskbox.api import rendering
+from taskbox.api import rendering, waiting
 from taskbox.api.deps import Service
 from taskbox.api.params import IsoDatetime, StorableText
 from taskbox.api.routes.responses import NOT_JSON, TOO_LARGE
@@ -55,6 +56,47 @@ _INVALID: Responses = {
     422: {"model": Problem, "description": "The request is invalid; `errors` says where"}
 }
 _UNAVAILABLE: Responses = {503: {"model": Problem, "description": "The database is unreachable"}}
+_WAIT_INVALID: Responses = {
+    422: {"model": Problem, "description": "`wait` is negative, not a number, or above the cap"}
+}
+_WAIT_UNAVAILABLE: Responses = {
+    503: {
+        "model": Problem,
+        "description": "The database is unreachable, or this api process already serves "
+        "TASK_WAIT_MAX_WAITERS waiting requests (then with Retry-After)",
+    }
+}
+
+Wait = Annotated[
+    float | None,
+    Query(
+        ge=0,
+        allow_inf_nan=False,
+        description="Seconds to wait for the task to finish (DONE, FAILED or CANCELLED); "
+        "0 or absent answers at once. At most TASK_WAIT_MAX (60 by default).",
+    ),
+]
+
+
+async def _long_poll(
+    request: Request, read: waiting.ReadTask, task_id: uuid.UUID, wait: float
+) -> Mapping[str, Any]:
+    long_poll = waiting.wait_for_outcome(
+        request.app.state.task_events, read, task_id, _checked_wait(request, wait)
+    )
+    return await waiting.unless_disconnected(request.receive, long_poll)
+
+
+def _checked_wait(request: Request, wait: float) -> float:
+    """``wait``, refused above the setting's cap (which a Query bound cannot name)."""
+    cap: float = request.app.state.task_wait_max
+    if wait > cap:
+        raise InvalidRequest.at(
+            ["query", "wait"],
+            f"Input should be less than or equal to {cap:g} (TASK_WAIT_MAX)",
+            "less_than_equal",
+        )
+    return wait
 
 
 _TRACEPARENT_DOC = "W3C trace context; a missing or malformed one starts a new trace."
@@ -244,9 +286,19 @@ async def list_tasks(
     "/{task_id:uuid}",
     response_model=Task,
     summary="Get a task",
-    responses={**_NOT_FOUND, **_UNAVAILABLE},
+    description=(
+        "With `wait` (seconds), the answer comes as soon as the task is DONE, FAILED or "
+        "CANCELLED, or when the wait is over with the task as it is then. The wait may be "
+        "at most TASK_WAIT_MAX (60 s by default)."
+    ),
+    responses={**_NOT_FOUND, **_WAIT_INVALID, **_WAIT_UNAVAILABLE},
 )
-async def get_task(task_id: uuid.UUID, service: Service) -> Response:
+async def get_task(
+    task_id: uuid.UUID, service: Service, request: Request, wait: Wait = None
+) -> Response:
+    if wait:
+        row = await _long_poll(request, service.get, task_id, wait)
+        return rendering.task_response(row)
     return rendering.task_response(await service.get(task_id))
 
 
@@ -254,9 +306,15 @@ async def get_task(task_id: uuid.UUID, service: Service) -> Response:
     "/{task_id:uuid}/status",
     response_model=TaskStatusView,
     summary="Get just a task's status",
-    responses={**_NOT_FOUND, **_UNAVAILABLE},
+    description="`wait` as for `GET /api/v1/tasks/{task_id}`.",
+    responses={**_NOT_FOUND, **_WAIT_INVALID, **_WAIT_UNAVAILABLE},
 )
-async def get_task_status(task_id: uuid.UUID, service: Service) -> Response:
+async def get_task_status(
+    task_id: uuid.UUID, service: Service, request: Request, wait: Wait = None
+) -> Response:
+    if wait:
+        row = await _long_poll(request, service.status, task_id, wait)
+        return rendering.status_response(row)
     return rendering.status_response(await service.status(task_id))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime
@@ -176,13 +177,18 @@ class AsyncClient:
         """The task once it is DONE, FAILED or CANCELLED; WaitTimeout (with the last
         status seen) if it is not within ``timeout`` seconds.
 
-        Polls the status, often at first and then less (the api has no long-poll)."""
-        schedule = _core.WaitSchedule(timeout)
+        Long polls ``GET /api/v1/tasks/{id}?wait=``, so it learns of the outcome as
+        soon as the api does (within one request, not a polling interval)."""
+        plan = _core.WaitPlan(timeout, self._http.timeout.read)
         while True:
-            seen = await self.status(task_id)
-            if seen.status.is_terminal:
-                return await self.get(task_id)
-            pause = schedule.pause()
+            asked = plan.next_wait()
+            sent = time.monotonic()
+            task = _core.parse(await self._send(_core.wait_call(task_id, asked)), Task)
+            if task.status.is_terminal:
+                return task
+            pause = plan.pause(asked, time.monotonic() - sent)
             if pause is None:
+                seen = TaskStatusView(id=task.id, status=task.status, updated_at=task.updated_at)
                 raise WaitTimeout(seen.id, timeout, seen)
-            await asyncio.sleep(pause)
+            if pause > 0:
+                await asyncio.sleep(pause)

@@ -185,6 +185,11 @@ def get_call(task_id: uuid.UUID | str) -> Call:
     return Call("GET", f"{TASKS}/{task_id}")
 
 
+def wait_call(task_id: uuid.UUID | str, seconds: float) -> Call:
+    """A long poll: the task once it is finished, or as it is after ``seconds``."""
+    return Call("GET", f"{TASKS}/{task_id}", params=httpx.QueryParams({"wait": f"{seconds:.3f}"}))
+
+
 def status_call(task_id: uuid.UUID | str) -> Call:
     return Call("GET", f"{TASKS}/{task_id}/status")
 
@@ -261,3 +266,47 @@ class WaitSchedule:
         pause = min(self._next, left)
         self._next = min(self._next * self._factor, self._longest)
         return pause
+
+
+# One long poll's wait at most: under the api's default cap (TASK_WAIT_MAX, 60 s) and
+# under the idle timeout many proxies apply to a silent response (often 30 s or 60 s).
+LONG_POLL = 25.0
+
+
+class WaitPlan:
+    """The requests of ``wait()``: each a long poll (``?wait=``) for what is left of the
+    timeout, at most LONG_POLL and a second less than the client's read timeout, so the
+    api answers before the client would give up on the response.
+
+    An api that answers an unfinished task long before the wait it was asked for does not
+    hold requests (an older one ignores ``?wait=``): ``wait()`` then pauses between its
+    requests as it did when it polled, rather than asking again at once.
+    """
+
+    def __init__(
+        self,
+        timeout: float,
+        read_timeout: float | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._deadline = clock() + timeout
+        self._longest = LONG_POLL if read_timeout is None else min(LONG_POLL, read_timeout - 1)
+        self._longest = max(self._longest, 0.0)
+        self._polling = WaitSchedule(timeout, clock=clock)
+
+    def left(self) -> float:
+        return self._deadline - self._clock()
+
+    def next_wait(self) -> float:
+        """The ``wait`` of the next request (0: answer at once)."""
+        return max(0.0, min(self.left(), self._longest))
+
+    def pause(self, asked: float, took: float) -> float | None:
+        """The pause before the next request, after one that asked to wait ``asked``
+        seconds came back unfinished after ``took``; None when the timeout is over."""
+        if self.left() <= 0:
+            return None
+        if took < asked / 2:
+            return self._polling.pause()
+        return 0.0

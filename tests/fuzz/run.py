@@ -102,6 +102,12 @@ def api_process(database_url: str, api_key: str, log_path: Path) -> Iterator[str
         "API_ACCESS_LOG": "false",
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "WARNING",
+        # Long polls and event streams hold a request until their time is up: short
+        # ones keep every generated wait and stream to a fraction of a second (the
+        # document carries the cap, so generated waits stay within it).
+        "TASK_WAIT_MAX": "0.05",
+        "TASK_EVENTS_MAX_STREAM": "0.05",
+        "TASK_EVENTS_HEARTBEAT": "0.02",
     }
     base = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:

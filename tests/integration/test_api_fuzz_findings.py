@@ -95,9 +95,14 @@ async def test_a_body_that_is_text_but_not_json_stays_a_422_on_both_creates(
 # `{task_id:uuid}` route never hands its validation anything but a UUID: an id that is
 # none matches no route and is a 404 (api.errors).
 TASK_ID_OPERATIONS = [
+    ("get", f"{TASKS}/{{task_id}}/events"),
+    ("delete", f"{TASKS}/{{task_id}}"),
+]
+# The two GETs take `wait` as well (a 422 when it is invalid) and answer a malformed id
+# with the same 404.
+WAITING_TASK_ID_OPERATIONS = [
     ("get", f"{TASKS}/{{task_id}}"),
     ("get", f"{TASKS}/{{task_id}}/status"),
-    ("delete", f"{TASKS}/{{task_id}}"),
 ]
 MALFORMED_IDS = [
     "not-a-uuid",
@@ -139,6 +144,22 @@ async def test_a_task_id_operation_documents_the_404_it_answers_and_no_422(
     assert await row_counts(pool) == (0, 0)
 
 
+@pytest.mark.parametrize(("method", "template"), WAITING_TASK_ID_OPERATIONS)
+async def test_a_waiting_get_answers_a_malformed_id_with_404_and_a_bad_wait_with_422(
+    client: httpx.AsyncClient, method: str, template: str
+) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    operation = schema["paths"][template][method]
+    assert [p["name"] for p in operation["parameters"]] == ["task_id", "wait"]
+    for task_id in MALFORMED_IDS:
+        response = await client.request(method, template.format(task_id=task_id))
+        assert_problem(response, 404)
+    url = template.format(task_id=uuid.UUID(int=9))
+    response = await client.request(method, url, params={"wait": "-0.5"})
+    body = assert_problem(response, 422)
+    assert body["errors"][0]["loc"] == ["query", "wait"]
+
+
 async def test_every_documented_422_is_a_problem_and_fastapis_own_schema_is_gone(
     client: httpx.AsyncClient,
 ) -> None:
@@ -171,6 +192,9 @@ async def test_every_documented_422_is_a_problem_and_fastapis_own_schema_is_gone
         ("/api/v1/webhooks", "post"),
         ("/api/v1/webhooks/{webhook_id}", "patch"),
         ("/api/v1/webhooks/{webhook_id}/deliveries", "get"),
+        (f"{TASKS}/events", "get"),
+        (f"{TASKS}/{{task_id}}", "get"),
+        (f"{TASKS}/{{task_id}}/status", "get"),
     ]
     for path, method in with_422:
         content = schema["paths"][path][method]["responses"]["422"]["content"]
@@ -200,4 +224,4 @@ async def test_every_operation_documented_without_a_422_answers_a_malformed_id_w
             response = await client.request(method.upper(), url)
             assert response.status_code == 404, (method, path, response.text)
             checked.append((method, path))
-    assert len(checked) == 9, checked
+    assert len(checked) == 8, checked

@@ -82,6 +82,8 @@ ROUTES = [
     ("POST", f"{TASKS}/retry", {"type": "echo", "reason": "x"}),
     ("GET", "/api/v1/task-actions", None),
     ("GET", "/api/v1/task-actions/1", None),
+    ("GET", f"{TASKS}/{uuid.UUID(int=1)}/events", None),
+    ("GET", f"{TASKS}/events", None),
     ("GET", "/api/v1/queues", None),
     ("GET", "/api/v1/queues/media", None),
     ("POST", "/api/v1/queues/media/pause", {"reason": "x"}),

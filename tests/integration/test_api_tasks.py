@@ -1350,11 +1350,26 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
         "422": "Problem",
         "503": "Problem",
     },
-    # No 422 on the task id's operations: an id that is no UUID matches no route (404).
+    # No 422 for the task id itself: an id that is no UUID matches no route (404); the
+    # 422s of the two GETs are for `wait`.
     (f"{TASKS}/{{task_id}}", "get"): {
         "200": "Task",
         "401": "Problem",
         "404": "Problem",
+        "422": "Problem",
+        "503": "Problem",
+    },
+    # event streams: text/event-stream, no schema to name
+    (f"{TASKS}/{{task_id}}/events", "get"): {
+        "200": None,
+        "401": "Problem",
+        "404": "Problem",
+        "503": "Problem",
+    },
+    (f"{TASKS}/events", "get"): {
+        "200": None,
+        "401": "Problem",
+        "422": "Problem",
         "503": "Problem",
     },
     (f"{TASKS}/{{task_id}}", "delete"): {
@@ -1369,6 +1384,7 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
         "200": "TaskStatusView",
         "401": "Problem",
         "404": "Problem",
+        "422": "Problem",
         "503": "Problem",
     },
     # bulk actions: an empty filter, a bad status or a missing reason is a 422
@@ -1539,8 +1555,15 @@ async def test_openapi_lists_every_endpoint_with_its_schemas_and_errors(
     assert params["limit"]["schema"]["maximum"] == 100
     assert params["status"]["schema"]["anyOf"][0]["type"] == "array"
     for path in (f"{TASKS}/{{task_id}}", f"{TASKS}/{{task_id}}/status"):
-        for operation in paths[path].values():
-            (task_id,) = operation["parameters"]
+        for method, operation in paths[path].items():
+            task_id, *rest = operation["parameters"]
+            # The GETs also take `wait`, capped at TASK_WAIT_MAX (60 s by default).
+            if method == "get":
+                (wait,) = rest
+                assert (wait["name"], wait["in"], wait["required"]) == ("wait", "query", False)
+                assert wait["schema"]["anyOf"][0] == {"type": "number", "minimum": 0, "maximum": 60}
+            else:
+                assert rest == []
             assert (task_id["name"], task_id["in"], task_id["required"]) == (
                 "task_id",
                 "path",

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from pydantic import BaseModel, SecretStr
@@ -243,12 +244,41 @@ async def test_api_key_is_sent_as_bearer(api_settings: ApiSettings) -> None:
         assert (await keyed.create("echo")).status is TaskStatus.NEW
 
 
-async def test_wait_times_out_with_the_last_status(taskbox: AsyncClient) -> None:
+async def test_wait_times_out_with_the_last_status(
+    wired: tuple[AsyncClient, Recording],
+) -> None:
+    taskbox, transport = wired
     created = await taskbox.create("echo")  # no relay: it stays NEW
+    transport.sent.clear()
+    started = time.monotonic()
     with pytest.raises(WaitTimeout) as raised:
-        await taskbox.wait(created.id, timeout=0.3)
+        await taskbox.wait(created.id, timeout=0.5)
     assert raised.value.last_status.status is TaskStatus.NEW
     assert raised.value.last_status.id == created.id
+    # One long poll held for the whole timeout, not a poll every few milliseconds.
+    assert transport.sent == [("GET", f"/api/v1/tasks/{created.id}")]
+    assert 0.45 < time.monotonic() - started < 2.0
+
+
+async def test_wait_returns_soon_after_the_outcome_commits(
+    wired: tuple[AsyncClient, Recording], pool: asyncpg.Pool
+) -> None:
+    taskbox, transport = wired
+    created = await taskbox.create("echo", {"n": 2})
+    transport.sent.clear()
+    waiting = asyncio.create_task(taskbox.wait(created.id, timeout=30))
+    await asyncio.sleep(0.5)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("UPDATE tasks SET status = 'PROCESSING' WHERE id = $1", created.id)
+        await conn.execute(
+            "UPDATE tasks SET status = 'DONE', result = '{\"n\": 2}' WHERE id = $1", created.id
+        )
+    committed = time.monotonic()
+    done = await waiting
+    assert time.monotonic() - committed < 1.0
+    assert done.status is TaskStatus.DONE
+    assert done.result == {"n": 2}
+    assert len(transport.sent) == 1
 
 
 # -- real processes -----------------------------------------------------------------------

@@ -117,6 +117,14 @@ INVENTORY = [
     Entry(
         "Get just the status: `GET /api/v1/tasks/{id}/status`", "curl", run_by="test_api_examples"
     ),
+    Entry("Waiting for a result", 'curl "localhost', run_by="test_api_examples"),
+    Entry("Waiting for a result", "curl -N localhost", run_by="test_api_examples"),
+    Entry(
+        "Waiting for a result",
+        'curl -N "localhost',
+        elsewhere="tests/integration/test_task_event_streams.py::test_streams_follow_tasks_run_"
+        "by_a_real_relay_and_consumer (the stream stays open for TASK_EVENTS_MAX_STREAM)",
+    ),
     Entry("Cancel a task: `DELETE /api/v1/tasks/{id}`", "curl", run_by="test_api_examples"),
     Entry(
         BULK,
@@ -762,6 +770,15 @@ async def test_api_examples(
     )
     sample_keys = set(re.findall(r'"(\w+)":', status.notes[0]))
     assert set(body(await curl(status, shell_env, hashed_id))) == sample_keys
+
+    # The sha256 task runs meanwhile: each long poll answers once it is DONE.
+    for waiting in readme.shell_commands(example("Waiting for a result", 'curl "localhost').text):
+        assert body(await curl(waiting, shell_env, hashed_id))["status"] == "DONE"
+    (stream,) = readme.shell_commands(example("Waiting for a result", "curl -N localhost").text)
+    # A finished task's stream: its state, then the end.
+    shown = await curl(stream, shell_env, hashed_id)
+    assert shown.startswith("retry: 3000\nevent: task\ndata: "), shown
+    assert json.loads(shown.split("data: ", 1)[1].split("\n", 1)[0])["status"] == "DONE"
 
     (cancel,) = readme.shell_commands(
         example("Cancel a task: `DELETE /api/v1/tasks/{id}`", "curl").text

@@ -150,3 +150,24 @@ def test_the_client_imports_nothing_of_the_server() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_wait_plan_long_polls_for_what_is_left_within_the_read_timeout() -> None:
+    now = [0.0]
+    plan = _core.WaitPlan(60.0, read_timeout=10.0, clock=lambda: now[0])
+    assert plan.next_wait() == 9.0  # a second under the read timeout
+    assert plan.pause(asked=9.0, took=9.0) == 0.0  # a long poll that ran out: ask again
+    now[0] = 55.0
+    assert plan.next_wait() == 5.0
+    now[0] = 60.0
+    assert plan.pause(asked=5.0, took=5.0) is None
+    unbounded = _core.WaitPlan(600.0, read_timeout=None, clock=lambda: now[0])
+    assert unbounded.next_wait() == _core.LONG_POLL
+
+
+def test_wait_plan_pauses_when_the_api_does_not_hold_the_request() -> None:
+    now = [0.0]
+    plan = _core.WaitPlan(10.0, read_timeout=30.0, clock=lambda: now[0])
+    # Answered at once though asked to wait: an api without long polls; poll politely.
+    pause = plan.pause(asked=plan.next_wait(), took=0.01)
+    assert pause is not None and pause > 0

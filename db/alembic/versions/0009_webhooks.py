@@ -2,7 +2,7 @@
 enqueues a task's deliveries in the transaction that ends it
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-07
 
 ``webhook_deliveries`` is an outbox: a row per (outcome, destination), inserted by the
@@ -28,8 +28,6 @@ queued (a NOTIFY serialises commits, DESIGN.md), and the workers poll as well.
 
 The event names are taskbox.webhooks.EVENTS, written out because a migration must not
 change when the code does.
-
-Revises 0007: 0008 is being written in parallel and is relinked at merge.
 """
 
 from collections.abc import Sequence
@@ -37,7 +35,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0009"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
