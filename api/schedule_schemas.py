@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
+from taskbox.runtime.queues import MAX_QUEUE_NAME
 from taskbox.schedules.naming import SCHEDULE_NAME_PATTERN
 from taskbox.schedules.timing import CatchUp
 
@@ -37,7 +38,12 @@ class _ScheduleFields(BaseModel):
     )
     timezone: str = Field("UTC", max_length=64, description="IANA zone the cron line is read in.")
     priority: int = Field(0, ge=0, le=9, description="Priority of every tick's task.")
-    queue: str | None = Field(None, description="Queue of the tasks; the type's own if absent.")
+    queue: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_QUEUE_NAME,
+        description="Queue of the tasks; the type's own if absent.",
+    )
     max_attempts: int | None = Field(
         None, ge=1, description="Attempts of every tick's task; the type's or server's default."
     )
@@ -88,7 +94,7 @@ class ScheduleUpdate(BaseModel):
     interval_seconds: float | None = Field(None, ge=MIN_INTERVAL, allow_inf_nan=False)
     timezone: Annotated[str, Field(max_length=64)] | SkipJsonSchema[None] = None
     priority: Annotated[int, Field(ge=0, le=9)] | SkipJsonSchema[None] = None
-    queue: str | None = None
+    queue: str | None = Field(None, min_length=1, max_length=MAX_QUEUE_NAME)
     max_attempts: int | None = Field(None, ge=1)
     catch_up: CatchUp | SkipJsonSchema[None] = None
     paused: bool | SkipJsonSchema[None] = None

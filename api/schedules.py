@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+from pydantic import ValidationError
 
 from taskbox.api.schedule_schemas import ScheduleCreate, ScheduleUpdate
 from taskbox.api.schemas import TaskCreate
@@ -69,8 +70,8 @@ class ScheduleService:
             timing_of(fields["cron"], fields["interval_seconds"], fields["timezone"])
         except InvalidTiming as exc:
             raise InvalidRequest.at(["body", exc.field], str(exc), "invalid_timing") from None
-        task = self._tasks.validate(
-            TaskCreate.model_validate(
+        try:
+            request = TaskCreate.model_validate(
                 {
                     "type": fields["type"],
                     "payload": fields["payload"],
@@ -79,7 +80,16 @@ class ScheduleService:
                     "queue": fields["queue"],
                 }
             )
-        )
+        except ValidationError as exc:
+            # The schedule's own schemas check these fields as the task's do; a rule the
+            # task's model has and theirs lacks must still be a 422, never a 500.
+            raise InvalidRequest(
+                [
+                    {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+                    for e in exc.errors(include_url=False, include_input=False)
+                ]
+            ) from None
+        task = self._tasks.validate(request)
         return ScheduleDefinition(
             name=name,
             task_type=task.type,

@@ -115,6 +115,24 @@ async def test_an_edit_giving_null_where_none_is_allowed_is_a_422_naming_the_fie
     assert response.json()["errors"][0]["loc"] == ["body", field]
 
 
+@pytest.mark.parametrize("queue", ["", "q" * 201])
+async def test_a_queue_the_task_model_refuses_is_a_422_on_create_and_edit(
+    client: httpx.AsyncClient, queue: str
+) -> None:
+    """Fuzz finding: an edit's empty queue passed the schedule's schema and failed the
+    task's model in the service, a 500."""
+    made = await client.post(URL, json={"name": "q", "type": "echo", "interval_seconds": 60})
+    assert made.status_code == 201, made.text
+    for response in (
+        await client.patch(f"{URL}/q", json={"queue": queue}),
+        await client.post(
+            URL, json={"name": "q2", "type": "echo", "interval_seconds": 60, "queue": queue}
+        ),
+    ):
+        assert response.status_code == 422, response.text
+        assert response.json()["errors"][0]["loc"] == ["body", "queue"]
+
+
 async def test_an_edit_takes_effect_at_the_next_tick(
     client: httpx.AsyncClient, scheduler: asyncpg.Connection
 ) -> None:
