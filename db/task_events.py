@@ -1,7 +1,7 @@
 """The task events migration 0008's trigger sends: the channel and the payload's shape.
 
-Every statement that changes tasks' statuses (or inserts tasks) sends, in its own
-transaction, one or a few NOTIFYs on CHANNEL, each a JSON array of
+Every statement that changes tasks' statuses sends (creates send nothing: see the
+migration for why), in its own transaction, one or a few NOTIFYs on CHANNEL, each a JSON array of
 ``[id, status, type, queue]``. They are delivered at commit, so a listener hears only
 of committed changes, and never of one twice; a listener that was disconnected has
 missed whatever was sent meanwhile and must re-read the database.

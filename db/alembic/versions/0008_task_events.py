@@ -25,6 +25,14 @@ and type and queue are cut to 200 characters (at most 800 bytes each), which bou
 entry well below 2000 bytes. The channel name is db.task_events.CHANNEL, written out
 here because a migration must not change when the code does.
 
+Creating a task sends nothing: a NOTIFY in a transaction holds a cluster-wide lock
+through the commit's WAL flush, so notifying transactions cannot share a group commit
+(DESIGN.md measured about half the commit rate under concurrent writers). Each create
+is its own small transaction on the ingest path, while status changes come in batches
+(the relay's flip, the consumer's claim and outcome) and pay it once per batch. A
+task's first event is therefore its first status change; a waiter reads the task
+itself, so it needs no event for the NEW it starts from.
+
 Transition tables cannot be combined with a column list (``UPDATE OF status``), so the
 trigger fires for every UPDATE statement on tasks; the join finds nothing to send for
 those that leave the status alone.
@@ -50,43 +58,24 @@ AS $body$
 DECLARE
     chunk text;
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        FOR chunk IN
-            SELECT '[' || string_agg(entry, ',') || ']'
+    FOR chunk IN
+        SELECT '[' || string_agg(entry, ',') || ']'
+        FROM (
+            SELECT entry,
+                   sum(octet_length(entry) + 1) OVER (ROWS UNBOUNDED PRECEDING) AS upto
             FROM (
-                SELECT entry,
-                       sum(octet_length(entry) + 1) OVER (ROWS UNBOUNDED PRECEDING) AS upto
-                FROM (
-                    SELECT json_build_array(
-                               n.id, n.status, left(n.type, 200), left(n.queue, 200)
-                           )::text AS entry
-                    FROM taskbox_new_rows n
-                ) AS entries
-            ) AS counted
-            GROUP BY upto / 6000
-        LOOP
-            PERFORM pg_notify('taskbox_task_events', chunk);
-        END LOOP;
-    ELSE
-        FOR chunk IN
-            SELECT '[' || string_agg(entry, ',') || ']'
-            FROM (
-                SELECT entry,
-                       sum(octet_length(entry) + 1) OVER (ROWS UNBOUNDED PRECEDING) AS upto
-                FROM (
-                    SELECT json_build_array(
-                               n.id, n.status, left(n.type, 200), left(n.queue, 200)
-                           )::text AS entry
-                    FROM taskbox_new_rows n
-                    JOIN taskbox_old_rows o ON o.id = n.id
-                    WHERE n.status IS DISTINCT FROM o.status
-                ) AS entries
-            ) AS counted
-            GROUP BY upto / 6000
-        LOOP
-            PERFORM pg_notify('taskbox_task_events', chunk);
-        END LOOP;
-    END IF;
+                SELECT json_build_array(
+                           n.id, n.status, left(n.type, 200), left(n.queue, 200)
+                       )::text AS entry
+                FROM taskbox_new_rows n
+                JOIN taskbox_old_rows o ON o.id = n.id
+                WHERE n.status IS DISTINCT FROM o.status
+            ) AS entries
+        ) AS counted
+        GROUP BY upto / 6000
+    LOOP
+        PERFORM pg_notify('taskbox_task_events', chunk);
+    END LOOP;
     RETURN NULL;
 END
 $body$
@@ -95,15 +84,6 @@ $body$
     # Only the triggers run it (Postgres checks no EXECUTE when a trigger fires): no role
     # needs to call it, and the least-privilege roles are granted no function but theirs.
     op.execute("REVOKE ALL ON FUNCTION public.taskbox_notify_task_events() FROM PUBLIC")
-    op.execute("DROP TRIGGER IF EXISTS taskbox_task_inserted ON public.tasks")
-    op.execute(
-        """
-CREATE TRIGGER taskbox_task_inserted
-AFTER INSERT ON public.tasks
-REFERENCING NEW TABLE AS taskbox_new_rows
-FOR EACH STATEMENT EXECUTE FUNCTION public.taskbox_notify_task_events()
-"""
-    )
     op.execute("DROP TRIGGER IF EXISTS taskbox_task_updated ON public.tasks")
     op.execute(
         """
@@ -117,5 +97,4 @@ FOR EACH STATEMENT EXECUTE FUNCTION public.taskbox_notify_task_events()
 
 def downgrade() -> None:
     op.execute("DROP TRIGGER IF EXISTS taskbox_task_updated ON public.tasks")
-    op.execute("DROP TRIGGER IF EXISTS taskbox_task_inserted ON public.tasks")
     op.execute("DROP FUNCTION IF EXISTS public.taskbox_notify_task_events()")
