@@ -18,6 +18,7 @@ not change are skipped and counted, as are tasks that changed meanwhile.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import uuid
@@ -269,11 +270,7 @@ async def _perform(
             break
         after = (page[-1]["created_at"], page[-1]["id"])
         ids = [row["id"] for row in page]
-        async with conn.transaction():
-            changed = await _apply(conn, request, ids, replay_headers)
-            current = _record(
-                await conn.fetchrow(_PROGRESS, started.id, changed, len(ids) - changed)
-            )
+        changed, current = await _commit_chunk(conn, request, ids, replay_headers, started.id)
         if request.action == "retry" and changed:
             # Committed: wake the relays now rather than at their next poll.
             await outbox.notify(conn, outbox_channel)
@@ -285,6 +282,34 @@ async def _perform(
         await conn.fetchrow(_FINISH, started.id, "done", None, current.changed, current.skipped)
     )
     return Outcome(done)
+
+
+# A chunk locks up to chunk_size tasks while consumers, relays and single cancels lock
+# some of the same ones in their own order: a deadlock is possible, and Postgres then
+# rolls one side back. The chunk changed nothing then and may simply run again.
+_CHUNK_TRIES = 5
+
+
+async def _commit_chunk(
+    conn: asyncpg.Connection,
+    request: BulkRequest,
+    ids: Sequence[uuid.UUID],
+    headers: dict[str, Any],
+    action_id: int,
+) -> tuple[int, TaskAction]:
+    """Apply the chunk and count it in the action's progress, in one transaction,
+    again after a deadlock or serialization failure; how many changed, and the row."""
+    for attempt in range(1, _CHUNK_TRIES + 1):
+        try:
+            async with conn.transaction():
+                changed = await _apply(conn, request, ids, headers)
+                row = await conn.fetchrow(_PROGRESS, action_id, changed, len(ids) - changed)
+            return changed, _record(row)
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+            if attempt == _CHUNK_TRIES:
+                raise
+            await asyncio.sleep(0.05 * attempt)
+    raise AssertionError("unreachable")
 
 
 async def _apply(

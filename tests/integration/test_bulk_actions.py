@@ -167,6 +167,39 @@ async def test_tiny_chunks_commit_one_by_one_with_the_same_result(
     ]
 
 
+async def test_a_chunk_that_loses_a_deadlock_runs_again_and_counts_once(
+    pool: asyncpg.Pool, db_settings: DatabaseSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Postgres rolls one side of a deadlock back (a consumer's claim may lock the same
+    tasks in another order): the chunk changed nothing, so it runs again, and the action
+    ends done with each task counted once, not failed half way."""
+    chosen = await tasks_in(pool, "bulk-d", ["NEW"] * 4)
+    real_apply = actions._apply
+    calls = 0
+
+    async def apply_losing_once(*args: Any, **kwargs: Any) -> int:
+        nonlocal calls
+        calls += 1
+        changed = await real_apply(*args, **kwargs)
+        if calls == 2:  # the second chunk's first try: its changes roll back
+            raise asyncpg.DeadlockDetectedError("deadlock detected")
+        return changed
+
+    monkeypatch.setattr(actions, "_apply", apply_losing_once)
+    request = actions.BulkRequest(
+        action="cancel",
+        filter=actions.TaskFilter(type="bulk-d"),
+        reason="deadlock",
+        actor="test",
+        chunk_size=2,
+    )
+    async with pool.acquire() as conn:
+        outcome = await actions.run(conn, request, outbox_channel=db_settings.outbox_channel)
+    assert calls == 3
+    assert (outcome.action.state, outcome.action.matched, outcome.action.changed) == ("done", 4, 4)
+    assert [s for s, _ in await state(pool, chosen)] == ["CANCELLED"] * 4
+
+
 async def test_cancel_from_the_cli_prints_progress_per_chunk(
     pool: asyncpg.Pool, cli_env: dict[str, str]
 ) -> None:
