@@ -77,7 +77,7 @@ test-failover: $(STAMP) ## Postgres primary failover under load: own primary + s
 	$(BIN)/pytest tests/faults/test_postgres_failover.py
 
 .PHONY: fuzz
-fuzz: $(STAMP) ## schemathesis against the API on a fresh database (one to two minutes); FUZZ_ARGS='--seed 1'
+fuzz: $(STAMP) ## schemathesis against the API on a fresh database (three to four minutes); FUZZ_ARGS='--seed 1'
 	$(BIN)/python -m tests.fuzz.run $(FUZZ_ARGS)
 
 # The peers of the benchmark (pgqueuer, Celery, procrastinate) in a venv of their own,
