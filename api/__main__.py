@@ -19,6 +19,9 @@ log = logging.getLogger("taskbox.api")
 EXIT_USAGE = 2  # refused to start; the message says which setting to change
 
 
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m taskbox.api") -> int:
     argparse.ArgumentParser(
         prog=prog,
@@ -52,6 +55,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m taskbox.api") -> 
             )
         ),
         limit_concurrency=settings.api_concurrency_limit,
+        # On SIGTERM uvicorn waits for open connections to finish: an event stream or a
+        # long poll would hold the stop for up to TASK_EVENTS_MAX_STREAM / TASK_WAIT_MAX.
+        # Past this they are cut (EventSource reconnects, to another api if there is one).
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
     return 0
 

@@ -49,7 +49,15 @@ class _Resync:
 
 RESYNC: Final = _Resync()
 
-Delivery = TaskEvent | _Resync
+# A stream receives each notification's events as one batch and filters them itself:
+# the listener's callback then does one put per stream and notification, whatever the
+# batch's size, and the filtering runs in the streams' own tasks, between requests.
+EventBatch = tuple[TaskEvent, ...]
+Delivery = TaskEvent | EventBatch | _Resync
+
+# What a subscriber may have queued and not taken: a waiter's events, a stream's batches
+# (one per notification, up to some 6 kB of events each).
+_QUEUE_SIZE = 256
 
 
 class TooManyWaiters(Exception):
@@ -77,16 +85,20 @@ class Subscription:
 
     The queue is bounded: a subscriber that does not keep up has its backlog replaced
     by ``RESYNC`` (for a waiter: re-read the task) and ``overflowed`` set (a stream
-    cannot re-read what it missed, and says so).
+    cannot re-read what it missed, and says so). A stream that overflowed is sent
+    nothing more: it ends once it has read the ``RESYNC``, and filling and emptying its
+    queue again meanwhile would only spend the event loop's time.
     """
 
     def __init__(self, task_id: uuid.UUID | None, event_filter: EventFilter | None) -> None:
         self.task_id = task_id
         self.filter = event_filter
         self.overflowed = False
-        self._queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=256)
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=_QUEUE_SIZE)
 
     def put(self, item: Delivery) -> None:
+        if self.overflowed and self.task_id is None:
+            return
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -170,12 +182,14 @@ class TaskEventHub:
         self._count -= 1
 
     def _dispatch(self, events: list[TaskEvent]) -> None:
-        for event in events:
-            for waiter in self._by_task.get(event.task_id, ()):
-                waiter.put(event)
+        if self._by_task:
+            for event in events:
+                for waiter in self._by_task.get(event.task_id, ()):
+                    waiter.put(event)
+        if self._streams:
+            batch = tuple(events)
             for stream in self._streams:
-                if stream.filter is None or stream.filter.matches(event):
-                    stream.put(event)
+                stream.put(batch)
 
     def _resync_all(self) -> None:
         for waiters in self._by_task.values():
@@ -229,8 +243,11 @@ class TaskEventHub:
     async def _alive(self, conn: asyncpg.Connection) -> bool:
         token = uuid.uuid4().hex
         try:
-            await conn.execute("SELECT pg_notify($1, $2)", self._check_channel, token)
+            # The NOTIFY's round trip inside the bound too: on a connection that went
+            # silent (a cut network) it would otherwise wait for the command timeout,
+            # and notifications meanwhile are lost without anyone re-reading.
             async with asyncio.timeout(self._check_interval):
+                await conn.execute("SELECT pg_notify($1, $2)", self._check_channel, token)
                 while (await self._echo.get()) != token:
                     pass
         except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:

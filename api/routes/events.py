@@ -74,7 +74,7 @@ def _streaming(body: Any) -> StreamingResponse:
     "/events",
     summary="Stream the status changes of many tasks",
     description=(
-        "Every status change (and every new task) that matches the filters, as it is "
+        "Every status change that matches the filters (creating a task is none), as it is "
         "committed, for TASK_EVENTS_MAX_STREAM seconds (600 by default); then the stream "
         "ends and EventSource reconnects. Filters repeat to match several values; none "
         "matches every task. An `event: resync` says changes may have been missed (the "

@@ -188,13 +188,13 @@ async def test_every_documented_422_is_a_problem_and_fastapis_own_schema_is_gone
         (TASKS, "post"),
         (f"{TASKS}/batch", "post"),
         (f"{TASKS}/cancel", "post"),
+        (f"{TASKS}/events", "get"),
         (f"{TASKS}/retry", "post"),
+        (f"{TASKS}/{{task_id}}", "get"),
+        (f"{TASKS}/{{task_id}}/status", "get"),
         ("/api/v1/webhooks", "post"),
         ("/api/v1/webhooks/{webhook_id}", "patch"),
         ("/api/v1/webhooks/{webhook_id}/deliveries", "get"),
-        (f"{TASKS}/events", "get"),
-        (f"{TASKS}/{{task_id}}", "get"),
-        (f"{TASKS}/{{task_id}}/status", "get"),
     ]
     for path, method in with_422:
         content = schema["paths"][path][method]["responses"]["422"]["content"]

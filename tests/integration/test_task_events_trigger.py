@@ -144,6 +144,24 @@ async def test_a_large_batch_is_chunked_below_the_payload_limit(
     rows = await task_store.create_tasks(pool, [_echo(long_type)] * 500, {})
     await pool.execute("UPDATE tasks SET status = 'PENDING'")
     payloads = await _settle(heard, pool)
-    assert 1 < len(payloads) <= 30
+    assert 1 < len(payloads) <= 40
     assert all(len(payload.encode()) < 8000 for payload in payloads)
     assert {event.task_id for event in heard.events(payloads)} == {row["id"] for row in rows}
+
+
+async def test_a_batch_of_the_widest_entries_stays_below_the_payload_limit(
+    pool: asyncpg.Pool, heard: Heard
+) -> None:
+    """Review finding: JSON writes a control character as six bytes, so entries of 200
+    such characters in type and queue overran a 6000-byte chunk bound, and the NOTIFY
+    (with the whole status change) failed. Not reachable through the API, but a row
+    written by hand would have stalled every flip of its batch."""
+    await pool.execute(
+        "INSERT INTO tasks (type, payload, queue)"
+        " SELECT repeat(chr(1), i * 37 % 201), '{}', repeat(chr(1), 200)"
+        " FROM generate_series(1, 1000) AS i"
+    )
+    await pool.execute("UPDATE tasks SET status = 'PENDING'")
+    payloads = await _settle(heard, pool)
+    assert all(len(payload.encode()) < 8000 for payload in payloads)
+    assert len(heard.events(payloads)) == 1000

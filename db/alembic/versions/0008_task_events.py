@@ -20,9 +20,10 @@ change that was rolled back.
 Payload: a JSON array of ``[id, status, type, queue]``, enough for the api to match a
 waiter by id and a stream by type, queue and status without a query. A payload may not
 exceed 8000 bytes or the NOTIFY (and so the writer's transaction) fails: entries are
-grouped by their running byte count into chunks of at most 6000 bytes plus one entry,
-and type and queue are cut to 200 characters (at most 800 bytes each), which bounds an
-entry well below 2000 bytes. The channel name is db.task_events.CHANNEL, written out
+grouped by their running byte count into chunks of at most 4000 bytes plus one entry.
+Type and queue are cut to 200 characters; as JSON a character takes at most 6 bytes (a
+control character written as \\u0001), so an entry stays below 2600 bytes and a chunk
+below 6600. The channel name is db.task_events.CHANNEL, written out
 here because a migration must not change when the code does.
 
 Creating a task sends nothing: a NOTIFY in a transaction holds a cluster-wide lock
@@ -72,7 +73,7 @@ BEGIN
                 WHERE n.status IS DISTINCT FROM o.status
             ) AS entries
         ) AS counted
-        GROUP BY upto / 6000
+        GROUP BY upto / 4000
     LOOP
         PERFORM pg_notify('taskbox_task_events', chunk);
     END LOOP;
