@@ -198,7 +198,10 @@ async def replay_failed(conn: asyncpg.Connection | asyncpg.Pool, webhook_id: uui
 # margin) and its attempt counted, in this short transaction. A worker that dies
 # mid-send commits nothing more: the row falls due again when the lease runs out and
 # another worker sends it again (at least once). Counting at the claim bounds the tries
-# even of a destination that kills the worker every time.
+# even of a destination that kills the worker every time: a due row whose attempts
+# already reached the limit ($3) is not leased again but failed here, with an attempt
+# row saying why, since no worker recorded an outcome for its last attempt (it died,
+# or its record kept failing) and nothing else would ever settle it.
 #
 # The url and secrets are the subscription's current ones (a fixed URL or a rotation
 # applies to pending retries); a callback (no subscription) keeps its own url and is
@@ -210,10 +213,19 @@ WITH due AS (
     ORDER BY next_attempt_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
+), abandoned AS (
+    UPDATE webhook_deliveries AS d SET status = 'failed'
+    FROM due WHERE d.id = due.id AND d.attempts >= $3
+    RETURNING d.id, d.attempts
+), abandoned_attempts AS (
+    INSERT INTO webhook_attempts (delivery_id, attempt, latency_ms, error)
+    SELECT id, attempts, 0,
+           'abandoned: no outcome recorded after ' || attempts || ' attempts'
+    FROM abandoned
 ), leased AS (
     UPDATE webhook_deliveries AS d
     SET next_attempt_at = now() + make_interval(secs => $2::float8), attempts = d.attempts + 1
-    FROM due WHERE d.id = due.id
+    FROM due WHERE d.id = due.id AND d.attempts < $3
     RETURNING d.id, d.webhook_id, d.url, d.event, d.body, d.attempts
 )
 SELECT leased.id, leased.event, leased.body, leased.attempts, leased.webhook_id,
@@ -224,8 +236,12 @@ FROM leased LEFT JOIN webhooks AS w ON w.id = leased.webhook_id
 """
 
 
-async def claim_due(conn: asyncpg.Connection, limit: int, lease: float) -> list[asyncpg.Record]:
-    rows: list[asyncpg.Record] = await conn.fetch(_CLAIM, limit, lease)
+async def claim_due(
+    conn: asyncpg.Connection, limit: int, lease: float, max_attempts: int
+) -> list[asyncpg.Record]:
+    """Lease up to ``limit`` due deliveries for ``lease`` seconds, failing (not leasing)
+    those that already had ``max_attempts`` attempts."""
+    rows: list[asyncpg.Record] = await conn.fetch(_CLAIM, limit, lease, max_attempts)
     return rows
 
 

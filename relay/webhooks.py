@@ -102,7 +102,9 @@ class DeliveryWorker:
                     if free > 0:
                         try:
                             async with self._pool.acquire() as conn:
-                                claimed = await store.claim_due(conn, free, lease)
+                                claimed = await store.claim_due(
+                                    conn, free, lease, settings.webhook_max_attempts
+                                )
                         except _DB_ERRORS as exc:
                             log.warning("claiming webhook deliveries failed: %s", exc)
                     for row in claimed:

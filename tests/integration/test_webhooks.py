@@ -339,13 +339,32 @@ async def test_a_crashed_workers_lease_runs_out_and_another_delivers(
         await subscribe(pool, receiver.url)
         (delivery,) = await deliveries_of(pool, await finish(pool))
         async with pool.acquire() as conn:
-            (claimed,) = await store.claim_due(conn, 10, lease=0.5)
-            assert await store.claim_due(conn, 10, lease=0.5) == []  # leased: not claimed twice
+            (claimed,) = await store.claim_due(conn, 10, lease=0.5, max_attempts=8)
+            assert await store.claim_due(conn, 10, lease=0.5, max_attempts=8) == []  # leased: not claimed twice
         assert claimed["id"] == delivery["id"]
         async with running_worker(pool, relay_settings(db_settings)):
             await wait_status(pool, delivery["id"], "delivered")
     assert len(receiver.requests) == 1
     assert [a["attempt"] for a in await attempts_of(pool, delivery["id"])] == [2]
+
+
+async def test_claims_of_a_worker_that_always_dies_stop_at_the_attempt_limit(
+    pool: asyncpg.Pool,
+) -> None:
+    """Each claim counts an attempt and nobody records one (a lease of 0: the worker
+    died at once): after the limit the claim fails the delivery instead of leasing it."""
+    await subscribe(pool, "http://127.0.0.1:9/hook")
+    (delivery,) = await deliveries_of(pool, await finish(pool))
+    leased = 0
+    async with pool.acquire() as conn:
+        for _ in range(6):
+            leased += len(await store.claim_due(conn, 10, lease=0, max_attempts=3))
+    assert leased == 3
+    row = await pool.fetchrow("SELECT * FROM webhook_deliveries WHERE id = $1", delivery["id"])
+    assert (row["status"], row["attempts"]) == ("failed", 3)
+    (abandoned,) = await attempts_of(pool, delivery["id"])
+    assert abandoned["attempt"] == 3
+    assert abandoned["error"] == "abandoned: no outcome recorded after 3 attempts"
 
 
 # --- the API -----------------------------------------------------------------------
