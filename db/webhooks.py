@@ -203,6 +203,10 @@ async def replay_failed(conn: asyncpg.Connection | asyncpg.Pool, webhook_id: uui
 # row saying why, since no worker recorded an outcome for its last attempt (it died,
 # or its record kept failing) and nothing else would ever settle it.
 #
+# The body leaves as text, the bytes the worker sends and signs as they are: decoded by
+# the pool's jsonb codec, a body jsonb holds but the codec refuses (a number beyond a
+# double's range, written by hand) would fail the whole claim, every time.
+#
 # The url and secrets are the subscription's current ones (a fixed URL or a rotation
 # applies to pending retries); a callback (no subscription) keeps its own url and is
 # signed with WEBHOOK_CALLBACK_SECRET by the worker.
@@ -228,7 +232,7 @@ WITH due AS (
     FROM due WHERE d.id = due.id AND d.attempts < $3
     RETURNING d.id, d.webhook_id, d.url, d.event, d.body, d.attempts
 )
-SELECT leased.id, leased.event, leased.body, leased.attempts, leased.webhook_id,
+SELECT leased.id, leased.event, leased.body::text AS body, leased.attempts, leased.webhook_id,
        coalesce(w.url, leased.url) AS url, w.secret,
        CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END
            AS previous_secret

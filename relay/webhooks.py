@@ -26,7 +26,6 @@ from typing import Any
 
 import asyncpg
 import httpx
-import orjson
 
 from taskbox.db import webhooks as store
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
@@ -42,6 +41,7 @@ log = logging.getLogger(__name__)
 RESPONSE_PREFIX = 1024  # bytes of a receiver's answer kept with the attempt
 LEASE_MARGIN = 5.0  # seconds past the timeout before another worker may try again
 MAX_ERROR = 500
+CLAIM_BACKOFF_CAP = 30.0  # seconds: the longest pause after claims that kept failing
 USER_AGENT = "Taskbox-Webhooks/1"
 
 _DB_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError)
@@ -90,6 +90,7 @@ class DeliveryWorker:
         settings = self._settings
         lease = settings.webhook_timeout + LEASE_MARGIN
         next_backlog = 0.0
+        claim_failures = 0  # in a row: the pause before the next claim grows with them
         async with self._client() as client:
             try:
                 while True:
@@ -105,8 +106,25 @@ class DeliveryWorker:
                                 claimed = await store.claim_due(
                                     conn, free, lease, settings.webhook_max_attempts
                                 )
+                            claim_failures = 0
                         except _DB_ERRORS as exc:
                             log.warning("claiming webhook deliveries failed: %s", exc)
+                            claim_failures += 1
+                        except Exception:
+                            # Not a database outage but a bug or a row the claim cannot
+                            # read: the worker keeps going (it shares the relay with the
+                            # outbox publisher, which would stop with it), slower.
+                            log.exception("claiming webhook deliveries failed unexpectedly")
+                            claim_failures += 1
+                        if claim_failures:
+                            await asyncio.sleep(
+                                backoff_delay(
+                                    claim_failures,
+                                    settings.webhook_poll_interval,
+                                    CLAIM_BACKOFF_CAP,
+                                )
+                            )
+                            continue
                     for row in claimed:
                         task = asyncio.create_task(self._deliver(client, row))
                         self._in_flight.add(task)
@@ -142,6 +160,14 @@ class DeliveryWorker:
         return [s for s in (row["secret"], row["previous_secret"]) if s is not None]
 
     async def _deliver(self, client: httpx.AsyncClient, row: asyncpg.Record) -> None:
+        try:
+            await self._attempt(client, row)
+        except Exception:
+            # One row's bookkeeping gone wrong is that row's problem: its lease runs
+            # out, the next claim counts another attempt, and the limit ends it.
+            log.exception("webhook delivery %s: unexpected error", row["id"])
+
+    async def _attempt(self, client: httpx.AsyncClient, row: asyncpg.Record) -> None:
         delivery_id: uuid.UUID = row["id"]
         attempt: int = row["attempts"]
         started = time.monotonic()
@@ -190,6 +216,9 @@ class DeliveryWorker:
             # The lease runs out and the delivery is sent again: a duplicate, not a loss.
             log.warning("recording webhook attempt of %s failed: %s", delivery_id, exc)
             return
+        except Exception:
+            log.exception("recording webhook attempt of %s failed unexpectedly", delivery_id)
+            return
         if outcome == "delivered":
             self.delivered_total += 1
             self._metrics.webhook_deliveries.labels("delivered").inc()
@@ -207,7 +236,7 @@ class DeliveryWorker:
         secrets_in_use = self._secrets(row)
         async with asyncio.timeout(self._settings.webhook_timeout):
             addresses = await resolve_destination(target, self._allow)
-            body = orjson.dumps(row["body"])
+            body = str(row["body"]).encode()  # the claim's text: signed and sent as is
             message_id = str(row["id"])
             timestamp = int(time.time())
             headers = {

@@ -340,7 +340,9 @@ async def test_a_crashed_workers_lease_runs_out_and_another_delivers(
         (delivery,) = await deliveries_of(pool, await finish(pool))
         async with pool.acquire() as conn:
             (claimed,) = await store.claim_due(conn, 10, lease=0.5, max_attempts=8)
-            assert await store.claim_due(conn, 10, lease=0.5, max_attempts=8) == []  # leased: not claimed twice
+            assert (
+                await store.claim_due(conn, 10, lease=0.5, max_attempts=8) == []
+            )  # leased: not claimed twice
         assert claimed["id"] == delivery["id"]
         async with running_worker(pool, relay_settings(db_settings)):
             await wait_status(pool, delivery["id"], "delivered")
@@ -583,6 +585,47 @@ async def test_outcomes_reach_subscriptions_and_callbacks_through_real_processes
     )
     assert sorted(by_path["/cb"]) == sorted([(single_id, "task.done"), (fail_id, "task.failed")])
     assert "webhooks on" in relay.output
+
+
+async def test_a_body_the_json_codec_refuses_neither_blocks_others_nor_stops_the_relay(
+    pool: asyncpg.Pool, service_env: dict[str, str]
+) -> None:
+    """A body jsonb holds but orjson refuses (a number beyond a double, written by SQL),
+    due first, next to a good one: the relay process stays up, both are sent, each
+    with the bytes it was signed over."""
+    async with Receiver() as receiver:
+        _, secret = await subscribe(pool, receiver.url)
+        (poison,) = await deliveries_of(pool, await finish(pool))
+        (good,) = await deliveries_of(pool, await finish(pool))
+        await pool.execute(
+            "UPDATE webhook_deliveries SET body = '{\"n\": 1e400}'::jsonb,"
+            " next_attempt_at = now() - interval '1 minute' WHERE id = $1",
+            poison["id"],
+        )
+        env = {**service_env, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"}
+        relay = await ServiceProcess("relay", env).start()
+        try:
+            # (not wait_status: its SELECT * would decode the poison body here)
+            deadline = time.monotonic() + 20
+            while (
+                time.monotonic() < deadline
+                and await pool.fetchval(
+                    "SELECT count(*) FROM webhook_deliveries WHERE status = 'delivered'"
+                )
+                < 2
+            ):
+                await asyncio.sleep(0.05)
+            assert relay.proc is not None and relay.proc.returncode is None, relay.output
+            statuses = await pool.fetch("SELECT id, status FROM webhook_deliveries")
+            assert {(r["id"], r["status"]) for r in statuses} == {
+                (poison["id"], "delivered"),
+                (good["id"], "delivered"),
+            }
+        finally:
+            assert await relay.stop(signal.SIGTERM) == 0, relay.output
+    assert len(receiver.requests) == 2
+    events = [verified(secret, request) for request in receiver.requests]
+    assert {"n": 10**400} in events
 
 
 async def test_the_enqueue_notify_wakes_the_worker_through_the_relays_listener(
