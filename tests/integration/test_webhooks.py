@@ -303,7 +303,8 @@ async def test_an_internal_destination_is_refused_at_delivery_time(
             await wait_status(pool, delivery["id"], "failed")
         assert receiver.requests == []
     (attempt,) = await attempts_of(pool, delivery["id"])
-    assert "a loopback address" in attempt["error"]
+    assert "'localhost' resolves to an address webhooks may not reach" in attempt["error"]
+    assert "127.0.0.1" not in attempt["error"]
     assert "WEBHOOK_ALLOWED_HOSTS" in attempt["error"]
 
 
@@ -432,7 +433,11 @@ async def test_subscriptions_are_made_read_changed_rotated_and_deleted(
         ({"url": "http://[::ffff:127.0.0.1]/"}, ["body", "url"], "loopback"),
         ({"url": "http://100.64.0.1/"}, ["body", "url"], "carrier-grade NAT"),
         ({"url": "http://0.0.0.0/"}, ["body", "url"], "unspecified"),
-        ({"url": "http://localhost:9/"}, ["body", "url"], "loopback"),
+        (
+            {"url": "http://localhost:9/"},
+            ["body", "url"],
+            "'localhost' resolves to an address webhooks may not reach",
+        ),
         ({"url": "http://2130706433/"}, ["body", "url"], "loopback"),  # 127.0.0.1 as a number
         ({"url": "ftp://example.com/"}, ["body", "url"], "http:// or https://"),
         ({"url": "https://u:p@example.com/"}, ["body", "url"], "no user name or password"),
@@ -454,6 +459,19 @@ async def test_bad_subscriptions_are_422_naming_the_field(
     problem = answered.json()
     assert problem["errors"][0]["loc"] == loc, problem
     assert message in problem["errors"][0]["msg"], problem
+
+
+async def test_the_422_for_an_internal_name_does_not_say_what_it_resolves_to(
+    client: httpx.AsyncClient,
+) -> None:
+    """Whoever may subscribe must not map the network by what internal names resolve
+    to: the problem says the address is not reachable for webhooks, not which it is."""
+    request = {"url": "http://localhost:9/", "events": ["task.done"]}
+    answered = await client.post("/api/v1/webhooks", json=request)
+    assert answered.status_code == 422, answered.text
+    assert "resolves to an address webhooks may not reach" in answered.text
+    for revealing in ("127.0.0.1", "::1", "a loopback address"):
+        assert revealing not in answered.text
 
 
 async def test_patch_refuses_null_and_internal_urls(local_api_settings: ApiSettings) -> None:
