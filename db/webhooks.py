@@ -149,6 +149,22 @@ async def list_deliveries(
     return rows
 
 
+async def task_deliveries(
+    conn: asyncpg.Connection | asyncpg.Pool, task_id: uuid.UUID
+) -> list[asyncpg.Record] | None:
+    """Every delivery of the task, subscriptions' and its callback's (webhook_id NULL),
+    newest first; None when no such task. A task has one delivery per matching
+    subscription and at most one callback, so there is no paging."""
+    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM tasks WHERE id = $1)", task_id):
+        return None
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE task_id = $1
+        ORDER BY created_at DESC, id DESC""",  # noqa: S608
+        task_id,
+    )
+    return rows
+
+
 async def get_delivery(
     conn: asyncpg.Connection | asyncpg.Pool, delivery_id: uuid.UUID
 ) -> tuple[asyncpg.Record, list[asyncpg.Record]] | None:

@@ -474,6 +474,38 @@ async def test_the_422_for_an_internal_name_does_not_say_what_it_resolves_to(
         assert revealing not in answered.text
 
 
+async def test_a_tasks_deliveries_list_subscription_and_callback_ones_newest_first(
+    pool: asyncpg.Pool, client: httpx.AsyncClient
+) -> None:
+    """A callback delivery has no webhook to list it under: the task's own listing
+    shows it with the subscriptions' ones."""
+    webhook_id, _ = await subscribe(pool, "http://127.0.0.1:9/sub")
+    task_id = await finish(pool, callback_url="http://127.0.0.1:9/cb")
+    other = await finish(pool)  # another task's delivery is not listed
+    # distinct times, so that the order shows (one UPDATE gave both the same)
+    await pool.execute(
+        "UPDATE webhook_deliveries SET created_at = created_at - interval '1 minute'"
+        " WHERE task_id = $1 AND webhook_id IS NOT NULL",
+        task_id,
+    )
+    answered = await client.get(f"/api/v1/tasks/{task_id}/webhook-deliveries")
+    assert answered.status_code == 200, answered.text
+    items = answered.json()["items"]
+    assert [(d["webhook_id"], d["url"]) for d in items] == [
+        (None, "http://127.0.0.1:9/cb"),
+        (str(webhook_id), "http://127.0.0.1:9/sub"),
+    ]
+    assert {d["task_id"] for d in items} == {str(task_id)}
+    assert other != task_id
+
+    missing = await client.get(f"/api/v1/tasks/{uuid.uuid4()}/webhook-deliveries")
+    assert missing.status_code == 404, missing.text
+    assert "does not exist" in missing.json()["detail"]
+    quiet = await create_task(pool, NewTask("echo", {}, 0, 3))  # no outcome yet
+    none_yet = await client.get(f"/api/v1/tasks/{quiet['id']}/webhook-deliveries")
+    assert none_yet.json() == {"items": []}
+
+
 async def test_patch_refuses_null_and_internal_urls(local_api_settings: ApiSettings) -> None:
     async with app_client_for(local_api_settings) as client:
         made = await client.post(
