@@ -160,6 +160,7 @@ def create_app(settings: ApiSettings | None = None, tracing: Tracing = OFF) -> F
     app.include_router(schedules.router)
     app.include_router(webhooks.router)
     app.include_router(webhooks.deliveries_router)
+    app.include_router(webhooks.task_deliveries_router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(docs.router)

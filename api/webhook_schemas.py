@@ -117,6 +117,12 @@ class Delivery(BaseModel):
     delivered_at: datetime | None
 
 
+class TaskDeliveryList(BaseModel):
+    items: list[Delivery] = Field(
+        description="Newest first: one per matching subscription, and the callback's."
+    )
+
+
 class DeliveryPage(BaseModel):
     items: list[Delivery] = Field(description="Newest first.")
     next_cursor: str | None = Field(

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from taskbox.api import pagination
-from taskbox.api.service import InvalidRequest
+from taskbox.api.service import InvalidRequest, TaskNotFound
 from taskbox.api.webhook_schemas import WebhookCreate, WebhookUpdate
 from taskbox.db import webhooks as store
 from taskbox.db.webhooks import DeliveryStatus, Subscription
@@ -177,6 +177,12 @@ class WebhookService:
         rows = rows[:limit]
         next_cursor = pagination.encode(rows[-1]["created_at"], rows[-1]["id"]) if more else None
         return list(rows), next_cursor
+
+    async def task_deliveries(self, task_id: uuid.UUID) -> list[Row]:
+        rows: list[Row] | None = await store.task_deliveries(self._pool, task_id)
+        if rows is None:
+            raise TaskNotFound(task_id)
+        return rows
 
     async def delivery(self, delivery_id: uuid.UUID) -> tuple[Row, list[Row]]:
         found = await store.get_delivery(self._pool, delivery_id)

@@ -52,7 +52,10 @@ SELECT count(*) AS deleted, max(id) AS last FROM deleted
 # Finished tasks older than the retention, one status at a time down the
 # (status, created_at DESC, id DESC) index, resuming below the last deleted key. A task
 # finishes after it was created, so created_at narrows the range before finished_at is
-# checked. Their outbox rows go with them (ON DELETE CASCADE, via ix_outbox_task_id).
+# checked. Their outbox rows go with them (ON DELETE CASCADE, via ix_outbox_task_id),
+# and so would their webhook deliveries: a task with a delivery still pending stays
+# until it is delivered or failed (ix_webhook_deliveries_task_id answers each check),
+# else retention would drop an outcome its receiver has not heard of yet.
 _DELETE_FINISHED_TASKS = """
 WITH doomed AS (
     SELECT id FROM tasks
@@ -60,6 +63,10 @@ WITH doomed AS (
       AND created_at < now() - make_interval(secs => $1)
       AND (created_at, id) < ($4, $5)
       AND finished_at < now() - make_interval(secs => $1)
+      AND NOT EXISTS (
+          SELECT 1 FROM webhook_deliveries AS d
+          WHERE d.task_id = tasks.id AND d.status = 'pending'
+      )
     ORDER BY created_at DESC, id DESC
     LIMIT $2
     FOR UPDATE SKIP LOCKED

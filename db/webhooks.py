@@ -149,6 +149,22 @@ async def list_deliveries(
     return rows
 
 
+async def task_deliveries(
+    conn: asyncpg.Connection | asyncpg.Pool, task_id: uuid.UUID
+) -> list[asyncpg.Record] | None:
+    """Every delivery of the task, subscriptions' and its callback's (webhook_id NULL),
+    newest first; None when no such task. A task has one delivery per matching
+    subscription and at most one callback, so there is no paging."""
+    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM tasks WHERE id = $1)", task_id):
+        return None
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE task_id = $1
+        ORDER BY created_at DESC, id DESC""",  # noqa: S608
+        task_id,
+    )
+    return rows
+
+
 async def get_delivery(
     conn: asyncpg.Connection | asyncpg.Pool, delivery_id: uuid.UUID
 ) -> tuple[asyncpg.Record, list[asyncpg.Record]] | None:
@@ -198,7 +214,14 @@ async def replay_failed(conn: asyncpg.Connection | asyncpg.Pool, webhook_id: uui
 # margin) and its attempt counted, in this short transaction. A worker that dies
 # mid-send commits nothing more: the row falls due again when the lease runs out and
 # another worker sends it again (at least once). Counting at the claim bounds the tries
-# even of a destination that kills the worker every time.
+# even of a destination that kills the worker every time: a due row whose attempts
+# already reached the limit ($3) is not leased again but failed here, with an attempt
+# row saying why, since no worker recorded an outcome for its last attempt (it died,
+# or its record kept failing) and nothing else would ever settle it.
+#
+# The body leaves as text, the bytes the worker sends and signs as they are: decoded by
+# the pool's jsonb codec, a body jsonb holds but the codec refuses (a number beyond a
+# double's range, written by hand) would fail the whole claim, every time.
 #
 # The url and secrets are the subscription's current ones (a fixed URL or a rotation
 # applies to pending retries); a callback (no subscription) keeps its own url and is
@@ -210,13 +233,22 @@ WITH due AS (
     ORDER BY next_attempt_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
+), abandoned AS (
+    UPDATE webhook_deliveries AS d SET status = 'failed'
+    FROM due WHERE d.id = due.id AND d.attempts >= $3
+    RETURNING d.id, d.attempts
+), abandoned_attempts AS (
+    INSERT INTO webhook_attempts (delivery_id, attempt, latency_ms, error)
+    SELECT id, attempts, 0,
+           'abandoned: no outcome recorded after ' || attempts || ' attempts'
+    FROM abandoned
 ), leased AS (
     UPDATE webhook_deliveries AS d
     SET next_attempt_at = now() + make_interval(secs => $2::float8), attempts = d.attempts + 1
-    FROM due WHERE d.id = due.id
+    FROM due WHERE d.id = due.id AND d.attempts < $3
     RETURNING d.id, d.webhook_id, d.url, d.event, d.body, d.attempts
 )
-SELECT leased.id, leased.event, leased.body, leased.attempts, leased.webhook_id,
+SELECT leased.id, leased.event, leased.body::text AS body, leased.attempts, leased.webhook_id,
        coalesce(w.url, leased.url) AS url, w.secret,
        CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END
            AS previous_secret
@@ -224,8 +256,12 @@ FROM leased LEFT JOIN webhooks AS w ON w.id = leased.webhook_id
 """
 
 
-async def claim_due(conn: asyncpg.Connection, limit: int, lease: float) -> list[asyncpg.Record]:
-    rows: list[asyncpg.Record] = await conn.fetch(_CLAIM, limit, lease)
+async def claim_due(
+    conn: asyncpg.Connection, limit: int, lease: float, max_attempts: int
+) -> list[asyncpg.Record]:
+    """Lease up to ``limit`` due deliveries for ``lease`` seconds, failing (not leasing)
+    those that already had ``max_attempts`` attempts."""
+    rows: list[asyncpg.Record] = await conn.fetch(_CLAIM, limit, lease, max_attempts)
     return rows
 
 

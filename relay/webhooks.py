@@ -26,7 +26,6 @@ from typing import Any
 
 import asyncpg
 import httpx
-import orjson
 
 from taskbox.db import webhooks as store
 from taskbox.db.errors import TRANSIENT_DB_ERRORS
@@ -42,9 +41,30 @@ log = logging.getLogger(__name__)
 RESPONSE_PREFIX = 1024  # bytes of a receiver's answer kept with the attempt
 LEASE_MARGIN = 5.0  # seconds past the timeout before another worker may try again
 MAX_ERROR = 500
+CLAIM_BACKOFF_CAP = 30.0  # seconds: the longest pause after claims that kept failing
 USER_AGENT = "Taskbox-Webhooks/1"
 
 _DB_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError)
+
+
+Clients = dict[str, httpx.AsyncClient]  # by URL scheme
+
+
+def delivery_limits(concurrency: int, scheme: str) -> httpx.Limits:
+    """The connection limits of the client that sends to ``scheme`` URLs.
+
+    The sender connects to scheme://address:port and names the host only as the TLS
+    server name, so the connection pool keys its connections by (scheme, address,
+    port): a kept-alive TLS connection verified for a.example would carry a delivery
+    to b.example at the same address. For https, no connection is kept: each delivery
+    has its own handshake, verified for its own host. This costs a handshake a
+    delivery but needs no pool of clients per host name (with its own bounds and
+    eviction) and cannot mix hosts whatever the pool's keying. Plain http keeps its
+    connections: the Host header of each request names its host, and nothing was
+    verified that another host could borrow.
+    """
+    keep_alive = 0 if scheme == "https" else concurrency
+    return httpx.Limits(max_connections=concurrency, max_keepalive_connections=keep_alive)
 
 
 class NoSecret(Exception):
@@ -77,12 +97,12 @@ class DeliveryWorker:
         self._transport = transport
         self.delivered_total = 0
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self, scheme: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             follow_redirects=False,
             trust_env=False,
             timeout=self._settings.webhook_timeout,
-            limits=httpx.Limits(max_connections=self._settings.webhook_concurrency),
+            limits=delivery_limits(self._settings.webhook_concurrency, scheme),
             transport=self._transport,
         )
 
@@ -90,7 +110,9 @@ class DeliveryWorker:
         settings = self._settings
         lease = settings.webhook_timeout + LEASE_MARGIN
         next_backlog = 0.0
-        async with self._client() as client:
+        claim_failures = 0  # in a row: the pause before the next claim grows with them
+        async with self._client("http") as plain, self._client("https") as tls:
+            clients = {"http": plain, "https": tls}
             try:
                 while True:
                     self._wake.clear()  # before the claim: a NOTIFY after it is kept
@@ -102,11 +124,30 @@ class DeliveryWorker:
                     if free > 0:
                         try:
                             async with self._pool.acquire() as conn:
-                                claimed = await store.claim_due(conn, free, lease)
+                                claimed = await store.claim_due(
+                                    conn, free, lease, settings.webhook_max_attempts
+                                )
+                            claim_failures = 0
                         except _DB_ERRORS as exc:
                             log.warning("claiming webhook deliveries failed: %s", exc)
+                            claim_failures += 1
+                        except Exception:
+                            # Not a database outage but a bug or a row the claim cannot
+                            # read: the worker keeps going (it shares the relay with the
+                            # outbox publisher, which would stop with it), slower.
+                            log.exception("claiming webhook deliveries failed unexpectedly")
+                            claim_failures += 1
+                        if claim_failures:
+                            await asyncio.sleep(
+                                backoff_delay(
+                                    claim_failures,
+                                    settings.webhook_poll_interval,
+                                    CLAIM_BACKOFF_CAP,
+                                )
+                            )
+                            continue
                     for row in claimed:
-                        task = asyncio.create_task(self._deliver(client, row))
+                        task = asyncio.create_task(self._deliver(clients, row))
                         self._in_flight.add(task)
                         task.add_done_callback(self._in_flight.discard)
                     if free > 0 and len(claimed) == free:
@@ -139,7 +180,15 @@ class DeliveryWorker:
             return [self._callback_secret]
         return [s for s in (row["secret"], row["previous_secret"]) if s is not None]
 
-    async def _deliver(self, client: httpx.AsyncClient, row: asyncpg.Record) -> None:
+    async def _deliver(self, clients: Clients, row: asyncpg.Record) -> None:
+        try:
+            await self._attempt(clients, row)
+        except Exception:
+            # One row's bookkeeping gone wrong is that row's problem: its lease runs
+            # out, the next claim counts another attempt, and the limit ends it.
+            log.exception("webhook delivery %s: unexpected error", row["id"])
+
+    async def _attempt(self, clients: Clients, row: asyncpg.Record) -> None:
         delivery_id: uuid.UUID = row["id"]
         attempt: int = row["attempts"]
         started = time.monotonic()
@@ -147,7 +196,7 @@ class DeliveryWorker:
         error: str | None = None
         answer: str | None = None
         try:
-            status_code, answer = await self._send(client, row)
+            status_code, answer = await self._send(clients, row)
         except (InvalidWebhookUrl, UnsafeDestination, NoSecret) as exc:
             error = str(exc)
         except TimeoutError:
@@ -188,6 +237,9 @@ class DeliveryWorker:
             # The lease runs out and the delivery is sent again: a duplicate, not a loss.
             log.warning("recording webhook attempt of %s failed: %s", delivery_id, exc)
             return
+        except Exception:
+            log.exception("recording webhook attempt of %s failed unexpectedly", delivery_id)
+            return
         if outcome == "delivered":
             self.delivered_total += 1
             self._metrics.webhook_deliveries.labels("delivered").inc()
@@ -199,13 +251,14 @@ class DeliveryWorker:
         elif outcome == "pending":
             self._metrics.webhook_deliveries.labels("retried").inc()
 
-    async def _send(self, client: httpx.AsyncClient, row: asyncpg.Record) -> tuple[int, str]:
+    async def _send(self, clients: Clients, row: asyncpg.Record) -> tuple[int, str]:
         """POST the delivery; the status code and a prefix of the answer."""
         target = check_url(row["url"])
+        client = clients[target.scheme]
         secrets_in_use = self._secrets(row)
         async with asyncio.timeout(self._settings.webhook_timeout):
             addresses = await resolve_destination(target, self._allow)
-            body = orjson.dumps(row["body"])
+            body = str(row["body"]).encode()  # the claim's text: signed and sent as is
             message_id = str(row["id"])
             timestamp = int(time.time())
             headers = {

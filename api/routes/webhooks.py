@@ -19,6 +19,7 @@ from taskbox.api.webhook_schemas import (
     DeliveryPage,
     DeliveryStatus,
     ReplayedCount,
+    TaskDeliveryList,
     Webhook,
     WebhookCreate,
     WebhookList,
@@ -35,6 +36,9 @@ _UNAUTHORIZED: Responses = {
 router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"], responses=_UNAUTHORIZED)
 deliveries_router = APIRouter(
     prefix="/api/v1/webhook-deliveries", tags=["webhooks"], responses=_UNAUTHORIZED
+)
+task_deliveries_router = APIRouter(
+    prefix="/api/v1/tasks", tags=["webhooks"], responses=_UNAUTHORIZED
 )
 
 _NOT_FOUND: Responses = {404: {"model": Problem, "description": "No webhook has this id"}}
@@ -201,3 +205,21 @@ async def get_delivery(delivery_id: uuid.UUID, request: Request) -> DeliveryDeta
 )
 async def replay_delivery(delivery_id: uuid.UUID, request: Request) -> Delivery:
     return _delivery(await _service(request).replay(delivery_id))
+
+
+@task_deliveries_router.get(
+    "/{task_id:uuid}/webhook-deliveries",
+    response_model=TaskDeliveryList,
+    summary="List a task's webhook deliveries",
+    description=(
+        "Every delivery of the task's outcome: to each matching subscription and to its "
+        "own `callback_url` (`webhook_id` null), newest first."
+    ),
+    responses={
+        404: {"model": Problem, "description": "No task has this id"},
+        **_UNAVAILABLE,
+    },
+)
+async def list_task_deliveries(task_id: uuid.UUID, request: Request) -> TaskDeliveryList:
+    rows = await _service(request).task_deliveries(task_id)
+    return TaskDeliveryList(items=[_delivery(row) for row in rows])

@@ -28,6 +28,10 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MAX_URL = 2048
 RESOLVE_TIMEOUT = 5.0
+UNREACHABLE = (
+    "an address webhooks may not reach (loopback, private, link-local, shared, multicast, "
+    "reserved or otherwise not global)"
+)
 
 # Named for the message: the metadata services of the large clouds. Each is also in a
 # refused range (link-local, unique-local, CGNAT); the name only makes the 422 clearer.
@@ -35,6 +39,9 @@ _METADATA = frozenset(
     ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200")
 )
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# Deprecated anycast of 6to4 relays (RFC 7526): whoever answers there is not a receiver.
+_SIX_TO_FOUR_RELAY = ipaddress.ip_network("192.88.99.0/24")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known prefix (RFC 6052)
 
 
 class InvalidWebhookUrl(ValueError):
@@ -92,10 +99,32 @@ def check_url(url: str) -> Target:
     return Target(url, parts.scheme, parts.hostname.lower(), port or default, path)
 
 
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[str, list[ipaddress.IPv4Address]]:
+    """The IPv4 addresses a transition address carries, and the name of its kind: a
+    packet to it ends up at (or goes through) those, so they are what is judged."""
+    if address.sixtofour is not None:
+        return "6to4", [address.sixtofour]
+    if address.teredo is not None:
+        return "Teredo", list(address.teredo)  # its server and its client
+    if address in _NAT64:
+        return "NAT64", [ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)]
+    return "", []
+
+
 def refusal_reason(address: IPAddress) -> str | None:
     """Why deliveries may not go to ``address``; None for a global address."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return refusal_reason(address.ipv4_mapped)  # ::ffff:127.0.0.1 is 127.0.0.1
+        kind, wrapped = _embedded_ipv4(address)
+        for ipv4 in wrapped:
+            reason = refusal_reason(ipv4)
+            if reason is not None:
+                return f"{reason} inside a {kind} address"
+        if kind == "NAT64":
+            # 64:ff9b::/96 is reserved to Python, but a NAT64 gateway is how an
+            # IPv6-only network reaches the IPv4 internet: the IPv4 inside decides.
+            return None
     if address in _METADATA:
         return "a cloud metadata address"
     if address.is_loopback:
@@ -108,6 +137,10 @@ def refusal_reason(address: IPAddress) -> str | None:
         return "a multicast address"
     if address.version == 4 and address in _CGNAT:
         return "a carrier-grade NAT (shared) address"
+    if address.version == 4 and address in _SIX_TO_FOUR_RELAY:
+        return "a 6to4 relay (anycast) address"
+    if address.version == 6 and address.is_site_local:
+        return "a site-local address"
     if address.is_private:
         return "a private address"
     if address.is_reserved:
@@ -178,9 +211,14 @@ async def resolve_destination(target: Target, allow: AllowList) -> list[IPAddres
     for address in addresses:
         reason = refusal_reason(address)
         if reason is not None and not allow.allows_address(address):
-            shown = f"{target.host!r} resolves to {address}" if literal is None else str(address)
+            if literal is None:
+                # Neither the address nor which kind it is: what an internal name
+                # resolves to is a map of the network for whoever can subscribe.
+                shown = f"{target.host!r} resolves to {UNREACHABLE}"
+            else:
+                shown = f"{address} is {reason}"
             raise UnsafeDestination(
-                f"{shown}, {reason}: webhooks are not sent there unless "
+                f"{shown}: webhooks are not sent there unless "
                 "WEBHOOK_ALLOWED_HOSTS names the host or its network"
             )
     return addresses

@@ -106,6 +106,7 @@ ROUTES = [
     ("POST", f"/api/v1/webhooks/{uuid.UUID(int=1)}/replay-failed", None),
     ("GET", f"/api/v1/webhook-deliveries/{uuid.UUID(int=1)}", None),
     ("POST", f"/api/v1/webhook-deliveries/{uuid.UUID(int=1)}/replay", None),
+    ("GET", f"{TASKS}/{uuid.UUID(int=1)}/webhook-deliveries", None),
 ]
 
 

@@ -1484,6 +1484,12 @@ EXPECTED_OPERATIONS: dict[tuple[str, str], dict[str, str | None]] = {
         "409": "Problem",
         "503": "Problem",
     },
+    ("/api/v1/tasks/{task_id}/webhook-deliveries", "get"): {
+        "200": "TaskDeliveryList",
+        "401": "Problem",
+        "404": "Problem",
+        "503": "Problem",
+    },
     ("/healthz", "get"): {"200": None},
     ("/readyz", "get"): {"200": None, "503": None},
 }

@@ -1041,6 +1041,7 @@ async def test_webhook_examples(
     for command in readme.shell_commands(block.text):
         if "/deliveries?status=failed" in command.text:
             task = await create_task(pool, NewTask("echo", {}, 0, 3))
+            known["<task_id>"] = str(task["id"])
             known["<delivery_id>"] = str(
                 await pool.fetchval(
                     "INSERT INTO webhook_deliveries"
@@ -1067,6 +1068,8 @@ async def test_webhook_examples(
             assert answer == {"replayed": 0}, answer
         elif command.text.endswith('/replay -H "Authorization: Bearer $KEY"'):
             assert answer["status"] == "pending", answer
+        elif "/webhook-deliveries -H" in command.text:
+            assert [d["id"] for d in answer["items"]] == [known["<delivery_id>"]], answer
         elif "/api/v1/tasks" in command.text:
             assert answer["status"] == "NEW", answer
     callback = await pool.fetchval("SELECT callback_url FROM tasks WHERE callback_url IS NOT NULL")

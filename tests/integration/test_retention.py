@@ -12,12 +12,14 @@ import asyncpg
 import pytest
 
 from taskbox.db import retention
+from taskbox.db import webhooks as webhook_store
 from taskbox.db.pool import connect
 from taskbox.db.settings import DatabaseSettings
 from taskbox.db.tasks import NewTask, create_task
 from taskbox.relay.housekeeping import Housekeeper, sweep
 from taskbox.relay.metrics import RelayMetrics
 from taskbox.relay.settings import RelaySettings
+from taskbox.webhooks import new_secret
 from tests.integration.processes import ServiceProcess, run_command
 
 DAY = 86400.0
@@ -164,6 +166,31 @@ async def test_task_retention_deletes_finished_tasks_with_their_outbox_rows(
     assert report.tasks_deleted == 36
     assert await task_ids(pool) == {*running, *waiting, *young, *slow}
     assert not (await outbox_task_ids(pool)) & set(finished), "outbox rows cascade"
+
+
+async def test_task_retention_keeps_tasks_whose_webhook_delivery_is_pending(
+    pool: asyncpg.Pool, settings: RelaySettings
+) -> None:
+    """A delivery cascades with its task: a task whose delivery is still pending stays
+    (the receiver has not heard of it yet); delivered or failed ones go."""
+    await webhook_store.create_webhook(
+        pool, webhook_store.Subscription("http://127.0.0.1:9/hook", ("task.done",)), new_secret()
+    )
+    ids = await make_tasks(pool, 12)  # more than a batch of 10
+    await age(pool, ids, days=40, status="DONE", finished=True)  # the trigger enqueues
+    pending = {ids[0], ids[5], ids[11]}
+    await pool.execute(
+        "UPDATE webhook_deliveries SET status = CASE WHEN random() < 0.5 THEN 'delivered'"
+        " ELSE 'failed' END WHERE NOT task_id = ANY($1::uuid[])",
+        list(pending),
+    )
+    settings = settings.model_copy(update={"task_retention": 30 * DAY})
+    async with pool.acquire() as conn:
+        report = await sweep(conn, settings)
+    assert report.tasks_deleted == 9
+    assert await task_ids(pool) == pending
+    left = await pool.fetch("SELECT task_id, status FROM webhook_deliveries")
+    assert {(r["task_id"], r["status"]) for r in left} == {(t, "pending") for t in pending}
 
 
 async def test_only_one_process_sweeps_at_a_time(

@@ -1150,7 +1150,7 @@ async def test_webhooks_under_each_role(roles: Roles, database_url: str) -> None
                 == []
             )
         async with connected(roles, "relay") as relay:
-            (claimed,) = await webhook_store.claim_due(relay, 10, 15.0)
+            (claimed,) = await webhook_store.claim_due(relay, 10, 15.0, 8)
             assert claimed["webhook_id"] == hook["id"] and claimed["secret"].startswith("whsec_")
             record = webhook_store.AttemptRecord(
                 claimed["id"], 1, 500, 1.5, "answered 500", "no", False, None

@@ -303,7 +303,8 @@ async def test_an_internal_destination_is_refused_at_delivery_time(
             await wait_status(pool, delivery["id"], "failed")
         assert receiver.requests == []
     (attempt,) = await attempts_of(pool, delivery["id"])
-    assert "a loopback address" in attempt["error"]
+    assert "'localhost' resolves to an address webhooks may not reach" in attempt["error"]
+    assert "127.0.0.1" not in attempt["error"]
     assert "WEBHOOK_ALLOWED_HOSTS" in attempt["error"]
 
 
@@ -339,13 +340,34 @@ async def test_a_crashed_workers_lease_runs_out_and_another_delivers(
         await subscribe(pool, receiver.url)
         (delivery,) = await deliveries_of(pool, await finish(pool))
         async with pool.acquire() as conn:
-            (claimed,) = await store.claim_due(conn, 10, lease=0.5)
-            assert await store.claim_due(conn, 10, lease=0.5) == []  # leased: not claimed twice
+            (claimed,) = await store.claim_due(conn, 10, lease=0.5, max_attempts=8)
+            assert (
+                await store.claim_due(conn, 10, lease=0.5, max_attempts=8) == []
+            )  # leased: not claimed twice
         assert claimed["id"] == delivery["id"]
         async with running_worker(pool, relay_settings(db_settings)):
             await wait_status(pool, delivery["id"], "delivered")
     assert len(receiver.requests) == 1
     assert [a["attempt"] for a in await attempts_of(pool, delivery["id"])] == [2]
+
+
+async def test_claims_of_a_worker_that_always_dies_stop_at_the_attempt_limit(
+    pool: asyncpg.Pool,
+) -> None:
+    """Each claim counts an attempt and nobody records one (a lease of 0: the worker
+    died at once): after the limit the claim fails the delivery instead of leasing it."""
+    await subscribe(pool, "http://127.0.0.1:9/hook")
+    (delivery,) = await deliveries_of(pool, await finish(pool))
+    leased = 0
+    async with pool.acquire() as conn:
+        for _ in range(6):
+            leased += len(await store.claim_due(conn, 10, lease=0, max_attempts=3))
+    assert leased == 3
+    row = await pool.fetchrow("SELECT * FROM webhook_deliveries WHERE id = $1", delivery["id"])
+    assert (row["status"], row["attempts"]) == ("failed", 3)
+    (abandoned,) = await attempts_of(pool, delivery["id"])
+    assert abandoned["attempt"] == 3
+    assert abandoned["error"] == "abandoned: no outcome recorded after 3 attempts"
 
 
 # --- the API -----------------------------------------------------------------------
@@ -411,7 +433,11 @@ async def test_subscriptions_are_made_read_changed_rotated_and_deleted(
         ({"url": "http://[::ffff:127.0.0.1]/"}, ["body", "url"], "loopback"),
         ({"url": "http://100.64.0.1/"}, ["body", "url"], "carrier-grade NAT"),
         ({"url": "http://0.0.0.0/"}, ["body", "url"], "unspecified"),
-        ({"url": "http://localhost:9/"}, ["body", "url"], "loopback"),
+        (
+            {"url": "http://localhost:9/"},
+            ["body", "url"],
+            "'localhost' resolves to an address webhooks may not reach",
+        ),
         ({"url": "http://2130706433/"}, ["body", "url"], "loopback"),  # 127.0.0.1 as a number
         ({"url": "ftp://example.com/"}, ["body", "url"], "http:// or https://"),
         ({"url": "https://u:p@example.com/"}, ["body", "url"], "no user name or password"),
@@ -433,6 +459,51 @@ async def test_bad_subscriptions_are_422_naming_the_field(
     problem = answered.json()
     assert problem["errors"][0]["loc"] == loc, problem
     assert message in problem["errors"][0]["msg"], problem
+
+
+async def test_the_422_for_an_internal_name_does_not_say_what_it_resolves_to(
+    client: httpx.AsyncClient,
+) -> None:
+    """Whoever may subscribe must not map the network by what internal names resolve
+    to: the problem says the address is not reachable for webhooks, not which it is."""
+    request = {"url": "http://localhost:9/", "events": ["task.done"]}
+    answered = await client.post("/api/v1/webhooks", json=request)
+    assert answered.status_code == 422, answered.text
+    assert "resolves to an address webhooks may not reach" in answered.text
+    for revealing in ("127.0.0.1", "::1", "a loopback address"):
+        assert revealing not in answered.text
+
+
+async def test_a_tasks_deliveries_list_subscription_and_callback_ones_newest_first(
+    pool: asyncpg.Pool, client: httpx.AsyncClient
+) -> None:
+    """A callback delivery has no webhook to list it under: the task's own listing
+    shows it with the subscriptions' ones."""
+    webhook_id, _ = await subscribe(pool, "http://127.0.0.1:9/sub")
+    task_id = await finish(pool, callback_url="http://127.0.0.1:9/cb")
+    other = await finish(pool)  # another task's delivery is not listed
+    # distinct times, so that the order shows (one UPDATE gave both the same)
+    await pool.execute(
+        "UPDATE webhook_deliveries SET created_at = created_at - interval '1 minute'"
+        " WHERE task_id = $1 AND webhook_id IS NOT NULL",
+        task_id,
+    )
+    answered = await client.get(f"/api/v1/tasks/{task_id}/webhook-deliveries")
+    assert answered.status_code == 200, answered.text
+    items = answered.json()["items"]
+    assert [(d["webhook_id"], d["url"]) for d in items] == [
+        (None, "http://127.0.0.1:9/cb"),
+        (str(webhook_id), "http://127.0.0.1:9/sub"),
+    ]
+    assert {d["task_id"] for d in items} == {str(task_id)}
+    assert other != task_id
+
+    missing = await client.get(f"/api/v1/tasks/{uuid.uuid4()}/webhook-deliveries")
+    assert missing.status_code == 404, missing.text
+    assert "does not exist" in missing.json()["detail"]
+    quiet = await create_task(pool, NewTask("echo", {}, 0, 3))  # no outcome yet
+    none_yet = await client.get(f"/api/v1/tasks/{quiet['id']}/webhook-deliveries")
+    assert none_yet.json() == {"items": []}
 
 
 async def test_patch_refuses_null_and_internal_urls(local_api_settings: ApiSettings) -> None:
@@ -564,6 +635,45 @@ async def test_outcomes_reach_subscriptions_and_callbacks_through_real_processes
     )
     assert sorted(by_path["/cb"]) == sorted([(single_id, "task.done"), (fail_id, "task.failed")])
     assert "webhooks on" in relay.output
+
+
+async def test_a_body_the_json_codec_refuses_neither_blocks_others_nor_stops_the_relay(
+    pool: asyncpg.Pool, service_env: dict[str, str]
+) -> None:
+    """A body jsonb holds but orjson refuses (a number beyond a double, written by SQL),
+    due first, next to a good one: the relay process stays up, both are sent, each
+    with the bytes it was signed over."""
+    async with Receiver() as receiver:
+        _, secret = await subscribe(pool, receiver.url)
+        (poison,) = await deliveries_of(pool, await finish(pool))
+        (good,) = await deliveries_of(pool, await finish(pool))
+        await pool.execute(
+            "UPDATE webhook_deliveries SET body = '{\"n\": 1e400}'::jsonb,"
+            " next_attempt_at = now() - interval '1 minute' WHERE id = $1",
+            poison["id"],
+        )
+        env = {**service_env, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"}
+        relay = await ServiceProcess("relay", env).start()
+        try:
+            # (not wait_status: its SELECT * would decode the poison body here)
+            for _ in range(400):  # 20 s
+                delivered = await pool.fetchval(
+                    "SELECT count(*) FROM webhook_deliveries WHERE status = 'delivered'"
+                )
+                if delivered == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert relay.proc is not None and relay.proc.returncode is None, relay.output
+            statuses = await pool.fetch("SELECT id, status FROM webhook_deliveries")
+            assert {(r["id"], r["status"]) for r in statuses} == {
+                (poison["id"], "delivered"),
+                (good["id"], "delivered"),
+            }
+        finally:
+            assert await relay.stop(signal.SIGTERM) == 0, relay.output
+    assert len(receiver.requests) == 2
+    events = [verified(secret, request) for request in receiver.requests]
+    assert {"n": 10**400} in events
 
 
 async def test_the_enqueue_notify_wakes_the_worker_through_the_relays_listener(

@@ -46,13 +46,34 @@ from taskbox.webhooks import (
         ("240.0.0.1", "a private address"),  # reserved, which Python counts as private
         ("198.18.0.1", "a private address"),  # benchmarking
         ("192.0.2.1", "a private address"),  # documentation
+        ("fec0::1", "a site-local address"),
+        ("192.88.99.1", "a 6to4 relay (anycast) address"),
+        # transition addresses: judged by the IPv4 they carry
+        ("2002:a00:1::", "a private address inside a 6to4 address"),  # 10.0.0.1
+        ("2002:7f00:1::1", "a loopback address inside a 6to4 address"),  # 127.0.0.1
+        ("2002:a9fe:a9fe::", "a cloud metadata address inside a 6to4 address"),
+        # Teredo: server 65.54.227.120 and client 10.0.0.1 (stored inverted: f5ff:fffe)
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "a private address inside a Teredo address"),
+        # Teredo: server 127.0.0.1, client 8.8.8.8
+        ("2001:0:7f00:1:8000:63bf:f7f7:f7f7", "a loopback address inside a Teredo address"),
+        ("64:ff9b::a00:1", "a private address inside a NAT64 address"),  # 10.0.0.1
+        ("64:ff9b::a9fe:a9fe", "a cloud metadata address inside a NAT64 address"),
+        ("64:ff9b::7f00:1", "a loopback address inside a NAT64 address"),
     ],
 )
 def test_internal_addresses_are_refused_with_their_reason(address: str, reason: str) -> None:
     assert refusal_reason(ipaddress.ip_address(address)) == reason
 
 
-@pytest.mark.parametrize("address", ["93.184.215.14", "1.1.1.1", "2606:4700:4700::1111"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "93.184.215.14",
+        "1.1.1.1",
+        "2606:4700:4700::1111",
+        "64:ff9b::808:808",  # NAT64 of 8.8.8.8: how an IPv6-only network reaches it
+    ],
+)
 def test_global_addresses_pass(address: str) -> None:
     assert refusal_reason(ipaddress.ip_address(address)) is None
 
@@ -67,13 +88,23 @@ def test_the_allow_list_names_hosts_and_networks() -> None:
 
 
 async def test_literal_addresses_are_checked_without_dns() -> None:
-    with pytest.raises(UnsafeDestination, match="a private address"):
+    # a literal may be named: the subscriber wrote it
+    with pytest.raises(UnsafeDestination, match=r"10\.0\.0\.1 is a private address"):
         await resolve_destination(check_url("http://10.0.0.1/"), AllowList())
     allowed = await resolve_destination(check_url("http://10.0.0.1/"), AllowList(["10.0.0.0/8"]))
     assert allowed == [ipaddress.ip_address("10.0.0.1")]
     assert await resolve_destination(check_url("https://[2606:4700::1]/"), AllowList()) == [
         ipaddress.ip_address("2606:4700::1")
     ]
+
+
+async def test_a_name_resolving_inside_is_refused_without_saying_to_what() -> None:
+    with pytest.raises(UnsafeDestination) as refused:
+        await resolve_destination(check_url("http://localhost:9/"), AllowList())
+    message = str(refused.value)
+    assert "'localhost' resolves to an address webhooks may not reach" in message
+    for revealing in ("127.0.0.1", "::1", "a loopback address"):
+        assert revealing not in message
 
 
 @pytest.mark.parametrize(
