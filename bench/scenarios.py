@@ -310,7 +310,7 @@ async def _relay_tracing_cost(rows: int, rounds: int, endpoint: str) -> Result:
                     rates[name].append(rows / (end - start))
                 finally:
                     await relay.stop()
-            await _value(st.database_url, "TRUNCATE tasks, outbox")
+            await _value(st.database_url, "TRUNCATE tasks, outbox CASCADE")
     return {
         "rows": rows,
         "rows_s": {name: max(found) for name, found in rates.items()},
