@@ -580,7 +580,10 @@ class TaskConsumer:
         refused alone is written as FAILED with the reason instead."""
         try:
             return await self._with_db_retry(
-                "completion", functools.partial(task_execution.finish_tasks, self._pool, outcomes)
+                "completion",
+                functools.partial(
+                    task_execution.finish_tasks, self._pool, outcomes, self.worker_id
+                ),
             )
         except (TypeError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             if not _refused_for_its_values(exc):
@@ -612,7 +615,10 @@ class TaskConsumer:
             lease=outcome.lease,
         )
         return await self._with_db_retry(
-            "completion", functools.partial(task_execution.finish_tasks, self._pool, [substitute])
+            "completion",
+            functools.partial(
+                task_execution.finish_tasks, self._pool, [substitute], self.worker_id
+            ),
         )
 
     def _count(
@@ -660,7 +666,7 @@ class TaskConsumer:
             if not leases:
                 continue
             try:
-                owned = await task_execution.heartbeat(self._pool, leases)
+                owned = await task_execution.heartbeat(self._pool, leases, self.worker_id)
             except TRANSIENT_DB_ERRORS as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue

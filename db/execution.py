@@ -1,11 +1,22 @@
 """Queries of task execution: the consumer's claim, heartbeat, outcome and rescue.
 
-Every transition is one conditional UPDATE. The fencing token is ``tasks.lease``: each
-claim adds one to it and nothing ever lowers it. A heartbeat and an outcome are
-written only while the task is still PROCESSING under the lease its claim returned, so
-a consumer that lost its task (rescued, re-claimed, or released by a write whose reply
-was lost and which it retries) can never match the row again. The attempt count is not
-a fence: a graceful release gives its attempt back, so an attempt number recurs.
+Every transition is one conditional UPDATE. The fencing token is ``tasks.lease`` with
+``tasks.worker_id``: each claim adds one to the lease and writes its consumer's id, and
+a heartbeat and an outcome are written only while the task is still PROCESSING under
+both, as its claim returned them. A consumer that lost its task (rescued, re-claimed,
+or released by a write whose reply was lost and which it retries) can never match the
+row again. The attempt count is not a fence: a graceful release gives its attempt back,
+so an attempt number recurs.
+
+The claim commits without waiting for its WAL flush (synchronous_commit off). A Postgres
+crash can lose it: the row is back as it was, and the lease number it handed out can be
+handed out again, to another consumer. The worker id is what keeps the two apart: the
+first consumer's heartbeat and outcome, written under its own id, match nothing, so it
+stops (its heartbeat finds the task gone) or its outcome is refused and its message goes
+back through the claim, while the second runs the task: a duplicate run, which
+at-least-once allows, never two owners. A claim's loss costs no message either: the
+consumer holds its delivery unacked until an outcome is committed, and any later durable
+commit (that outcome's, anyone's create) flushes the claim first.
 """
 
 from __future__ import annotations
@@ -64,10 +75,12 @@ WITH delivery AS (
                AND t.attempts < t.max_attempts)
            OR (t.status = 'PROCESSING' AND t.worker_id = $3))
     RETURNING t.id, t.type, t.payload, t.attempts, t.max_attempts, t.lease, t.created_at
+), no_flush_wait AS (
+    SELECT set_config('synchronous_commit', 'off', true)
 )
 SELECT d.id, c.type, c.payload, c.attempts, c.max_attempts, c.lease, c.created_at,
        c.id IS NOT NULL AS claimed, t.status AS seen_status
-FROM delivery AS d
+FROM no_flush_wait, delivery AS d
 LEFT JOIN claimed AS c ON c.id = d.id
 LEFT JOIN tasks AS t ON t.id = d.id
 """
@@ -111,7 +124,7 @@ WITH outcome AS (
                         THEN t.attempts - 1 ELSE t.attempts END,
         updated_at = now()
     FROM outcome AS o
-    WHERE t.id = o.id AND t.status = 'PROCESSING' AND t.lease = o.lease
+    WHERE t.id = o.id AND t.status = 'PROCESSING' AND t.lease = o.lease AND t.worker_id = $2
     RETURNING t.id, t.type, t.priority, t.status, o.retry_in, o.traceparent
 ), retried AS (
     INSERT INTO outbox (task_id, kind, body, available_at, headers)
@@ -127,7 +140,7 @@ SELECT id, status FROM updated
 _HEARTBEAT = """
 UPDATE tasks AS t SET heartbeat_at = now()
 FROM unnest($1::uuid[], $2::bigint[]) AS h(id, lease)
-WHERE t.id = h.id AND t.status = 'PROCESSING' AND t.lease = h.lease
+WHERE t.id = h.id AND t.status = 'PROCESSING' AND t.lease = h.lease AND t.worker_id = $3
 RETURNING t.id, t.cancel_requested
 """
 
@@ -270,22 +283,25 @@ def outcome_document(outcomes: Sequence[Outcome]) -> bytes:
 
 
 async def finish_tasks(
-    conn: asyncpg.Connection | asyncpg.Pool, outcomes: Sequence[Outcome]
+    conn: asyncpg.Connection | asyncpg.Pool, outcomes: Sequence[Outcome], worker_id: str
 ) -> dict[uuid.UUID, str]:
-    """Write the outcomes; returns the status written for each task whose outcome was
-    recorded (still owned under its lease): NEW for a release, CANCELLED where a cancel
-    overrode a retry or a release."""
-    rows = await conn.fetch(_FINISH, orjson.Fragment(outcome_document(outcomes)))
+    """Write the outcomes of ``worker_id``'s attempts; returns the status written for
+    each task whose outcome was recorded (still owned under its lease and by that
+    worker): NEW for a release, CANCELLED where a cancel overrode a retry or a release."""
+    rows = await conn.fetch(_FINISH, orjson.Fragment(outcome_document(outcomes)), worker_id)
     return {row["id"]: row["status"] for row in rows}
 
 
 async def heartbeat(
-    conn: asyncpg.Connection | asyncpg.Pool, leases: Sequence[tuple[uuid.UUID, int]]
+    conn: asyncpg.Connection | asyncpg.Pool,
+    leases: Sequence[tuple[uuid.UUID, int]],
+    worker_id: str,
 ) -> dict[uuid.UUID, bool]:
-    """Refresh the heartbeat of tasks still held under these leases; maps each still-owned
-    id to cancel_requested. A running task missing from the answer is no longer ours."""
+    """Refresh the heartbeat of tasks ``worker_id`` still holds under these leases; maps
+    each still-owned id to cancel_requested. A running task missing from the answer is
+    no longer ours."""
     rows = await conn.fetch(
-        _HEARTBEAT, [task_id for task_id, _ in leases], [lease for _, lease in leases]
+        _HEARTBEAT, [task_id for task_id, _ in leases], [lease for _, lease in leases], worker_id
     )
     return {row["id"]: row["cancel_requested"] for row in rows}
 

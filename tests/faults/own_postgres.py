@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from tests.integration.processes import free_port
@@ -141,6 +142,19 @@ class OwnPostgres:
         for victim in (pid, *children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
+
+    def kill_and_restart(self) -> None:
+        """``kill()``, then start again once every process of the old server is gone (a
+        start while one lingers would find the data directory in use)."""
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        victims = [pid, *_children(pid)]
+        self.kill()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{victim}").exists() for victim in victims):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the killed server's processes are still there: {victims}")
+            time.sleep(0.05)
+        self.start()
 
     def destroy(self) -> None:
         if (self.data / "postmaster.pid").exists():

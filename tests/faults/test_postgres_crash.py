@@ -1,5 +1,5 @@
 """A Postgres crash under load loses no task that the api answered 201 for, and leaves
-none stuck.
+none stuck; a claim a crash undoes hands its lease number out again, never its fence.
 
 Which commits wait for their WAL flush is a durability decision (README, Guarantees):
 the api's create, the consumer's claim and every outcome do; the relay's record of its
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
 
@@ -24,6 +25,9 @@ import asyncpg
 import pytest
 
 from taskbox.broker.settings import BrokerSettings
+from taskbox.db import execution
+from taskbox.db.pool import init_connection
+from taskbox.db.tasks import NewTask, create_task
 from tests.faults.cluster import FAST_CONSUMER, FAST_RELAY
 from tests.faults.load import accepted, create_at_a_steady_rate, refused_wrongly
 from tests.faults.own_postgres import OwnPostgres
@@ -109,3 +113,63 @@ async def test_a_postgres_crash_loses_no_accepted_task_and_strands_none(
         for process in processes:
             with contextlib.suppress(Exception):
                 await process.wait(timeout=10)
+
+
+# The server processes that could write or flush the WAL the claim's commit left in
+# shared memory; stopped, nothing does until the kill.
+_WAL_WRITERS = """
+SELECT pid FROM pg_stat_activity
+WHERE backend_type IN ('walwriter', 'background writer', 'checkpointer', 'autovacuum launcher')
+"""
+_ROW = "SELECT status, lease, attempts, worker_id FROM tasks WHERE id = $1"
+
+
+async def test_a_claim_lost_in_a_crash_lets_no_write_of_its_consumer_in(
+    own_postgres: OwnPostgres, broker_settings: BrokerSettings
+) -> None:
+    """The claim commits without waiting for its flush (README, Guarantees). A crash
+    that loses it puts the task back as it was while its consumer, w1, holds the answer
+    and runs the handler; the next claim, w2's, takes the same lease number. w1's
+    heartbeat and outcome must then match nothing, and w2's must go through."""
+    env = {**os.environ, "DATABASE_URL": own_postgres.url}
+    migrated = await run_command("db", ["migrate"], env)
+    assert migrated.code == 0, migrated
+    conn = await asyncpg.connect(own_postgres.url)
+    await init_connection(conn)  # jsonb as the pool has it
+    try:
+        task = await create_task(conn, NewTask("echo", {"n": 1}, 0, 3))  # durable
+        outbox_id = await conn.fetchval("SELECT id FROM outbox WHERE task_id = $1", task["id"])
+        delivery = execution.Delivery(task["id"], outbox_id)
+        for pid in [row["pid"] for row in await conn.fetch(_WAL_WRITERS)]:
+            os.kill(pid, signal.SIGSTOP)
+        [lost] = await execution.claim_tasks(conn, [delivery], "w1", 30.0)
+        assert lost["claimed"]
+    finally:
+        await conn.close()
+    await asyncio.to_thread(own_postgres.kill_and_restart)  # the stopped ones too: SIGKILL
+
+    conn = await asyncpg.connect(own_postgres.url)
+    await init_connection(conn)
+    try:
+        row = await conn.fetchrow(_ROW, task["id"])
+        assert row is not None, "the create waited for its flush: it must survive"
+        # Had the claim waited for its flush, it would be here: it is not, by design.
+        assert (row["status"], row["lease"], row["worker_id"]) == ("NEW", 0, None), dict(row)
+
+        [current] = await execution.claim_tasks(conn, [delivery], "w2", 30.0)
+        assert current["claimed"] and current["lease"] == lost["lease"]
+        assert await execution.heartbeat(conn, [(task["id"], lost["lease"])], "w1") == {}
+        late = execution.Outcome(
+            task["id"], lost["attempts"], "DONE", result={"by": "w1"}, lease=lost["lease"]
+        )
+        assert await execution.finish_tasks(conn, [late], "w1") == {}
+        owned = await execution.heartbeat(conn, [(task["id"], current["lease"])], "w2")
+        assert owned == {task["id"]: False}
+        done = execution.Outcome(
+            task["id"], current["attempts"], "DONE", result={"by": "w2"}, lease=current["lease"]
+        )
+        assert await execution.finish_tasks(conn, [done], "w2") == {task["id"]: "DONE"}
+        row = await conn.fetchrow(_ROW, task["id"])
+        assert row is not None and (row["status"], row["worker_id"]) == ("DONE", "w2")
+    finally:
+        await conn.close()

@@ -88,7 +88,7 @@ async def test_a_cancel_accepted_while_running_wins_over_a_retry(pool: asyncpg.P
     retry = Outcome(
         task_id, 1, "NEW", error={"type": "E", "message": "m"}, retry_in=0.0, lease=claimed["lease"]
     )
-    assert await execution.finish_tasks(pool, [retry]) == {task_id: "CANCELLED"}
+    assert await execution.finish_tasks(pool, [retry], "w1") == {task_id: "CANCELLED"}
     row = await fetch_task(pool, task_id)
     assert row["status"] == "CANCELLED"
     assert row["error"]["type"] == "Cancelled"
@@ -103,7 +103,7 @@ async def test_a_cancel_accepted_while_running_wins_over_a_shutdown_release(
     claimed = await claim(pool, task_id, "w1")
     await cancel_task(pool, task_id)
     release = Outcome(task_id, 1, "PENDING", lease=claimed["lease"])
-    assert await execution.finish_tasks(pool, [release]) == {task_id: "CANCELLED"}
+    assert await execution.finish_tasks(pool, [release], "w1") == {task_id: "CANCELLED"}
     row = await fetch_task(pool, task_id)
     assert (row["status"], row["attempts"]) == ("CANCELLED", 1)
 
@@ -129,18 +129,18 @@ async def test_a_release_retried_after_its_reply_was_lost_cannot_touch_the_next_
     first = await claim(pool, task_id, "w1")
     release = Outcome(task_id, first["attempts"], "PENDING", lease=first["lease"])
     # The release commits; its reply is lost, so w1 will send it again.
-    assert await execution.finish_tasks(pool, [release]) == {task_id: "NEW"}
+    assert await execution.finish_tasks(pool, [release], "w1") == {task_id: "NEW"}
     second = await claim(pool, task_id, "w2")
     assert second["attempts"] == first["attempts"]  # the released attempt was given back
     assert second["lease"] > first["lease"]
 
-    assert await execution.finish_tasks(pool, [release]) == {}  # the retry matches nothing
+    assert await execution.finish_tasks(pool, [release], "w1") == {}  # the retry: nothing
     row = await fetch_task(pool, task_id)
     assert (row["status"], row["worker_id"]) == ("PROCESSING", "w2")
-    assert await execution.heartbeat(pool, [(task_id, second["lease"])]) == {task_id: False}
-    assert await execution.heartbeat(pool, [(task_id, first["lease"])]) == {}
+    assert await execution.heartbeat(pool, [(task_id, second["lease"])], "w2") == {task_id: False}
+    assert await execution.heartbeat(pool, [(task_id, first["lease"])], "w1") == {}
     done = Outcome(task_id, second["attempts"], "DONE", result={"ok": 2}, lease=second["lease"])
-    assert await execution.finish_tasks(pool, [done]) == {task_id: "DONE"}
+    assert await execution.finish_tasks(pool, [done], "w2") == {task_id: "DONE"}
 
 
 async def test_a_release_does_not_count_on_its_own_message(pool: asyncpg.Pool) -> None:
@@ -155,7 +155,7 @@ async def test_a_release_does_not_count_on_its_own_message(pool: asyncpg.Pool) -
     assert (refused["claimed"], refused["seen_status"]) == (False, "PROCESSING")
 
     release = Outcome(task_id, first["attempts"], "PENDING", lease=first["lease"])
-    assert await execution.finish_tasks(pool, [release]) == {task_id: "NEW"}
+    assert await execution.finish_tasks(pool, [release], "w1") == {task_id: "NEW"}
 
     row = await fetch_task(pool, task_id)
     assert (row["status"], row["attempts"]) == ("NEW", 0)
@@ -176,12 +176,45 @@ async def test_a_stale_owner_cannot_overwrite_the_current_owners_outcome(
     await execution.rescue_stale(pool, 30)
     current = await claim(pool, task_id, "w2")
     late = Outcome(task_id, stale["attempts"], "DONE", result={"by": "w1"}, lease=stale["lease"])
-    assert await execution.finish_tasks(pool, [late]) == {}
+    assert await execution.finish_tasks(pool, [late], "w1") == {}
     done = Outcome(
         task_id, current["attempts"], "DONE", result={"by": "w2"}, lease=current["lease"]
     )
-    assert await execution.finish_tasks(pool, [done]) == {task_id: "DONE"}
-    assert await execution.finish_tasks(pool, [late]) == {}  # nor after it finished
+    assert await execution.finish_tasks(pool, [done], "w2") == {task_id: "DONE"}
+    assert await execution.finish_tasks(pool, [late], "w1") == {}  # nor after it finished
+    assert (await fetch_task(pool, task_id))["result"] == {"by": "w2"}
+
+
+async def test_a_claim_lost_in_a_crash_hands_its_lease_out_again_but_not_its_fence(
+    pool: asyncpg.Pool,
+) -> None:
+    # The claim commits without waiting for its flush: a Postgres crash can undo it after
+    # w1 got its answer (tests/faults/test_postgres_crash.py does it for real). The task's
+    # row is then as before the claim, and the next claim, w2's, takes the same lease
+    # number. w1's heartbeat and outcome must not pass for w2's.
+    task_id = await new_task(pool, "echo", {})
+    before = await pool.fetchrow("SELECT status, lease, attempts FROM tasks WHERE id = $1", task_id)
+    assert before is not None
+    lost = await claim(pool, task_id, "w1")
+    await pool.execute(
+        "UPDATE tasks SET status = $2, lease = $3, attempts = $4, worker_id = NULL,"
+        " started_at = NULL, heartbeat_at = NULL WHERE id = $1",
+        task_id,
+        before["status"],
+        before["lease"],
+        before["attempts"],
+    )  # the crash
+    current = await claim(pool, task_id, "w2")
+    assert current["lease"] == lost["lease"]
+
+    assert await execution.heartbeat(pool, [(task_id, lost["lease"])], "w1") == {}
+    late = Outcome(task_id, lost["attempts"], "DONE", result={"by": "w1"}, lease=lost["lease"])
+    assert await execution.finish_tasks(pool, [late], "w1") == {}
+    assert await execution.heartbeat(pool, [(task_id, current["lease"])], "w2") == {task_id: False}
+    done = Outcome(
+        task_id, current["attempts"], "DONE", result={"by": "w2"}, lease=current["lease"]
+    )
+    assert await execution.finish_tasks(pool, [done], "w2") == {task_id: "DONE"}
     assert (await fetch_task(pool, task_id))["result"] == {"by": "w2"}
 
 
@@ -195,7 +228,7 @@ async def test_an_old_message_does_not_run_a_retry_before_its_backoff(pool: asyn
     retry = Outcome(
         task_id, 1, "NEW", error={"type": "E", "message": "m"}, retry_in=60.0, lease=first["lease"]
     )
-    assert await execution.finish_tasks(pool, [retry]) == {task_id: "NEW"}
+    assert await execution.finish_tasks(pool, [retry], "w1") == {task_id: "NEW"}
     # A redelivery of the first attempt's message: superseded by the unpublished retry row.
     [row] = await execution.claim_tasks(pool, [old], "w2", 30)
     assert (row["claimed"], row["seen_status"]) == (False, "NEW")

@@ -30,7 +30,10 @@ multiples of 4, 45 and 200 seconds against a staleness of 30 s and backoffs of 1
 
 Faults: a claim, an outcome commit or a heartbeat whose reply is lost (the statement
 committed, the actor never learns the answer) and which the actor later retries with
-the same arguments; a relay that publishes and dies before its commit (a duplicate);
+the same arguments; a claim answered and then lost in a Postgres crash (it commits
+without waiting for its flush: the rows go back to what they were, and the lease it
+handed out can be handed out again, to another consumer; the model loses only that
+claim, the step's last write); a relay that publishes and dies before its commit (a duplicate);
 a consumer's channel that closes while its handlers run (the broker redelivers its
 unacked messages; the consumer's own copies go stale and settling them does nothing);
 a consumer that crashes (its messages are redelivered, its rows stay PROCESSING until
@@ -39,14 +42,15 @@ stopped and released); a handler that outlives its stop and is abandoned.
 
 After every step the invariants read the database (DESIGN.md, "Protocol invariants"):
 
-* ``at_most_one_owner``: a PROCESSING task is held, under its current lease, by at
-  most one live execution, and by the worker the row names.
+* ``at_most_one_owner``: a PROCESSING task is held, under its current lease and worker
+  id (the fence), by at most one live execution; an execution of another worker under
+  the same lease number exists only when that worker's claim was lost in a crash.
 * ``terminal_is_never_overwritten``: DONE, FAILED and CANCELLED change only by an
   operator's replay; every other status change is one the step's actors may write,
   and the lease (the fence) only grows, by one per claim.
 * ``outcome_written_only_by_owner``: each outcome the fence let in was sent under the
-  task's lease of that moment (checked around every ``finish_tasks`` call, a lost
-  reply's too).
+  task's lease and by the worker the row named at that moment (checked around every
+  ``finish_tasks`` call, a lost reply's too).
 * ``answered_cancel_is_honoured``: after ``cancel_task`` answered changed=True, the
   task is never claimed again (its lease stays) and never goes back to NEW or PENDING;
   a task that was not running ends CANCELLED.
@@ -82,6 +86,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import asyncpg
+import orjson
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -115,6 +120,11 @@ from taskbox.tasktypes import PermanentError
 T = TypeVar("T")
 S = TaskStatus
 
+
+def _iso(moment: Any) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
 CONSUMERS = 3
 MAX_TASKS = 5
 STALE_AFTER = 30.0  # seconds without a heartbeat before a task may be rescued or re-claimed
@@ -133,6 +143,9 @@ SETTINGS = settings(
 PICK = st.integers(0, 7)  # an index into whatever list a rule picks from, modulo its length
 CONSUMER = st.integers(0, CONSUMERS - 1)
 REPLY = st.sampled_from(["answered", "answered", "answered", "lost"])
+# A claim commits without waiting for its WAL flush, so a Postgres crash may undo it
+# after its consumer got the answer.
+CLAIM_REPLY = st.sampled_from(["answered", "answered", "answered", "lost", "undone by a crash"])
 
 _RESET = "DELETE FROM outbox; DELETE FROM tasks"
 _TASKS = """
@@ -143,7 +156,21 @@ FROM tasks
 _OUTBOX = """
 SELECT id, task_id, published_at IS NULL AS unpublished, available_at <= now() AS due FROM outbox
 """
-_FENCE = "SELECT id, status, lease FROM tasks WHERE id = ANY($1::uuid[])"
+_FENCE = "SELECT id, status, lease, worker_id FROM tasks WHERE id = ANY($1::uuid[])"
+# What a claim changes, read before it and written back when a crash undoes it.
+_CLAIMED_COLUMNS = """
+SELECT id, status, attempts, lease, worker_id, started_at, heartbeat_at, updated_at
+FROM tasks WHERE id = ANY($1::uuid[])
+"""
+_UNDO_CLAIM = """
+UPDATE tasks AS t
+SET status = b.status, attempts = b.attempts, lease = b.lease, worker_id = b.worker_id,
+    started_at = b.started_at, heartbeat_at = b.heartbeat_at, updated_at = b.updated_at
+FROM jsonb_to_recordset($1::jsonb) AS b(id uuid, status text, attempts int, lease bigint,
+     worker_id text, started_at timestamptz, heartbeat_at timestamptz,
+     updated_at timestamptz)
+WHERE t.id = b.id
+"""
 _TIME_PASSES = """
 UPDATE tasks SET created_at = created_at - $1::float8 * interval '1 second',
                  updated_at = updated_at - $1::float8 * interval '1 second',
@@ -229,6 +256,12 @@ class Broker:
         message = Message(next(self._serials), encoded.body, row["task_id"], row["id"])
         self.ready.append(message)
         return message
+
+    def copy(self, message: Message) -> None:
+        """The same outbox row published once more (a relay's record of it was lost)."""
+        self.ready.append(
+            Message(next(self._serials), message.body, message.task_id, message.outbox_id)
+        )
 
     def deliver(self, message: Message, consumer: int) -> Envelope:
         self.ready.remove(message)
@@ -382,6 +415,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.tasks: list[uuid.UUID] = []
         self.history: dict[uuid.UUID, list[str]] = {}
         self.cancels: dict[uuid.UUID, Cancel] = {}
+        # (worker id, task, lease) of claims a crash undid after they were answered
+        self.undone_claims: set[tuple[str, uuid.UUID, int]] = set()
         self.steps = 0
         self.label = "start"
         self.effects = Effects()
@@ -496,24 +531,27 @@ class ProtocolMachine(RuleBasedStateMachine):
     ) -> dict[uuid.UUID, str]:
         outcomes = [e.outcome for e in batch if e.outcome is not None]
         before = {
-            row["id"]: (row["status"], row["lease"])
+            row["id"]: (row["status"], row["lease"], row["worker_id"])
             for row in self.db(self.pool.fetch(_FENCE, [o.task_id for o in outcomes]))
         }
-        recorded = self.db(finish_tasks(self.pool, outcomes))
+        recorded = self.db(finish_tasks(self.pool, outcomes, consumer.worker_id))
         for o in outcomes:
             if o.task_id not in recorded:
                 continue
             self.effects.finished[o.task_id] = o.lease
-            status, lease = before.get(o.task_id, (None, None))
-            if status != S.PROCESSING or lease != o.lease:
+            status, lease, worker = before.get(o.task_id, (None, None, None))
+            if status != S.PROCESSING or lease != o.lease or worker != consumer.worker_id:
                 self.effects.fence.append(
                     f"{consumer.worker_id} wrote {recorded[o.task_id]} for task {o.task_id} "
-                    f"under lease {o.lease} while the task was {status} under lease {lease}"
+                    f"under lease {o.lease} while the task was {status} under lease {lease} "
+                    f"of {worker}"
                 )
         return recorded
 
-    def _heartbeat(self, leases: list[tuple[uuid.UUID, int]]) -> dict[uuid.UUID, bool]:
-        return self.db(heartbeat(self.pool, leases))
+    def _heartbeat(
+        self, consumer: Consumer, leases: list[tuple[uuid.UUID, int]]
+    ) -> dict[uuid.UUID, bool]:
+        return self.db(heartbeat(self.pool, leases, consumer.worker_id))
 
     async def _relay_batch(self, limit: int, fate: str) -> list[asyncpg.Record]:
         async with self.pool.acquire() as conn:
@@ -642,7 +680,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     def _beat(self, consumer: Consumer) -> None:
         leases = consumer.executions.leases()
         if leases:
-            self._heartbeat_answer(consumer, leases, self._heartbeat(leases))
+            self._heartbeat_answer(consumer, leases, self._heartbeat(consumer, leases))
 
     def _forgotten(self, consumer: Consumer) -> None:
         """A delivery the consumer no longer has in hand but never settled: the old
@@ -765,6 +803,37 @@ class ProtocolMachine(RuleBasedStateMachine):
             finally:
                 self.db(self.pool.release(conn))
 
+    @precondition(lambda self: self.current().due and any(c.can_claim for c in self.consumers))
+    @rule(c=CONSUMER)
+    def postgres_crashes_after_a_claim(self, c: int) -> None:
+        """A relay publishes a row, a consumer gets the message and claims its task, and
+        Postgres crashes before either commit was flushed (neither waits for it): the
+        relay's record is gone (the row goes out again) and so is the claim, whose
+        consumer got its answer and runs the task under a lease the next claim hands out
+        again."""
+        consumer = self._consumer(c, lambda x: x.can_claim)
+        with self.step(f"Postgres crashes after a claim of {consumer.worker_id}"):
+            conn = self.db(self._acquire())
+            try:
+                transaction = conn.transaction()
+                self.db(transaction.start())
+                claim = self.db(outbox.claim_batch(conn, 1))
+                batch: list[Envelope] = []
+                if claim.rows:
+                    row = claim.rows[0]
+                    envelope = self.broker.deliver(self.broker.publish(row), consumer.index)
+                    consumer.inbox.append(envelope)
+                    batch = self._take_batch(consumer, 1, len(consumer.inbox) - 1)
+                self.db(transaction.rollback())  # the relay's commit, lost
+            finally:
+                self.db(self.pool.release(conn))
+            if not batch:
+                return
+            undo = self.db(self.pool.fetch(_CLAIMED_COLUMNS, [batch[0].parsed.task_id]))
+            rows = self._claim(consumer, batch)
+            self._claimed(consumer, batch, rows)
+            self._crash_undoes_claim(consumer, batch, rows, undo, republish=False)
+
     async def _acquire(self) -> asyncpg.Connection:
         return await self.pool.acquire()
 
@@ -831,18 +900,59 @@ class ProtocolMachine(RuleBasedStateMachine):
     # -- rules: a consumer ------------------------------------------------------------------
 
     @precondition(lambda self: any(c.can_claim and c.inbox for c in self.consumers))
-    @rule(c=CONSUMER, size=st.integers(1, 2), start=PICK, reply=REPLY)
+    @rule(c=CONSUMER, size=st.integers(1, 2), start=PICK, reply=CLAIM_REPLY)
     def claim(self, c: int, size: int, start: int, reply: str) -> None:
         consumer = self._consumer(c, lambda x: x.can_claim and bool(x.inbox))
         with self.step(f"{consumer.worker_id} claims, reply {reply}"):
             batch = self._take_batch(consumer, size, start)
             if not batch:
                 return
+            ids = [e.parsed.task_id for e in batch]
+            undo = self.db(self.pool.fetch(_CLAIMED_COLUMNS, ids))
             rows = self._claim(consumer, batch)
             if reply == "lost":
                 consumer.lost_claim = batch
-            else:
-                self._claimed(consumer, batch, rows)
+                return
+            self._claimed(consumer, batch, rows)
+            if reply == "undone by a crash":
+                self._crash_undoes_claim(consumer, batch, rows, undo)
+
+    def _crash_undoes_claim(
+        self,
+        consumer: Consumer,
+        batch: Sequence[Envelope],
+        rows: Sequence[asyncpg.Record],
+        undo: Sequence[asyncpg.Record],
+        *,
+        republish: bool = True,
+    ) -> None:
+        """Postgres crashed before the claim's flush: its rows are as they were, while
+        the consumer, which got the answer, runs the tasks under leases that the next
+        claim of each task hands out again. The relay's record of the message's confirm
+        (which does not wait for its flush either) went with it, so the relay publishes
+        the row once more: a second consumer can claim the task under the same lease."""
+        taken = {row["id"]: row["lease"] for row in rows if row["claimed"]}
+        document = [
+            {
+                "id": str(row["id"]),
+                "status": row["status"],
+                "attempts": row["attempts"],
+                "lease": row["lease"],
+                "worker_id": row["worker_id"],
+                "started_at": _iso(row["started_at"]),
+                "heartbeat_at": _iso(row["heartbeat_at"]),
+                "updated_at": _iso(row["updated_at"]),
+            }
+            for row in undo
+            if row["id"] in taken
+        ]
+        self.db(self.pool.execute(_UNDO_CLAIM, orjson.Fragment(orjson.dumps(document))))
+        for task_id, lease in taken.items():
+            self.effects.claims[task_id] -= 1
+            self.undone_claims.add((consumer.worker_id, task_id, lease))
+        for envelope in batch:
+            if republish and envelope.parsed.task_id in taken:
+                self.broker.copy(envelope.message)
 
     @precondition(lambda self: any(c.lost_claim is not None for c in self.consumers))
     @rule(c=CONSUMER)
@@ -914,7 +1024,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         consumer = self._consumer(c, lambda x: bool(len(x.executions)))
         with self.step(f"{consumer.worker_id} heartbeats, reply {reply}"):
             leases = consumer.executions.leases()
-            owned = self._heartbeat(leases)
+            owned = self._heartbeat(consumer, leases)
             if reply == "lost":
                 consumer.lost_heartbeat = leases
             else:
@@ -927,7 +1037,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         with self.step(f"{consumer.worker_id} retries its heartbeat"):
             leases = consumer.lost_heartbeat or []
             consumer.lost_heartbeat = None
-            self._heartbeat_answer(consumer, leases, self._heartbeat(leases))
+            self._heartbeat_answer(consumer, leases, self._heartbeat(consumer, leases))
 
     @precondition(lambda self: any(c.can_claim and c.running() for c in self.consumers))
     @rule(c=CONSUMER)
@@ -1010,6 +1120,8 @@ class ProtocolMachine(RuleBasedStateMachine):
     # -- invariants ---------------------------------------------------------------------
 
     def _owners(self) -> dict[uuid.UUID, list[Consumer]]:
+        """The consumers whose live executions hold a PROCESSING task's current lease
+        number (the row's worker or not)."""
         snapshot = self.current()
         owners: dict[uuid.UUID, list[Consumer]] = {}
         for consumer in self.consumers:
@@ -1028,17 +1140,23 @@ class ProtocolMachine(RuleBasedStateMachine):
     def at_most_one_owner(self) -> None:
         snapshot = self.current()
         for task_id, owners in self._owners().items():
-            names = [c.worker_id for c in owners]
-            if len(owners) > 1:
+            row = snapshot.tasks[task_id]
+            fenced_in = [c.worker_id for c in owners if c.worker_id == row.worker_id]
+            if len(fenced_in) > 1:
                 self.fail(
-                    f"(1) task {task_id} has {len(owners)} owners under lease "
-                    f"{snapshot.tasks[task_id].lease}: {names}"
+                    f"(1) task {task_id} has {len(fenced_in)} owners under lease "
+                    f"{row.lease}: {fenced_in}"
                 )
-            if snapshot.tasks[task_id].worker_id != names[0]:
-                self.fail(
-                    f"(1) task {task_id} is run by {names[0]} under the current lease but "
-                    f"the row names {snapshot.tasks[task_id].worker_id}"
-                )
+            # Another worker under the same lease number: only one whose claim of that
+            # lease a crash undid (its writes carry its own id, which the fence refuses).
+            for consumer in owners:
+                if consumer.worker_id != row.worker_id and (
+                    (consumer.worker_id, task_id, row.lease) not in self.undone_claims
+                ):
+                    self.fail(
+                        f"(1) task {task_id} is run by {consumer.worker_id} under the "
+                        f"current lease {row.lease} but the row names {row.worker_id}"
+                    )
 
     @invariant()
     def terminal_is_never_overwritten(self) -> None:
@@ -1227,7 +1345,7 @@ class ProtocolMachine(RuleBasedStateMachine):
                 moved = True
             if consumer.lost_heartbeat is not None:
                 leases, consumer.lost_heartbeat = consumer.lost_heartbeat, None
-                self._heartbeat_answer(consumer, leases, self._heartbeat(leases))
+                self._heartbeat_answer(consumer, leases, self._heartbeat(consumer, leases))
         for consumer in self.consumers:
             for execution in consumer.running():
                 end = "stopped" if execution.phase is Phase.STOPPING else "done"

@@ -686,7 +686,7 @@ async def test_a_confirm_recorded_late_does_not_mark_a_retried_task_pending(
             retry_in=3600,
             lease=claim["lease"],
         )
-        assert await execution.finish_tasks(pool, [retry]) == {task["id"]: "NEW"}
+        assert await execution.finish_tasks(pool, [retry], "worker-a") == {task["id"]: "NEW"}
         await outbox.record_publish_outcome(relay, [row["id"]], [])
         await transaction.commit()
     finally:

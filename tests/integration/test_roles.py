@@ -634,7 +634,7 @@ async def test_the_consumer_role_claims_heartbeats_finishes_rescues_and_requeues
             )
             assert sum(row["claimed"] for row in claimed) == 2
             lease = {row["id"]: row["lease"] for row in claimed if row["claimed"]}
-            assert await execution.heartbeat(conn, list(lease.items())) == {
+            assert await execution.heartbeat(conn, list(lease.items()), "w1") == {
                 done: False,
                 retried: False,
             }
@@ -651,6 +651,7 @@ async def test_the_consumer_role_claims_heartbeats_finishes_rescues_and_requeues
                         lease=lease[retried],
                     ),
                 ],
+                "w1",
             )
             assert finished == {done: "DONE", retried: "NEW"}
 

@@ -101,7 +101,7 @@ async def test_an_update_that_leaves_the_status_sends_nothing(
     claimed = await execution.claim_tasks(pool, [execution.Delivery(task_id, 1)], "w1", 30.0)
     assert claimed[0]["claimed"]
     await _settle(heard, pool)
-    await execution.heartbeat(pool, [(task_id, claimed[0]["lease"])])
+    await execution.heartbeat(pool, [(task_id, claimed[0]["lease"])], "w1")
     assert await _settle(heard, pool) == []
 
 
@@ -116,7 +116,7 @@ async def test_the_consumers_finish_and_the_cancel_notify(pool: asyncpg.Pool, he
     outcome = execution.Outcome(
         task_id=done_id, attempt=1, lease=claimed[0]["lease"], status="DONE", result={"ok": True}
     )
-    await execution.finish_tasks(pool, [outcome])
+    await execution.finish_tasks(pool, [outcome], "w1")
     assert heard.events(await _settle(heard, pool)) == [
         TaskEvent(done_id, TaskStatus.DONE, "echo", "default")
     ]

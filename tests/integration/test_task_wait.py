@@ -30,7 +30,7 @@ async def finish(pool: asyncpg.Pool, task_id: uuid.UUID, status: str = "DONE") -
     outcome = execution.Outcome(
         task_id=task_id, attempt=1, lease=claim["lease"], status=status, result={"n": 1}
     )
-    await execution.finish_tasks(pool, [outcome])
+    await execution.finish_tasks(pool, [outcome], "w")
     return time.monotonic()
 
 
