@@ -111,7 +111,9 @@ async def serve(settings: ConsumerSettings, tracer: Tracer | None = None) -> Non
     connection, queues, dead_letters = await connect_with_retry(
         "RabbitMQ", lambda: open_queue(settings), (OSError, aio_pika.exceptions.AMQPError)
     )
-    process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    # The worker id is half of the fence (db.execution): two live processes must never
+    # share one, even on hosts that reuse host names and pids (containers, pid 1).
+    process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:16]}"
     # One consumer per queue, each its own concurrency and worker id (recorded on the
     # tasks it runs) and its own handler threads (at most HANDLER_THREADS, no more than
     # its concurrency can use), sharing the database pool: a queue whose plain-def

@@ -665,6 +665,11 @@ class TaskConsumer:
             leases = self._executions.leases()
             if not leases:
                 continue
+            # The executions asked about: a lost claim's lease number can come back (a
+            # failover to an async standby), so while this heartbeat was out the task may
+            # have been claimed again here under the same number. Only the execution the
+            # answer is about is stopped.
+            asked = {task_id: self._executions.get(task_id) for task_id, _ in leases}
             try:
                 owned = await task_execution.heartbeat(self._pool, leases, self.worker_id)
             except TRANSIENT_DB_ERRORS as exc:
@@ -672,7 +677,8 @@ class TaskConsumer:
                 continue
             for task_id, lease in leases:
                 if task_id not in owned:
-                    self._lose(task_id, lease)
+                    if self._executions.get(task_id) is asked[task_id]:
+                        self._lose(task_id, lease)
                     continue
                 execution = self._executions.get(task_id)
                 if owned[task_id] and execution is not None and execution.lease == lease:

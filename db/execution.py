@@ -8,15 +8,20 @@ or released by a write whose reply was lost and which it retries) can never matc
 row again. The attempt count is not a fence: a graceful release gives its attempt back,
 so an attempt number recurs.
 
-The claim commits without waiting for its WAL flush (synchronous_commit off). A Postgres
-crash can lose it: the row is back as it was, and the lease number it handed out can be
-handed out again, to another consumer. The worker id is what keeps the two apart: the
-first consumer's heartbeat and outcome, written under its own id, match nothing, so it
-stops (its heartbeat finds the task gone) or its outcome is refused and its message goes
-back through the claim, while the second runs the task: a duplicate run, which
-at-least-once allows, never two owners. A claim's loss costs no message either: the
-consumer holds its delivery unacked until an outcome is committed, and any later durable
-commit (that outcome's, anyone's create) flushes the claim first.
+A claim can still be lost after its consumer got the answer: a failover to an
+asynchronous standby loses the primary's last commits (README, Guarantees). The row is
+then back as it was, and the lease number the claim handed out can be handed out again,
+to another consumer. The worker id is what keeps the two apart: the first consumer's
+heartbeat and outcome, written under its own id, match nothing, so it stops (its
+heartbeat finds the task gone) or its outcome is refused and its message goes back
+through the claim, while the second runs the task: a duplicate run, never two owners.
+
+The claim itself waits for its WAL flush (synchronous_commit on), although losing it
+alone could only cause a duplicate: other consumers act on it before it is flushed. One
+that receives a copy of the message sees the task PROCESSING under a live consumer and
+acks the copy, writing nothing; had the first consumer died meanwhile (its message
+back in the queue, then acked as that copy) and Postgres crashed before the flush, the
+task would be back to PENDING with no message and no unpublished row: stranded.
 """
 
 from __future__ import annotations
@@ -75,12 +80,10 @@ WITH delivery AS (
                AND t.attempts < t.max_attempts)
            OR (t.status = 'PROCESSING' AND t.worker_id = $3))
     RETURNING t.id, t.type, t.payload, t.attempts, t.max_attempts, t.lease, t.created_at
-), no_flush_wait AS (
-    SELECT set_config('synchronous_commit', 'off', true)
 )
 SELECT d.id, c.type, c.payload, c.attempts, c.max_attempts, c.lease, c.created_at,
        c.id IS NOT NULL AS claimed, t.status AS seen_status
-FROM no_flush_wait, delivery AS d
+FROM delivery AS d
 LEFT JOIN claimed AS c ON c.id = d.id
 LEFT JOIN tasks AS t ON t.id = d.id
 """

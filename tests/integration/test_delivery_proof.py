@@ -185,13 +185,12 @@ async def test_a_stale_owner_cannot_overwrite_the_current_owners_outcome(
     assert (await fetch_task(pool, task_id))["result"] == {"by": "w2"}
 
 
-async def test_a_claim_lost_in_a_crash_hands_its_lease_out_again_but_not_its_fence(
+async def test_a_claim_lost_in_a_failover_hands_its_lease_out_again_but_not_its_fence(
     pool: asyncpg.Pool,
 ) -> None:
-    # The claim commits without waiting for its flush: a Postgres crash can undo it after
-    # w1 got its answer (tests/faults/test_postgres_crash.py does it for real). The task's
-    # row is then as before the claim, and the next claim, w2's, takes the same lease
-    # number. w1's heartbeat and outcome must not pass for w2's.
+    # A failover to an asynchronous standby can undo a claim after w1 got its answer. The
+    # task's row is then as before the claim, and the next claim, w2's, takes the same
+    # lease number. w1's heartbeat and outcome must not pass for w2's.
     task_id = await new_task(pool, "echo", {})
     before = await pool.fetchrow("SELECT status, lease, attempts FROM tasks WHERE id = $1", task_id)
     assert before is not None
@@ -203,7 +202,7 @@ async def test_a_claim_lost_in_a_crash_hands_its_lease_out_again_but_not_its_fen
         before["status"],
         before["lease"],
         before["attempts"],
-    )  # the crash
+    )  # the failover
     current = await claim(pool, task_id, "w2")
     assert current["lease"] == lost["lease"]
 

@@ -30,10 +30,11 @@ multiples of 4, 45 and 200 seconds against a staleness of 30 s and backoffs of 1
 
 Faults: a claim, an outcome commit or a heartbeat whose reply is lost (the statement
 committed, the actor never learns the answer) and which the actor later retries with
-the same arguments; a claim answered and then lost in a Postgres crash (it commits
-without waiting for its flush: the rows go back to what they were, and the lease it
-handed out can be handed out again, to another consumer; the model loses only that
-claim, the step's last write); a relay that publishes and dies before its commit (a duplicate);
+the same arguments; a claim answered and then lost in a failover to an asynchronous
+standby (the rows go back to what they were, and the lease it handed out can be handed
+out again, to another consumer; the model loses only that claim, the step's last write,
+and with it, in one rule, the relay's record of the message); a relay that publishes
+and dies before its commit (a duplicate);
 a consumer's channel that closes while its handlers run (the broker redelivers its
 unacked messages; the consumer's own copies go stale and settling them does nothing);
 a consumer that crashes (its messages are redelivered, its rows stay PROCESSING until
@@ -44,7 +45,7 @@ After every step the invariants read the database (DESIGN.md, "Protocol invarian
 
 * ``at_most_one_owner``: a PROCESSING task is held, under its current lease and worker
   id (the fence), by at most one live execution; an execution of another worker under
-  the same lease number exists only when that worker's claim was lost in a crash.
+  the same lease number exists only when that worker's claim was lost in a failover.
 * ``terminal_is_never_overwritten``: DONE, FAILED and CANCELLED change only by an
   operator's replay; every other status change is one the step's actors may write,
   and the lease (the fence) only grows, by one per claim.
@@ -143,9 +144,9 @@ SETTINGS = settings(
 PICK = st.integers(0, 7)  # an index into whatever list a rule picks from, modulo its length
 CONSUMER = st.integers(0, CONSUMERS - 1)
 REPLY = st.sampled_from(["answered", "answered", "answered", "lost"])
-# A claim commits without waiting for its WAL flush, so a Postgres crash may undo it
-# after its consumer got the answer.
-CLAIM_REPLY = st.sampled_from(["answered", "answered", "answered", "lost", "undone by a crash"])
+# A failover to an asynchronous standby may undo a claim after its consumer got the
+# answer (the claim waits for its flush, so a crash alone does not).
+CLAIM_REPLY = st.sampled_from(["answered", "answered", "answered", "lost", "undone by a failover"])
 
 _RESET = "DELETE FROM outbox; DELETE FROM tasks"
 _TASKS = """
@@ -157,7 +158,7 @@ _OUTBOX = """
 SELECT id, task_id, published_at IS NULL AS unpublished, available_at <= now() AS due FROM outbox
 """
 _FENCE = "SELECT id, status, lease, worker_id FROM tasks WHERE id = ANY($1::uuid[])"
-# What a claim changes, read before it and written back when a crash undoes it.
+# What a claim changes, read before it and written back when a failover undoes it.
 _CLAIMED_COLUMNS = """
 SELECT id, status, attempts, lease, worker_id, started_at, heartbeat_at, updated_at
 FROM tasks WHERE id = ANY($1::uuid[])
@@ -415,7 +416,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.tasks: list[uuid.UUID] = []
         self.history: dict[uuid.UUID, list[str]] = {}
         self.cancels: dict[uuid.UUID, Cancel] = {}
-        # (worker id, task, lease) of claims a crash undid after they were answered
+        # (worker id, task, lease) of claims a failover undid after they were answered
         self.undone_claims: set[tuple[str, uuid.UUID, int]] = set()
         self.steps = 0
         self.label = "start"
@@ -805,14 +806,14 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.current().due and any(c.can_claim for c in self.consumers))
     @rule(c=CONSUMER)
-    def postgres_crashes_after_a_claim(self, c: int) -> None:
+    def failover_loses_a_claim(self, c: int) -> None:
         """A relay publishes a row, a consumer gets the message and claims its task, and
-        Postgres crashes before either commit was flushed (neither waits for it): the
+        the primary dies before its asynchronous standby received either commit: the
         relay's record is gone (the row goes out again) and so is the claim, whose
         consumer got its answer and runs the task under a lease the next claim hands out
         again."""
         consumer = self._consumer(c, lambda x: x.can_claim)
-        with self.step(f"Postgres crashes after a claim of {consumer.worker_id}"):
+        with self.step(f"a failover loses a claim of {consumer.worker_id}"):
             conn = self.db(self._acquire())
             try:
                 transaction = conn.transaction()
@@ -832,7 +833,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             undo = self.db(self.pool.fetch(_CLAIMED_COLUMNS, [batch[0].parsed.task_id]))
             rows = self._claim(consumer, batch)
             self._claimed(consumer, batch, rows)
-            self._crash_undoes_claim(consumer, batch, rows, undo, republish=False)
+            self._failover_undoes_claim(consumer, batch, rows, undo, republish=False)
 
     async def _acquire(self) -> asyncpg.Connection:
         return await self.pool.acquire()
@@ -914,10 +915,10 @@ class ProtocolMachine(RuleBasedStateMachine):
                 consumer.lost_claim = batch
                 return
             self._claimed(consumer, batch, rows)
-            if reply == "undone by a crash":
-                self._crash_undoes_claim(consumer, batch, rows, undo)
+            if reply == "undone by a failover":
+                self._failover_undoes_claim(consumer, batch, rows, undo)
 
-    def _crash_undoes_claim(
+    def _failover_undoes_claim(
         self,
         consumer: Consumer,
         batch: Sequence[Envelope],
@@ -926,11 +927,11 @@ class ProtocolMachine(RuleBasedStateMachine):
         *,
         republish: bool = True,
     ) -> None:
-        """Postgres crashed before the claim's flush: its rows are as they were, while
-        the consumer, which got the answer, runs the tasks under leases that the next
-        claim of each task hands out again. The relay's record of the message's confirm
-        (which does not wait for its flush either) went with it, so the relay publishes
-        the row once more: a second consumer can claim the task under the same lease."""
+        """The claim did not reach the standby that took over: its rows are as they were,
+        while the consumer, which got the answer, runs the tasks under leases that the
+        next claim of each task hands out again. The relay's record of the message went
+        with it (``republish``), so the relay publishes the row once more: a second
+        consumer can claim the task under the same lease."""
         taken = {row["id"]: row["lease"] for row in rows if row["claimed"]}
         document = [
             {
@@ -1148,7 +1149,7 @@ class ProtocolMachine(RuleBasedStateMachine):
                     f"{row.lease}: {fenced_in}"
                 )
             # Another worker under the same lease number: only one whose claim of that
-            # lease a crash undid (its writes carry its own id, which the fence refuses).
+            # lease a failover undid (its writes carry its own id, which the fence refuses).
             for consumer in owners:
                 if consumer.worker_id != row.worker_id and (
                     (consumer.worker_id, task_id, row.lease) not in self.undone_claims
