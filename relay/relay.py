@@ -97,6 +97,7 @@ class OutboxRelay:
         # Rows of a resumed queue unparked at a time: a few batches' worth, each chunk
         # its own short transaction.
         self._unpark_chunk = 4 * settings.relay_batch_size
+        self._resumed: list[str] = []  # the last claim's answer: queues to unpark
 
     async def drain_batch(self) -> int:
         """Claim, publish and record one batch; returns how many rows it claimed
@@ -104,6 +105,7 @@ class OutboxRelay:
         included)."""
         async with self._pool.acquire() as conn, conn.transaction():
             claim = await outbox.claim_batch(conn, self._settings.relay_batch_size)
+            self._resumed = claim.resumed
             rows = claim.rows
             due_in = claim.next_due_in
             self._next_due = None if due_in is None else (time.monotonic(), due_in)
@@ -165,23 +167,26 @@ class OutboxRelay:
         """
         if stop.is_set():
             return
-        await self.unpark_resumed()
-        if await self.drain_batch() < self._settings.relay_batch_size:
+        self._resumed = []
+        claimed = await self.drain_batch()
+        if self._resumed:  # the claim saw resumed queues' parked rows
+            await self.unpark_resumed(self._resumed)
+        if claimed < self._settings.relay_batch_size:
             return
         await asyncio.gather(
             *(self._drain_until_short(stop) for _ in range(self._settings.relay_concurrency))
         )
 
-    async def unpark_resumed(self) -> int:
+    async def unpark_resumed(self, queues: list[str]) -> int:
         """Put one chunk of each resumed queue's parked rows back in the claim's way,
-        oldest due first; how many. A full chunk sets the wake-up, so the next drain
+        oldest due first; how many. Any unparked row sets the wake-up, so the next drain
         follows at once: a large resumed backlog goes out a chunk at a time, the other
         queues' rows drained between the chunks rather than after the whole backlog."""
         unparked = 0
-        for queue in await outbox.resumed_queues(self._pool):
+        for queue in queues:
             count = await outbox.unpark(self._pool, queue, self._unpark_chunk)
             unparked += count
-            if count == self._unpark_chunk:
+            if count:
                 self._wake.set()
             log.info("unparked %d rows of resumed queue %s", count, queue)
         return unparked

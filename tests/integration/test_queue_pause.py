@@ -242,8 +242,9 @@ async def test_rows_a_claim_parks_after_the_resume_committed_go_out_at_the_next_
     pool: asyncpg.Pool,
 ) -> None:
     """No lock between the relay's claim and a resume: a claim that saw the pause parks
-    a row and commits after the resume did. The relays' unpark before each drain finds
-    it (a resumed queue with parked rows), so it is not parked for ever."""
+    a row and commits after the resume did. The next drain's claim reports it (a
+    resumed queue with parked rows) and the relay unparks it, so it is not parked for
+    ever."""
     await _new(pool, "media")
     assert await queues.pause(pool, "media", "test", "race")
     claimer = await pool.acquire()
@@ -256,11 +257,14 @@ async def test_rows_a_claim_parks_after_the_resume_committed_go_out_at_the_next_
     finally:
         await pool.release(claimer)
     assert await outbox.resumed_queues(pool) == ["media"]
+    async with pool.acquire() as conn, conn.transaction():
+        claim = await claim_batch(conn, 10)  # the next drain
+    assert (claim.rows, claim.resumed) == ([], ["media"])
     assert await outbox.unpark(pool, "media", 100) == 1
     assert await outbox.resumed_queues(pool) == []
     async with pool.acquire() as conn, conn.transaction():
         claim = await claim_batch(conn, 10)
-    assert (claim.parked, len(claim.rows)) == (0, 1)
+    assert (claim.parked, len(claim.rows), claim.resumed) == (0, 1, [])
 
 
 async def test_a_paused_queue_keeps_its_parked_rows_and_a_resume_is_constant_time(
@@ -275,9 +279,13 @@ async def test_a_paused_queue_keeps_its_parked_rows_and_a_resume_is_constant_tim
     async with pool.acquire() as conn, conn.transaction():
         assert (await claim_batch(conn, 10)).parked == 6
     assert await outbox.resumed_queues(pool) == []
+    async with pool.acquire() as conn, conn.transaction():
+        assert (await claim_batch(conn, 10)).resumed == []  # both still paused
     assert await queues.resume(pool, "bulk", "test", "one", "ch") == 3
     assert await pool.fetchval("SELECT count(*) FROM outbox WHERE parked_queue IS NOT NULL") == 6
     assert await outbox.resumed_queues(pool) == ["bulk"]
+    async with pool.acquire() as conn, conn.transaction():
+        assert (await claim_batch(conn, 10)).resumed == ["bulk"]
     assert await outbox.unpark(pool, "media", 100) == 0  # still paused: nothing moves
     assert await outbox.unpark(pool, "bulk", 2) == 2  # a chunk at a time
     assert await outbox.unpark(pool, "bulk", 2) == 1
