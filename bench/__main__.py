@@ -7,6 +7,7 @@ BENCH_TRACING_BEFORE=<git ref> python -m bench --only tracing
                                  tracing off / on, and the api of <ref> (before tracing)
 python -m bench --only peers     issue 14's peers (pgqueuer, Celery, procrastinate) alone
 python -m bench --only waiters   1,000 long polls against 1,000 polling clients (issue 18)
+python -m bench --only rates     CPU a task by process at 50 and 200 tasks/s (nothing batched)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import scenarios, waiters
+from bench import rates, scenarios, waiters
 from bench.harness import machine
 from bench.peers import suite as peer_suite
 from bench.peers import table as peer_table
@@ -38,6 +39,7 @@ FULL: dict[str, dict[str, Any]] = {
     # The slow pool (4 handlers) holds 200 x 2 s = 100 s of work: busy past every run.
     "isolation": {"rate": 100, "seconds": 15, "slow_tasks": 200, "slow_seconds": 2.0},
     "waiters": {"count": 1000, "idle": 5.0},
+    "rates": {"rates": [50, 200], "seconds": 8},
     "peers": {
         "ingest_seconds": 10,
         "ingest_rounds": 2,
@@ -58,6 +60,7 @@ QUICK: dict[str, dict[str, Any]] = {
     # 16 x 2 s on 4 handlers: 8 s of slow work against about 3 s of measurement
     "isolation": {"rate": 50, "seconds": 2, "slow_tasks": 16, "slow_seconds": 2.0},
     "waiters": {"count": 50, "idle": 1.0},
+    "rates": {"rates": [50], "seconds": 1},
     # every peer still runs every workload, so the harness cannot rot unnoticed
     "peers": {
         "ingest_seconds": 1,
@@ -78,6 +81,7 @@ RUNNERS = {
     "memory": scenarios.memory,
     "isolation": scenarios.isolation,
     "waiters": waiters.waiters,
+    "rates": rates.cpu_by_rate,
     "peers": peer_suite.peers,
 }
 
@@ -112,6 +116,17 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"{po['latency_ms_p50']:.1f} / {po['latency_ms_p99']:.1f} polling",
             None,
         )
+    if r := results.get("rates"):
+        for rate, at in r["rates"].items():
+            ms = at["cpu_ms_per_task"]
+            add(
+                f"CPU ms a task at {rate}/s (all processes, both servers)",
+                f"{ms['total']:.2f}",
+                f"relay {ms['relay']:.2f}, consumer {ms['consumer']:.2f}, "
+                f"Postgres {ms['postgres']:.2f}, RabbitMQ {ms['rabbitmq']:.2f}; "
+                f"{at['box_busy_cores']:.2f} cores busy",
+                None,
+            )
     if r := results.get("tracing"):
         rates, cpu = r["req_s"], r["api_cpu_ms_per_request"]
         add(
