@@ -53,6 +53,8 @@ _PARKED_QUEUES = """parked_queues(queue) AS (
 # queues have parked rows and are not paused (any more): the relay unparks them after
 # the batch. Asked here rather than in a statement of its own before each drain, it
 # costs no round trip (at a low rate, one drain a task, that was one statement in nine).
+# Only a drain's first claim asks ($3): the scan walks dead index entries after a large
+# resumed backlog went out, until vacuum, and a backlog's concurrent claims need not.
 #
 # Rows go oldest due first (ix_outbox_due). The statement also reports when the next
 # row not yet due falls due, from the same now() as the claim's cutoff, so that a row
@@ -79,8 +81,10 @@ WITH RECURSIVE {_PARKED_QUEUES}, paused AS (
     FROM batch AS b WHERE o.id = b.id AND b.paused AND NOT b.settled
 ), next AS (
     SELECT extract(epoch FROM min(available_at) - now())::float8 AS next_due_in,
-           (SELECT array_agg(queue) FROM parked_queues
-            WHERE queue IS NOT NULL AND queue NOT IN (SELECT queue FROM paused)) AS resumed
+           CASE WHEN $3 THEN
+               (SELECT array_agg(queue) FROM parked_queues
+                WHERE queue IS NOT NULL AND queue NOT IN (SELECT queue FROM paused))
+           END AS resumed
     FROM outbox WHERE published_at IS NULL AND parked_queue IS NULL AND available_at > now()
 ), no_flush_wait AS (
     SELECT set_config('synchronous_commit', 'off', true)
@@ -182,9 +186,10 @@ class Claim:
 _SETTLED = sorted(TERMINAL)
 
 
-async def claim_batch(conn: asyncpg.Connection, limit: int) -> Claim:
-    """Lock up to ``limit`` due, unpublished rows; call inside a transaction."""
-    found: list[asyncpg.Record] = await conn.fetch(_CLAIM_BATCH, limit, _SETTLED)
+async def claim_batch(conn: asyncpg.Connection, limit: int, *, resumed: bool = True) -> Claim:
+    """Lock up to ``limit`` due, unpublished rows; call inside a transaction. With
+    ``resumed`` false, ``Claim.resumed`` is not looked up (empty)."""
+    found: list[asyncpg.Record] = await conn.fetch(_CLAIM_BATCH, limit, _SETTLED, resumed)
     claimed = [row for row in found if row["id"] is not None]
     rows = [row for row in claimed if not row["settled"] and not row["paused"]]
     parked = sum(1 for row in claimed if row["paused"] and not row["settled"])

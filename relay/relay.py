@@ -99,13 +99,14 @@ class OutboxRelay:
         self._unpark_chunk = 4 * settings.relay_batch_size
         self._resumed: list[str] = []  # the last claim's answer: queues to unpark
 
-    async def drain_batch(self) -> int:
+    async def drain_batch(self, *, first: bool = True) -> int:
         """Claim, publish and record one batch; returns how many rows it claimed
         (rows of finished tasks, closed unsent, and rows of paused queues, parked,
         included)."""
         async with self._pool.acquire() as conn, conn.transaction():
-            claim = await outbox.claim_batch(conn, self._settings.relay_batch_size)
-            self._resumed = claim.resumed
+            claim = await outbox.claim_batch(conn, self._settings.relay_batch_size, resumed=first)
+            if first:
+                self._resumed = claim.resumed
             rows = claim.rows
             due_in = claim.next_due_in
             self._next_due = None if due_in is None else (time.monotonic(), due_in)
@@ -193,7 +194,7 @@ class OutboxRelay:
 
     async def _drain_until_short(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            if await self.drain_batch() < self._settings.relay_batch_size:
+            if await self.drain_batch(first=False) < self._settings.relay_batch_size:
                 return
 
     async def run(self, stop: asyncio.Event) -> None:
