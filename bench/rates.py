@@ -20,12 +20,8 @@ from typing import Any
 
 from bench.harness import stage, taskbox
 from bench.peers import cpu
-from bench.peers.suite import TIMED, _open_loop
+from bench.peers.suite import TIMED, _open_loop, in_process_creates
 from bench.scenarios import _free_port
-from taskbox.api.notifier import OutboxNotifier
-from taskbox.db.pool import create_pool
-from taskbox.db.settings import DatabaseSettings
-from taskbox.db.tasks import NewTask, create_task
 
 
 async def cpu_by_rate(rates: list[float], seconds: float) -> dict[str, Any]:
@@ -41,16 +37,7 @@ async def cpu_by_rate(rates: list[float], seconds: float) -> dict[str, Any]:
         }
         try:
             await asyncio.sleep(1.0)
-            settings = DatabaseSettings(database_url=st.database_url, outbox_channel=st.channel)
-            pool = await create_pool(settings)
-            notifier = OutboxNotifier(pool, st.channel)
-            try:
-
-                async def create(t0: float) -> str:
-                    row = await create_task(pool, NewTask("bench.timed", {"t0": t0}, 0, 3))
-                    notifier.wake()  # after the commit, as the api does
-                    return str(row["id"])
-
+            async with in_process_creates(st) as create:
                 for rate in rates:
                     await _open_loop(rate, 1.0, create)  # warm-up
                     before = {name: p.cpu_seconds() for name, p in procs.items()}
@@ -66,9 +53,6 @@ async def cpu_by_rate(rates: list[float], seconds: float) -> dict[str, Any]:
                         "cpu_ms_per_task": ms,
                         "box_busy_cores": servers.busy_cores,
                     }
-            finally:
-                await notifier.close()
-                await pool.close()
         finally:
             for process in procs.values():
                 await process.stop()

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -349,6 +349,26 @@ async def _taskbox_run(st: Stage, ids: list[str], warmup_jobs: int) -> Result:
     }
 
 
+@contextlib.asynccontextmanager
+async def in_process_creates(st: Stage) -> AsyncIterator[Callable[[float], Awaitable[str]]]:
+    """``create(t0)``: one ``bench.timed`` task created as the api creates it (its
+    statement, then the relay's wake-up after the commit), from this process."""
+    settings = DatabaseSettings(database_url=st.database_url, outbox_channel=st.channel)
+    pool = await create_pool(settings)
+    notifier = OutboxNotifier(pool, st.channel)
+
+    async def create(t0: float) -> str:
+        row = await create_task(pool, NewTask("bench.timed", {"t0": t0}, 0, 3))
+        notifier.wake()  # after the commit, as the api does
+        return str(row["id"])
+
+    try:
+        yield create
+    finally:
+        await notifier.close()
+        await pool.close()
+
+
 async def latency_taskbox(rate: float, seconds: float, warmup: float) -> Result:
     """In-process create (the api's statement and wake-up, called from this process) and
     POST /api/v1/tasks, each at ``rate``, one after the other, against one pipeline."""
@@ -364,20 +384,8 @@ async def latency_taskbox(rate: float, seconds: float, warmup: float) -> Result:
         ]
         try:
             await asyncio.sleep(1.0)
-            settings = DatabaseSettings(database_url=st.database_url, outbox_channel=st.channel)
-            pool = await create_pool(settings)
-            notifier = OutboxNotifier(pool, st.channel)
-            try:
-
-                async def create_in_process(t0: float) -> str:
-                    row = await create_task(pool, NewTask("bench.timed", {"t0": t0}, 0, 3))
-                    notifier.wake()  # after the commit, as the api does
-                    return str(row["id"])
-
+            async with in_process_creates(st) as create_in_process:
                 in_process = await _open_loop(rate, total, create_in_process)
-                await notifier.close()
-            finally:
-                await pool.close()
             answered: dict[str, float] = {}  # task id -> t0 -> 201, ms: the api's share
             async with KeepAliveClient("127.0.0.1", port) as client:
 

@@ -765,6 +765,18 @@ class ProtocolMachine(RuleBasedStateMachine):
                     self.broker.publish(row)
             self.effects.relayed.update(row["task_id"] for row in rows)
 
+    def _publish_one_to(
+        self, conn: asyncpg.Connection, consumer: Consumer
+    ) -> tuple[outbox.Claim, list[Envelope]]:
+        """In the relay's open transaction: claim one due row, publish it and deliver it
+        to ``consumer`` at once; the claim and the consumer's batch to claim with."""
+        claim = self.db(outbox.claim_batch(conn, 1))
+        if not claim.rows:
+            return claim, []
+        envelope = self.broker.deliver(self.broker.publish(claim.rows[0]), consumer.index)
+        consumer.inbox.append(envelope)
+        return claim, self._take_batch(consumer, 1, len(consumer.inbox) - 1)
+
     @precondition(lambda self: self.current().due and any(c.can_claim for c in self.consumers))
     @rule(c=CONSUMER, commit=st.booleans())
     def relay_races_a_claim(self, c: int, commit: bool) -> None:
@@ -779,15 +791,10 @@ class ProtocolMachine(RuleBasedStateMachine):
             try:
                 transaction = conn.transaction()
                 self.db(transaction.start())
-                claim = self.db(outbox.claim_batch(conn, 1))
-                batch: list[Envelope] = []
+                claim, batch = self._publish_one_to(conn, consumer)
                 future: concurrent.futures.Future[list[asyncpg.Record]] | None = None
                 if claim.rows:
-                    row = claim.rows[0]
-                    self.effects.relayed.add(row["task_id"])
-                    envelope = self.broker.deliver(self.broker.publish(row), consumer.index)
-                    consumer.inbox.append(envelope)
-                    batch = self._take_batch(consumer, 1, len(consumer.inbox) - 1)
+                    self.effects.relayed.add(claim.rows[0]["task_id"])
                 if batch:
                     pid: list[int] = []
                     future = self.loop.submit(self._claim_on_own_connection(consumer, batch, pid))
@@ -818,13 +825,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             try:
                 transaction = conn.transaction()
                 self.db(transaction.start())
-                claim = self.db(outbox.claim_batch(conn, 1))
-                batch: list[Envelope] = []
-                if claim.rows:
-                    row = claim.rows[0]
-                    envelope = self.broker.deliver(self.broker.publish(row), consumer.index)
-                    consumer.inbox.append(envelope)
-                    batch = self._take_batch(consumer, 1, len(consumer.inbox) - 1)
+                _, batch = self._publish_one_to(conn, consumer)
                 self.db(transaction.rollback())  # the relay's commit, lost
             finally:
                 self.db(self.pool.release(conn))
